@@ -1,0 +1,116 @@
+"""The `cleanse` command line: one typer app, one top-level handler that owns the exit codes."""
+from __future__ import annotations
+
+import signal
+import sys
+import traceback
+from typing import Any
+
+import typer
+from typer.exceptions import Abort, Exit, TyperException
+from typer.core import TyperGroup
+
+from cleanse import __version__
+from cleanse.cli.common import SESSION, console
+from cleanse.cli.demo import demo_command
+from cleanse.cli.pending import register_pending
+from cleanse.cli.poison import poison_command
+from cleanse.cli.train import train_command
+from cleanse.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CleanseError, Terminated
+
+
+def _on_sigterm(signum: int, frame: Any) -> None:
+    raise Terminated()
+
+
+class Interrupted(BaseException):
+    """Ctrl-C inside a command, carried past typer (which would turn it into a bare exit 130)."""
+
+
+class CleanseGroup(TyperGroup):
+    """Runs click without its own exception handling and maps every outcome to a documented exit code."""
+
+    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:
+        argv = list(sys.argv[1:] if args is None else args)
+        previous = signal.getsignal(signal.SIGTERM)
+        try:
+            signal.signal(signal.SIGTERM, _on_sigterm)
+        except ValueError:  # not the main thread (e.g. some test runners)
+            previous = None
+        try:
+            code = self._run(argv, prog_name, **extra)
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        if standalone_mode:
+            sys.exit(code)
+        return code
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            raise Interrupted() from None
+
+    def _run(self, argv: list[str], prog_name: Any, **extra: Any) -> int:
+        debug = "--debug" in argv
+        try:
+            result = super().main(args=argv, prog_name=prog_name or "cleanse", standalone_mode=False, **extra)
+            return result if isinstance(result, int) else 0
+        except Exit as exc:
+            return exc.exit_code
+        except CleanseError as exc:
+            console.print(f"error: {exc.message}", markup=False, highlight=False, soft_wrap=True)
+            return exc.exit_code
+        except TyperException as exc:  # click-style usage errors (bad option, missing argument ...)
+            if type(exc).__name__ == "NoArgsIsHelpError":
+                exc.show(file=sys.stderr)  # type: ignore[attr-defined]
+            else:
+                ctx = getattr(exc, "ctx", None)
+                where = ctx.command_path if ctx is not None else "cleanse"
+                console.print(f"error: {exc.format_message()} (see '{where} --help')", markup=False, highlight=False, soft_wrap=True)
+            return EXIT_USAGE
+        except (Interrupted, KeyboardInterrupt, Abort):
+            console.print("interrupted (SIGINT); no output was written", markup=False)
+            return EXIT_SIGINT
+        except Terminated:
+            console.print("terminated (SIGTERM); no output was written", markup=False)
+            return EXIT_SIGTERM
+        except Exception as exc:  # noqa: BLE001  (the one place that turns bugs into exit 3)
+            if debug or SESSION.debug:
+                traceback.print_exc()
+            console.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+            return EXIT_INTERNAL
+
+
+app = typer.Typer(
+    cls=CleanseGroup,
+    name="cleanse",
+    help="Audit image classifiers for backdoors and remove them.\n\nExit codes: 0 ok / no backdoor found, 1 backdoor suspected (scan), "
+         "2 bad input or usage, 3 internal error, 130 interrupted, 143 terminated.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"cleanse {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+    """Audit image classifiers for backdoors and remove them."""
+
+
+app.command("poison")(poison_command)
+app.command("train")(train_command)
+register_pending(app, "scan", "unlearn", "explain", "report")
+app.command("demo")(demo_command)
+
+
+def main() -> None:
+    app()

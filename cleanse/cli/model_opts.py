@@ -1,0 +1,84 @@
+"""Options that describe a model file lacking cleanse metadata (a raw state dict)."""
+from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from cleanse.errors import CleanseError
+import torch
+
+from cleanse.models import PRESETS, ClassifierModel, ModelOptions
+
+PANEL = "Model file without cleanse metadata"
+ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture: a registry name, torchvision:NAME or path/file.py:factory.", rich_help_panel=PANEL)]
+NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes of the model's head.", rich_help_panel=PANEL)]
+InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W or H,W (e.g. 3,32,32).", rich_help_panel=PANEL)]
+PresetOpt = Annotated[Optional[str], typer.Option("--preset", help=f"Normalisation preset: {' | '.join(PRESETS)}.", rich_help_panel=PANEL)]
+MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean in [0,1] units, e.g. 0.49,0.48,0.45.", rich_help_panel=PANEL)]
+StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std in [0,1] units.", rich_help_panel=PANEL)]
+ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class names.", rich_help_panel=PANEL)]
+
+
+def _floats(text: str | None, flag: str) -> list[float] | None:
+    if text is None:
+        return None
+    try:
+        return [float(v) for v in text.split(",")]
+    except ValueError:
+        raise CleanseError(f"{flag} {text!r} must be comma-separated numbers") from None
+
+
+def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
+    if text is None:
+        return None
+    try:
+        values = [int(v) for v in text.replace("x", ",").split(",")]
+    except ValueError:
+        values = []
+    if len(values) == 2:
+        values = [3, *values]
+    if len(values) != 3 or min(values) < 1:
+        raise CleanseError(f"--input-size {text!r} must be C,H,W or H,W with positive integers")
+    return (values[0], values[1], values[2])
+
+
+def normalization(preset: str | None, mean: str | None, std: str | None) -> tuple[list[float] | None, list[float] | None]:
+    if preset is not None:
+        if preset not in PRESETS:
+            raise CleanseError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
+        if mean is not None or std is not None:
+            raise CleanseError("--preset and --mean/--std are exclusive; pass one or the other")
+        m, s = PRESETS[preset]
+        return list(m), list(s)
+    m, s = _floats(mean, "--mean"), _floats(std, "--std")
+    if (m is None) != (s is None):
+        raise CleanseError("--mean and --std go together; pass both (or --preset)")
+    if s is not None and any(v <= 0 for v in s):
+        raise CleanseError("--std values must be positive")
+    return m, s
+
+
+def model_options(arch: str | None, num_classes: int | None, input_size: str | None, preset: str | None,
+                  mean: str | None, std: str | None, classes: str | None) -> ModelOptions:
+    m, s = normalization(preset, mean, std)
+    size = parse_input_size(input_size)
+    if m is not None and size is not None and len(m) != size[0]:
+        raise CleanseError(f"--mean/--std have {len(m)} values but --input-size has {size[0]} channels")
+    if num_classes is not None and num_classes < 1:
+        raise CleanseError("--num-classes must be at least 1")
+    names = [c.strip() for c in classes.split(",")] if classes else None
+    return ModelOptions(arch, num_classes, size, m, s, names)
+
+
+def load_cli_model(path: str, device: torch.device, arch: str | None = None, num_classes: int | None = None,
+                   input_size: str | None = None, preset: str | None = None, mean: str | None = None,
+                   std: str | None = None, classes: str | None = None) -> ClassifierModel:
+    """Load MODEL as every command does: a cleanse checkpoint, or a raw state dict plus these options."""
+    from cleanse.cli.common import say
+    from cleanse.models import load_model
+
+    model = load_model(path, model_options(arch, num_classes, input_size, preset, mean, std, classes), device)
+    for note in model.notes:
+        say(note)
+    return model

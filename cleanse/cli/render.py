@@ -1,0 +1,105 @@
+"""Render engine events: a rich Live table on a terminal, plain lines otherwise, nothing with --quiet."""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from rich.live import Live
+from rich.table import Table
+
+from cleanse.cli.common import SESSION, console, fmt_rate
+from cleanse.engine.events import Event
+
+Column = tuple[str, str, Callable[[Any], str]]
+
+
+def rate_cell(v: Any) -> str:
+    return fmt_rate(v)
+
+
+def float_cell(v: Any) -> str:
+    return "-" if v is None else (f"{v:.4g}" if isinstance(v, float) else str(v))
+
+
+def seconds_cell(v: Any) -> str:
+    return "-" if v is None else f"{v:.0f}s"
+
+
+TRAIN_COLUMNS: list[Column] = [
+    ("epoch", "epoch", float_cell), ("loss", "loss", float_cell), ("lr", "lr", float_cell),
+    ("train_accuracy", "train acc", rate_cell), ("clean_accuracy", "CA", rate_cell),
+    ("attack_success_rate", "ASR", rate_cell), ("elapsed", "elapsed", seconds_cell),
+]
+
+
+class Monitor:
+    """Callable event sink; use as a context manager around the engine call."""
+
+    MAX_ROWS = 30
+
+    def __init__(self, title: str, columns: list[Column], total: int | None = None) -> None:
+        self.title, self.columns, self.total = title, columns, total
+        self.rows: list[dict[str, Any]] = []
+        self.live: Live | None = None
+
+    def __enter__(self) -> "Monitor":
+        if not SESSION.quiet and console.is_terminal:
+            self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False)
+            self.live.__enter__()
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        if self.live is not None:
+            self.live.update(self._table())
+            self.live.__exit__(*exc)
+            self.live = None
+
+    def __call__(self, event: Event) -> None:
+        if SESSION.quiet:
+            return
+        if event.kind == "start" and "epochs" in event.data:
+            self.total = event.data["epochs"]
+        elif event.kind == "row":
+            self.rows.append(dict(event.data))
+            if self.live is not None:
+                self.live.update(self._table())
+            else:
+                console.print(self._line(event.data), markup=False, highlight=False, soft_wrap=True)
+        elif event.kind == "note":
+            message = event.data.get("message", "")
+            if self.live is not None:
+                self.live.console.print(message, markup=False)
+            else:
+                console.print(message, markup=False, soft_wrap=True)
+
+    def _line(self, row: dict[str, Any]) -> str:
+        parts = []
+        for key, header, fmt in self.columns:
+            if key in row:
+                value = fmt(row[key])
+                if key == "epoch" and self.total:
+                    value = f"{value}/{self.total}"
+                parts.append(f"{header} {value}")
+        return f"{self.title}: " + "  ".join(parts)
+
+    def _table(self) -> Table:
+        table = Table(title=self.title, title_justify="left")
+        present = [c for c in self.columns if any(c[0] in r for r in self.rows)] or self.columns
+        for _, header, _ in present:
+            table.add_column(header, justify="right")
+        for row in self.rows[-self.MAX_ROWS :]:
+            table.add_row(*[fmt(row.get(key)) for key, _, fmt in present])
+        return table
+
+
+def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
+    table = Table(title=title, title_justify="left")
+    for header in ("", "CA", "ASR", "RA"):
+        table.add_column(header, justify="right" if header else "left")
+    for name, m in rows:
+        table.add_row(name, fmt_rate(m.get("clean_accuracy")), fmt_rate(m.get("attack_success_rate")), fmt_rate(m.get("robust_accuracy")))
+    return table
+
+
+def show(renderable: Any) -> None:
+    if not SESSION.quiet:
+        console.print(renderable)

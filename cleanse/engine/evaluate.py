@@ -1,0 +1,78 @@
+"""Evaluation: CA, ASR and RA (DESIGN section 4), one eval-mode forward per image, no TTA."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from cleanse.attacks.trigger import Trigger
+from cleanse.data.dataset import Dataset
+from cleanse.engine.device import autocast
+
+EVAL_BATCH = 1024
+
+
+@torch.no_grad()
+def predict(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH, precision: str = "fp32",
+            return_logits: bool = False) -> torch.Tensor:
+    """Predicted classes (or logits) for uint8 (N,H,W,C) images, computed on the model's device."""
+    device = next(model.parameters()).device
+    was_training = model.training
+    model.eval()
+    outputs = []
+    for start in range(0, len(images), batch_size):
+        x = images[start : start + batch_size].to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255)
+        with autocast(device, precision):
+            logits = model(x.contiguous(memory_format=torch.channels_last))
+        outputs.append(logits.float() if return_logits else logits.argmax(1))
+    model.train(was_training)
+    return torch.cat(outputs).cpu() if outputs else torch.empty(0)
+
+
+@dataclass
+class TriggeredSet:
+    """Held-out triggered images whose true class is not the target, with their labels."""
+
+    images: torch.Tensor
+    true_labels: torch.Tensor
+    target_labels: torch.Tensor
+
+    @classmethod
+    def build(cls, dataset: Dataset, trigger: Trigger) -> "TriggeredSet":
+        height, width = dataset.image_size
+        trigger.check_size(dataset.channels, height, width, what=f"the images of {dataset.source}")
+        trigger.check_classes(dataset.num_classes)
+        keep = trigger.eligible(dataset.labels)
+        labels = dataset.labels[keep]
+        return cls(trigger.apply_uint8(dataset.images[keep]), labels, trigger.target_labels(labels, dataset.num_classes))
+
+
+def rate(hits: torch.Tensor) -> float | None:
+    return int(hits.sum()) / len(hits) if len(hits) else None
+
+
+def evaluate(model: nn.Module, dataset: Dataset, trigger: Trigger | None = None, precision: str = "fp32",
+             triggered: TriggeredSet | None = None) -> dict[str, Any]:
+    """CA on `dataset`; with a trigger also ASR and RA on its eligible triggered copies."""
+    preds = predict(model, dataset.images, precision=precision)
+    result: dict[str, Any] = {"clean_accuracy": rate(preds == dataset.labels), "attack_success_rate": None,
+                              "robust_accuracy": None, "n_clean": len(dataset), "n_triggered": 0}
+    if trigger is not None or triggered is not None:
+        triggered = triggered or TriggeredSet.build(dataset, trigger)  # type: ignore[arg-type]
+        tpreds = predict(model, triggered.images, precision=precision)
+        result["attack_success_rate"] = rate(tpreds == triggered.target_labels)
+        result["robust_accuracy"] = rate(tpreds == triggered.true_labels)
+        result["n_triggered"] = len(triggered.images)
+    return result
+
+
+def der(before: dict[str, Any], after: dict[str, Any]) -> float | None:
+    """Defense effectiveness rating (BackdoorBench): (max(0, dASR) - max(0, dCA) + 1) / 2."""
+    keys = ("attack_success_rate", "clean_accuracy")
+    if any(before.get(k) is None or after.get(k) is None for k in keys):
+        return None
+    d_asr = max(0.0, before["attack_success_rate"] - after["attack_success_rate"])
+    d_ca = max(0.0, before["clean_accuracy"] - after["clean_accuracy"])
+    return (d_asr - d_ca + 1) / 2
