@@ -13,6 +13,7 @@ from typer.core import TyperGroup
 from cleanse import __version__
 from cleanse.cli.common import SESSION, console
 from cleanse.cli.demo import demo_command
+from cleanse.cli.explain import explain_command
 from cleanse.cli.pending import register_pending
 from cleanse.cli.poison import poison_command
 from cleanse.cli.train import train_command
@@ -108,7 +109,9 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 app.command("poison")(poison_command)
 app.command("train")(train_command)
-register_pending(app, "scan", "unlearn", "explain", "report")
+register_pending(app, "scan", "unlearn")
+app.command("explain")(explain_command)
+register_pending(app, "report")
 app.command("demo")(demo_command)
 
 
