@@ -111,7 +111,7 @@ def test_demo_quick_runs_the_main_job(tmp_path):
     assert run("demo", "--quick", "-o", out).exit_code == 2  # not empty, no --force
 
 
-@pytest.mark.parametrize("command", ["scan", "unlearn", "report"])
+@pytest.mark.parametrize("command", ["scan", "report"])
 def test_commands_not_built_yet_say_so_and_exit_2(command):
     assert_usage_error(run(command, "model.safetensors", "--data", "synthetic"), f"cleanse {command} is not built yet")
 

@@ -17,6 +17,7 @@ from cleanse.cli.explain import explain_command
 from cleanse.cli.pending import register_pending
 from cleanse.cli.poison import poison_command
 from cleanse.cli.train import train_command
+from cleanse.cli.unlearn import unlearn_command
 from cleanse.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CleanseError, Terminated
 
 
@@ -109,7 +110,8 @@ def root(version: bool = typer.Option(False, "--version", callback=_version, is_
 
 app.command("poison")(poison_command)
 app.command("train")(train_command)
-register_pending(app, "scan", "unlearn")
+register_pending(app, "scan")
+app.command("unlearn")(unlearn_command)
 app.command("explain")(explain_command)
 register_pending(app, "report")
 app.command("demo")(demo_command)

@@ -7,7 +7,6 @@ from cleanse.errors import CleanseError
 
 PENDING = {
     "scan": ("Detect a backdoor, its target class and reverse its trigger (not built yet).", "#6"),
-    "unlearn": ("Remove a backdoor with a small clean sample (not built yet).", "#4 and #5"),
     "report": ("JSON, Markdown and HTML reports from run records (not built yet).", "#7"),
 }
 
@@ -16,7 +15,7 @@ def register_pending(app: typer.Typer, *names: str) -> None:
     for name in names:
         summary, issue = PENDING[name]
         def command(ctx: typer.Context, _name: str = name, _issue: str = issue) -> None:
-            raise CleanseError(f"cleanse {_name} is not built yet (issue {_issue}); available now: poison, train, explain, demo")
+            raise CleanseError(f"cleanse {_name} is not built yet (issue {_issue}); available now: poison, train, unlearn, explain, demo")
 
         command.__doc__ = summary
         app.command(name, help=summary, context_settings={"allow_extra_args": True, "ignore_unknown_options": True})(command)

@@ -1,0 +1,155 @@
+"""`cleanse unlearn`: remove a backdoor with a small clean sample, showing CA, ASR and TAR live."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+from rich.table import Table
+
+from cleanse.attacks import Trigger, load_trigger
+from cleanse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, NoCacheOpt, ParamOpt, PrecisionOpt, QuietOpt, SeedOpt,
+                                emit_json, fmt_rate, parse_params, say, start)
+from cleanse.cli.model_opts import (ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, NumClassesOpt, PresetOpt, StdOpt,
+                                    load_cli_model)
+from cleanse.cli.render import Monitor, float_cell, rate_cell, seconds_cell, show
+from cleanse.cli.train import check_classes, load_clean
+from cleanse.data import Dataset, load_data
+from cleanse.data.subset import clean_subset
+from cleanse.engine.device import resolve_device, resolve_precision
+from cleanse.engine.evaluate import der, evaluate
+from cleanse.engine.gradcam import resolve_layer, tar_layer
+from cleanse.engine.tar import measure_tar
+from cleanse.errors import CleanseError
+from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
+from cleanse.models import ClassifierModel, save_model
+from cleanse.recipes import RECIPES, RecipeContext
+from cleanse.recipes.base import NEEDS_TRIGGER
+from cleanse.record import describe_input, new_record, record_path, versions
+
+METHOD_HELP = "Recipe: " + "; ".join(f"{n} ({RECIPES.get(n).summary})" for n in RECIPES.names())
+UNLEARN_COLUMNS = [("phase", "phase", str), ("epoch", "epoch", float_cell), ("loss", "loss", float_cell),
+                   ("clean_ce", "clean CE", float_cell), ("ascent", "ascent", float_cell), ("ewc", "EWC", float_cell),
+                   ("clean_accuracy", "held CA", rate_cell), ("attack_success_rate", "held ASR", rate_cell),
+                   ("tar", "held TAR", float_cell), ("elapsed", "elapsed", seconds_cell)]
+SUMMARY_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar")
+
+
+def measure(model: ClassifierModel, data: Dataset, trigger: Trigger | None, layer: str) -> dict[str, Any]:
+    """CA/ASR/RA and TAR figures (all keys present, null when undefined)."""
+    m = evaluate(model, data, trigger)
+    out = {k: m.get(k) for k in SUMMARY_KEYS}
+    if trigger is not None:
+        t = measure_tar(model, data.images, data.labels, trigger, layer)
+        out.update({"tar": t["tar"], "tar_median": t["tar_median"], "attention_share": t["attention_share"],
+                    "clean_tar": t["clean_tar"], "cam_shift": t["cam_shift"]})
+    return out
+
+
+def unlearn_command(
+    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="Model to clean (.safetensors, or a raw state dict with --arch ...).")],
+    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "tar-ewc",
+    data: Annotated[Optional[str], typer.Option("--data", help="DATA to draw the clean subset from (rows marked poisoned are dropped).")] = None,
+    clean_frac: Annotated[Optional[float], typer.Option("--clean-frac", help="Fraction of DATA's clean rows to use, e.g. 0.05.")] = None,
+    clean_n: Annotated[Optional[int], typer.Option("--clean-n", help="Number of clean images to use in all.")] = None,
+    trigger: Annotated[Optional[Path], typer.Option("--trigger", help="Trigger file (true from `poison`, or reversed by `scan`).")] = None,
+    test: Annotated[Optional[str], typer.Option("--test", help="Held-out DATA for the before/after report (never used for decisions).")] = None,
+    epochs: Annotated[Optional[int], typer.Option("--epochs", help="The recipe's main budget (see docs/recipes/).")] = None,
+    param: ParamOpt = None,
+    layer: Annotated[Optional[str], typer.Option("--layer", help="Layer for TAR (default: deepest block output >= input/8).")] = None,
+    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cleaned checkpoint (default <model stem>.<method>.safetensors).")] = None,
+    arch: ArchOpt = None,
+    num_classes: NumClassesOpt = None,
+    input_size: InputSizeOpt = None,
+    preset: PresetOpt = None,
+    mean: MeanOpt = None,
+    std: StdOpt = None,
+    classes: ClassesOpt = None,
+    precision: PrecisionOpt = "auto",
+    no_cache: NoCacheOpt = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    force: ForceOpt = False,
+    quiet: QuietOpt = False,
+    debug: DebugOpt = False,
+    json_out: JsonOpt = False,
+) -> None:
+    """Remove a backdoor with a small clean subset; exit 0 when it finishes, whatever the outcome (see the JSON)."""
+    start(debug=debug, quiet=quiet, json_out=json_out)
+    started = time.perf_counter()
+    recipe = RECIPES.get(method)
+    raw = parse_params(param)
+    if epochs is not None:
+        raw["epochs"] = str(epochs)
+    params = recipe.resolve_params(raw)
+    if data is None:
+        raise CleanseError("--data is required: the DATA to draw the clean subset from (e.g. the training folder)")
+    if recipe.needs_trigger and trigger is None:
+        raise CleanseError(NEEDS_TRIGGER.format(name=method))
+    stem = Path(model_path).name.removesuffix(".safetensors")
+    output = output or Path(model_path).with_name(f"{stem}.{method}.safetensors")
+    run_path = record_path(output)
+    for path in (output, run_path):
+        check_output(path, force=force, inputs=(model_path, data, test, str(trigger) if trigger else None))
+    dev = resolve_device(device)
+    prec = resolve_precision(precision, dev)
+    model = load_cli_model(model_path, dev, arch, num_classes, input_size, preset, mean, std, classes)
+    channels, height, width = model.spec.input_size
+    trig = load_trigger(trigger) if trigger else None
+    if trig is not None:
+        trig.check_size(channels, height, width, what="the model's inputs")
+        trig.check_classes(model.spec.num_classes)
+    source = load_data(data, cache=not no_cache, image_size=(height, width))
+    check_classes(model, source, data)
+    split = clean_subset(source, clean_frac, clean_n, seed)
+    test_data, test_dropped = load_clean(test, "test", no_cache, (height, width)) if test else (None, 0)
+    if test_data is not None:
+        check_classes(model, test_data, test)  # type: ignore[arg-type]
+    measure_layer = layer or tar_layer(model, model.spec.input_size)
+    resolve_layer(model, measure_layer)
+    report_on, report_name = (test_data, f"--test {test}") if test_data is not None else (split.held, "the held-back clean images")
+    say(f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
+        f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}")
+    before = measure(model, report_on, trig, measure_layer)  # type: ignore[arg-type]
+    ctx = RecipeContext(model, split, trig, params, callback=lambda e: None, precision=prec, seed=seed, tar_layer=measure_layer)
+    with Monitor(f"unlearn {method}", UNLEARN_COLUMNS) as monitor:
+        ctx.callback = monitor
+        result = recipe.run(ctx)
+    model.eval()
+    after = measure(model, report_on, trig, measure_layer)  # type: ignore[arg-type]
+    wall = time.perf_counter() - started
+    retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
+    summary = {"method": method, "before": before, "after": after, "der": der(before, after), "ca_retention": retention,
+               "wall_seconds": wall, "measured_on": report_name, "output": str(output), "kept": result.kept}
+    provenance = {"command": "unlearn", "recipe": method, "params": params, "seed": seed, "parent_sha256": sha256_file(model_path),
+                  "parent": model_path, "version": versions()["cleanse"]}
+    record = new_record("unlearn", inputs={"model": describe_input(model_path), "data": describe_input(data),
+                                           "trigger": describe_input(trigger), "test": describe_input(test)},
+                        parameters={"method": method, "params": params, "clean_frac": clean_frac, "clean_n": clean_n, "seed": seed,
+                                    "tar_layer": measure_layer, "precision": prec},
+                        clean_subset={"train_index": split.train_index.tolist(), "held_index": split.held_index.tolist(),
+                                      "filtered_with_ground_truth": split.filtered, "test_rows_dropped": test_dropped},
+                        before=before, after=after, der=summary["der"], ca_retention=retention, kept=result.kept,
+                        history=result.history, notes=result.notes, extra=result.extra,
+                        timings={"wall_seconds": wall}, versions=versions(dev), outputs={"model": str(output)})
+    with output_set() as out:
+        save_model(model, out.reserve(output), provenance)
+        write_json_atomic(out.reserve(run_path), record)
+    _show_summary(summary)
+    say(f"kept: {result.kept['tag']} ({result.kept['rule']}); wrote {output} ({wall:.0f}s)")
+    if json_out:
+        emit_json(summary)
+
+
+def _show_summary(s: dict[str, Any]) -> None:
+    table = Table(title=f"{s['method']}: before -> after, on {s['measured_on']}", title_justify="left")
+    for header in ("", "CA", "ASR", "RA", "TAR", "clean TAR"):
+        table.add_column(header, justify="right" if header else "left")
+    num = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    for name in ("before", "after"):
+        m = s[name]
+        table.add_row(name, fmt_rate(m["clean_accuracy"]), fmt_rate(m["attack_success_rate"]), fmt_rate(m["robust_accuracy"]),
+                      num(m["tar"]), num(m["clean_tar"]))
+    show(table)
+    say(f"DER {num(s['der'])}, CA retention {num(s['ca_retention'])}, {s['wall_seconds']:.0f}s")

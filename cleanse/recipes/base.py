@@ -1,0 +1,187 @@
+"""The recipe interface, its registry, and the pieces every recipe shares.
+
+A recipe gets the model, the clean split (learn on `train`, decide on `held`),
+an optional trigger and its parameters; it changes the model in place and
+returns its history. The held-back monitor measures CA, ASR and TAR on the
+held-back images; the StateKeeper keeps the state chosen by the documented rule
+and rolls back when a guard rail trips.
+"""
+from __future__ import annotations
+
+import copy
+import math
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Iterator
+
+import torch
+
+from cleanse.attacks.trigger import Trigger
+from cleanse.data.dataset import Dataset
+from cleanse.data.subset import CleanSplit
+from cleanse.engine.augment import flip_translate
+from cleanse.engine.evaluate import TriggeredSet, evaluate
+from cleanse.engine.events import Callback, Event
+from cleanse.engine.tar import measure_tar
+from cleanse.errors import CleanseError
+from cleanse.models.checkpoint import ClassifierModel
+from cleanse.registry import Registry
+
+NEEDS_TRIGGER = ("{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by `cleanse poison`, "
+                 "or a trigger-<class>.safetensors reversed by `cleanse scan`")
+
+
+@dataclass
+class Param:
+    default: Any
+    help: str
+
+
+@dataclass
+class RecipeContext:
+    model: ClassifierModel
+    split: CleanSplit
+    trigger: Trigger | None
+    params: dict[str, Any]
+    callback: Callback
+    precision: str = "fp32"
+    seed: int = 0
+    tar_layer: str | None = None
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def note(self, message: str) -> None:
+        self.callback(Event("note", {"message": message}))
+
+
+@dataclass
+class RecipeResult:
+    history: list[dict[str, Any]] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    kept: dict[str, Any] = field(default_factory=dict)  # which state was kept and why
+    extra: dict[str, Any] = field(default_factory=dict)  # recipe-specific figures
+
+
+class Recipe(ABC):
+    name: ClassVar[str]
+    summary: ClassVar[str]
+    needs_trigger: ClassVar[bool] = False
+    params: ClassVar[dict[str, Param]] = {}
+
+    def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
+        unknown = sorted(set(raw) - set(self.params))
+        if unknown:
+            raise CleanseError(f"recipe {self.name} has no parameter {unknown[0]!r}; its parameters are: {', '.join(self.params)}")
+        out = {k: p.default for k, p in self.params.items()}
+        for key, value in raw.items():
+            default = self.params[key].default
+            try:
+                out[key] = type(default)(value) if not isinstance(default, bool) else str(value).lower() in ("1", "true", "yes")
+            except (TypeError, ValueError):
+                raise CleanseError(f"recipe {self.name} parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+        return out
+
+    @abstractmethod
+    def run(self, ctx: RecipeContext) -> RecipeResult:
+        """Change ctx.model in place; report rows through ctx.callback."""
+
+
+RECIPES: Registry[Recipe] = Registry("recipe")
+
+
+def register(cls: type[Recipe]) -> type[Recipe]:
+    RECIPES.register(cls.name)(cls())
+    return cls
+
+
+# --- shared machinery ---------------------------------------------------------
+
+class HeldMonitor:
+    """CA, ASR/RA and TAR on the held-back images: the figures recipes decide on and show live."""
+
+    def __init__(self, held: Dataset, trigger: Trigger | None, tar_layer: str | None, precision: str = "fp32") -> None:
+        self.held, self.trigger, self.tar_layer, self.precision = held, trigger, tar_layer, precision
+        self.triggered = TriggeredSet.build(held, trigger) if trigger is not None else None
+
+    def __call__(self, model: ClassifierModel) -> dict[str, Any]:
+        m = evaluate(model, self.held, precision=self.precision, triggered=self.triggered)
+        out = {"clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"]}
+        if self.trigger is not None and self.tar_layer is not None:
+            t = measure_tar(model, self.held.images, self.held.labels, self.trigger, self.tar_layer, with_clean=False)
+            out["tar"] = t["tar"] if t["tar"] is not None else t["cam_shift"]
+        return out
+
+
+class StateKeeper:
+    """Keep the best state by one documented rule; roll back when a guard rail trips.
+
+    With `use_asr` (a recipe that relies on its trigger): the lowest held-back ASR among
+    states whose held-back CA is within `ca_margin` of the start, ties to the higher CA.
+    Otherwise (trigger-agnostic recipes): the highest held-back CA. Never silently the last.
+    """
+
+    def __init__(self, model: ClassifierModel, start: dict[str, Any], use_asr: bool, ca_margin: float, ca_floor_drop: float) -> None:
+        self.use_asr = use_asr and start.get("attack_success_rate") is not None
+        self.start_ca = start["clean_accuracy"]
+        self.ca_margin, self.floor = ca_margin, self.start_ca - ca_floor_drop
+        self.best_state = copy.deepcopy(model.net.state_dict())
+        self.best = dict(start, tag="start")
+        self.rollbacks: list[str] = []
+
+    def _key(self, m: dict[str, Any]) -> tuple:
+        eligible = m["clean_accuracy"] >= self.start_ca - self.ca_margin
+        if self.use_asr:
+            return (eligible, -m["attack_success_rate"], m["clean_accuracy"])
+        return (True, m["clean_accuracy"])
+
+    def offer(self, model: ClassifierModel, metrics: dict[str, Any], tag: str) -> bool:
+        """Consider the current state; True when it became the kept one."""
+        if self._key(metrics) > self._key(self.best):
+            self.best_state = copy.deepcopy(model.net.state_dict())
+            self.best = dict(metrics, tag=tag)
+            return True
+        return False
+
+    def tripped(self, metrics: dict[str, Any] | None = None, loss: float | None = None) -> str | None:
+        if loss is not None and not math.isfinite(loss):
+            return f"loss became non-finite ({loss})"
+        if metrics is not None and metrics["clean_accuracy"] < self.floor:
+            return f"held-back CA {metrics['clean_accuracy']:.3f} fell below the floor {self.floor:.3f}"
+        return None
+
+    def rollback(self, model: ClassifierModel, reason: str, ctx: RecipeContext) -> None:
+        model.net.load_state_dict(self.best_state)
+        message = f"rollback: {reason}; restored the state kept so far ({self.best['tag']})"
+        self.rollbacks.append(message)
+        ctx.note(message)
+
+    def restore_best(self, model: ClassifierModel) -> dict[str, Any]:
+        model.net.load_state_dict(self.best_state)
+        rule = ("lowest held-back ASR with held-back CA within {:.2f} of the start".format(self.ca_margin) if self.use_asr
+                else "highest held-back CA")
+        return {"tag": self.best["tag"], "rule": rule, "held_back": {k: v for k, v in self.best.items() if k != "tag"},
+                "rollbacks": self.rollbacks}
+
+
+def batches(data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device,
+            augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Shuffled [0,1] image batches (N,C,H,W) with labels and row indices, flips and 2-pixel shifts."""
+    order = torch.randperm(len(data), generator=gen)
+    for start in range(0, len(order), batch_size):
+        idx = order[start : start + batch_size]
+        x = data.images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
+        if augment:
+            x = flip_translate(x, 2, True, gen)
+        yield x.contiguous(memory_format=torch.channels_last), data.labels[idx].to(device), idx
+
+
+def trainable(model: ClassifierModel) -> list[torch.nn.Parameter]:
+    return [p for p in model.net.parameters() if p.requires_grad]
+
+
+def cosine_lr(optimizer: torch.optim.Optimizer, base: float, step: int, total: int) -> None:
+    lr = 0.5 * base * (1 + math.cos(math.pi * min(step, total) / max(1, total)))
+    for group in optimizer.param_groups:
+        group["lr"] = lr

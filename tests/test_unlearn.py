@@ -1,0 +1,143 @@
+"""The clean subset, the recipe machinery (Fisher, state rule, rollback) and `cleanse unlearn` end to end."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from typer.testing import CliRunner
+
+from cleanse.cli import app
+from cleanse.data import Dataset
+from cleanse.data.subset import clean_subset
+from cleanse.errors import CleanseError
+from cleanse.models import save_model
+from cleanse.recipes.base import StateKeeper
+from cleanse.recipes.tar_ewc import empirical_fisher
+from tests.conftest import synthetic
+
+runner = CliRunner()
+
+
+def labelled(n_per_class: int, classes: int = 3) -> Dataset:
+    labels = torch.arange(classes).repeat_interleave(n_per_class)
+    return Dataset(torch.zeros(len(labels), 4, 4, 3, dtype=torch.uint8), labels, [str(i) for i in range(classes)], "t")
+
+
+def test_clean_subset_is_stratified_seeded_and_holds_back_ten_percent():
+    data = labelled(100)
+    data.poisoned = torch.zeros(300, dtype=torch.bool)
+    data.poisoned[:10] = True  # ten class-0 rows are known poisoned: dropped first
+    split = clean_subset(data, frac=0.2, seed=1)
+    assert split.filtered == 10
+    assert torch.bincount(split.held.labels).tolist() == [2, 2, 2]  # 10% of 18/20/20, at least 1
+    assert torch.bincount(split.train.labels).tolist() == [16, 18, 18]
+    assert not set(split.train_index.tolist()) & set(split.held_index.tolist())
+    again = clean_subset(data, frac=0.2, seed=1)
+    assert torch.equal(again.train_index, split.train_index)
+    assert not torch.equal(clean_subset(data, frac=0.2, seed=2).train_index, split.train_index)
+    assert len(clean_subset(data, n=30, seed=0).train) + len(clean_subset(data, n=30, seed=0).held) == 30
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"frac": 0.0}, "--clean-frac 0.0 must lie in (0, 1]"),
+    ({"frac": -0.5}, "--clean-frac -0.5 must lie in (0, 1]"),
+    ({"frac": 1.5}, "--clean-frac 1.5 must lie in (0, 1]"),
+    ({"frac": 0.01}, "leaves 1 image(s) of class 0 (0); at least 2 per class are needed"),
+    ({"n": 0}, "--clean-n 0 must be a positive number"),
+    ({}, "give exactly one of --clean-frac and --clean-n"),
+])
+def test_clean_subset_bad_requests(kwargs, message):
+    with pytest.raises(CleanseError) as info:
+        clean_subset(labelled(100), **kwargs)
+    assert message in info.value.message
+
+
+def test_empirical_fisher_matches_per_sample_gradients_and_is_mean_normalised():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2))
+    x, y = torch.randn(6, 3), torch.tensor([0, 1, 1, 0, 1, 0])
+    fisher = empirical_fisher(model, x, y, chunk=4)
+    manual = {n: torch.zeros_like(p) for n, p in model.named_parameters()}
+    for i in range(6):
+        model.zero_grad()
+        F.log_softmax(model(x[i : i + 1]), 1)[0, y[i]].backward()
+        for n, p in model.named_parameters():
+            manual[n] += p.grad.pow(2) / 6
+    mean = sum(m.sum() for m in manual.values()) / sum(m.numel() for m in manual.values())
+    for n in manual:
+        assert torch.allclose(fisher[n], manual[n] / mean, rtol=1e-4, atol=1e-6)
+    total = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
+    assert total.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
+    model = nn.Linear(2, 2)
+    wrapper = type("W", (), {"net": model})()
+    keeper = StateKeeper(wrapper, {"clean_accuracy": 0.90, "attack_success_rate": 0.95}, use_asr=True, ca_margin=0.02, ca_floor_drop=0.10)
+    assert not keeper.offer(wrapper, {"clean_accuracy": 0.85, "attack_success_rate": 0.0}, "too costly")  # CA outside margin
+    assert keeper.offer(wrapper, {"clean_accuracy": 0.89, "attack_success_rate": 0.10}, "a")
+    assert keeper.offer(wrapper, {"clean_accuracy": 0.88, "attack_success_rate": 0.01}, "b")
+    assert not keeper.offer(wrapper, {"clean_accuracy": 0.87, "attack_success_rate": 0.00}, "c")
+    assert keeper.best["tag"] == "b"
+    assert keeper.tripped({"clean_accuracy": 0.79}) == "held-back CA 0.790 fell below the floor 0.800"
+    assert keeper.tripped(loss=float("nan")) == "loss became non-finite (nan)"
+
+
+@pytest.fixture(scope="module")
+def model_files(badnets_setup, tmp_path_factory):
+    model, trigger, _ = badnets_setup
+    folder = tmp_path_factory.mktemp("unlearn")
+    save_model(model, folder / "bd.safetensors")
+    trigger.save(folder / "bd.trigger.safetensors")
+    return folder
+
+
+def unlearn(folder, *args):
+    return runner.invoke(app, ["unlearn", str(folder / "bd.safetensors"), "--data", "synthetic", "--clean-frac", "0.05",
+                               "--test", "synthetic:test", *map(str, args)])
+
+
+def test_tar_ewc_removes_the_backdoor_and_keeps_accuracy(model_files, tmp_path):
+    out = tmp_path / "clean.safetensors"
+    result = unlearn(model_files, "--method", "tar-ewc", "--trigger", model_files / "bd.trigger.safetensors", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    for side in ("before", "after"):
+        for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar"):
+            assert key in s[side]
+    assert {"der", "wall_seconds", "ca_retention"} <= set(s)
+    print(f"tar-ewc on synthetic: ASR {s['before']['attack_success_rate']:.3f} -> {s['after']['attack_success_rate']:.3f}, "
+          f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}, TAR {s['before']['tar']:.2f} -> {s['after']['tar']:.2f}")
+    assert s["before"]["attack_success_rate"] > 0.8 and s["after"]["attack_success_rate"] < 0.10
+    assert s["after"]["clean_accuracy"] / s["before"]["clean_accuracy"] >= 0.95
+    assert s["after"]["tar"] < s["before"]["tar"]
+    record = json.loads(out.with_name("clean.safetensors.run.json").read_text())
+    assert record["command"] == "unlearn" and record["history"] and len(record["clean_subset"]["held_index"]) == 20  # round(0.1 * 25) per class
+    from cleanse.models import load_model
+
+    prov = load_model(out).spec.provenance
+    assert prov["recipe"] == "tar-ewc" and len(prov["parent_sha256"]) == 64
+
+
+def test_finetune_runs_and_rollback_happens_when_forced(model_files, tmp_path):
+    result = unlearn(model_files, "--method", "finetune", "--epochs", "2", "-o", tmp_path / "ft.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["after"]["attack_success_rate"] is None  # no trigger given: not measured
+    result = unlearn(model_files, "--method", "tar-ewc", "--trigger", model_files / "bd.trigger.safetensors",
+                     "--param", "lr=80", "--param", "asr_stop=0", "-o", tmp_path / "boom.safetensors", "--json")
+    assert result.exit_code == 0, result.output
+    assert "rollback:" in result.stderr
+    s = json.loads(result.stdout)
+    assert s["kept"]["rollbacks"] and s["after"]["clean_accuracy"] > 0.8
+
+
+def test_missing_trigger_names_both_ways_to_get_one(model_files, tmp_path):
+    result = unlearn(model_files, "--method", "tar-ewc", "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 2
+    assert "cleanse poison" in result.stderr and "cleanse scan" in result.stderr
+    result = unlearn(model_files, "--method", "nope", "-o", tmp_path / "x.safetensors")
+    assert result.exit_code == 2 and "unknown recipe 'nope'; choose one of: finetune, tar-ewc" in result.stderr
+    assert not list(tmp_path.iterdir())
