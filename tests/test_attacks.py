@@ -175,3 +175,16 @@ def test_trigger_for_another_image_size_is_refused():
     trig = make("badnets")
     with pytest.raises(CleanseError, match="trigger was made for 3x32x32 images but the images are 3x64x64"):
         trig.apply_uint8(torch.zeros(1, 64, 64, 3, dtype=torch.uint8))
+
+
+def test_badnets_and_blended_take_a_user_image(tmp_path):
+    from PIL import Image
+
+    Image.new("RGB", (5, 5), (10, 200, 30)).save(tmp_path / "p.png")
+    patch = make("badnets", image=str(tmp_path / "p.png")).apply_uint8(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))[0]
+    assert patch[28, 28].tolist() == [10, 200, 30] and patch[27, 27].tolist() == [0, 0, 0]
+    blend = make("blended", image=str(tmp_path / "p.png"), alpha="1.0").apply_uint8(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))[0]
+    assert blend[0, 0].tolist() == [10, 200, 30] and blend[31, 31].tolist() == [10, 200, 30]
+    (tmp_path / "bad.png").write_bytes(b"nope")
+    with pytest.raises(CleanseError, match="cannot read the patch image"):
+        make("badnets", image=str(tmp_path / "bad.png"))

@@ -16,7 +16,6 @@ from cleanse.errors import CleanseError
 from cleanse.models import save_model
 from cleanse.recipes.base import StateKeeper
 from cleanse.recipes.tar_ewc import empirical_fisher
-from tests.conftest import synthetic
 
 runner = CliRunner()
 
@@ -82,6 +81,10 @@ def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
     assert keeper.offer(wrapper, {"clean_accuracy": 0.88, "attack_success_rate": 0.01}, "b")
     assert not keeper.offer(wrapper, {"clean_accuracy": 0.87, "attack_success_rate": 0.00}, "c")
     assert keeper.best["tag"] == "b"
+    good = StateKeeper(wrapper, {"clean_accuracy": 0.90, "attack_success_rate": 0.95}, True, 0.02, 0.10, asr_good=0.01)
+    assert good.offer(wrapper, {"clean_accuracy": 0.88, "attack_success_rate": 0.0}, "unlearned")
+    assert good.offer(wrapper, {"clean_accuracy": 0.895, "attack_success_rate": 0.008}, "recovered")  # below asr_good: CA decides
+    assert not good.offer(wrapper, {"clean_accuracy": 0.899, "attack_success_rate": 0.02}, "relapsed")
     assert keeper.tripped({"clean_accuracy": 0.79}) == "held-back CA 0.790 fell below the floor 0.800"
     assert keeper.tripped(loss=float("nan")) == "loss became non-finite (nan)"
 

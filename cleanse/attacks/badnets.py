@@ -1,14 +1,11 @@
 """BadNets (Gu et al., 2017): a small solid patch, by default 3x3 white in the bottom-right corner."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from cleanse.attacks.base import Attack, register
+from cleanse.attacks.base import Attack, load_pattern_image, register
 from cleanse.attacks.trigger import Trigger
 from cleanse.errors import CleanseError
 
@@ -38,13 +35,7 @@ class BadNets(Attack):
         size, margin = patch_geometry(height, params["size"], params["margin"])
         row, col = self._position(params["position"], size, margin, height, width)
         if params["image"]:
-            path = Path(params["image"])
-            try:
-                with Image.open(path) as im:
-                    patch = np.asarray(im.convert("RGB").resize((size, size), Image.NEAREST))
-            except Exception:
-                raise CleanseError(f"{path}: cannot read the patch image; pass a PNG or JPEG file") from None
-            colour = torch.from_numpy(patch.copy()).permute(2, 0, 1).float()[:channels] / 255
+            colour = load_pattern_image(params["image"], channels, size, size, nearest=True, what="patch")
         else:
             colour = self._colour(params["color"], channels).view(channels, 1, 1).expand(channels, size, size)
         mask = torch.zeros(height, width)

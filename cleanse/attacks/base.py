@@ -53,6 +53,19 @@ class Attack(ABC):
         return images
 
 
+def load_pattern_image(path: str, channels: int, height: int, width: int, nearest: bool, what: str) -> torch.Tensor:
+    """A user's PNG/JPEG as a (C,H,W) pattern in [0,1], resized to (height, width)."""
+    import numpy as np
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            arr = np.asarray(im.convert("RGB").resize((width, height), Image.NEAREST if nearest else Image.BILINEAR))
+    except Exception:
+        raise CleanseError(f"{path}: cannot read the {what} image; pass a PNG or JPEG file") from None
+    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float()[:channels] / 255
+
+
 ATTACKS: Registry[Attack] = Registry("attack")
 
 

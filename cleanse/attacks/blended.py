@@ -1,14 +1,11 @@
 """Blended (Chen et al., 2017): the whole image blended with a pattern at a constant alpha."""
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
-from PIL import Image
 
-from cleanse.attacks.base import Attack, register
+from cleanse.attacks.base import Attack, load_pattern_image, register
 from cleanse.attacks.trigger import Trigger
 from cleanse.errors import CleanseError
 
@@ -26,13 +23,7 @@ class Blended(Attack):
         if not 0 < alpha <= 1:
             raise CleanseError(f"blended alpha {alpha} must lie in (0, 1]")
         if params["image"]:
-            path = Path(params["image"])
-            try:
-                with Image.open(path) as im:
-                    arr = np.asarray(im.convert("RGB").resize((width, height), Image.BILINEAR))
-            except Exception:
-                raise CleanseError(f"{path}: cannot read the blend image; pass a PNG or JPEG file") from None
-            pattern = torch.from_numpy(arr.copy()).permute(2, 0, 1).float()[:channels] / 255
+            pattern = load_pattern_image(params["image"], channels, height, width, nearest=False, what="blend")
         else:
             pattern = torch.rand(channels, height, width, generator=generator)
         mask = torch.full((height, width), float(alpha))

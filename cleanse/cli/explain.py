@@ -20,7 +20,7 @@ from cleanse.engine.device import resolve_device
 from cleanse.engine.gradcam import default_layer, grad_cam, normalise, resolve_layer, tar_and_share, tar_layer
 from cleanse.engine.tar import cam_pair, tar_metrics
 from cleanse.errors import CleanseError
-from cleanse.files import atomic_directory, sha256_file, write_json_atomic
+from cleanse.files import atomic_directory, write_json_atomic
 from cleanse.heatmap import colorize, overlay, panel
 from cleanse.record import describe_input, new_record, versions
 from cleanse.viz import image_grid, save_png
@@ -138,7 +138,7 @@ def explain_command(
             entry["clean_tar"] = _num(clean_tar[i]) if clean_tar is not None else None
         doc_images.append(entry)
 
-    doc = {"model": model_path, "model_sha256": sha256_file(model_path), "layer": picture_layer, "tar_layer": measure_layer,
+    doc = {"model": model_path, "model_sha256": model.source_sha256, "layer": picture_layer, "tar_layer": measure_layer,
            "target": target, "trigger": str(trigger) if trigger else None, "images": doc_images,
            "set": {k: v for k, v in set_metrics.items()} if trig is not None else None}
     record = new_record("explain", inputs={"model": describe_input(model_path), "data": describe_input(data),

@@ -17,7 +17,7 @@ from cleanse.data import Dataset, load_data
 from cleanse.engine.device import resolve_device, resolve_precision
 from cleanse.engine.train import TrainConfig, train_model
 from cleanse.errors import CleanseError
-from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
+from cleanse.files import check_output, output_set, write_json_atomic
 from cleanse.models import ARCHITECTURES, ClassifierModel, load_model, new_model, save_model
 from cleanse.record import describe_input, new_record, record_path, versions
 from cleanse.training_defaults import data_normalization
@@ -82,7 +82,7 @@ def train_command(
     trig = load_trigger(trigger) if trigger else None
     if init is not None:
         model = load_model(init, model_options(arch, num_classes, input_size, preset, mean, std, classes), dev)
-        parent = sha256_file(init)
+        parent = model.source_sha256
         for note in model.notes:
             say(note)
     else:

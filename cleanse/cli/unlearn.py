@@ -22,7 +22,7 @@ from cleanse.engine.evaluate import der, evaluate
 from cleanse.engine.gradcam import resolve_layer, tar_layer
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
-from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
+from cleanse.files import check_output, output_set, write_json_atomic
 from cleanse.models import ClassifierModel, save_model
 from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.base import NEEDS_TRIGGER
@@ -122,7 +122,7 @@ def unlearn_command(
     retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
     summary = {"method": method, "before": before, "after": after, "der": der(before, after), "ca_retention": retention,
                "wall_seconds": wall, "measured_on": report_name, "output": str(output), "kept": result.kept}
-    provenance = {"command": "unlearn", "recipe": method, "params": params, "seed": seed, "parent_sha256": sha256_file(model_path),
+    provenance = {"command": "unlearn", "recipe": method, "params": params, "seed": seed, "parent_sha256": model.source_sha256,
                   "parent": model_path, "version": versions()["cleanse"]}
     record = new_record("unlearn", inputs={"model": describe_input(model_path), "data": describe_input(data),
                                            "trigger": describe_input(trigger), "test": describe_input(test)},

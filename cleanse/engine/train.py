@@ -8,9 +8,8 @@ conventional setting (momentum 0.9, weight decay 5e-4, label smoothing 0.1).
 """
 from __future__ import annotations
 
-import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import torch

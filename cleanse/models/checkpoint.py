@@ -80,7 +80,8 @@ class ClassifierModel(nn.Module):
         channels = spec.input_size[0]
         self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1), persistent=False)
-        self.notes: list[str] = []
+        self.notes: list[str] = []  # warnings from loading, shown by the CLI
+        self.source_sha256: str | None = None  # sha256 of the file it was loaded from
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net((x - self.mean) / self.std)
@@ -316,10 +317,11 @@ def load_model(path: str | Path, options: ModelOptions | None = None, device: to
     if problem:
         raise CleanseError(f"{path}: {problem}")
     net.load_state_dict(state, strict=True)
+    digest = sha256_file(path)
     if doc is None:
-        spec.provenance = {"imported_from": str(path), "source_sha256": sha256_file(path)}
+        spec.provenance = {"imported_from": str(path), "source_sha256": digest}
         spec.arch_file_sha256 = file_sha
     model = ClassifierModel(net, spec)
     model.notes = notes
-    model.source_sha256 = sha256_file(path)  # type: ignore[attr-defined]
+    model.source_sha256 = digest
     return model.to(device).eval()

@@ -118,11 +118,14 @@ class StateKeeper:
     """Keep the best state by one documented rule; roll back when a guard rail trips.
 
     With `use_asr` (a recipe that relies on its trigger): the lowest held-back ASR among
-    states whose held-back CA is within `ca_margin` of the start, ties to the higher CA.
+    states whose held-back CA is within `ca_margin` of the start, where every ASR at or
+    below `asr_good` counts as equal, so among those the higher CA wins.
     Otherwise (trigger-agnostic recipes): the highest held-back CA. Never silently the last.
     """
 
-    def __init__(self, model: ClassifierModel, start: dict[str, Any], use_asr: bool, ca_margin: float, ca_floor_drop: float) -> None:
+    def __init__(self, model: ClassifierModel, start: dict[str, Any], use_asr: bool, ca_margin: float, ca_floor_drop: float,
+                 asr_good: float = 0.0) -> None:
+        self.asr_good = asr_good
         self.use_asr = use_asr and start.get("attack_success_rate") is not None
         self.start_ca = start["clean_accuracy"]
         self.ca_margin, self.floor = ca_margin, self.start_ca - ca_floor_drop
@@ -133,7 +136,7 @@ class StateKeeper:
     def _key(self, m: dict[str, Any]) -> tuple:
         eligible = m["clean_accuracy"] >= self.start_ca - self.ca_margin
         if self.use_asr:
-            return (eligible, -m["attack_success_rate"], m["clean_accuracy"])
+            return (eligible, -max(m["attack_success_rate"], self.asr_good), m["clean_accuracy"])
         return (True, m["clean_accuracy"])
 
     def offer(self, model: ClassifierModel, metrics: dict[str, Any], tag: str) -> bool:
@@ -159,8 +162,8 @@ class StateKeeper:
 
     def restore_best(self, model: ClassifierModel) -> dict[str, Any]:
         model.net.load_state_dict(self.best_state)
-        rule = ("lowest held-back ASR with held-back CA within {:.2f} of the start".format(self.ca_margin) if self.use_asr
-                else "highest held-back CA")
+        rule = (f"lowest held-back ASR (any <= {self.asr_good:.3f} counts as equal, then higher CA) with held-back CA "
+                f"within {self.ca_margin:.2f} of the start" if self.use_asr else "highest held-back CA")
         return {"tag": self.best["tag"], "rule": rule, "held_back": {k: v for k, v in self.best.items() if k != "tag"},
                 "rollbacks": self.rollbacks}
 

@@ -94,7 +94,8 @@ class TarEwc(Recipe):
         result = RecipeResult()
         began = time.perf_counter()
         start = monitor(model)
-        keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
+        keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
+                             asr_good=p["asr_stop"])
         ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
 
         n_fisher = min(p["fisher_samples"], len(train))
