@@ -33,11 +33,13 @@ def timed(fn, reps: int) -> tuple[float, object]:
     return (time.perf_counter() - start) / reps, out
 
 
-def compare(arch: str, x: torch.Tensor, reps: int) -> dict:
+def compare(arch: str, x: torch.Tensor, reps: int, channels_last: bool) -> dict:
     from pytorch_grad_cam import GradCAM
 
     torch.manual_seed(0)
     model = new_model(arch, 10).eval()
+    if channels_last:  # the same model object for both: weights in channels_last, as cleanse loads and trains them
+        model = model.to(memory_format=torch.channels_last)
     layer = default_layer(model, (3, 32, 32))
     ours_s, ours = timed(lambda: normalise(grad_cam(model, x, layer).cams), reps)
     lib = GradCAM(model=model, target_layers=[resolve_layer(model, layer)])
@@ -46,7 +48,7 @@ def compare(arch: str, x: torch.Tensor, reps: int) -> dict:
         p.grad = None
     diff = float((ours - torch.from_numpy(theirs)).abs().max())
     n = len(x)
-    return {"arch": arch, "layer": layer, "batch": n, "cleanse_img_per_s": n / ours_s, "grad_cam_img_per_s": n / lib_s,
+    return {"arch": arch, "layer": layer, "batch": n, "channels_last_weights": channels_last, "cleanse_img_per_s": n / ours_s, "grad_cam_img_per_s": n / lib_s,
             "speedup": lib_s / ours_s, "max_abs_diff": diff}
 
 
@@ -96,11 +98,12 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=8)
     args = parser.parse_args()
     x = make_synthetic("test").images[: args.batch].permute(0, 3, 1, 2).float().div(255)
-    rows = [compare(arch, x, args.reps) for arch in ("cnn", "resnet18")]
+    rows = [compare(arch, x, args.reps, cl) for cl in (False, True) for arch in ("cnn", "resnet18")]
     print(f"\nGrad-CAM, batch {args.batch}, CPU, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'arch':10} {'layer':8} {'cleanse img/s':>14} {'grad-cam img/s':>15} {'speed-up':>9} {'max |diff|':>11}")
+    print(f"{'arch':10} {'weights':14} {'layer':8} {'cleanse img/s':>14} {'grad-cam img/s':>15} {'speed-up':>9} {'max |diff|':>11}")
     for r in rows:
-        print(f"{r['arch']:10} {r['layer']:8} {r['cleanse_img_per_s']:14.1f} {r['grad_cam_img_per_s']:15.1f} {r['speedup']:8.2f}x {r['max_abs_diff']:11.2e}")
+        fmt = "channels_last" if r["channels_last_weights"] else "contiguous"
+        print(f"{r['arch']:10} {fmt:14} {r['layer']:8} {r['cleanse_img_per_s']:14.1f} {r['grad_cam_img_per_s']:15.1f} {r['speedup']:8.2f}x {r['max_abs_diff']:11.2e}")
     over = monitor_overhead(args.reps)
     print(f"\nTAR monitoring: one recipe epoch ({over['train_images']} images, {over['precision']}) {over['epoch_seconds']:.2f}s; "
           f"TAR on {over['tar_images']} held-back triggered images at {over['tar_layer']} {over['tar_seconds']:.3f}s "

@@ -29,7 +29,10 @@ def test_model_round_trip_gives_identical_predictions(tmp_path):
         model.net.layer1.norm1.running_mean.uniform_()
     save_model(model, tmp_path / "m.safetensors", {"command": "test"})
     back = load_model(tmp_path / "m.safetensors")
+    for key, value in model.net.state_dict().items():
+        assert torch.equal(back.net.state_dict()[key], value)
     x = torch.rand(4, 3, 32, 32)
+    model = model.to(memory_format=torch.channels_last)  # loaded models come back in channels_last
     assert torch.equal(model(x), back(x))
     assert back.spec.arch == "cnn" and back.spec.arch_args == {"width": "8,16,16"} and back.spec.mean == [0.5] * 3
     assert back.spec.provenance == {"command": "test"}
@@ -60,6 +63,7 @@ def test_torchvision_architecture_without_weights(tmp_path):
     model = new_model("torchvision:resnet18", 5, input_size=(3, 32, 32)).eval()
     save_model(model, tmp_path / "tv.safetensors")
     back = load_model(tmp_path / "tv.safetensors")
+    model = model.to(memory_format=torch.channels_last)  # loaded models come back in channels_last
     x = torch.rand(2, 3, 32, 32)
     assert torch.allclose(model(x), back(x))
     with pytest.raises(CleanseError, match="unknown torchvision classification model 'nope'"):
@@ -84,6 +88,7 @@ def test_user_factory_checkpoint_needs_explicit_arch_and_warns_on_change(tmp_pat
     with pytest.raises(CleanseError, match=f"pass --arch {spec} to allow running that file"):
         load_model(tmp_path / "u.safetensors")
     back = load_model(tmp_path / "u.safetensors", ModelOptions(arch=spec))
+    model = model.to(memory_format=torch.channels_last)
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(model(x), back(x)) and back.notes == []
     write_arch_file(arch_file, "# edited")
