@@ -17,7 +17,7 @@ from cleanse.cli.render import show
 from cleanse.cli.train import check_classes, load_clean
 from cleanse.data import load_image_files
 from cleanse.engine.device import resolve_device
-from cleanse.engine.gradcam import default_layer, grad_cam, normalise, resolve_layer, tar_and_share, tar_layer
+from cleanse.engine.gradcam import CamResult, default_layer, grad_cam, normalise, resolve_layer, tar_and_share, tar_layer
 from cleanse.engine.tar import cam_pair, tar_metrics
 from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, write_json_atomic
@@ -109,14 +109,14 @@ def explain_command(
     picture_layer = layer or default_layer(model, model.spec.input_size)
     measure_layer = layer or tar_layer(model, model.spec.input_size)
 
-    x = images.to(dev).permute(0, 3, 1, 2).float().div(255)
-    clean = grad_cam(model, x, picture_layer, cam_target)
-    probs = clean.logits.softmax(1)
     doc_images: list[dict[str, Any]] = []
     set_metrics: dict[str, Any] = {}
     triggered_images = None
-    if trig is not None:
+    if trig is None:
+        clean = grad_cam(model, images.to(dev).permute(0, 3, 1, 2).float().div(255), picture_layer, cam_target)
+    else:
         pair = cam_pair(model, images, trig, picture_layer, target=cam_target)
+        clean = CamResult(pair.clean, pair.clean_logits, pair.clean_class)  # the pair already explains the clean images
         triggered_images = trig.apply_uint8(images)
         measured = pair if measure_layer == picture_layer else cam_pair(model, images, trig, measure_layer, target=cam_target)
         set_metrics = tar_metrics(measured, trig)
@@ -124,6 +124,7 @@ def explain_command(
         tar, share = tar_and_share(measured.triggered, region) if region is not None else (None, None)
         clean_tar, _ = tar_and_share(measured.clean, region) if region is not None else (None, None)
         tprobs = pair.triggered_logits.softmax(1)
+    probs = clean.logits.softmax(1)
     for i in range(len(images)):
         entry: dict[str, Any] = {"source": names[i], "label": None if labels is None else int(labels[i]),
                                  "label_name": None if labels is None else model.spec.classes[int(labels[i])],
