@@ -156,7 +156,7 @@ def train_command(
     facts = {"data": describe_input(data), "init": describe_input(init), "arch": model.spec.arch, "arch_args": model.spec.arch_args,
              "checkpoint_every": checkpoint_every}
     if state is not None:
-        _check_same_run(state, facts, state_path)
+        check_same_run(state.extra, facts, TRAIN_RUN_FACTS, state_path)
         say(f"resuming from {state_path} after epoch {state.epoch}/{epochs}")
 
     def checkpoint(snapshot: TrainState) -> None:
@@ -196,11 +196,14 @@ def train_command(
         emit_json({**metrics, "model": str(output), "epochs": epochs, "wall_seconds": wall, "precision": prec})
 
 
-def _check_same_run(state: TrainState, facts: dict[str, Any], path: Path) -> None:
-    """The checkpoint belongs to this command line: same DATA (by sha256), --init, architecture and arguments."""
-    for key, flag in (("data", "DATA"), ("init", "--init"), ("arch", "--arch"), ("arch_args", "--arch-arg")):
-        if state.extra.get(key) != facts[key]:
-            raise CleanseError(f"{path}: the checkpoint was written for another {flag} ({_describe(state.extra.get(key))} vs "
+TRAIN_RUN_FACTS = (("data", "DATA"), ("init", "--init"), ("arch", "--arch"), ("arch_args", "--arch-arg"))
+
+
+def check_same_run(saved: dict[str, Any], facts: dict[str, Any], flags: tuple[tuple[str, str], ...], path: Path) -> None:
+    """The checkpoint belongs to this command line: the same inputs (by sha256) and options, named by `flags`."""
+    for key, flag in flags:
+        if saved.get(key) != facts[key]:
+            raise CleanseError(f"{path}: the checkpoint was written for another {flag} ({_describe(saved.get(key))} vs "
                                f"{_describe(facts[key])}); rerun with the interrupted run's options, or without --resume")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import hashlib
 import time
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -11,12 +12,12 @@ import typer
 from rich.table import Table
 
 from cleanse.attacks import Trigger, load_trigger
-from cleanse.cli.common import (DebugOpt, DeviceOpt, ForceOpt, JsonOpt, NoCacheOpt, ParamOpt, PrecisionOpt, QuietOpt, SeedOpt,
-                                emit_json, fmt_rate, parse_params, say, start)
+from cleanse.cli.common import (SESSION, DebugOpt, DeviceOpt, ForceOpt, JsonOpt, NoCacheOpt, ParamOpt, PrecisionOpt, QuietOpt,
+                                SeedOpt, emit_json, fmt_rate, parse_params, say, start)
 from cleanse.cli.model_opts import (ArchArgOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, NumClassesOpt, PresetOpt, StdOpt,
                                     load_cli_model)
 from cleanse.cli.render import Monitor, float_cell, rate_cell, seconds_cell, show
-from cleanse.cli.train import check_classes, load_clean
+from cleanse.cli.train import check_classes, check_same_run, load_clean, resume_path
 from cleanse.data import Dataset, load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_device, resolve_precision
@@ -28,6 +29,7 @@ from cleanse.files import check_output, output_set, write_json_atomic
 from cleanse.models import ClassifierModel, save_model
 from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.base import NEEDS_TRIGGER
+from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
 from cleanse.record import describe_input, new_record, record_path, versions
 
 METHOD_HELP = ("Recipe: " + "; ".join(f"{n} ({RECIPES.get(n).summary})" for n in RECIPES.names())
@@ -70,6 +72,11 @@ def unlearn_command(
     param: ParamOpt = None,
     layer: Annotated[Optional[str], typer.Option("--layer", help="Layer for TAR (default: deepest block output >= input/8).")] = None,
     output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cleaned checkpoint (default <model stem>.<method>.safetensors).")] = None,
+    checkpoint_every: Annotated[Optional[int], typer.Option("--checkpoint-every", metavar="N",
+                                help="Every N passes over the clean subset save a resumable checkpoint to OUT.resume.safetensors "
+                                     "(removed at the end; finetune, tar-ewc, ulrl, sau).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from OUT.resume.safetensors; "
+                                         "the rest of the command line must be the interrupted run's.")] = False,
     arch: ArchOpt = None,
     arch_arg: ArchArgOpt = None,
     num_classes: NumClassesOpt = None,
@@ -98,6 +105,7 @@ def unlearn_command(
     if not run_all and method not in RECIPES:
         raise CleanseError(f"unknown recipe {method!r}; choose one of: {', '.join(RECIPES.names())}, or all")
     names = RECIPES.names() if run_all else [RECIPES.get(method).name]
+    _check_resume_options(names[0] if not run_all else "all", checkpoint_every, resume)
     raw = parse_params(param)
     if epochs is not None:
         raw["epochs"] = str(epochs)
@@ -117,9 +125,15 @@ def unlearn_command(
         outputs = {n: Path(f"{base}.{n}.safetensors") for n in names}
     else:
         outputs = {names[0]: output or Path(model_path).with_name(f"{stem}.{names[0]}.safetensors")}
+    inputs_given = (model_path, data, test, str(trigger) if trigger else None, *map(str, eval_trigger or []))
     for path in [p for o in outputs.values() for p in (o, record_path(o))]:
-        check_output(path, force=force, inputs=(model_path, data, test, str(trigger) if trigger else None,
-                                                 *map(str, eval_trigger or [])))
+        check_output(path, force=force, inputs=inputs_given)
+    state_path = resume_path(outputs[names[0]])
+    state = _resume_state(names, checkpoint_every, resume, force, state_path)
+    if checkpoint_every is None and state is not None:
+        checkpoint_every = state.extra.get("checkpoint_every")
+    if checkpoint_every is not None:
+        check_output(state_path, force=True, inputs=inputs_given)
     dev = resolve_device(device)
     prec = resolve_precision(precision, dev)
     model = load_cli_model(model_path, dev, arch, num_classes, input_size, preset, mean, std, classes, arch_arg)
@@ -149,12 +163,29 @@ def unlearn_command(
               "test": describe_input(test), "eval_triggers": [describe_input(p) for p in eval_trigger or []]}
     subset = {"train_index": split.train_index.tolist(), "held_index": split.held_index.tolist(),
               "filtered_with_ground_truth": split.filtered, "test_rows_dropped": test_dropped}
+    facts = {"model": inputs["model"], "data": inputs["data"], "trigger": inputs["trigger"], "method": names[0],
+             "params": params[names[0]], "clean_frac": clean_frac, "clean_n": clean_n, "seed": seed, "precision": prec,
+             "tar_layer": measure_layer, "subset": _subset_digest(split.train_index, split.held_index)}
+    if state is not None:
+        check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
+        say(f"resuming {names[0]} from {state_path} after pass {state.passes} over the clean subset")
+
+    def save_state(snapshot: RecipeState) -> None:
+        snapshot.extra = {**facts, "checkpoint_every": checkpoint_every}
+        save_recipe_state(state_path, snapshot)
+
+    checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
+    if checkpoint_every or state is not None:
+        if state is None:
+            state_path.unlink(missing_ok=True)  # --force: a stale checkpoint of another run must not be offered for --resume
+        SESSION.resume_file = state_path
     summaries: dict[str, dict[str, Any]] = {}
     finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
     for name in names:
         model.net.load_state_dict(start_state)
         recipe_started = time.perf_counter()
-        ctx = RecipeContext(model, split, trig, params[name], callback=lambda e: None, precision=prec, seed=seed, tar_layer=measure_layer)
+        ctx = RecipeContext(model, split, trig, params[name], callback=lambda e: None, precision=prec, seed=seed, tar_layer=measure_layer,
+                            checkpoints=checkpoints if not run_all else Checkpoints())
         with Monitor(f"unlearn {name}", UNLEARN_COLUMNS) as monitor:
             ctx.callback = monitor
             result = RECIPES.get(name).run(ctx)
@@ -169,7 +200,8 @@ def unlearn_command(
                       "parent": model_path, "version": versions()["cleanse"]}
         record = new_record("unlearn", inputs=inputs,
                             parameters={"method": name, "params": params[name], "clean_frac": clean_frac, "clean_n": clean_n,
-                                        "seed": seed, "tar_layer": measure_layer, "precision": prec, "all": run_all},
+                                        "seed": seed, "tar_layer": measure_layer, "precision": prec, "all": run_all,
+                                        "checkpoint_every": checkpoint_every, "resumed_after_pass": state.passes if state else None},
                             clean_subset=subset, before=before, after=after, der=summary["der"], ca_retention=retention,
                             kept=result.kept, history=result.history, notes=result.notes, extra=result.extra,
                             timings={"wall_seconds": wall}, versions=versions(dev), outputs={"model": str(outputs[name])})
@@ -182,6 +214,9 @@ def unlearn_command(
             model.net.load_state_dict(state)
             save_model(model, out.reserve(path), provenance)
             write_json_atomic(out.reserve(record_path(path)), record)
+    if checkpoint_every or state is not None:
+        SESSION.resume_file = None
+        state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
     wall = time.perf_counter() - started
     if run_all:
         _show_comparison(summaries, before, report_name)
@@ -192,6 +227,48 @@ def unlearn_command(
         say(f"wrote {outputs[names[0]]} ({wall:.0f}s)")
         if json_out:
             emit_json(summaries[names[0]])
+
+
+UNLEARN_RUN_FACTS = (("model", "MODEL"), ("data", "--data"), ("trigger", "--trigger"), ("method", "--method"),
+                     ("params", "--param/--epochs"), ("clean_frac", "--clean-frac"), ("clean_n", "--clean-n"), ("seed", "--seed"),
+                     ("precision", "--precision"), ("tar_layer", "--layer"), ("subset", "clean subset (DATA changed)"))
+
+
+def _check_resume_options(method: str, checkpoint_every: int | None, resume: bool) -> None:
+    """--checkpoint-every/--resume work for one recipe that makes passes over the clean subset."""
+    if checkpoint_every is None and not resume:
+        return
+    flag = "--resume" if resume else "--checkpoint-every"
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise CleanseError(f"--checkpoint-every {checkpoint_every} must be at least 1 (passes over the clean subset between checkpoints)")
+    if method == "all":
+        raise CleanseError(f"{flag} takes one recipe, not --method all; run the recipes one at a time with --method NAME")
+    if not RECIPES.get(method).resumable:
+        able = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).resumable)
+        raise CleanseError(f"{method} cannot be checkpointed (its work is not a series of passes over the clean subset); "
+                           f"drop {flag}, or use one of: {able}")
+
+
+def _resume_state(names: list[str], checkpoint_every: int | None, resume: bool, force: bool, state_path: Path) -> RecipeState | None:
+    """The checkpoint to continue from (--resume), after checking the files present."""
+    if checkpoint_every is None and not resume:
+        return None
+    if not resume:
+        if state_path.exists() and not force:
+            raise CleanseError(f"{state_path}: a checkpoint of an interrupted run exists; pass --resume to continue it, or --force to start over")
+        return None
+    if not state_path.is_file():
+        raise CleanseError(f"{state_path}: no checkpoint to resume from; run without --resume (with --checkpoint-every N to write one)")
+    state = load_recipe_state(state_path)
+    if state.recipe != names[0]:
+        raise CleanseError(f"{state_path}: the checkpoint is of recipe {state.recipe}, this run is {names[0]}; "
+                           f"rerun with --method {state.recipe}, or without --resume")
+    return state
+
+
+def _subset_digest(train_index: torch.Tensor, held_index: torch.Tensor) -> str:
+    """Names the clean subset: a DATA folder whose contents changed gives another digest."""
+    return hashlib.sha256(train_index.numpy().tobytes() + b"|" + held_index.numpy().tobytes()).hexdigest()[:16]
 
 
 def _params_for(name: str, raw: dict[str, str], run_all: bool) -> dict[str, Any]:

@@ -23,6 +23,7 @@ from cleanse.engine.augment import flip_translate
 from cleanse.engine.device import autocast
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event, silent
+from cleanse.engine.snapshot import pack_optimizer, pack_rng, restore_optimizer, restore_rng
 from cleanse.errors import CleanseError
 from cleanse.files import read_cleanse_metadata, read_safetensors, write_safetensors
 from cleanse.models.checkpoint import ClassifierModel
@@ -137,22 +138,12 @@ class TrainState:
 def _capture(model: ClassifierModel, optimizer: torch.optim.Optimizer, lookahead: "Lookahead | None", gen: torch.Generator,
              epoch: int, step: int, history: list[dict[str, Any]], cfg: TrainConfig, elapsed: float) -> TrainState:
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.net.state_dict().items()}
-    saved = optimizer.state_dict()
-    scalars: dict[str, Any] = {}
-    for index, per_param in saved["state"].items():
-        for name, value in per_param.items():
-            if isinstance(value, torch.Tensor):
-                tensors[f"optimizer.{index}.{name}"] = value.detach().clone()
-            else:
-                scalars[f"{index}.{name}"] = value
+    optimizer_tensors, optimizer_doc = pack_optimizer(optimizer)
+    tensors.update(optimizer_tensors)
     if lookahead is not None:
         tensors.update({f"lookahead.{k}": v.clone() for k, v in lookahead.ema.items()})
-    tensors["rng.generator"] = gen.get_state()
-    tensors["rng.torch"] = torch.get_rng_state()
-    if model.device.type == "cuda":
-        tensors["rng.cuda"] = torch.cuda.get_rng_state(model.device)
-    return TrainState(epoch, step, copy.deepcopy(history), asdict(cfg), tensors,
-                      {"param_groups": saved["param_groups"], "scalars": scalars}, elapsed)
+    tensors.update(pack_rng(gen, model.device))
+    return TrainState(epoch, step, copy.deepcopy(history), asdict(cfg), tensors, optimizer_doc, elapsed)
 
 
 def _restore(state: TrainState, model: ClassifierModel, optimizer: torch.optim.Optimizer, lookahead: "Lookahead | None",
@@ -160,24 +151,13 @@ def _restore(state: TrainState, model: ClassifierModel, optimizer: torch.optim.O
     """Put the checkpointed weights, optimiser, lookahead and random states back; a file that does not fit exits 2."""
     try:
         model.net.load_state_dict({k[len("model."):]: v for k, v in state.tensors.items() if k.startswith("model.")}, strict=True)
-        per_param: dict[int, dict[str, Any]] = {}
-        for key, value in state.tensors.items():
-            if key.startswith("optimizer."):
-                index, name = key[len("optimizer."):].split(".", 1)
-                per_param.setdefault(int(index), {})[name] = value
-        for key, value in state.optimizer["scalars"].items():
-            index, name = key.split(".", 1)
-            per_param.setdefault(int(index), {})[name] = value
-        optimizer.load_state_dict({"state": per_param, "param_groups": state.optimizer["param_groups"]})
+        restore_optimizer(optimizer, state.tensors, state.optimizer)
         if lookahead is not None:
             ema = {k[len("lookahead."):]: v for k, v in state.tensors.items() if k.startswith("lookahead.")}
             if set(ema) != set(lookahead.ema):
                 raise KeyError("lookahead")
             lookahead.ema = {k: ema[k].to(lookahead.ema[k].device, lookahead.ema[k].dtype) for k in lookahead.ema}
-        gen.set_state(state.tensors["rng.generator"])
-        torch.set_rng_state(state.tensors["rng.torch"])
-        if "rng.cuda" in state.tensors and model.device.type == "cuda":
-            torch.cuda.set_rng_state(state.tensors["rng.cuda"], model.device)
+        restore_rng(state.tensors, gen, model.device)
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         reason = " ".join(str(exc).split())[:160]
         raise CleanseError(f"the resume checkpoint does not fit this model or optimiser ({type(exc).__name__}: {reason}); "

@@ -25,6 +25,7 @@ from cleanse.engine.events import Callback, Event
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
 from cleanse.models.checkpoint import ClassifierModel
+from cleanse.recipes.resume import Checkpoints
 from cleanse.registry import Registry
 
 NEEDS_TRIGGER = ("{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by `cleanse poison`, "
@@ -47,6 +48,7 @@ class RecipeContext:
     precision: str = "fp32"
     seed: int = 0
     tar_layer: str | None = None
+    checkpoints: Checkpoints = field(default_factory=Checkpoints)  # --checkpoint-every / --resume
 
     @property
     def device(self) -> torch.device:
@@ -68,6 +70,7 @@ class Recipe(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_trigger: ClassVar[bool] = False
+    resumable: ClassVar[bool] = False  # checkpoints at the end of passes over the clean subset (unlearn --checkpoint-every)
     params: ClassVar[dict[str, Param]] = {}
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:

@@ -10,12 +10,14 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.recipes.base import (AgnosticKeeper, HeldMonitor, Param, Recipe, RecipeContext, RecipeResult, batches, cosine_lr,
                                   register, trainable)
+from cleanse.recipes.resume import capture, restore
 
 
 @register
 class FineTune(Recipe):
     name = "finetune"
     summary = "plain fine-tuning on the clean subset (baseline; trigger used for monitoring only)"
+    resumable = True
     params = {
         "epochs": Param(10, "passes over the clean subset"),
         "lr": Param(0.01, "SGD learning rate (momentum 0.9, cosine schedule)"),
@@ -35,8 +37,12 @@ class FineTune(Recipe):
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True)
         gen = torch.Generator().manual_seed(ctx.seed)
         steps_per_epoch = -(-len(ctx.split.train) // p["batch_size"])
-        total, step, began = p["epochs"] * steps_per_epoch, 0, time.perf_counter()
-        for epoch in range(1, p["epochs"] + 1):
+        total, step, began, first = p["epochs"] * steps_per_epoch, 0, time.perf_counter(), 1
+        if ctx.checkpoints.resume is not None:
+            state = ctx.checkpoints.resume
+            restore(state, model, optimizer, gen, keeper, result)
+            step, first, began = state.position["step"], state.position["epoch"] + 1, began - state.doc["elapsed"]
+        for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, seen = 0.0, 0
             for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device):
@@ -62,5 +68,7 @@ class FineTune(Recipe):
             if reason:
                 keeper.rollback(model, reason, ctx)
                 break
+            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"epoch": epoch, "step": step}, model, optimizer, gen,  # noqa: B023
+                                                     keeper, result, time.perf_counter() - began))
         result.kept = keeper.restore_best(model)
         return result

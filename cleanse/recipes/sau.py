@@ -45,6 +45,7 @@ from cleanse.recipes.base import (
     register,
     trainable,
 )
+from cleanse.recipes.resume import capture, restore
 
 
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -119,6 +120,7 @@ def sau_step(model: nn.Module, frozen: nn.Module, optimizer: torch.optim.Optimiz
 class Sau(Recipe):
     name = "sau"
     summary = "shared adversarial unlearning: unlearn the adversarial examples the model and its frozen copy share (trigger-agnostic)"
+    resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(5, "passes over the clean subset (published: 100)"),
         "lr": Param(3e-4, "Adam learning rate, constant (published: 1e-4)"),
@@ -144,8 +146,12 @@ class Sau(Recipe):
         frozen.requires_grad_(False)
         optimizer = torch.optim.Adam(trainable(model), lr=p["lr"])
         gen = torch.Generator().manual_seed(ctx.seed)
-        stopped = False
-        for epoch in range(1, p["epochs"] + 1):
+        stopped, first = False, 1
+        if ctx.checkpoints.resume is not None:
+            restore(ctx.checkpoints.resume, model, optimizer, gen, keeper, result)
+            first = ctx.checkpoints.resume.position["epoch"] + 1
+            began = time.perf_counter() - ctx.checkpoints.resume.doc["elapsed"]
+        for epoch in range(first, p["epochs"] + 1):
             sums: dict[str, torch.Tensor] = {}
             seen = 0
             for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device, augment=False):
@@ -172,6 +178,8 @@ class Sau(Recipe):
                 keeper.rollback(model, reason, ctx)
                 break
             keeper.offer(model, metrics, f"epoch {epoch}")
+            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"epoch": epoch}, model, optimizer, gen, keeper, result,  # noqa: B023
+                                                     time.perf_counter() - began))
         result.kept = keeper.restore_best(model)
         result.extra["final_shared"] = result.history[-1]["shared"] if result.history else None
         return result

@@ -28,6 +28,7 @@ from cleanse.engine.events import Event
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (NEEDS_TRIGGER, HeldMonitor, Param, Recipe, RecipeContext, RecipeResult, StateKeeper, batches,
                                   cosine_lr, register, trainable)
+from cleanse.recipes.resume import capture, restore
 
 
 def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
@@ -59,6 +60,7 @@ class TarEwc(Recipe):
     name = "tar-ewc"
     summary = "bounded gradient ascent on the trigger + clean CE + EWC anchor, early stop on held-back ASR, then recovery"
     needs_trigger = True
+    resumable = True
     params = {
         "epochs": Param(5, "phase 1 budget: at most this many passes over the clean subset"),
         "lr": Param(0.01, "phase 1 SGD learning rate (momentum 0.9)"),
@@ -118,8 +120,22 @@ class TarEwc(Recipe):
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, nesterov=True)
         steps_per_epoch = -(-len(train) // p["batch_size"])
         check_every = max(1, steps_per_epoch // max(1, p["checks_per_epoch"]))
-        step, stopped = 0, False
-        for epoch in range(1, p["epochs"] + 1):
+        step, stopped, first, first_recovery, rstep = 0, False, 1, 1, 0
+        resume = ctx.checkpoints.resume
+        if resume is not None and resume.position["phase"] == "unlearn":
+            restore(resume, model, optimizer, gen, keeper, result)
+            step, first = resume.position["step"], resume.position["epoch"] + 1
+        elif resume is not None:
+            step, first, stopped = resume.position["step"], p["epochs"] + 1, True  # phase 1 was over
+        if resume is not None:
+            began = time.perf_counter() - resume.doc["elapsed"]
+
+        def save(phase: str, epoch: int, optimizer: torch.optim.Optimizer) -> None:
+            position = {"phase": phase, "epoch": epoch, "step": step, "rstep": rstep}
+            ctx.checkpoints.passed(lambda n: capture(self.name, n, position, model, optimizer, gen, keeper, result,
+                                                     time.perf_counter() - began))
+
+        for epoch in range(first, p["epochs"] + 1):
             for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
                 model.train()
                 with autocast(ctx.device, ctx.precision):
@@ -156,12 +172,16 @@ class TarEwc(Recipe):
                         break
             if stopped:
                 break
+            save("unlearn", epoch, optimizer)
         result.extra["unlearn_steps"] = step
 
         # Phase 2: recovery on the clean subset, from where phase 1 stopped (or the state a rollback restored).
         optimizer = torch.optim.SGD(trainable(model), lr=p["recovery_lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
-        total, rstep = p["recovery_epochs"] * steps_per_epoch, 0
-        for epoch in range(1, p["recovery_epochs"] + 1):
+        total = p["recovery_epochs"] * steps_per_epoch
+        if resume is not None and resume.position["phase"] == "recover":
+            restore(resume, model, optimizer, gen, keeper, result)
+            rstep, first_recovery = resume.position["rstep"], resume.position["epoch"] + 1
+        for epoch in range(first_recovery, p["recovery_epochs"] + 1):
             model.train()
             for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
                 cosine_lr(optimizer, p["recovery_lr"], rstep, total)
@@ -184,5 +204,6 @@ class TarEwc(Recipe):
             result.history.append(row)
             ctx.callback(Event("row", row))
             keeper.offer(model, metrics, f"recover epoch {epoch}")
+            save("recover", epoch, optimizer)
         result.kept = keeper.restore_best(model)
         return result

@@ -40,7 +40,7 @@ from cleanse.recipes.base import (
     register,
     trainable,
 )
-
+from cleanse.recipes.resume import capture, restore
 from cleanse.scan.anomaly import MAD_SCALE
 
 
@@ -87,6 +87,7 @@ def reinit_rows(weight: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) 
 class Ulrl(Recipe):
     name = "ulrl"
     summary = "gradient ascent on clean data flags the head units that move most, re-initialise them and relearn (trigger-agnostic)"
+    resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(20, "relearning passes over the clean subset"),
         "lr": Param(0.005, "relearning SGD learning rate (momentum 0.9, cosine schedule, no weight decay)"),
@@ -119,8 +120,17 @@ class Ulrl(Recipe):
         # 1. Unlearn: gradient ascent on clean CE.
         optimizer = torch.optim.SGD(trainable(model), lr=p["unlearn_lr"], momentum=0.9, weight_decay=p["unlearn_weight_decay"])
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 20], gamma=0.1)
-        ascent_epochs, accuracy, diverged = 0, 1.0, False
-        for epoch in range(1, p["unlearn_epochs"] + 1):
+        ascent_epochs, accuracy, diverged, first = 0, 1.0, False, 1
+        resume = ctx.checkpoints.resume
+        relearning = resume is not None and resume.position["phase"] == "relearn"
+        if resume is not None:
+            began = time.perf_counter() - resume.doc["elapsed"]
+        if resume is not None and not relearning:
+            restore(resume, model, optimizer, gen, keeper, result)
+            ascent_epochs, accuracy = resume.position["epoch"], resume.doc["values"]["accuracy"]
+            first = ascent_epochs + 1
+            schedule.last_epoch = ascent_epochs  # one schedule.step() per finished epoch; the rates came back with the optimiser
+        for epoch in range(first, p["unlearn_epochs"] + 1 if not relearning else 1):
             model.train()
             ce_sum = torch.zeros((), device=ctx.device)
             correct = torch.zeros((), device=ctx.device)
@@ -154,28 +164,35 @@ class Ulrl(Recipe):
             ctx.callback(Event("row", row))
             if diverged or accuracy <= p["unlearn_acc"]:
                 break
-        if accuracy > p["unlearn_acc"]:
-            ctx.note(f"ulrl: train accuracy still {accuracy:.2f} after {ascent_epochs} ascent epochs (stop at <= {p['unlearn_acc']})")
+            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"phase": "unlearn", "epoch": epoch}, model, optimizer,  # noqa: B023
+                                                     gen, keeper, result, time.perf_counter() - began,
+                                                     values={"accuracy": accuracy}))  # noqa: B023
+        if relearning:  # flagged before the checkpoint; restore() brings back the figures and rows
+            flagged = torch.tensor(resume.doc["result"]["extra"]["flagged_units"], dtype=torch.long)  # type: ignore[union-attr]
+            flagged_list = flagged.tolist()
+        else:
+            if accuracy > p["unlearn_acc"]:
+                ctx.note(f"ulrl: train accuracy still {accuracy:.2f} after {ascent_epochs} ascent epochs (stop at <= {p['unlearn_acc']})")
 
-        # 2. Flag the head units whose weights moved most.
-        scores = (head.weight.detach().float() - w_orig.float()).abs().sum(1)
-        if not torch.isfinite(scores).all():
-            scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
-        flagged, z = flag_units(scores, p["threshold"], p["max_flags"])
-        flagged_list = flagged.tolist()
-        detail = (", ".join(f"unit {j} (z {float(z[j]):.1f})" for j in flagged_list) if flagged_list
-                  else f"none (largest z {float(z.max()):.1f})")
-        row = {"phase": "flag", "epoch": ascent_epochs, "detail": f"flagged {detail}", "elapsed": time.perf_counter() - began}
-        result.history.append(row)
-        ctx.callback(Event("row", row))
-        if not flagged_list:
-            message = "ulrl: no head unit stands out (as expected for an all-to-all attack): relearning is plain fine-tuning"
-            ctx.note(message)
-            result.notes.append(message)
-        result.extra.update({"flagged_units": flagged_list, "scores": scores.tolist(), "z_scores": z.tolist(),
-                             "flagged_scores": [float(scores[j]) for j in flagged_list],
-                             "flagged_z_scores": [float(z[j]) for j in flagged_list],
-                             "ascent_epochs": ascent_epochs, "ascent_train_accuracy": accuracy})
+            # 2. Flag the head units whose weights moved most.
+            scores = (head.weight.detach().float() - w_orig.float()).abs().sum(1)
+            if not torch.isfinite(scores).all():
+                scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+            flagged, z = flag_units(scores, p["threshold"], p["max_flags"])
+            flagged_list = flagged.tolist()
+            detail = (", ".join(f"unit {j} (z {float(z[j]):.1f})" for j in flagged_list) if flagged_list
+                      else f"none (largest z {float(z.max()):.1f})")
+            row = {"phase": "flag", "epoch": ascent_epochs, "detail": f"flagged {detail}", "elapsed": time.perf_counter() - began}
+            result.history.append(row)
+            ctx.callback(Event("row", row))
+            if not flagged_list:
+                message = "ulrl: no head unit stands out (as expected for an all-to-all attack): relearning is plain fine-tuning"
+                ctx.note(message)
+                result.notes.append(message)
+            result.extra.update({"flagged_units": flagged_list, "scores": scores.tolist(), "z_scores": z.tolist(),
+                                 "flagged_scores": [float(scores[j]) for j in flagged_list],
+                                 "flagged_z_scores": [float(z[j]) for j in flagged_list],
+                                 "ascent_epochs": ascent_epochs, "ascent_train_accuracy": accuracy})
 
         # 3. Relearn from the original weights with the flagged rows re-initialised.
         model.net.load_state_dict(original)
@@ -187,8 +204,11 @@ class Ulrl(Recipe):
         w_ref = w_orig[rows]
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9)
         steps_per_epoch = -(-len(ctx.split.train) // p["batch_size"])
-        total, step, stopped = p["epochs"] * steps_per_epoch, 0, False
-        for epoch in range(1, p["epochs"] + 1):
+        total, step, stopped, first = p["epochs"] * steps_per_epoch, 0, False, 1
+        if relearning:
+            restore(resume, model, optimizer, gen, keeper, result)  # type: ignore[arg-type]
+            step, first = resume.position["step"], resume.position["epoch"] + 1  # type: ignore[union-attr]
+        for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, cos_sum, seen = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), 0
             for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device):
@@ -224,5 +244,7 @@ class Ulrl(Recipe):
                 keeper.rollback(model, reason, ctx)
                 break
             keeper.offer(model, metrics, f"relearn epoch {epoch}")
+            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"phase": "relearn", "epoch": epoch, "step": step},  # noqa: B023
+                                                     model, optimizer, gen, keeper, result, time.perf_counter() - began))
         result.kept = keeper.restore_best(model)
         return result
