@@ -7,7 +7,8 @@ import torch
 from torch import nn
 
 from cleanse.errors import CleanseError
-from cleanse.recipes.ulrl import AgnosticKeeper, flag_units, last_linear, reinit_rows
+from cleanse.recipes.base import AgnosticKeeper
+from cleanse.recipes.ulrl import flag_units, last_linear, reinit_rows
 
 from conftest import unlearn_removes_backdoor
 

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cleanse.engine.trace import Hook, trace_forward
 from cleanse.errors import CleanseError
 
 EPS = 1e-8
@@ -40,28 +41,18 @@ def map_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
     """
     calls: dict[str, int] = {}
     order: list[LayerInfo] = []
-    handles = []
     inner = model.net if hasattr(model, "net") else model
-    for name, module in inner.named_modules():
-        if not name:
-            continue
 
-        def hook(mod: nn.Module, args: object, out: object, _name: str = name) -> None:
-            calls[_name] = calls.get(_name, 0) + 1
+    def hook_for(name: str) -> Hook:
+        def hook(mod: nn.Module, args: object, out: object) -> None:
+            calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor) and out.dim() == 4:
-                order.append(LayerInfo(_name, tuple(out.shape[1:])))
+                order.append(LayerInfo(name, tuple(out.shape[1:])))
+        return hook
 
-        handles.append(module.register_forward_hook(hook))
-    was_training = model.training
-    try:
-        model.eval()
-        with torch.no_grad():
-            device = next(model.parameters()).device
-            model(torch.zeros(1, *input_size, device=device))
-    finally:
-        for h in handles:
-            h.remove()
-        model.train(was_training)
+    device = next(model.parameters()).device
+    trace_forward(model, torch.zeros(1, *input_size, device=device),
+                  [(module, hook_for(name)) for name, module in inner.named_modules() if name])
     return [info for info in order if calls[info.name] == 1]
 
 

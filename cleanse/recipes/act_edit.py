@@ -26,8 +26,9 @@ from torch import nn
 
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
+from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (NEEDS_TRIGGER, HeldMonitor, Param, Recipe, RecipeContext, RecipeResult, StateKeeper, batches,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches,
                                   cosine_lr, register)
 
 
@@ -110,17 +111,8 @@ def _check_editable(name: str, module: nn.Module) -> None:
 def call_order(net: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the Linear and Conv2d modules in the order a forward pass calls them."""
     order: list[str] = []
-    handles = [m.register_forward_hook(lambda _m, _a, _o, n=n: order.append(n)) for n, m in net.named_modules()
-               if isinstance(m, (nn.Linear, nn.Conv2d))]
-    was_training = net.training
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(example)
-    finally:
-        for h in handles:
-            h.remove()
-        net.train(was_training)
+    trace_forward(net, example, [(m, lambda _m, _a, _o, n=n: order.append(n)) for n, m in net.named_modules()
+                                 if isinstance(m, (nn.Linear, nn.Conv2d))])
     return list(dict.fromkeys(order))
 
 
@@ -169,18 +161,10 @@ class ActEdit(Recipe):
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        if ctx.trigger is None:
-            raise CleanseError(NEEDS_TRIGGER.format(name=self.name))
-        p, model, trigger = ctx.params, ctx.model, ctx.trigger
-        train = ctx.split.train
-        monitor = HeldMonitor(ctx.split.held, trigger, ctx.tar_layer)
-        result = RecipeResult()
-        began = time.perf_counter()
-        model.eval()
-        start = monitor(model)
-        keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
-                             asr_good=p["asr_good"])
-        ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
+        opening = self.begin(ctx, asr_good=ctx.params["asr_good"])
+        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
+        p, model, trigger, train = ctx.params, ctx.model, ctx.trigger, ctx.split.train
+        assert trigger is not None  # begin() refused a missing one
 
         c, h, w = model.spec.input_size
         names = resolve_layers(model.net, str(p["layers"]), torch.zeros(1, c, h, w, device=ctx.device), model.spec.num_classes)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import math
+import time
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
@@ -95,6 +96,38 @@ class Recipe(ABC):
     @abstractmethod
     def run(self, ctx: RecipeContext) -> RecipeResult:
         """Change ctx.model in place; report rows through ctx.callback."""
+
+    def begin(self, ctx: RecipeContext, asr_good: float = 0.0, start_row: bool = True) -> "Opening":
+        """What every recipe does first: refuse a missing trigger it needs, measure the start on the held-back
+        images, set up the state rule (StateKeeper on held-back ASR for recipes that need a trigger,
+        AgnosticKeeper otherwise) and report the start row."""
+        if self.needs_trigger and ctx.trigger is None:
+            raise CleanseError(NEEDS_TRIGGER.format(name=self.name))
+        p, model = ctx.params, ctx.model
+        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
+        began = time.perf_counter()
+        model.eval()
+        start = monitor(model)
+        keeper: StateKeeper
+        if self.needs_trigger:
+            keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
+                                 asr_good=asr_good)
+        else:
+            keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
+        if start_row:
+            ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
+        return Opening(monitor, start, keeper, RecipeResult(), began)
+
+
+@dataclass
+class Opening:
+    """Recipe.begin's result: the held-back monitor, the start figures, the state rule, the result to fill, the start time."""
+
+    monitor: "HeldMonitor"
+    start: dict[str, Any]
+    keeper: "StateKeeper"
+    result: RecipeResult
+    began: float
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")

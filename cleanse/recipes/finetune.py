@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
-from cleanse.recipes.base import (AgnosticKeeper, HeldMonitor, Param, Recipe, RecipeContext, RecipeResult, batches, cosine_lr,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, cosine_lr,
                                   register, trainable)
 from cleanse.recipes.resume import capture, restore
 
@@ -28,16 +28,13 @@ class FineTune(Recipe):
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
+        opening = self.begin(ctx)
+        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
         p, model = ctx.params, ctx.model
-        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
-        start = monitor(model)
-        keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
-        result = RecipeResult()
-        ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True)
         gen = torch.Generator().manual_seed(ctx.seed)
         steps_per_epoch = -(-len(ctx.split.train) // p["batch_size"])
-        total, step, began, first = p["epochs"] * steps_per_epoch, 0, time.perf_counter(), 1
+        total, step, first = p["epochs"] * steps_per_epoch, 0, 1
         if ctx.checkpoints.resume is not None:
             state = ctx.checkpoints.resume
             restore(state, model, optimizer, gen, keeper, result)

@@ -32,8 +32,9 @@ from torch import nn
 from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
+from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (NEEDS_TRIGGER, HeldMonitor, Param, Recipe, RecipeContext, RecipeResult, StateKeeper, batches,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches,
                                   register, trainable)
 
 # Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
@@ -98,17 +99,7 @@ def following_batchnorm(net: nn.Module, example: torch.Tensor) -> dict[str, str 
                 produced[id(out)] = source
         return fn
 
-    leaves = [(n, m) for n, m in net.named_modules() if not list(m.children())]
-    handles = [m.register_forward_hook(hook(n, m)) for n, m in leaves]
-    was_training = net.training
-    try:
-        net.eval()
-        with torch.no_grad():
-            net(example)
-    finally:
-        for h in handles:
-            h.remove()
-        net.train(was_training)
+    trace_forward(net, example, [(m, hook(n, m)) for n, m in net.named_modules() if not list(m.children())])
     return found
 
 
@@ -169,17 +160,11 @@ class GradPrune(Recipe):
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        if ctx.trigger is None:
-            raise CleanseError(NEEDS_TRIGGER.format(name=self.name))
+        opening = self.begin(ctx, asr_good=ctx.params["asr_good"], start_row=False)  # its start row adds the unlearning loss
+        monitor, start, keeper, result, began = opening.monitor, opening.start, opening.keeper, opening.result, opening.began
         p, model, trigger = ctx.params, ctx.model, ctx.trigger
         train, held = ctx.split.train, ctx.split.held
-        monitor = HeldMonitor(held, trigger, ctx.tar_layer)
-        result = RecipeResult()
-        began = time.perf_counter()
-        model.eval()
-        start = monitor(model)
-        keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
-                             asr_good=p["asr_good"])
+        assert trigger is not None  # begin() refused a missing one
 
         # Triggered copies at their true labels, non-target rows only.
         triggered_all = trigger.apply_uint8(train.images)

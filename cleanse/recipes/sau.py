@@ -35,8 +35,6 @@ from torch import nn
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.recipes.base import (
-    AgnosticKeeper,
-    HeldMonitor,
     Param,
     Recipe,
     RecipeContext,
@@ -136,12 +134,8 @@ class Sau(Recipe):
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
         p, model = ctx.params, ctx.model
-        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
-        result = RecipeResult()
-        began = time.perf_counter()
-        start = monitor(model)
-        keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
-        ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
+        opening = self.begin(ctx)
+        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
         frozen = copy.deepcopy(model).eval()
         frozen.requires_grad_(False)
         optimizer = torch.optim.Adam(trainable(model), lr=p["lr"])

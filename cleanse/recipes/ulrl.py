@@ -29,8 +29,6 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.models.layers import class_head
 from cleanse.recipes.base import (
-    AgnosticKeeper,
-    HeldMonitor,
     Param,
     Recipe,
     RecipeContext,
@@ -107,12 +105,8 @@ class Ulrl(Recipe):
     def run(self, ctx: RecipeContext) -> RecipeResult:
         p, model = ctx.params, ctx.model
         head = last_linear(model.net, model.spec.num_classes)
-        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
-        result = RecipeResult()
-        began = time.perf_counter()
-        start = monitor(model)
-        keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
-        ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
+        opening = self.begin(ctx)
+        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
         original = copy.deepcopy(model.net.state_dict())
         w_orig = head.weight.detach().clone()
         gen = torch.Generator().manual_seed(ctx.seed)
