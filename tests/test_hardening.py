@@ -374,7 +374,7 @@ CASES = [
     Case("class-count-scan", "scan {m10} --data {d3} --budget fast --steps 10 -o {out}/scan", "has 3 classes but the model has 10"),
     Case("class-count-explain", "explain {m3} --data {d10} --n 2 -o {out}/maps", "has 10 classes but the model has 3"),
     Case("class-count-train-init", "train {d3} --init {m10} -o {out}/m.safetensors", "has 3 classes but the model has 10"),
-    Case("class-count-scan-too-few", "scan {m2} --data {d10} --budget fast --steps 10 -o {out}/scan", "the MAD test needs at least 3"),
+    Case("class-count-scan-too-few", "scan {m2} --data {d10} --budget fast --steps 10 -o {out}/scan", "the anomaly test needs at least 3"),
     # triggers
     Case("trigger-other-size-unlearn", UNLEARN + " --clean-frac 1 --trigger {t16_safetensors}",
          "trigger was made for 3x16x16 images but the model's inputs are 3x32x32"),

@@ -1,4 +1,4 @@
-"""`cleanse scan`: the MAD test, the batched reverse-engineering, the data audit, and the command end to end."""
+"""`cleanse scan`: the anomaly tests (leave-one-out z, MAD), the batched reverse-engineering, the data audit, and the command end to end."""
 from __future__ import annotations
 
 import json
@@ -53,6 +53,24 @@ def test_anomaly_index_even_count_and_mad_floor():
     assert flag_small(torch.full((6,), 7.0)) == []
     with pytest.raises(CleanseError, match="at least 3 classes"):
         anomaly_index(torch.tensor([1.0, 2.0]))
+
+
+def test_leave_one_out_z_matches_hand_computation():
+    norms = torch.tensor([4.0, 40.0, 50.0, 60.0, 80.0])
+    logs = norms.double().log()
+    others = logs[1:]  # class 0 against the other four: mean and sample std (n - 1) of their logs
+    z0 = (others.mean() - logs[0]) / others.std()
+    assert anomaly_index(norms, "log", "loo-z")[0].item() == pytest.approx(float(z0), rel=1e-5)
+    assert float(z0) == pytest.approx(8.980, abs=1e-3)  # (4.0193 - log 4 = 1.3863) / 0.2932
+    rest = torch.cat([logs[:3], logs[4:]])  # class 3 (60): above the others' mean, so never flagged however far
+    assert anomaly_index(norms, "log", "loo-z")[3].item() == pytest.approx(float((logs[3] - rest.mean()).abs() / rest.std()), rel=1e-5)
+    assert flag_small(norms, threshold=3.5, scale="log", statistic="loo-z") == [0]
+    # Raw norms: the others' mean 57.5 and sample std 17.078 -> (57.5 - 4) / 17.078 = 3.13.
+    assert anomaly_index(norms, "linear", "loo-z")[0].item() == pytest.approx((57.5 - 4) / 17.0783, rel=1e-4)
+    same = torch.tensor([50.0, 50.0, 50.0, 50.0, 5.0])  # the others' std is 0: floored at 1% of their mean log
+    assert anomaly_index(same, "log", "loo-z")[4].item() == pytest.approx(float((torch.log(torch.tensor(10.0))) / (0.01 * torch.log(torch.tensor(50.0)))), rel=1e-5)
+    with pytest.raises(CleanseError, match="--statistic 'zscore' is unknown; choose one of: loo-z, mad"):
+        anomaly_index(norms, "log", "zscore")
 
 
 class Tiny(nn.Module):

@@ -23,7 +23,7 @@ from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, check_output_folder, write_json_atomic
 from cleanse.record import describe_input, new_record, versions
 from cleanse.scan import BUDGETS, audit_data, scan_model
-from cleanse.scan.anomaly import SCALES
+from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, SCALES, STATISTICS
 from cleanse.scan.neural_cleanse import mask_pictures
 from cleanse.viz import image_grid, save_png
 
@@ -39,8 +39,11 @@ def scan_command(
     n_clean: Annotated[int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")] = 500,
     budget: Annotated[str, typer.Option("--budget", help=BUDGET_HELP)] = "full",
     steps: Annotated[Optional[int], typer.Option("--steps", help="Override the budget's optimisation steps.")] = None,
-    threshold: Annotated[float, typer.Option("--threshold", help="Flag a class whose MAD anomaly index exceeds this (small side).")] = 3.0,
-    scale: Annotated[str, typer.Option("--scale", help="log | linear: anomaly index on log mask norms (default) or raw ones (Neural Cleanse's, use --threshold 2).")] = "log",
+    statistic: Annotated[str, typer.Option("--statistic", help="loo-z | mad: each class's mask size against the other classes' "
+                                           "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly index.")] = "loo-z",
+    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag a class whose anomaly index exceeds this on the small "
+                                                       "side (default 3.5 for loo-z, 3 for mad; Neural Cleanse: mad, linear, 2).")] = None,
+    scale: Annotated[str, typer.Option("--scale", help="log | linear: the statistic on log mask norms (default) or raw ones (Neural Cleanse's).")] = "log",
     layer: Annotated[Optional[str], typer.Option("--layer", help="Layer for the reversed triggers' TAR (default: the TAR layer).")] = None,
     audit_data_spec: Annotated[Optional[str], typer.Option("--audit-data", help="Also rank this training DATA's samples by suspicion.")] = None,
     poison_rate: Annotated[Optional[float], typer.Option("--poison-rate", help="Expected poison rate for precision/recall (default: the file's own).")] = None,
@@ -79,8 +82,11 @@ def scan_command(
         raise CleanseError("--n-clean must be a positive number of images")
     if scale not in SCALES:
         raise CleanseError(f"--scale {scale!r} is unknown; choose one of: {', '.join(SCALES)}")
+    if statistic not in STATISTICS:
+        raise CleanseError(f"--statistic {statistic!r} is unknown; choose one of: {', '.join(STATISTICS)}")
+    threshold = DEFAULT_THRESHOLDS[statistic] if threshold is None else threshold
     if not threshold > 0 or threshold == float("inf"):
-        raise CleanseError(f"--threshold {threshold} must be positive (default 3 on the log scale; Neural Cleanse uses 2 on the linear one)")
+        raise CleanseError(f"--threshold {threshold} must be positive (default 3.5 for loo-z, 3 for mad; Neural Cleanse uses mad, linear, 2)")
     if poison_rate is not None and not 0 < poison_rate < 1:
         raise CleanseError(f"--poison-rate {poison_rate} must lie in (0, 1)")
     output = output or Path(model_path).with_name(Path(model_path).stem + ".scan")
@@ -97,14 +103,15 @@ def scan_command(
     result = None
     if data is not None:
         if model.spec.num_classes < 3:
-            raise CleanseError(f"the model has {model.spec.num_classes} classes; the MAD test needs at least 3")
+            raise CleanseError(f"the model has {model.spec.num_classes} classes; the anomaly test needs at least 3")
         clean, dropped = load_clean(data, "test", no_cache, (height, width))
         check_classes(model, clean, data)
         say(f"reversing a trigger for each of {model.spec.num_classes} classes at once ({budget}: "
             f"{plan.steps} steps) from {min(n_clean, len(clean))} clean images of {data}")
         with Monitor(f"scan {budget}", SCAN_COLUMNS) as monitor:
             result = scan_model(model, clean, n_clean, budget, plan, threshold, seed, prec, measure_layer,
-                                callback=lambda e: monitor(_scan_row(e)) if e.kind == "row" else monitor(e), scale=scale)
+                                callback=lambda e: monitor(_scan_row(e)) if e.kind == "row" else monitor(e), scale=scale,
+                                statistic=statistic)
         doc.update(result.doc)
         doc["rows_dropped_as_poisoned"] = dropped
         for k in result.doc["suspected_targets"]:
@@ -121,7 +128,7 @@ def scan_command(
     doc["wall_seconds"] = wall
     record = new_record("scan", inputs={"model": describe_input(model_path), "data": describe_input(data),
                                         "audit_data": describe_input(audit_data_spec)},
-                        parameters={"n_clean": n_clean, "budget": budget, "steps": plan.steps, "threshold": threshold, "scale": scale, "seed": seed, "tar_layer": measure_layer,
+                        parameters={"n_clean": n_clean, "budget": budget, "steps": plan.steps, "statistic": statistic, "threshold": threshold, "scale": scale, "seed": seed, "tar_layer": measure_layer,
                                     "precision": prec, "poison_rate": poison_rate},
                         result="scan.json", verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
                         history=result.reversed.history if result else [], versions=versions(dev), timings={"wall_seconds": wall})
@@ -159,7 +166,8 @@ def _scan_row(event: Event) -> Event:
 
 def _show(doc: dict[str, Any]) -> None:
     if "classes" in doc:
-        table = Table(title=f"reversed triggers (MAD anomaly index of the {doc['scale']} mask L1 norms)", title_justify="left")
+        what = "leave-one-out z" if doc["statistic"] == "loo-z" else "MAD anomaly index"
+        table = Table(title=f"reversed triggers ({what} of the {doc['scale']} mask L1 norms)", title_justify="left")
         for header in ("class", "mask L1", "anomaly index", "ASR (held out)", "TAR", "flagged"):
             table.add_column(header, justify="left" if header == "class" else "right")
         for c in doc["classes"]:

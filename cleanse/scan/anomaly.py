@@ -1,10 +1,18 @@
-"""The MAD anomaly index that decides which reversed trigger is suspiciously small.
+"""The anomaly index that decides which reversed trigger is suspiciously small.
 
-Neural Cleanse computes it on the raw mask L1 norms. We compute it on their
-logarithms by default (`scale="log"`): mask sizes of different classes spread
-multiplicatively, and on raw norms a target whose mask is 10x smaller than the
-median can score below 2 simply because the other classes spread from 26 to 96
-pixels (measured; docs/commands/scan.md). `scale="linear"` is Neural Cleanse's.
+Two statistics over the per-class mask L1 norms n_c, both on v_c = log(n_c) by
+default (`scale="log"`: mask sizes of different classes spread multiplicatively)
+or on the raw norms (`scale="linear"`, Neural Cleanse's):
+
+- `loo-z` (default): class c against the other classes only,
+  |v_c - mean(v_-c)| / std(v_-c). The candidate does not widen the spread it is
+  measured against, and the standard deviation of nine values is a far steadier
+  yardstick than their MAD: on the same backdoored synthetic model, three scan
+  seeds gave MAD indices 4.48, 5.40 and 2.27 (a miss at 3) but leave-one-out
+  z-scores 5.87, 5.48 and 4.43 (docs/commands/scan.md).
+- `mad`: Neural Cleanse's |v_c - median(v)| / (1.4826 * MAD(v)) over all classes.
+
+A class is flagged when its index exceeds the threshold on the small side.
 """
 from __future__ import annotations
 
@@ -13,8 +21,10 @@ import torch
 from cleanse.errors import CleanseError
 
 MAD_SCALE = 1.4826  # makes the MAD a consistent estimator of the standard deviation for normal data
-MAD_FLOOR = 0.01  # when MAD is 0 (or tiny), divide by 1% of |median| instead: a documented floor, never a division by 0
+SPREAD_FLOOR = 0.01  # when the spread (MAD or std) is 0 or tiny, divide by 1% of |centre| instead: never a division by 0
 SCALES = ("log", "linear")
+STATISTICS = ("loo-z", "mad")
+DEFAULT_THRESHOLDS = {"loo-z": 3.5, "mad": 3.0}
 
 
 def _values(norms: torch.Tensor, scale: str) -> torch.Tensor:
@@ -24,20 +34,38 @@ def _values(norms: torch.Tensor, scale: str) -> torch.Tensor:
     return norms.clamp_min(1e-6).log() if scale == "log" else norms
 
 
-def anomaly_index(norms: torch.Tensor, scale: str = "linear") -> torch.Tensor:
-    """|v_c - median(v)| / (1.4826 * MAD(v)), v the norms (or their logs), the MAD floored at MAD_FLOOR * |median|."""
+def _floored(spread: torch.Tensor, centre: torch.Tensor) -> torch.Tensor:
+    floor = torch.where(centre.abs() > 0, SPREAD_FLOOR * centre.abs(), torch.full_like(centre, SPREAD_FLOOR))
+    return torch.maximum(spread, floor).clamp_min(1e-12)
+
+
+def _centres_and_spreads(values: torch.Tensor, statistic: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per class: the centre and spread it is compared with."""
+    k = len(values)
+    if statistic == "mad":
+        median = values.quantile(0.5)  # the mean of the two middle values for an even count, as numpy's median
+        mad = MAD_SCALE * (values - median).abs().quantile(0.5)
+        return median.expand(k), _floored(mad, median).expand(k)
+    if statistic == "loo-z":
+        others = values.unsqueeze(0).expand(k, k)[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)
+        centre = others.mean(1)
+        return centre, _floored(others.std(1, correction=1), centre)
+    raise CleanseError(f"--statistic {statistic!r} is unknown; choose one of: {', '.join(STATISTICS)}")
+
+
+def anomaly_index(norms: torch.Tensor, scale: str = "linear", statistic: str = "mad") -> torch.Tensor:
+    """Per class, |v_c - centre_c| / spread_c (see the module docstring), the spread floored at 1% of |centre|."""
     if len(norms) < 3:
-        raise CleanseError(f"the MAD test needs at least 3 classes; this model has {len(norms)}, so scan cannot rank them")
+        raise CleanseError(f"the anomaly test needs at least 3 classes; this model has {len(norms)}, so scan cannot rank them")
     values = _values(norms, scale)
-    median = values.quantile(0.5)  # the mean of the two middle values for an even count, as numpy's median
-    mad = MAD_SCALE * (values - median).abs().quantile(0.5)
-    floor = MAD_FLOOR * median.abs() if median.abs() > 0 else torch.tensor(MAD_FLOOR, dtype=torch.float64)
-    return ((values - median).abs() / torch.maximum(mad, floor).clamp_min(1e-12)).float()
+    centre, spread = _centres_and_spreads(values, statistic)
+    return ((values - centre).abs() / spread).float()
 
 
-def flag_small(norms: torch.Tensor, threshold: float = 2.0, scale: str = "linear") -> list[int]:
+def flag_small(norms: torch.Tensor, threshold: float = 2.0, scale: str = "linear", statistic: str = "mad") -> list[int]:
     """Classes whose anomaly index exceeds `threshold` on the small side, most anomalous first."""
-    index = anomaly_index(norms, scale)
+    index = anomaly_index(norms, scale, statistic)
     values = _values(norms, scale)
-    flagged = [int(i) for i in torch.nonzero((index > threshold) & (values < values.quantile(0.5))).flatten()]
+    centre, _ = _centres_and_spreads(values, statistic)
+    flagged = [int(i) for i in torch.nonzero((index > threshold) & (values < centre)).flatten()]
     return sorted(flagged, key=lambda i: -float(index[i]))

@@ -39,14 +39,16 @@ def reversed_trigger(mask: torch.Tensor, pattern: torch.Tensor, target: int, bud
 
 
 def scan_model(model: ClassifierModel, clean: Dataset, n_clean: int, budget_name: str, budget: Budget, threshold: float,
-               seed: int, precision: str, layer: str | None, callback: Callback | None = None, scale: str = "log") -> ModelScan:
+               seed: int, precision: str, layer: str | None, callback: Callback | None = None, scale: str = "log",
+               statistic: str = "loo-z") -> ModelScan:
     split = clean_subset(clean, n=n_clean, seed=seed, hold_back=HOLD_OUT)
     num_classes = model.spec.num_classes
     rev = reverse_triggers(model, split.train.images, split.train.labels, list(range(num_classes)), budget, seed=seed,
                            precision=precision, callback=callback)
-    index = anomaly_index(rev.mask_l1, scale)
-    linear = anomaly_index(rev.mask_l1, "linear")
-    flagged = flag_small(rev.mask_l1, threshold, scale)
+    index = anomaly_index(rev.mask_l1, scale, statistic)  # the verdict's statistic
+    mad = anomaly_index(rev.mask_l1, scale, "mad")
+    linear = anomaly_index(rev.mask_l1, "linear", "mad")  # Neural Cleanse's own figure, for comparison
+    flagged = flag_small(rev.mask_l1, threshold, scale, statistic)
     held = split.held
     triggers, rows = {}, []
     for k in range(num_classes):
@@ -56,12 +58,13 @@ def scan_model(model: ClassifierModel, clean: Dataset, n_clean: int, budget_name
         hits = predict(model, trig.apply_uint8(held.images[keep]), precision="fp32") == k
         tar = measure_tar(model, held.images, held.labels, trig, layer, with_clean=False) if layer else None
         rows.append({"index": k, "name": model.spec.classes[k], "mask_l1": float(rev.mask_l1[k]), "anomaly_index": float(index[k]),
-                     "anomaly_index_linear": float(linear[k]),
+                     "anomaly_index_mad": float(mad[k]), "anomaly_index_linear": float(linear[k]),
                      "flagged": k in flagged, "attack_success_rate": float(hits.float().mean()) if len(hits) else None,
                      "optimisation_success": float(rev.success[k]), "reached_success": bool(rev.reached[k]),
                      "tar": None if tar is None else tar["tar"], "tar_median": None if tar is None else tar["tar_median"],
                      "trigger_file": None})
-    doc = {"backdoored": bool(flagged), "suspected_targets": flagged, "threshold": threshold, "scale": scale, "budget": budget_name,
+    doc = {"backdoored": bool(flagged), "suspected_targets": flagged, "statistic": statistic, "threshold": threshold, "scale": scale,
+           "budget": budget_name,
            "steps": budget.steps, "batch": budget.batch, "n_clean": len(split.train) + len(held), "n_optimise": len(split.train),
            "n_held_out": len(held), "tar_layer": layer, "median_mask_l1": float(rev.mask_l1.double().quantile(0.5)),
            "optimise_seconds": rev.seconds, "classes": rows}
