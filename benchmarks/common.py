@@ -17,6 +17,14 @@ CIFAR = Path(os.environ.get("CLEANSE_CIFAR10", ROOT.parent.parent / "shared" / "
 CACHE = ROOT / "cache"
 RESULTS = ROOT / "results"
 
+# The target class each attack poisons in every benchmark: four attacks, four targets (so a scan that names
+# the right class is not naming the same class every time). SIG is clean-label, so 10% poisoning takes all of
+# class 3's training images.
+DEFAULT_TARGETS = {"badnets": 0, "blended": 1, "sig": 3, "wanet": 5, "clean": 0}
+SEEDS = (0, 1, 2)
+DEFAULT_MODELS = tuple(f"{a}:{DEFAULT_TARGETS[a]}:{s}" for a in ("badnets", "blended", "sig", "wanet") for s in SEEDS)
+CLEAN_MODELS = tuple(f"clean:0:{s}" for s in SEEDS)
+
 
 def machine() -> dict[str, Any]:
     cpu = platform.processor() or platform.machine()
@@ -46,3 +54,17 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
     path = RESULTS / f"{name}.json"
     path.write_text(json.dumps(doc, indent=2) + "\n")
     return path
+
+
+def parse_models(spec: str) -> list[tuple[str, int, int]]:
+    """'badnets:0:0,blended:1:0' -> [(attack, target, seed), ...]; 'badnets:0' or 'badnets' fill in the defaults (seed 0)."""
+    out = []
+    for item in spec.split(","):
+        parts = item.strip().split(":")
+        attack = parts[0]
+        if attack not in DEFAULT_TARGETS:
+            sys.exit(f"--models {item!r}: unknown attack {attack!r}; use one of {', '.join(DEFAULT_TARGETS)}")
+        target = int(parts[1]) if len(parts) > 1 else DEFAULT_TARGETS[attack]
+        seed = int(parts[2]) if len(parts) > 2 else 0
+        out.append((attack, target, seed))
+    return out

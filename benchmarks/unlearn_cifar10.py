@@ -1,29 +1,42 @@
-"""tar-ewc and finetune on real CIFAR-10 backdoored `cnn` models, side by side in one run.
+"""Every unlearning recipe on real CIFAR-10 backdoored `cnn` models, side by side.
 
-For each attack and seed: the backdoored model from benchmarks/train_cifar10.py
-(trained if not cached, and its training time measured), then each recipe with
-`--clean-frac 0.05` of the training set (true trigger), reported on the
-10,000-image test set: CA, ASR, RA, TAR, DER, CA retention and wall time, and
-the recipe's wall time as a share of training the model from scratch.
+For each model (attack:target:seed, trained by benchmarks/train_cifar10.py and
+cached) and each recipe: `--clean-frac 0.05` of the training set drawn with the
+model's seed, the true trigger, the recipe's defaults (or `--param`), then CA,
+ASR, RA, TAR and DER on the 10,000 test images (ASR/RA on the non-target ones),
+the recipe's wall time, and that time as a share of training the model from
+scratch. Training time is measured in the same run, right before the recipes:
+one epoch of `cleanse train`'s default configuration on the first model's
+poisoned set, times the default number of epochs (`--no-calibrate` uses each
+cached model's own training time, which may come from a faster or slower hour).
 
-Training time is measured in the same run, right before the recipes, as one
-epoch of `cleanse train`'s default configuration on the same poisoned set times
-the default number of epochs (`--no-calibrate` uses the cached model's own
-training time instead, which may come from a faster or slower hour: this
-machine's speed varies by about 1.5x between hours).
+Rows are appended to results/unlearn_cifar10-rows.jsonl as they finish (a row
+already there for the same model, recipe and parameters is skipped unless
+`--redo`), so a long campaign can be run in pieces; `--table` prints the
+recipe x attack table from every stored row and writes
+results/unlearn_cifar10-table.json and .md.
 
-Targets (issue 4, tar-ewc): ASR <= 2%, CA retention >= 99.5%, wall <= 5% of training.
+    python -m benchmarks.unlearn_cifar10 [--models badnets:0:0,blended:1:0] [--recipes tar-ewc,finetune]
+                                         [--param tar-ewc.lr=0.005] [--threads 1] [--redo]
+    python -m benchmarks.unlearn_cifar10 --table
 
-    python -m benchmarks.unlearn_cifar10 [--attacks badnets,blended] [--seeds 0,1,2] [--recipes tar-ewc,finetune]
+Targets: issue 4 (tar-ewc, BadNets and Blended): ASR <= 2%, CA retention >= 99.5%,
+wall <= 5% of training. Issue 5 (every recipe, BadNets and Blended): ASR <= 5%
+with a CA drop of at most 2 points.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import statistics
 import time
+from pathlib import Path
+from typing import Any
 
 import torch
 
-from benchmarks.common import machine, require_cifar, write_results
+from benchmarks.common import DEFAULT_MODELS, RESULTS, config_hash, machine, parse_models, require_cifar, write_results
 from benchmarks.train_cifar10 import train_cached
 from cleanse.attacks import load_trigger
 from cleanse.cli.unlearn import measure
@@ -35,74 +48,117 @@ from cleanse.engine.gradcam import tar_layer
 from cleanse.models import load_model
 from cleanse.recipes import RECIPES, RecipeContext
 
+ROWS = RESULTS / "unlearn_cifar10-rows.jsonl"
+RECIPE_ORDER = ("finetune", "tar-ewc", "ulrl", "grad-prune", "act-edit", "sau")
+ATTACK_ORDER = ("badnets", "blended", "sig", "wanet")
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--attacks", default="badnets,blended")
-    parser.add_argument("--seeds", default="0,1,2")
-    parser.add_argument("--recipes", default="finetune,tar-ewc,ulrl,grad-prune,act-edit,sau")
+    parser.add_argument("--models", default=",".join(DEFAULT_MODELS), help="attack:target:seed, comma-separated")
+    parser.add_argument("--recipes", default=",".join(RECIPE_ORDER))
+    parser.add_argument("--param", action="append", default=[], help="RECIPE.NAME=VALUE (repeatable)")
     parser.add_argument("--clean-frac", type=float, default=0.05)
-    parser.add_argument("--no-calibrate", action="store_true", help="use the cached model's training time instead of timing one epoch")
+    parser.add_argument("--subset-seeds", default=None,
+                        help="seeds for the clean-subset draw and the recipe, comma-separated (default: the model's own seed)")
+    parser.add_argument("--test-n", type=int, default=None,
+                        help="report on a class-stratified sample of this many test images (tuning runs; default: all 10,000)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--no-calibrate", action="store_true", help="use the cached models' own training times")
+    parser.add_argument("--redo", action="store_true", help="run rows that are already stored again")
+    parser.add_argument("--table", action="store_true", help="only print the table of every stored row")
+    parser.add_argument("--rows", default=str(ROWS), help="the JSONL file rows are appended to and read from")
     args = parser.parse_args()
+    rows_file = Path(args.rows)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.table:
+        table(load_rows(rows_file), write=rows_file == ROWS)
+        return
+    run(args, rows_file)
+    table(load_rows(rows_file), write=rows_file == ROWS)
+
+
+def run(args: argparse.Namespace, rows_file: Path) -> None:
     cifar = require_cifar()
     train = load_data(str(cifar / "train"))
     test = load_data(str(cifar / "test"))
+    if args.test_n:
+        test = clean_subset(test, n=args.test_n, seed=0, hold_back=0.0).train
     precision = resolve_precision("auto", torch.device("cpu"))
-    rows = []
-    for attack in args.attacks.split(","):
-        for seed in (int(s) for s in args.seeds.split(",")):
-            trained = train_cached(attack, 0, 0.1, seed, log=False)
-            if not args.no_calibrate:
-                trained["cached_train_seconds"] = trained["train_seconds"]
-                trained["train_seconds"] = training_seconds(train, attack, seed)
-                print(f"{attack} s{seed}: training from scratch measured now at {trained['train_seconds']:.0f}s "
-                      f"(cached model's own: {trained['cached_train_seconds'] or 0:.0f}s)", flush=True)
-            trigger = load_trigger(trained["trigger"])
-            split = clean_subset(train, args.clean_frac, None, seed)
-            for name in args.recipes.split(","):
-                model = load_model(trained["model"])
-                layer = tar_layer(model, model.spec.input_size)
-                before = measure(model, test, trigger, layer)
-                recipe = RECIPES.get(name)
-                ctx = RecipeContext(model, split, trigger, recipe.resolve_params({}), callback=lambda e: None,
-                                    precision=precision, seed=seed, tar_layer=layer)
-                started = time.perf_counter()
-                result = recipe.run(ctx)
-                wall = time.perf_counter() - started
-                model.eval()
-                after = measure(model, test, trigger, layer)
-                row = {"attack": attack, "seed": seed, "recipe": name, "before": before, "after": after, "der": der(before, after),
-                       "ca_retention": after["clean_accuracy"] / before["clean_accuracy"], "wall_seconds": wall,
-                       "train_seconds": trained["train_seconds"], "cached_train_seconds": trained.get("cached_train_seconds"),
-                       "wall_share_of_training": wall / trained["train_seconds"],
-                       "kept": result.kept["tag"], "rollbacks": len(result.kept["rollbacks"])}
-                rows.append(row)
-                print(f"{attack:8} s{seed} {name:9} CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
-                      f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} RA {after['robust_accuracy']:.4f} "
-                      f"TAR {_f(before['tar'])}->{_f(after['tar'])} DER {row['der']:.4f} ret {row['ca_retention']:.4f} "
-                      f"{wall:.0f}s ({100 * row['wall_share_of_training']:.1f}% of training) kept {row['kept']}", flush=True)
-    print(f"\n{'attack':8} {'recipe':9} {'seeds':>5} {'CA after':>9} {'ASR after':>10} {'RA after':>9} {'retention':>10} {'DER':>7} {'wall s':>7} {'% train':>8}")
-    for attack in args.attacks.split(","):
-        for name in args.recipes.split(","):
-            sel = [r for r in rows if r["attack"] == attack and r["recipe"] == name]
-            mean = lambda f: sum(f(r) for r in sel) / len(sel)  # noqa: E731
-            print(f"{attack:8} {name:9} {len(sel):5d} {mean(lambda r: r['after']['clean_accuracy']):9.4f} "
-                  f"{mean(lambda r: r['after']['attack_success_rate']):10.4f} {mean(lambda r: r['after']['robust_accuracy']):9.4f} "
-                  f"{mean(lambda r: r['ca_retention']):10.4f} {mean(lambda r: r['der']):7.4f} {mean(lambda r: r['wall_seconds']):7.0f} "
-                  f"{100 * mean(lambda r: r['wall_share_of_training']):7.1f}%")
-    path = write_results(f"unlearn_cifar10-{args.attacks.replace(',', '_')}-s{args.seeds.replace(',', '_')}",
-                         {"benchmark": "unlearn_cifar10", "settings": vars(args), "machine": machine(), "precision": precision, "rows": rows})
-    print("wrote", path)
+    overrides = parse_overrides(args.param)
+    done = {r["key"] for r in load_rows(rows_file)} if not args.redo else set()
+    calibrated: float | None = None
+    for attack, target, seed in parse_models(args.models):
+        trained = train_cached(attack, target, 0.1, seed, log=False)
+        if args.no_calibrate:
+            train_seconds = trained["train_seconds"]
+        elif calibrated is None:
+            calibrated = train_seconds = training_seconds(train, attack, target, seed)
+            print(f"training from scratch, measured now: {train_seconds:.0f}s (10 x one epoch on {attack} s{seed})", flush=True)
+        else:
+            train_seconds = calibrated
+        trigger = load_trigger(trained["trigger"])
+        before: dict[str, Any] | None = None  # the same model on the same test images: measured once
+        subset_seeds = [int(v) for v in args.subset_seeds.split(",")] if args.subset_seeds else [seed]
+        for subset_seed, name in ((u, n) for u in subset_seeds for n in args.recipes.split(",")):
+            split = clean_subset(train, args.clean_frac, None, subset_seed)
+            recipe = RECIPES.get(name)
+            params = recipe.resolve_params(overrides.get(name, {}))
+            key = config_hash({"model": [attack, target, seed], "recipe": name, "params": params, "clean_frac": args.clean_frac,
+                               **({"test_n": args.test_n} if args.test_n else {}),
+                               **({"subset_seed": subset_seed} if subset_seed != seed else {})})
+            if key in done:
+                print(f"{attack} t{target} s{seed} u{subset_seed} {name}: stored already (--redo to run again)", flush=True)
+                continue
+            model = load_model(trained["model"])
+            layer = tar_layer(model, model.spec.input_size)
+            before = before or measure(model, test, trigger, layer)
+            ctx = RecipeContext(model, split, trigger, params, callback=lambda e: None, precision=precision, seed=subset_seed,
+                                tar_layer=layer)
+            load_before = os.getloadavg()[0]
+            started = time.perf_counter()
+            result = recipe.run(ctx)
+            wall = time.perf_counter() - started
+            model.eval()
+            after = measure(model, test, trigger, layer)
+            row = {"key": key, "attack": attack, "target": target, "seed": seed, "subset_seed": subset_seed, "recipe": name, "params": params,
+                   "overridden": overrides.get(name, {}), "clean_frac": args.clean_frac, "test_n": len(test), "n_train": len(split.train),
+                   "n_held": len(split.held), "before": before, "after": after, "der": der(before, after),
+                   "ca_retention": after["clean_accuracy"] / before["clean_accuracy"],
+                   "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]), "wall_seconds": wall,
+                   "train_seconds": train_seconds, "calibrated": not args.no_calibrate,
+                   "cached_train_seconds": trained["train_seconds"], "wall_share_of_training": wall / train_seconds,
+                   "kept": result.kept.get("tag"), "rollbacks": result.kept.get("rollbacks", []), "extra": _plain(result.extra),
+                   "history": result.history, "precision": precision, "machine": machine(),
+                   "load_average": [load_before, os.getloadavg()[0]]}
+            with rows_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{attack:8} t{target} s{seed} u{subset_seed} {name:10} CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
+                  f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} RA {after['robust_accuracy']:.4f} "
+                  f"TAR {_f(before['tar'])}->{_f(after['tar'])} DER {row['der']:.4f} ret {row['ca_retention']:.4f} "
+                  f"{wall:.0f}s ({100 * row['wall_share_of_training']:.1f}% of training) kept {row['kept']}", flush=True)
 
 
-def training_seconds(train, attack: str, seed: int) -> float:
+def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
+    out: dict[str, dict[str, str]] = {}
+    for item in items:
+        name, _, value = item.partition("=")
+        recipe, _, param = name.partition(".")
+        if not param or not value:
+            raise SystemExit(f"--param {item!r}: expected RECIPE.NAME=VALUE, e.g. tar-ewc.lr=0.005")
+        out.setdefault(recipe, {})[param] = value
+    return out
+
+
+def training_seconds(train, attack: str, target: int, seed: int) -> float:
     """One epoch of the default training configuration, timed now, times the default epoch count."""
     from cleanse.attacks import poison_dataset
     from cleanse.engine.train import TrainConfig, train_model
     from cleanse.models import new_model
     from cleanse.training_defaults import data_normalization
 
-    poisoned, _ = poison_dataset(train, attack, 0, 0.1, seed=seed)
+    poisoned = train if attack == "clean" else poison_dataset(train, attack, target, 0.1, seed=seed)[0]
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, seed=seed)
     config = TrainConfig(seed=seed, epochs=1, precision=resolve_precision("auto", torch.device("cpu")))
@@ -111,8 +167,88 @@ def training_seconds(train, attack: str, seed: int) -> float:
     return (time.perf_counter() - started) * TrainConfig().epochs
 
 
+def load_rows(path: Path = ROWS) -> list[dict[str, Any]]:
+    """Stored rows, the latest per key."""
+    if not path.is_file():
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["key"]] = row
+    return list(rows.values())
+
+
+def table(rows: list[dict[str, Any]], write: bool = True) -> None:
+    """Recipe x attack, default parameters only: mean over seeds of CA/ASR/RA after, DER and wall time."""
+    if write:  # the published table: default parameters, the whole test set
+        rows = [r for r in rows if not r["overridden"] and r.get("test_n", 10000) == 10000]
+    if not rows:
+        print("no stored rows with default parameters")
+        return
+    attacks = [a for a in ATTACK_ORDER if any(r["attack"] == a for r in rows)]
+    recipes = [n for n in RECIPE_ORDER if any(r["recipe"] == n for r in rows)]
+    cells: dict[str, dict[str, Any]] = {}
+    lines = ["| recipe | " + " | ".join(attacks) + " |", "|---" * (len(attacks) + 1) + "|"]
+    before_cells = []
+    for attack in attacks:
+        sel = [r for r in rows if r["attack"] == attack]
+        by_model = {(r["target"], r["seed"]): r["before"] for r in sel}
+        before_cells.append(f"{_pct(_mean(b['clean_accuracy'] for b in by_model.values()))} / "
+                            f"{_pct(_mean(b['attack_success_rate'] for b in by_model.values()))} / "
+                            f"{_pct(_mean(b['robust_accuracy'] for b in by_model.values()))} (n={len(by_model)})")
+    lines.append("| (before) | " + " | ".join(before_cells) + " |")
+    for name in recipes:
+        parts = []
+        for attack in attacks:
+            sel = [r for r in rows if r["attack"] == attack and r["recipe"] == name]
+            if not sel:
+                parts.append("-")
+                continue
+            cell = {"n": len(sel), "runs": sorted((r["seed"], r.get("subset_seed", r["seed"])) for r in sel),
+                    "models": len({(r["target"], r["seed"]) for r in sel}),
+                    "ca": _mean(r["after"]["clean_accuracy"] for r in sel), "asr": _mean(r["after"]["attack_success_rate"] for r in sel),
+                    "asr_max": max(r["after"]["attack_success_rate"] for r in sel),
+                    "ra": _mean(r["after"]["robust_accuracy"] for r in sel), "der": _mean(r["der"] for r in sel),
+                    "ca_drop_points": _mean(r["ca_drop_points"] for r in sel), "ca_drop_max": max(r["ca_drop_points"] for r in sel),
+                    "retention_min": min(r["ca_retention"] for r in sel), "wall": _mean(r["wall_seconds"] for r in sel),
+                    "wall_share": _mean(r["wall_share_of_training"] for r in sel),
+                    "asr_sd": statistics.pstdev([r["after"]["attack_success_rate"] for r in sel]),
+                    "ca_sd": statistics.pstdev([r["after"]["clean_accuracy"] for r in sel])}
+            cells[f"{name}/{attack}"] = cell
+            parts.append(f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / {cell['der']:.3f} / {cell['wall']:.0f}s"
+                         + f" (n={cell['n']})")
+        lines.append(f"| {name} | " + " | ".join(parts) + " |")
+    detail = ["| attack | recipe | runs (models) | CA drop, points (mean, max) | ASR after (mean, max) | CA retention (min) | "
+              "wall (share of training) |", "|---|---|---|---|---|---|---|"]
+    for key, c in cells.items():
+        name, attack = key.split("/")
+        detail.append(f"| {attack} | {name} | {c['n']} ({c['models']}) | {c['ca_drop_points']:.2f}, {c['ca_drop_max']:.2f} | "
+                      f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s ({100 * c['wall_share']:.1f}%) |")
+    text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n\n" + "\n".join(lines) + "\n\n" + "\n".join(detail))
+    print(text)
+    if not write:
+        return
+    write_results("unlearn_cifar10-table", {"benchmark": "unlearn_cifar10", "cells": cells, "rows": len(rows)})
+    (RESULTS / "unlearn_cifar10-table.md").write_text(text + "\n")
+
+
+def _mean(values: Any) -> float:
+    values = [v for v in values if v is not None]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None else f"{100 * v:.2f}"
+
+
 def _f(v: float | None) -> str:
     return "-" if v is None else f"{v:.2f}"
+
+
+def _plain(extra: dict[str, Any]) -> dict[str, Any]:
+    """The recipe's extra figures, JSON-safe."""
+    return json.loads(json.dumps(extra, default=lambda o: o.tolist() if hasattr(o, "tolist") else str(o)))
 
 
 if __name__ == "__main__":

@@ -25,8 +25,7 @@ from torch.func import functional_call, grad, vmap
 
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
-from cleanse.errors import CleanseError
-from cleanse.recipes.base import (NEEDS_TRIGGER, HeldMonitor, Param, Recipe, RecipeContext, RecipeResult, StateKeeper, batches,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches,
                                   cosine_lr, register, trainable)
 from cleanse.recipes.resume import capture, restore
 
@@ -63,42 +62,49 @@ class TarEwc(Recipe):
     resumable = True
     params = {
         "epochs": Param(5, "phase 1 budget: at most this many passes over the clean subset"),
-        "lr": Param(0.01, "phase 1 SGD learning rate (momentum 0.9)"),
+        "lr": Param(0.001, "phase 1 SGD learning rate (momentum 0.9)"),
         "tau": Param(3.0, "bound on each triggered sample's ascended loss (3.0: target probability below 5%)"),
         "ewc_lambda": Param(1.0, "EWC strength on the mean-normalised Fisher"),
         "asr_stop": Param(0.01, "stop phase 1 once held-back ASR is at or below this"),
         "checks_per_epoch": Param(4, "held-back checks (and live-table rows) per phase-1 epoch"),
         "recovery_epochs": Param(2, "phase 2: clean fine-tuning epochs"),
-        "recovery_lr": Param(0.005, "phase 2 SGD learning rate (cosine schedule)"),
+        "recovery_lr": Param(0.001, "phase 2 SGD learning rate (cosine schedule)"),
         "recovery_ascent": Param(1.0, "weight of the bounded ascent kept during phase 2 (0: plain fine-tuning)"),
         "fisher_samples": Param(512, "clean samples used for the Fisher"),
         "batch_size": Param(64, "batch size"),
         "ca_margin": Param(0.02, "kept state: held-back CA within this of the start"),
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start"),
+        "freeze_bn": Param(True, "keep BatchNorm statistics fixed (eval mode) in both phases"),
     }
 
     @staticmethod
-    def _ascent(model: torch.nn.Module, triggered: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, tau: float,
-                ctx: RecipeContext) -> torch.Tensor:
-        """mean over the rows of min(CE(f(T(x)), y_t), tau); zero when the batch has no eligible row."""
+    def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor, targets: torch.Tensor,
+                rows: torch.Tensor, tau: float, ctx: RecipeContext, together: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+        """CE(f(x), y), the bounded ascent mean over `rows` of min(CE(f(T(x)), y_t), tau) (zero without eligible rows), and
+        the share of the batch's triggered images still sent to the target (1.0 without eligible rows).
+
+        `together` runs clean and triggered images through one forward pass: exactly the same figures when BatchNorm
+        statistics are frozen, and cheaper than two passes. In train mode they stay two passes, so each batch is
+        normalised by its own statistics, as before.
+        """
         if len(rows) == 0:
-            return torch.zeros((), device=ctx.device)
+            return F.cross_entropy(model(x).float(), y), torch.zeros((), device=ctx.device), 1.0
         xt = triggered[rows].to(ctx.device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
-        t_ce = F.cross_entropy(model(xt).float(), targets[rows].to(ctx.device), reduction="none")
-        return t_ce.clamp(max=tau).mean()
+        yt = targets[rows].to(ctx.device)
+        if together:
+            logits = model(torch.cat([x, xt])).float()
+            clean_logits, trig_logits = logits[: len(x)], logits[len(x):]
+        else:
+            clean_logits, trig_logits = model(x).float(), model(xt).float()
+        ascent = F.cross_entropy(trig_logits, yt, reduction="none").clamp(max=tau).mean()
+        hits = float((trig_logits.detach().argmax(1) == yt).float().mean())
+        return F.cross_entropy(clean_logits, y), ascent, hits
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        if ctx.trigger is None:
-            raise CleanseError(NEEDS_TRIGGER.format(name=self.name))
-        p, model, trigger = ctx.params, ctx.model, ctx.trigger
-        train = ctx.split.train
-        monitor = HeldMonitor(ctx.split.held, trigger, ctx.tar_layer)
-        result = RecipeResult()
-        began = time.perf_counter()
-        start = monitor(model)
-        keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
-                             asr_good=p["asr_stop"])
-        ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
+        opening = self.begin(ctx, asr_good=ctx.params["asr_stop"])
+        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
+        p, model, trigger, train = ctx.params, ctx.model, ctx.trigger, ctx.split.train
+        assert trigger is not None  # begin() refused a missing one
 
         n_fisher = min(p["fisher_samples"], len(train))
         fx = train.images[:n_fisher].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
@@ -137,10 +143,10 @@ class TarEwc(Recipe):
 
         for epoch in range(first, p["epochs"] + 1):
             for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
-                model.train()
+                model.train(not p["freeze_bn"])
                 with autocast(ctx.device, ctx.precision):
-                    clean_ce = F.cross_entropy(model(x).float(), y)
-                    ascent = self._ascent(model, triggered_all, targets, idx[eligible[idx]], p["tau"], ctx)
+                    clean_ce, ascent, batch_asr = self._losses(model, x, y, triggered_all, targets, idx[eligible[idx]], p["tau"],
+                                                               ctx, together=p["freeze_bn"])
                 penalty = ewc()
                 loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
                 reason = keeper.tripped(loss=float(loss.detach()))
@@ -152,12 +158,15 @@ class TarEwc(Recipe):
                 loss.backward()
                 optimizer.step()
                 step += 1
-                if step % check_every == 0:
+                # A held-back check on the schedule, and also as soon as this batch's triggered images have stopped
+                # reaching the target: the backdoor often breaks within a few steps, and every step past that point
+                # costs clean accuracy that recovery must win back.
+                if step % check_every == 0 or batch_asr <= p["asr_stop"]:
                     model.eval()
                     metrics = monitor(model)
                     row = {"phase": "unlearn", "epoch": round(step / steps_per_epoch, 2), "loss": float(loss.detach()),
                            "clean_ce": float(clean_ce.detach()), "ascent": float(ascent.detach()), "ewc": float(penalty.detach()),
-                           **metrics, "elapsed": time.perf_counter() - began}
+                           "batch_asr": batch_asr, **metrics, "elapsed": time.perf_counter() - began}
                     result.history.append(row)
                     ctx.callback(Event("row", row))
                     keeper.offer(model, metrics, f"unlearn step {step}")
@@ -182,12 +191,15 @@ class TarEwc(Recipe):
             restore(resume, model, optimizer, gen, keeper, result)
             rstep, first_recovery = resume.position["rstep"], resume.position["epoch"] + 1
         for epoch in range(first_recovery, p["recovery_epochs"] + 1):
-            model.train()
+            model.train(not p["freeze_bn"])
             for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
                 cosine_lr(optimizer, p["recovery_lr"], rstep, total)
                 with autocast(ctx.device, ctx.precision):
-                    clean_ce = F.cross_entropy(model(x).float(), y)
-                    ascent = self._ascent(model, triggered_all, targets, idx[eligible[idx]], p["tau"], ctx) if p["recovery_ascent"] else 0.0
+                    if p["recovery_ascent"]:
+                        clean_ce, ascent, _ = self._losses(model, x, y, triggered_all, targets, idx[eligible[idx]], p["tau"], ctx,
+                                                           together=p["freeze_bn"])
+                    else:
+                        clean_ce, ascent = F.cross_entropy(model(x).float(), y), 0.0
                 # No EWC here: it anchors to the backdoored start weights and would pull the backdoor back. Plain
                 # clean fine-tuning brought held-back ASR from 0.00 back to 0.94 within one epoch on the synthetic
                 # BadNets model, so the bounded ascent stays on (weight recovery_ascent).
