@@ -68,3 +68,21 @@ def parse_models(spec: str) -> list[tuple[str, int, int]]:
         seed = int(parts[2]) if len(parts) > 2 else 0
         out.append((attack, target, seed))
     return out
+
+
+def load_rows(path: Path) -> list[dict[str, Any]]:
+    """The rows of a benchmark's JSONL store, the latest per `key` (a rerun with --redo replaces the earlier row)."""
+    if not path.is_file():
+        return []
+    rows: dict[str, dict[str, Any]] = {}
+    for line in path.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            rows[row["key"]] = row
+    return list(rows.values())
+
+
+def append_row(path: Path, row: dict[str, Any]) -> None:
+    """Store one finished row at once, so an interrupted campaign keeps what it measured."""
+    with path.open("a") as f:
+        f.write(json.dumps(row) + "\n")

@@ -24,7 +24,6 @@ in at most 5 minutes on 2 cores, batched at least 5x faster than class by class 
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import time
 from dataclasses import replace
@@ -32,8 +31,10 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import CLEAN_MODELS, DEFAULT_MODELS, RESULTS, config_hash, machine, parse_models, require_cifar, write_results
+from benchmarks.common import (CLEAN_MODELS, DEFAULT_MODELS, RESULTS, append_row, config_hash, load_rows, machine, parse_models,
+                               require_cifar, write_results)
 from benchmarks.train_cifar10 import train_cached
+from benchmarks.unlearn_cifar10 import run_timed
 from cleanse.attacks import load_trigger
 from cleanse.cli.unlearn import measure
 from cleanse.data import load_data
@@ -42,7 +43,7 @@ from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der
 from cleanse.engine.gradcam import tar_layer
 from cleanse.models import load_model
-from cleanse.recipes import RECIPES, RecipeContext
+from cleanse.recipes import RECIPES
 from cleanse.scan import BUDGETS, reverse_triggers, scan_model
 from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, STATISTICS
 
@@ -69,14 +70,15 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     if not args.table:
         run(args)
-    table(load_rows())
+    table(load_rows(ROWS))
 
 
 def run(args: argparse.Namespace) -> None:
     cifar = require_cifar()
     test = load_data(str(cifar / "test"))
     precision = resolve_precision("auto", torch.device("cpu"))
-    done = {r["key"] for r in load_rows()} if not args.redo else set()
+    done = {r["key"] for r in load_rows(ROWS)} if not args.redo else set()
+    train = load_data(str(cifar / "train")) if args.unlearn else None
     for attack, target, seed in parse_models(args.models):
         key = config_hash({"model": [attack, target, seed], "budget": args.budget, "n_clean": args.n_clean,
                            "threshold": args.threshold, "scale": args.scale, "statistic": args.statistic, "unlearn": args.unlearn})
@@ -108,9 +110,8 @@ def run(args: argparse.Namespace) -> None:
         print(f"{attack:8} t{target} s{seed}: flagged {doc['suspected_targets']} (truth {truth}) "
               f"anomaly {row['anomaly_index']} L1 {row['mask_l1']} {wall:.0f}s", flush=True)
         if args.unlearn and doc["suspected_targets"] and trained["trigger"]:
-            row["pipeline"] = pipeline(trained, result, seed, precision)
-        with ROWS.open("a") as f:
-            f.write(json.dumps(row) + "\n")
+            row["pipeline"] = pipeline(trained, result, train, test, seed, precision)
+        append_row(ROWS, row)
     if args.speedup_steps:
         speedup(args, test, precision)
 
@@ -136,17 +137,6 @@ def speedup(args: argparse.Namespace, test: Any, precision: str) -> None:
     print(f"\nbatched {batched:.1f}s vs class by class {one_by_one:.1f}s at {budget.steps} steps x {budget.batch} images: "
           f"{one_by_one / batched:.2f}x (max mask difference {diff:.2e})")
     print("wrote", write_results(f"scan_cifar10-speedup-t{torch.get_num_threads()}", doc))
-
-
-def load_rows() -> list[dict[str, Any]]:
-    if not ROWS.is_file():
-        return []
-    rows = {}
-    for line in ROWS.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["key"]] = row
-    return list(rows.values())
 
 
 def table(rows: list[dict[str, Any]]) -> None:
@@ -182,10 +172,8 @@ def table(rows: list[dict[str, Any]]) -> None:
     (RESULTS / "scan_cifar10-table.md").write_text(text + "\n")
 
 
-def pipeline(trained: dict, scan: Any, seed: int, precision: str) -> dict:
+def pipeline(trained: dict, scan: Any, train: Any, test: Any, seed: int, precision: str) -> dict:
     """tar-ewc with the reversed trigger of the most anomalous flagged class; the true trigger only measures."""
-    cifar = require_cifar()
-    train, test = load_data(str(cifar / "train")), load_data(str(cifar / "test"))
     flagged = scan.doc["suspected_targets"]
     target = max(flagged, key=lambda k: scan.doc["classes"][k]["anomaly_index"])
     reversed_trigger, true_trigger = scan.triggers[target], load_trigger(trained["trigger"])
@@ -193,12 +181,8 @@ def pipeline(trained: dict, scan: Any, seed: int, precision: str) -> dict:
     layer = tar_layer(model, model.spec.input_size)
     before = measure(model, test, true_trigger, layer)
     split = clean_subset(train, 0.05, None, seed)
-    recipe = RECIPES.get("tar-ewc")
-    started = time.perf_counter()
-    result = recipe.run(RecipeContext(model, split, reversed_trigger, recipe.resolve_params({}), callback=lambda e: None,
-                                      precision=precision, seed=seed, tar_layer=layer))
-    wall = time.perf_counter() - started
-    model.eval()
+    result, wall = run_timed("tar-ewc", RECIPES.get("tar-ewc").resolve_params({}), model, split, reversed_trigger, precision, seed,
+                             layer)
     after = measure(model, test, true_trigger, layer)
     out = {"reversed_target": target, "before": before, "after": after, "der": der(before, after), "wall_seconds": wall,
            "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]), "kept": result.kept["tag"]}

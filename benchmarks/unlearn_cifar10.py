@@ -36,7 +36,8 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import DEFAULT_MODELS, RESULTS, config_hash, machine, parse_models, require_cifar, write_results
+from benchmarks.common import (DEFAULT_MODELS, RESULTS, append_row, config_hash, load_rows, machine, parse_models, require_cifar,
+                               write_results)
 from benchmarks.train_cifar10 import train_cached
 from cleanse.attacks import load_trigger
 from cleanse.cli.unlearn import measure
@@ -114,13 +115,8 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             model = load_model(trained["model"])
             layer = tar_layer(model, model.spec.input_size)
             before = before or measure(model, test, trigger, layer)
-            ctx = RecipeContext(model, split, trigger, params, callback=lambda e: None, precision=precision, seed=subset_seed,
-                                tar_layer=layer)
             load_before = os.getloadavg()[0]
-            started = time.perf_counter()
-            result = recipe.run(ctx)
-            wall = time.perf_counter() - started
-            model.eval()
+            result, wall = run_timed(name, params, model, split, trigger, precision, subset_seed, layer)
             after = measure(model, test, trigger, layer)
             row = {"key": key, "attack": attack, "target": target, "seed": seed, "subset_seed": subset_seed, "recipe": name, "params": params,
                    "overridden": overrides.get(name, {}), "clean_frac": args.clean_frac, "test_n": len(test), "n_train": len(split.train),
@@ -132,12 +128,22 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
                    "kept": result.kept.get("tag"), "rollbacks": result.kept.get("rollbacks", []), "extra": _plain(result.extra),
                    "history": result.history, "precision": precision, "machine": machine(),
                    "load_average": [load_before, os.getloadavg()[0]]}
-            with rows_file.open("a") as f:
-                f.write(json.dumps(row) + "\n")
+            append_row(rows_file, row)
             print(f"{attack:8} t{target} s{seed} u{subset_seed} {name:10} CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
                   f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} RA {after['robust_accuracy']:.4f} "
                   f"TAR {_f(before['tar'])}->{_f(after['tar'])} DER {row['der']:.4f} ret {row['ca_retention']:.4f} "
                   f"{wall:.0f}s ({100 * row['wall_share_of_training']:.1f}% of training) kept {row['kept']}", flush=True)
+
+
+def run_timed(name: str, params: dict[str, Any], model: Any, split: Any, trigger: Any, precision: str, seed: int,
+              layer: str) -> tuple[Any, float]:
+    """Run one recipe on `model` in place (left in eval mode); its result and its own wall time, nothing else timed."""
+    ctx = RecipeContext(model, split, trigger, params, callback=lambda e: None, precision=precision, seed=seed, tar_layer=layer)
+    started = time.perf_counter()
+    result = RECIPES.get(name).run(ctx)
+    wall = time.perf_counter() - started
+    model.eval()
+    return result, wall
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
@@ -165,18 +171,6 @@ def training_seconds(train, attack: str, target: int, seed: int) -> float:
     started = time.perf_counter()
     train_model(model, poisoned, config)
     return (time.perf_counter() - started) * TrainConfig().epochs
-
-
-def load_rows(path: Path = ROWS) -> list[dict[str, Any]]:
-    """Stored rows, the latest per key."""
-    if not path.is_file():
-        return []
-    rows: dict[str, dict[str, Any]] = {}
-    for line in path.read_text().splitlines():
-        if line.strip():
-            row = json.loads(line)
-            rows[row["key"]] = row
-    return list(rows.values())
 
 
 def table(rows: list[dict[str, Any]], write: bool = True) -> None:
