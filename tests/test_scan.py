@@ -207,7 +207,7 @@ def test_reversed_trigger_drives_tar_ewc_to_lower_the_true_trigger_asr(backdoore
     true_after = s["after"]["eval_triggers"]["bd.trigger.safetensors"]["attack_success_rate"]
     print(f"scan -> tar-ewc with the reversed trigger: true-trigger ASR {true_before:.3f} -> {true_after:.3f}, "
           f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}")
-    assert true_before > 0.8 and true_after < 0.5 * true_before
+    assert true_before > 0.8 and true_after < 0.10  # 0.29 when phase 1 stopped on the reversed trigger's ASR alone
 
 
 def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):

@@ -187,3 +187,30 @@ def test_bad_recipe_parameters_exit_2_before_any_work(model_files, tmp_path, par
     result = unlearn(model_files, "--method", "finetune", "--param", param, "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and message in result.stderr
     assert not list(tmp_path.iterdir())
+
+
+def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(badnets_setup):
+    # A reversed trigger stops working before the true one does, so its held-back ASR must not end phase 1 early.
+    import copy
+    import dataclasses
+
+    from cleanse.recipes import RECIPES
+    from cleanse.recipes.base import RecipeContext
+    from tests.conftest import synthetic
+
+    model, trigger, _ = badnets_setup
+    split = clean_subset(synthetic("train"), 0.05, None, 0)
+    steps_per_epoch = -(-len(split.train) // 64)
+    recipe = RECIPES.get("tar-ewc")
+    runs = {}
+    for origin in ("poison", "scan"):
+        ctx = RecipeContext(copy.deepcopy(model), split, dataclasses.replace(trigger, origin=origin),
+                            recipe.resolve_params({"recovery_epochs": 0}), callback=lambda e: None)
+        runs[origin] = recipe.run(ctx)
+    true_run, reversed_run = runs["poison"], runs["scan"]
+    assert true_run.extra["min_unlearn_steps"] == 0
+    assert true_run.extra["unlearn_steps"] < steps_per_epoch  # the true trigger breaks within the first epoch here
+    assert reversed_run.extra["min_unlearn_steps"] == steps_per_epoch
+    assert reversed_run.extra["unlearn_steps"] >= steps_per_epoch
+    kept = reversed_run.kept["tag"]
+    assert kept.startswith("unlearn step") and int(kept.rsplit(" ", 1)[1]) >= steps_per_epoch, kept

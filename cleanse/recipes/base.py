@@ -252,6 +252,11 @@ def batches(data: Dataset, batch_size: int, gen: torch.Generator, device: torch.
         yield x.contiguous(memory_format=torch.channels_last), data.labels[idx].to(device), idx
 
 
+def as_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """uint8 (N,H,W,C) images as a [0,1] float (N,C,H,W) channels-last batch on `device`, unaugmented."""
+    return images.to(device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
+
+
 def trainable(model: ClassifierModel) -> list[torch.nn.Parameter]:
     return [p for p in model.net.parameters() if p.requires_grad]
 

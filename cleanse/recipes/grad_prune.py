@@ -34,7 +34,7 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches,
                                   register, trainable)
 
 # Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
@@ -131,10 +131,6 @@ class FilterMasks:
                 bn = self.modules[bn_name]
                 bn.weight.index_fill_(0, idx, 0.0)
                 bn.bias.index_fill_(0, idx, 0.0)
-
-
-def _to_float(images: torch.Tensor, device: torch.device) -> torch.Tensor:
-    return images.to(device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
 
 
 @register
@@ -247,7 +243,7 @@ class GradPrune(Recipe):
                 sel = idx[eligible[idx]]
                 # One forward over clean and triggered together: separate passes would let BatchNorm's running
                 # statistics follow the triggered-only batch.
-                xt = _to_float(triggered_all[sel], ctx.device)
+                xt = as_batch(triggered_all[sel], ctx.device)
                 with autocast(ctx.device, ctx.precision):
                     logits = model(torch.cat([x, xt])).float()
                     loss = F.cross_entropy(logits[: len(y)], y)
@@ -297,7 +293,7 @@ class GradPrune(Recipe):
         weights = [m.weight for m in convs.values()]
         total = [torch.zeros_like(w) for w in weights]
         for start in range(0, len(data), batch_size):
-            x = _to_float(data.images[start : start + batch_size], ctx.device)
+            x = as_batch(data.images[start : start + batch_size], ctx.device)
             y = data.labels[start : start + batch_size].to(ctx.device)
             with autocast(ctx.device, ctx.precision):
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum") / len(data)
@@ -316,7 +312,7 @@ class GradPrune(Recipe):
         for data in (triggered, clean) if clean is not None else (triggered,):
             part = torch.zeros((), device=ctx.device)
             for start in range(0, len(data), 256):
-                x = _to_float(data.images[start : start + 256], ctx.device)
+                x = as_batch(data.images[start : start + 256], ctx.device)
                 with autocast(ctx.device, ctx.precision):
                     part += F.cross_entropy(model(x).float(), data.labels[start : start + 256].to(ctx.device), reduction="sum")
             total += part / max(1, len(data))
