@@ -14,7 +14,7 @@ from cleanse.data import Dataset
 from cleanse.data.subset import clean_subset
 from cleanse.errors import CleanseError
 from cleanse.models import save_model
-from cleanse.recipes.base import StateKeeper
+from cleanse.recipes.base import StateKeeper, as_batch, joint_logits
 from cleanse.recipes.tar_ewc import empirical_fisher
 
 runner = CliRunner()
@@ -70,6 +70,21 @@ def test_empirical_fisher_matches_per_sample_gradients_and_is_mean_normalised():
         assert torch.allclose(fisher[n], manual[n] / mean, rtol=1e-4, atol=1e-6)
     total = sum(f.sum() for f in fisher.values()) / sum(f.numel() for f in fisher.values())
     assert total.item() == pytest.approx(1.0, rel=1e-5)
+
+
+def test_joint_logits_match_two_separate_passes_and_skip_an_empty_row_set():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 2 * 2, 5)).eval()
+    images = torch.randint(0, 256, (6, 4, 4, 3), dtype=torch.uint8)
+    triggered = torch.randint(0, 256, (6, 4, 4, 3), dtype=torch.uint8)
+    x, rows = as_batch(images[:4], torch.device("cpu")), torch.tensor([1, 5])
+    clean, trig = joint_logits(net, x, triggered, rows, torch.device("cpu"))
+    assert clean.shape == (4, 5) and trig.shape == (2, 5)
+    torch.testing.assert_close(clean, net(x))  # eval-mode BatchNorm: one pass gives exactly the two passes' figures
+    torch.testing.assert_close(trig, net(as_batch(triggered[rows], torch.device("cpu"))))
+    clean, trig = joint_logits(net, x, None, rows[:0], torch.device("cpu"))  # no rows: the triggered set is not read
+    assert trig.shape == (0, 5)
+    torch.testing.assert_close(clean, net(x))
 
 
 def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():

@@ -257,6 +257,21 @@ def as_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
 
 
+def joint_logits(model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tensor | None, rows: torch.Tensor,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float logits of the clean batch `x` and of the triggered images `triggered[rows]`, from one forward pass.
+
+    One pass is cheaper than two and, in train mode, lets BatchNorm normalise clean and triggered images together
+    rather than a triggered-only batch by its own statistics. Without rows the second result is an empty (0, C)
+    tensor and `triggered` is not touched (it may be None).
+    """
+    if len(rows):
+        x = torch.cat([x, as_batch(triggered[rows], device)])  # type: ignore[index]
+    logits = model(x).float()
+    n = len(logits) - len(rows)
+    return logits[:n], logits[n:]
+
+
 def trainable(model: ClassifierModel) -> list[torch.nn.Parameter]:
     return [p for p in model.net.parameters() if p.requires_grad]
 

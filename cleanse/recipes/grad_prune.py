@@ -34,7 +34,7 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches, joint_logits,
                                   register, trainable)
 
 # Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
@@ -241,14 +241,11 @@ class GradPrune(Recipe):
             loss_sum, seen, broke = 0.0, 0, False
             for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
                 sel = idx[eligible[idx]]
-                # One forward over clean and triggered together: separate passes would let BatchNorm's running
-                # statistics follow the triggered-only batch.
-                xt = as_batch(triggered_all[sel], ctx.device)
                 with autocast(ctx.device, ctx.precision):
-                    logits = model(torch.cat([x, xt])).float()
-                    loss = F.cross_entropy(logits[: len(y)], y)
+                    clean_logits, trig_logits = joint_logits(model, x, triggered_all, sel, ctx.device)
+                    loss = F.cross_entropy(clean_logits, y)
                     if len(sel):
-                        loss = loss + F.cross_entropy(logits[len(y):], train.labels[sel].to(ctx.device))
+                        loss = loss + F.cross_entropy(trig_logits, train.labels[sel].to(ctx.device))
                 reason = keeper.tripped(loss=float(loss.detach()))
                 if reason:
                     keeper.rollback(model, reason, ctx)
