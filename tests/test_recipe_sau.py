@@ -121,3 +121,26 @@ def test_sau_removes_the_backdoor_and_keeps_accuracy(badnets_files, tmp_path):
     result, s, record = unlearn_removes_backdoor(badnets_files, "sau", out)
     rows = [row for row in record["history"] if row["phase"] == "unlearn"]
     assert rows and all(0.0 <= row["shared"] <= 1.0 and row["detail"].startswith("shared ") for row in rows)
+
+
+@pytest.mark.parametrize("value, expected", [(None, False), ("true", True)])
+def test_sau_augment_switch_reaches_the_batches(badnets_files, tmp_path, monkeypatch, value, expected):
+    import cleanse.recipes.sau as sau_module
+    from typer.testing import CliRunner
+
+    from cleanse.cli import app
+
+    seen: list[bool] = []
+    real = sau_module.batches
+
+    def spy(*args, augment: bool = True, **kwargs):
+        seen.append(augment)
+        return real(*args, augment=augment, **kwargs)
+
+    monkeypatch.setattr(sau_module, "batches", spy)
+    extra = ["--param", f"augment={value}"] if value else []
+    result = CliRunner().invoke(app, ["unlearn", str(badnets_files / "bd.safetensors"), "--method", "sau", "--data", "synthetic",
+                                      "--clean-n", "60", "--epochs", "1", "--trigger", str(badnets_files / "bd.trigger.safetensors"),
+                                      "-o", str(tmp_path / "out.safetensors"), "--json", *extra])
+    assert result.exit_code == 0, result.output
+    assert seen == [expected]  # one epoch: one pass of batches, augmented only when asked

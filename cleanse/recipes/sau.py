@@ -128,6 +128,7 @@ class Sau(Recipe):
         "pgd_steps": Param(5, "PGD steps per batch"),
         "beta": Param(0.01, "weight of the adversarial loss against the JS term in the PGD objective"),
         "sar_weight": Param(1.0, "weight of the shared-adversarial unlearning term against clean CE"),
+        "augment": Param(False, "random flips and 2-pixel shifts of each batch (published: none)"),
         "ca_margin": Param(0.02, "kept state: the latest epoch with held-back CA within this of the best epoch"),
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start"),
     }
@@ -148,7 +149,7 @@ class Sau(Recipe):
         for epoch in range(first, p["epochs"] + 1):
             sums: dict[str, torch.Tensor] = {}
             seen = 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device, augment=False):
+            for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device, augment=p["augment"]):
                 figures = sau_step(model, frozen, optimizer, x, y, p, ctx.precision)
                 reason = keeper.tripped(loss=float(figures["loss"]))
                 if reason:
