@@ -66,11 +66,11 @@ class TarEwc(Recipe):
         "lr": Param(0.001, "phase 1 SGD learning rate (momentum 0.9)"),
         "tau": Param(3.0, "bound on each triggered sample's ascended loss (3.0: target probability below 5%)"),
         "ewc_lambda": Param(1.0, "EWC strength on the mean-normalised Fisher"),
-        "asr_stop": Param(0.0, "stop phase 1 once held-back ASR is at or below this"),
+        "asr_stop": Param(0.01, "stop phase 1 once held-back ASR is at or below this"),
         "reversed_min_epochs": Param(1.0, "with a trigger reversed by `cleanse scan`: phase 1 runs at least this many passes "
                                           "before the asr_stop rule applies or a state is kept (a reversed trigger stops "
                                           "working well before the true one does)"),
-        "check_every": Param(1, "phase 1: a held-back check (a decision and a live-table row) every this many steps"),
+        "checks_per_epoch": Param(4, "held-back checks (and live-table rows) per phase-1 epoch"),
         "recovery_epochs": Param(2, "phase 2: clean fine-tuning epochs"),
         "recovery_lr": Param(0.001, "phase 2 SGD learning rate (cosine schedule)"),
         "recovery_ascent": Param(1.0, "weight of the bounded ascent kept during phase 2 (0: plain fine-tuning)"),
@@ -127,6 +127,7 @@ class TarEwc(Recipe):
         gen = torch.Generator().manual_seed(ctx.seed)
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, nesterov=True)
         steps_per_epoch = -(-len(train) // p["batch_size"])
+        check_every = max(1, steps_per_epoch // max(1, p["checks_per_epoch"]))
         step, stopped, first, first_recovery, rstep = 0, False, 1, 1, 0
         resume = ctx.checkpoints.resume
         # With scan's reversed trigger the held-back ASR (of that trigger) reaches 0 long before the true trigger breaks:
@@ -170,8 +171,7 @@ class TarEwc(Recipe):
                 # reaching the target: the backdoor often breaks within a few steps, and every step past that point
                 # costs clean accuracy that recovery must win back. Before min_steps (reversed triggers) no state counts.
                 settled = step >= min_steps
-                every = p["check_every"] if settled else max(p["check_every"], steps_per_epoch // 4)  # unsettled: display only
-                if step % every == 0 or step == min_steps or (settled and batch_asr <= p["asr_stop"]):
+                if step % check_every == 0 or step == min_steps or (settled and batch_asr <= p["asr_stop"]):
                     model.eval()
                     metrics = monitor(model)
                     row = {"phase": "unlearn", "epoch": round(step / steps_per_epoch, 2), "loss": float(loss.detach()),
