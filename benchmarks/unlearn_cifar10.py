@@ -219,7 +219,19 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
         name, attack = key.split("/")
         detail.append(f"| {attack} | {name} | {c['n']} ({c['models']}) | {c['ca_drop_points']:.2f}, {c['ca_drop_max']:.2f} | "
                       f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s ({100 * c['wall_share']:.1f}%) |")
-    text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n\n" + "\n".join(lines) + "\n\n" + "\n".join(detail))
+    per_run = ["| attack | model seed | subset seed | recipe | CA before -> after | ASR before -> after | RA after | "
+               "TAR before -> after | DER | CA retention | wall | % of training | state kept |", "|---" * 13 + "|"]
+    for r in sorted(rows, key=lambda r: (ATTACK_ORDER.index(r["attack"]) if r["attack"] in ATTACK_ORDER else 99, r["seed"],
+                                         r.get("subset_seed", r["seed"]), RECIPE_ORDER.index(r["recipe"]))):
+        b, a = r["before"], r["after"]
+        tar = f"{b['tar']:.2f} -> {a['tar']:.2f}" if b.get("tar") is not None and a.get("tar") is not None else "-"
+        per_run.append(f"| {r['attack']} | {r['seed']} | {r.get('subset_seed', r['seed'])} | {r['recipe']} | "
+                       f"{_pct(b['clean_accuracy'])} -> {_pct(a['clean_accuracy'])} | "
+                       f"{_pct(b['attack_success_rate'])} -> {_pct(a['attack_success_rate'])} | {_pct(a['robust_accuracy'])} | {tar} | "
+                       f"{r['der']:.3f} | {r['ca_retention']:.4f} | {r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
+                       f"{r.get('kept') or '-'} |")
+    text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n\n"
+            + "\n".join(lines) + "\n\n" + "\n".join(detail) + "\n\nEvery run counted above:\n\n" + "\n".join(per_run))
     print(text)
     if not write:
         return
@@ -227,10 +239,17 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
     (RESULTS / "unlearn_cifar10-table.md").write_text(text + "\n")
 
 
+# Parameters whose introduction changed what the recipe does by default: rows recorded before them do not count.
+# (Any other parameter added since a row was stored defaults to the behaviour before it.)
+CHANGED_DEFAULT_WHEN_ADDED = {"tar-ewc": {"check_batch_asr"}}
+
+
 def _todays_defaults(row: dict[str, Any]) -> bool:
     """Whether a stored row ran the recipe as it is configured today: every parameter it recorded still exists with
-    that value as its default. A parameter added since (absent from the row) must default to the old behaviour."""
+    that value as its default, and it records every parameter of CHANGED_DEFAULT_WHEN_ADDED."""
     params = RECIPES.get(row["recipe"]).params
+    if not CHANGED_DEFAULT_WHEN_ADDED.get(row["recipe"], set()) <= set(row["params"]):
+        return False
     return all(k in params and params[k].default == v for k, v in row["params"].items())
 
 

@@ -14,7 +14,7 @@ from cleanse.data import Dataset
 from cleanse.data.subset import clean_subset
 from cleanse.errors import CleanseError
 from cleanse.models import save_model
-from cleanse.recipes.base import StateKeeper, as_batch, joint_logits
+from cleanse.recipes.base import StateKeeper, as_batch, joint_logits, repair_loss
 from cleanse.recipes.tar_ewc import empirical_fisher
 
 runner = CliRunner()
@@ -85,6 +85,19 @@ def test_joint_logits_match_two_separate_passes_and_skip_an_empty_row_set():
     clean, trig = joint_logits(net, x, None, rows[:0], torch.device("cpu"))  # no rows: the triggered set is not read
     assert trig.shape == (0, 5)
     torch.testing.assert_close(clean, net(x))
+
+
+def test_repair_loss_is_clean_ce_plus_weighted_ce_of_triggered_images_on_their_true_labels():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Flatten(), nn.Linear(4 * 4 * 3, 5)).eval()
+    images = torch.randint(0, 256, (6, 4, 4, 3), dtype=torch.uint8)
+    triggered = torch.randint(0, 256, (6, 4, 4, 3), dtype=torch.uint8)
+    labels = torch.tensor([0, 1, 2, 3, 4, 0])
+    cpu = torch.device("cpu")
+    x, y, rows = as_batch(images[:4], cpu), labels[:4], torch.tensor([1, 5])
+    by_hand = F.cross_entropy(net(x), y) + 0.3 * F.cross_entropy(net(as_batch(triggered[rows], cpu)), torch.tensor([1, 0]))
+    torch.testing.assert_close(repair_loss(net, x, y, triggered, rows, labels, cpu, 0.3), by_hand)
+    torch.testing.assert_close(repair_loss(net, x, y, None, rows[:0], labels, cpu, 0.3), F.cross_entropy(net(x), y))
 
 
 def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
@@ -230,3 +243,49 @@ def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(ba
     assert reversed_run.extra["unlearn_steps"] >= steps_per_epoch
     kept = reversed_run.kept["tag"]
     assert kept.startswith("unlearn step") and int(kept.rsplit(" ", 1)[1]) >= steps_per_epoch, kept
+
+
+def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_times(badnets_setup):
+    # Besides the schedule, a held-back check follows any step whose batch ASR is at most check_batch_asr; such extra
+    # checks are capped per epoch so a held-back ASR hovering above asr_stop cannot buy a check every step.
+    import copy
+
+    from cleanse.recipes import RECIPES
+    from cleanse.recipes.base import RecipeContext
+    from tests.conftest import synthetic
+
+    model, trigger, _ = badnets_setup
+    split = clean_subset(synthetic("train"), 0.05, None, 0)
+    steps_per_epoch = -(-len(split.train) // 64)
+    assert steps_per_epoch >= 4
+    recipe = RECIPES.get("tar-ewc")
+
+    def checked_steps(**params):
+        ctx = RecipeContext(copy.deepcopy(model), split, trigger,
+                            # asr_stop -1 (set past validation) keeps phase 1 going to the end of its epoch
+                            {**recipe.resolve_params({"epochs": 1, "recovery_epochs": 0}), "asr_stop": -1.0, **params},
+                            callback=lambda e: None)
+        rows = [r for r in recipe.run(ctx).history if r["phase"] == "unlearn"]
+        return [round(r["epoch"] * steps_per_epoch) for r in rows]
+
+    assert checked_steps(check_batch_asr=-1.0, checks_per_epoch=1) == [steps_per_epoch]  # schedule only
+    assert checked_steps(check_batch_asr=1.0, checks_per_epoch=1) == [1, steps_per_epoch]  # every batch qualifies; cap 1
+    every = steps_per_epoch // 2  # two scheduled checks; the two extra ones take the first two unscheduled steps
+    scheduled = {every, 2 * every}
+    extra = [s for s in range(1, steps_per_epoch + 1) if s not in scheduled][:2]
+    assert checked_steps(check_batch_asr=1.0, checks_per_epoch=2) == sorted(scheduled | set(extra))
+
+
+def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup):
+    import dataclasses
+
+    from cleanse.recipes import RECIPES
+    from cleanse.recipes.base import RecipeContext
+    from tests.conftest import synthetic
+
+    model, trigger, _ = badnets_setup
+    recipe = RECIPES.get("tar-ewc")
+    ctx = RecipeContext(model, clean_subset(synthetic("train"), 0.05, None, 0), dataclasses.replace(trigger, origin="scan"),
+                        recipe.resolve_params({"epochs": 1, "reversed_min_epochs": 2}), callback=lambda e: None)
+    with pytest.raises(CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"):
+        recipe.run(ctx)

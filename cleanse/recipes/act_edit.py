@@ -28,7 +28,7 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, joint_logits,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, repair_loss,
                                   cosine_lr, register)
 
 
@@ -233,10 +233,7 @@ class ActEdit(Recipe):
                     cosine_lr(optimizer, p["lr"], step, total)
                     rows_t = idx[eligible[idx]] if triggered_all is not None else idx[:0]
                     with autocast(ctx.device, ctx.precision):
-                        clean_logits, trig_logits = joint_logits(model, x, triggered_all, rows_t, ctx.device)
-                        loss = F.cross_entropy(clean_logits, y)
-                        if len(rows_t):
-                            loss = loss + p["repair_triggered"] * F.cross_entropy(trig_logits, train.labels[rows_t].to(ctx.device))
+                        loss = repair_loss(model, x, y, triggered_all, rows_t, train.labels, ctx.device, p["repair_triggered"])
                     reason = keeper.tripped(loss=float(loss.detach()))
                     if reason:
                         keeper.rollback(model, reason, ctx)

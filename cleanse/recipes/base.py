@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Iterator
 
 import torch
+import torch.nn.functional as F
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
@@ -270,6 +271,17 @@ def joint_logits(model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tenso
     logits = model(x).float()
     n = len(logits) - len(rows)
     return logits[:n], logits[n:]
+
+
+def repair_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor | None, rows: torch.Tensor,
+                labels: torch.Tensor, device: torch.device, weight: float = 1.0) -> torch.Tensor:
+    """CE(f(x), y) + weight * CE(f(T(x_rows)), true labels of the rows): clean fine-tuning that also teaches the
+    model to give triggered images their own class. `labels` are the true labels of the whole set `rows` index."""
+    clean_logits, trig_logits = joint_logits(model, x, triggered, rows, device)
+    loss = F.cross_entropy(clean_logits, y)
+    if len(rows):
+        loss = loss + weight * F.cross_entropy(trig_logits, labels[rows].to(device))
+    return loss
 
 
 def trainable(model: ClassifierModel) -> list[torch.nn.Parameter]:

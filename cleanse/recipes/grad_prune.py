@@ -34,7 +34,7 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches, joint_logits,
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches, repair_loss,
                                   register, trainable)
 
 # Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
@@ -242,10 +242,7 @@ class GradPrune(Recipe):
             for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
                 sel = idx[eligible[idx]]
                 with autocast(ctx.device, ctx.precision):
-                    clean_logits, trig_logits = joint_logits(model, x, triggered_all, sel, ctx.device)
-                    loss = F.cross_entropy(clean_logits, y)
-                    if len(sel):
-                        loss = loss + F.cross_entropy(trig_logits, train.labels[sel].to(ctx.device))
+                    loss = repair_loss(model, x, y, triggered_all, sel, train.labels, ctx.device)
                 reason = keeper.tripped(loss=float(loss.detach()))
                 if reason:
                     keeper.rollback(model, reason, ctx)
