@@ -59,6 +59,7 @@ def main() -> None:
     parser.add_argument("--statistic", default="loo-z", choices=list(STATISTICS))
     parser.add_argument("--threshold", type=float, default=None, help="default: the statistic's (cleanse scan's) default")
     parser.add_argument("--scale", default="log", choices=["log", "linear"])
+    parser.add_argument("--no-early-stop", action="store_true", help="every class runs every step (cleanse scan --no-early-stop)")
     parser.add_argument("--speedup-steps", type=int, default=0, help="steps for the batched vs class-by-class timing (0: skip)")
     parser.add_argument("--unlearn", action="store_true", help="scan -> tar-ewc with the reversed trigger -> ASR of the true trigger")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
@@ -79,9 +80,13 @@ def run(args: argparse.Namespace) -> None:
     precision = resolve_precision("auto", torch.device("cpu"))
     done = {r["key"] for r in load_rows(ROWS)} if not args.redo else set()
     train = load_data(str(cifar / "train")) if args.unlearn else None
+    plan = replace(BUDGETS[args.budget], early_stop=0) if args.no_early_stop else BUDGETS[args.budget]
     for attack, target, seed in parse_models(args.models):
-        key = config_hash({"model": [attack, target, seed], "budget": args.budget, "n_clean": args.n_clean,
-                           "threshold": args.threshold, "scale": args.scale, "statistic": args.statistic, "unlearn": args.unlearn})
+        settings = {"model": [attack, target, seed], "budget": args.budget, "n_clean": args.n_clean,
+                    "threshold": args.threshold, "scale": args.scale, "statistic": args.statistic, "unlearn": args.unlearn}
+        if plan.early_stop:  # rows from before early stopping existed ran without it and keep their key
+            settings["early_stop"] = plan.early_stop
+        key = config_hash(settings)
         if key in done:
             print(f"{attack} t{target} s{seed}: stored already (--redo to scan again)", flush=True)
             continue
@@ -89,13 +94,14 @@ def run(args: argparse.Namespace) -> None:
         model = load_model(trained["model"])
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
-        result = scan_model(model, test, args.n_clean, args.budget, BUDGETS[args.budget], args.threshold, 0, precision,
+        result = scan_model(model, test, args.n_clean, args.budget, plan, args.threshold, 0, precision,
                             tar_layer(model, model.spec.input_size), scale=args.scale, statistic=args.statistic)
         wall = time.perf_counter() - started
         doc = result.doc
         truth = None if attack == "clean" else target
         row = {"key": key, "attack": attack, "target": truth, "seed": seed, "budget": args.budget, "threshold": args.threshold,
-               "scale": args.scale, "statistic": args.statistic, "backdoored": doc["backdoored"], "suspected": doc["suspected_targets"],
+               "scale": args.scale, "statistic": args.statistic, "early_stop_rounds": plan.early_stop,
+               "steps_run": [c["steps_run"] for c in doc["classes"]], "steps_budget": plan.steps, "backdoored": doc["backdoored"], "suspected": doc["suspected_targets"],
                "right_target": truth in doc["suspected_targets"] if truth is not None else None,
                "false_positive": attack == "clean" and doc["backdoored"], "wall_seconds": wall,
                "optimise_seconds": doc["optimise_seconds"], "median_mask_l1": doc["median_mask_l1"],
@@ -143,10 +149,10 @@ def table(rows: list[dict[str, Any]]) -> None:
     if not rows:
         print("no stored scan rows")
         return
-    lines = ["| model | CA / ASR | budget | flagged (truth) | target's index: loo-z / MAD log / MAD linear | highest other (loo-z / MAD log) "
+    lines = ["| model | CA / ASR | budget | class-steps run | flagged (truth) | target's index: loo-z / MAD log / MAD linear | highest other (loo-z / MAD log) "
              "| target L1 vs median | wall |",
-             "|---|---|---|---|---|---|---|---|"]
-    for r in sorted(rows, key=lambda r: (r["budget"], r["attack"] == "clean", r["attack"], r["seed"])):
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in sorted(rows, key=lambda r: (r["budget"], r.get("early_stop_rounds", 0), r["attack"] == "clean", r["attack"], r["seed"])):
         t = r["target"]
         own = (f"{r['anomaly_index'][t]:.2f} / {r['anomaly_index_mad'][t]:.2f} / {r['anomaly_index_linear'][t]:.2f}"
                if t is not None else "-")
@@ -155,7 +161,9 @@ def table(rows: list[dict[str, Any]]) -> None:
                  f"{max((r['anomaly_index_mad'][i] for i in small), default=0.0):.2f}")
         l1 = f"{r['mask_l1'][t]:.1f} vs {r['median_mask_l1']:.1f}" if t is not None else f"- vs {r['median_mask_l1']:.1f}"
         asr = "-" if r["model_asr"] is None else f"{100 * r['model_asr']:.1f}%"
-        lines.append(f"| {r['attack']} t{t if t is not None else '-'} s{r['seed']} | {100 * r['model_ca']:.1f}% / {asr} | {r['budget']} | "
+        budget = r["budget"] + (f", early stop {r['early_stop_rounds']}" if r.get("early_stop_rounds") else "")
+        share = f"{sum(r['steps_run']) / (len(r['steps_run']) * r['steps_budget']):.0%}" if "steps_run" in r else "100%"
+        lines.append(f"| {r['attack']} t{t if t is not None else '-'} s{r['seed']} | {100 * r['model_ca']:.1f}% / {asr} | {budget} | {share} | "
                      f"{r['suspected']} ({t if t is not None else 'clean'}) | {own} | {other} | {l1} | {r['wall_seconds']:.0f}s |")
     piped = [r for r in rows if r.get("pipeline")]
     if piped:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 import torch
@@ -108,6 +109,32 @@ def test_batched_reverse_engineering_equals_class_by_class():
     assert len(together.history) == 4  # one row per round of 5 steps
 
 
+def test_early_stop_retires_a_settled_class_and_changes_no_other():
+    model = Tiny().eval()
+    images, labels = tiny_data(90)
+    budget = Budget(steps=150, batch=16, round_steps=5, patience=1, early_stop=2)
+    together = reverse_triggers(model, images, labels, [0, 1, 2], budget, seed=3)
+    fixed = reverse_triggers(model, images, labels, [0, 1, 2], replace(budget, early_stop=0), seed=3)
+    assert fixed.steps_run.tolist() == [150, 150, 150]
+    stopped = [k for k in range(3) if together.steps_run[k] < 150]
+    assert stopped, together.steps_run
+    for k in range(3):
+        alone = reverse_triggers(model, images, labels, [k], budget, seed=3)
+        assert alone.steps_run[0] == together.steps_run[k]  # a class stops at the same step alone or batched
+        assert torch.allclose(alone.masks[0], together.masks[k], atol=1e-5)
+        assert alone.mask_l1[0].item() == pytest.approx(together.mask_l1[k].item(), rel=1e-5)
+    for k in stopped:
+        end = int(together.steps_run[k]) // 5  # rounds the class took part in
+        costs = [row["cost"][k] for row in together.history[:end]]
+        assert any(b > a for a, b in zip(costs, costs[1:])) and any(b < a for a, b in zip(costs, costs[1:]))  # raised and lowered
+        best = [row["best_l1"][k] for row in together.history[:end]]
+        assert all(best[-i] >= 0.99 * best[-i - 1] for i in range(1, budget.early_stop + 1))  # no round shrank it by 1%
+        assert together.history[end - 1]["active"][k] is False and together.history[end - 2]["active"][k] is True
+        assert all(row["best_l1"][k] == best[-1] for row in together.history[end:])  # retired: its best state is frozen
+        # it kept the state it had at retirement, not the one the batch's full run reached
+        assert together.mask_l1[k].item() == pytest.approx(best[-1], rel=1e-6)
+
+
 def test_reverse_engineering_finds_the_planted_backdoor_small():
     model = Tiny().eval()
     images, labels = tiny_data(90)
@@ -178,12 +205,24 @@ def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdo
           f"anomaly {[round(c['anomaly_index'], 2) for c in doc['classes']]}")
     assert c0["flagged"] and c0["anomaly_index"] > 3 and c0["trigger_file"] == "trigger-0.safetensors"
     assert c0["attack_success_rate"] > 0.8 and c0["tar"] is not None
-    assert {"index", "name", "mask_l1", "anomaly_index", "attack_success_rate", "tar", "trigger_file"} <= set(c0)
+    assert {"index", "name", "mask_l1", "anomaly_index", "attack_success_rate", "tar", "trigger_file", "steps_run"} <= set(c0)
+    assert doc["early_stop_rounds"] == 5 and doc["steps_run_total"] == sum(c["steps_run"] for c in doc["classes"]) <= 10 * 200
     assert sorted(p.name for p in out.iterdir()) == sorted(
         ["scan.json", "run.json", "sheet.png", "trigger-0.safetensors"] + [f"class-{k}.png" for k in range(10)])
     trig = load_trigger(out / "trigger-0.safetensors")
     assert trig.origin == "scan" and trig.target == 0 and trig.kind == "blend"
     assert json.loads((out / "run.json").read_text())["command"] == "scan"
+
+
+def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path):
+    out = tmp_path / "s"
+    result = runner.invoke(app, ["scan", str(scan_files / "clean.safetensors"), "--data", "synthetic:test", "--budget", "full",
+                                 "--steps", "10", "--no-early-stop", "-o", str(out), "--json"])
+    assert result.exit_code in (0, 1), result.output
+    doc = json.loads(result.stdout)
+    assert doc["early_stop_rounds"] == 0 and doc["steps_run_total"] == 10 * 10
+    assert [c["steps_run"] for c in doc["classes"]] == [10] * 10
+    assert json.loads((out / "run.json").read_text())["parameters"]["early_stop_rounds"] == 0
 
 
 def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):

@@ -28,7 +28,7 @@ from cleanse.scan.neural_cleanse import mask_pictures
 from cleanse.viz import image_grid, save_png
 
 EXIT_SUSPECTED = 1
-SCAN_COLUMNS = [("step", "step", float_cell), ("reached", "classes reversed", str), ("smallest", "smallest mask (class: L1)", str),
+SCAN_COLUMNS = [("step", "step", float_cell), ("reached", "classes reversed", str), ("active", "still optimising", str), ("smallest", "smallest mask (class: L1)", str),
                 ("median_l1", "median L1", float_cell), ("elapsed", "elapsed", seconds_cell)]
 BUDGET_HELP = "fast | full: " + ", ".join(f"{k} = {b.steps} steps x {b.batch} images per class" for k, b in BUDGETS.items())
 
@@ -39,6 +39,9 @@ def scan_command(
     n_clean: Annotated[int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")] = 500,
     budget: Annotated[str, typer.Option("--budget", help=BUDGET_HELP)] = "full",
     steps: Annotated[Optional[int], typer.Option("--steps", help="Override the budget's optimisation steps.")] = None,
+    early_stop: Annotated[bool, typer.Option("--early-stop/--no-early-stop", help="Let a class stop once its cost has gone up and down "
+                                             "and its best mask has not shrunk 1% in 5 x patience rounds (Neural Cleanse's rule); "
+                                             "--no-early-stop runs every class for every step.")] = True,
     statistic: Annotated[str, typer.Option("--statistic", help="loo-z | mad: each class's mask size against the other classes' "
                                            "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly index.")] = "loo-z",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag a class whose anomaly index exceeds this on the small "
@@ -76,6 +79,7 @@ def scan_command(
     if budget not in BUDGETS:
         raise CleanseError(f"--budget {budget!r} is unknown; choose one of: {', '.join(BUDGETS)}")
     plan = BUDGETS[budget] if steps is None else replace(BUDGETS[budget], steps=steps)
+    plan = plan if early_stop else replace(plan, early_stop=0)
     if plan.steps < plan.round_steps:
         raise CleanseError(f"--steps {steps} is too few; give at least {plan.round_steps}")
     if n_clean < 1:
@@ -128,7 +132,7 @@ def scan_command(
     doc["wall_seconds"] = wall
     record = new_record("scan", inputs={"model": describe_input(model_path), "data": describe_input(data),
                                         "audit_data": describe_input(audit_data_spec)},
-                        parameters={"n_clean": n_clean, "budget": budget, "steps": plan.steps, "statistic": statistic, "threshold": threshold, "scale": scale, "seed": seed, "tar_layer": measure_layer,
+                        parameters={"n_clean": n_clean, "budget": budget, "steps": plan.steps, "early_stop_rounds": plan.early_stop, "statistic": statistic, "threshold": threshold, "scale": scale, "seed": seed, "tar_layer": measure_layer,
                                     "precision": prec, "poison_rate": poison_rate},
                         result="scan.json", verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
                         history=result.reversed.history if result else [], versions=versions(dev), timings={"wall_seconds": wall})
@@ -160,7 +164,8 @@ def _scan_row(event: Event) -> Event:
     smallest = f"{min(finite)[1]}: {min(finite)[0]:.1f}" if finite else "-"
     ordered = sorted(d["mask_l1"])
     median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
-    return Event("row", {"step": f"{d['step']}/{d['steps']}", "reached": f"{len(finite)}/{len(best)}", "smallest": smallest,
+    return Event("row", {"step": f"{d['step']}/{d['steps']}", "reached": f"{len(finite)}/{len(best)}",
+                         "active": f"{sum(d['active'])}/{len(best)}", "smallest": smallest,
                          "median_l1": median, "elapsed": d["elapsed"]})
 
 

@@ -61,11 +61,13 @@ def scan_model(model: ClassifierModel, clean: Dataset, n_clean: int, budget_name
                      "anomaly_index_mad": float(mad[k]), "anomaly_index_linear": float(linear[k]),
                      "flagged": k in flagged, "attack_success_rate": float(hits.float().mean()) if len(hits) else None,
                      "optimisation_success": float(rev.success[k]), "reached_success": bool(rev.reached[k]),
+                     "steps_run": int(rev.steps_run[k]),
                      "tar": None if tar is None else tar["tar"], "tar_median": None if tar is None else tar["tar_median"],
                      "trigger_file": None})
     doc = {"backdoored": bool(flagged), "suspected_targets": flagged, "statistic": statistic, "threshold": threshold, "scale": scale,
            "budget": budget_name,
-           "steps": budget.steps, "batch": budget.batch, "n_clean": len(split.train) + len(held), "n_optimise": len(split.train),
+           "steps": budget.steps, "batch": budget.batch, "early_stop_rounds": budget.early_stop,
+           "steps_run_total": int(rev.steps_run.sum()), "n_clean": len(split.train) + len(held), "n_optimise": len(split.train),
            "n_held_out": len(held), "tar_layer": layer, "median_mask_l1": float(rev.mask_l1.double().quantile(0.5)),
            "optimise_seconds": rev.seconds, "classes": rows}
     return ModelScan(doc, triggers, rev, held)

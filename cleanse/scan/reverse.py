@@ -16,6 +16,13 @@ then on, as in Neural Cleanse, `patience` successful rounds raise it by 1.5x and
 `patience` failing rounds lower it by 1.5^1.5. Each class keeps its best state:
 the smallest mask L1 among rounds whose attack success on the optimisation
 batches reached `success`.
+
+Early stopping, per class, as in Neural Cleanse: a class whose cost has been
+raised and lowered at least once and whose best mask L1 has not shrunk below
+`early_stop_threshold` x its previous best for `early_stop` rounds is done; it
+keeps its best state and leaves the batch, so later steps forward only the
+classes still improving (this is where the arithmetic is saved; the images a
+step draws do not change, so a class stops at the same step batched or alone).
 """
 from __future__ import annotations
 
@@ -40,9 +47,12 @@ class Budget:
     batch: int  # clean images per step, shared by every class
     round_steps: int = 10  # the cost schedule and best-state bookkeeping act once per round
     patience: int = 2  # rounds (Neural Cleanse: 5 epochs; our rounds are much shorter)
+    early_stop: int = 0  # rounds without progress that end a class (0: every class runs every step)
 
 
-BUDGETS = {"fast": Budget(steps=200, batch=24, round_steps=5, patience=1), "full": Budget(steps=600, batch=32, round_steps=5, patience=2)}
+# early_stop = 5 x patience, Neural Cleanse's ratio (its early_stop_patience is 5 x its patience).
+BUDGETS = {"fast": Budget(steps=200, batch=24, round_steps=5, patience=1, early_stop=5),
+           "full": Budget(steps=600, batch=32, round_steps=5, patience=2, early_stop=10)}
 
 
 @dataclass(frozen=True)
@@ -54,6 +64,7 @@ class ReverseSettings:
     success: float = 0.99  # attack success that counts a round as "the trigger works"
     start_cost: float = 3e-3  # Neural Cleanse starts at 0 and sets init_cost on success; we start at it (docs/commands/scan.md)
     mask_init: float = 0.0025  # every mask pixel starts here (Neural Cleanse: uniform random); small masks grow where needed
+    early_stop_threshold: float = 0.99  # "no progress": best L1 above 0.99 x the previous best (TrojanZoo's value; Neural Cleanse 1.0)
 
 
 @dataclass
@@ -65,6 +76,7 @@ class Reversed:
     success: torch.Tensor  # (K,) attack success (optimisation batches) of the round the best state came from
     reached: torch.Tensor  # (K,) bool: did the class ever reach `success`?
     cost: torch.Tensor  # (K,) final cost
+    steps_run: torch.Tensor  # (K,) optimisation steps each class took part in (fewer than the budget's when it stopped early)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -104,41 +116,54 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     best_pattern = torch.zeros(k, channels, height, width, device=device)
     best_success = torch.zeros(k, device=device)
     reached = torch.zeros(k, dtype=torch.bool, device=device)
+    raised = torch.zeros(k, dtype=torch.bool, device=device)
+    lowered = torch.zeros(k, dtype=torch.bool, device=device)
+    stall = torch.zeros(k, dtype=torch.long, device=device)  # rounds since the best L1 last shrank by the threshold
+    stall_best = torch.full((k,), math.inf, device=device)
+    active = torch.ones(k, dtype=torch.bool, device=device)
+    live = torch.arange(k, device=device)  # indices of the active classes; changes only at round ends
+    steps_run = torch.zeros(k, dtype=torch.long, device=device)
     acc_sum = torch.zeros(k, device=device)
+    last_acc = torch.zeros(k, device=device)
     history: list[dict[str, Any]] = []
     rounds = max(1, budget.steps // budget.round_steps)
     batch = min(budget.batch, n)
-    for step in range(rounds * budget.round_steps):
-        idx = torch.randint(0, n, (batch,), generator=gen)
+    total = rounds * budget.round_steps
+    for step in range(total):
+        idx = torch.randint(0, n, (batch,), generator=gen)  # drawn every step, even by a finished class: same images alone or batched
         x = images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
         y = labels[idx].to(device)
-        mask = (torch.tanh(mask_raw) + 1) / 2  # (K,1,H,W)
-        pattern = (torch.tanh(pattern_raw) + 1) / 2  # (K,C,H,W)
-        stamped = (1 - mask).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1)  # (K,B,C,H,W)
-        stamped = stamped.reshape(k * batch, channels, height, width).contiguous(memory_format=torch.channels_last)
+        n_live = len(live)
+        mask = (torch.tanh(mask_raw[live]) + 1) / 2  # (L,1,H,W)
+        pattern = (torch.tanh(pattern_raw[live]) + 1) / 2  # (L,C,H,W)
+        stamped = (1 - mask).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1)  # (L,B,C,H,W)
+        stamped = stamped.reshape(n_live * batch, channels, height, width).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(stamped)
-        logits = logits.float().view(k, batch, -1)
-        valid = (y.unsqueeze(0) != targets.unsqueeze(1)).float()  # images already of class k do not count for k
-        ce = F.cross_entropy(logits.flatten(0, 1), targets.repeat_interleave(batch), reduction="none").view(k, batch)
+        logits = logits.float().view(n_live, batch, -1)
+        live_targets = targets[live]
+        valid = (y.unsqueeze(0) != live_targets.unsqueeze(1)).float()  # images already of class k do not count for k
+        ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(n_live, batch)
         count = valid.sum(1).clamp_min(1)
         ce_k = (ce * valid).sum(1) / count
         l1 = mask.sum((1, 2, 3))
-        loss = (ce_k + cost * l1).sum()
+        loss = (ce_k + cost[live] * l1).sum()
         optimizer.zero_grad(set_to_none=True)
         mask_raw.grad, pattern_raw.grad = torch.autograd.grad(loss, [mask_raw, pattern_raw])
         optimizer.step()
         with torch.no_grad():
-            acc_sum += ((logits.argmax(2) == targets.unsqueeze(1)).float() * valid).sum(1) / count
+            acc_sum[live] += ((logits.argmax(2) == live_targets.unsqueeze(1)).float() * valid).sum(1) / count
+            steps_run[live] += 1
         if (step + 1) % budget.round_steps:
             continue
         with torch.no_grad():
-            acc = acc_sum / budget.round_steps
+            acc = torch.where(active, acc_sum / budget.round_steps, last_acc)
+            last_acc = acc
             acc_sum.zero_()
             mask = ((torch.tanh(mask_raw) + 1) / 2).squeeze(1)
             pattern = (torch.tanh(pattern_raw) + 1) / 2
             l1_now = mask.sum((1, 2))
-            ok = acc >= settings.success
+            ok = active & (acc >= settings.success)
             reached |= ok
             better = ok & (l1_now < best_l1)
             best_l1 = torch.where(better, l1_now, best_l1)
@@ -148,25 +173,38 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             # first success the cost stays at start_cost: lowering it then lets every mask balloon.
             up = torch.where(ok, up + 1, torch.zeros_like(up))
             down = torch.where(ok, torch.zeros_like(down), down + 1)
-            raise_now = reached & (up >= budget.patience)
-            lower_now = reached & (down >= budget.patience)
+            raise_now = active & reached & (up >= budget.patience)
+            lower_now = active & reached & (down >= budget.patience)
             cost = torch.where(raise_now, cost * settings.cost_up, cost)
             cost = torch.where(lower_now, cost / settings.cost_down, cost)
+            raised |= raise_now
+            lowered |= lower_now
             reset = raise_now | lower_now
             up = torch.where(reset, torch.zeros_like(up), up)
             down = torch.where(reset, torch.zeros_like(down), down)
-            row = {"phase": "reverse", "step": step + 1, "steps": rounds * budget.round_steps,
+            if budget.early_stop:
+                found = best_l1 < math.inf
+                stuck = best_l1 >= settings.early_stop_threshold * stall_best
+                stall = torch.where(active & found, torch.where(stuck, stall + 1, torch.zeros_like(stall)), stall)
+                stall_best = torch.minimum(stall_best, best_l1)
+                done = active & raised & lowered & (stall >= budget.early_stop)
+                if bool(done.any()):
+                    active &= ~done
+                    live = active.nonzero().squeeze(1)
+            row = {"phase": "reverse", "step": step + 1, "steps": total,
                    "attack_success": acc.tolist(), "mask_l1": l1_now.tolist(), "best_l1": best_l1.tolist(), "cost": cost.tolist(),
-                   "elapsed": time.perf_counter() - began}
+                   "active": active.tolist(), "elapsed": time.perf_counter() - began}
             history.append(row)
             if callback is not None:
                 callback(Event("row", row))
+            if not bool(active.any()):
+                break
     with torch.no_grad():
         mask = ((torch.tanh(mask_raw) + 1) / 2).squeeze(1)
         pattern = (torch.tanh(pattern_raw) + 1) / 2
         never = ~reached
         best_mask[never], best_pattern[never] = mask[never], pattern[never]
         best_l1 = torch.where(never, mask.sum((1, 2)), best_l1)
-        best_success = torch.where(never, acc_sum.new_tensor(history[-1]["attack_success"]) if history else best_success, best_success)
+        best_success = torch.where(never, last_acc, best_success)
     return Reversed(list(classes), best_mask.cpu(), best_pattern.cpu(), best_l1.cpu(), best_success.cpu(), reached.cpu(), cost.cpu(),
-                    history, time.perf_counter() - began)
+                    steps_run.cpu(), history, time.perf_counter() - began)
