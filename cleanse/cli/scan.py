@@ -39,9 +39,8 @@ def scan_command(
     n_clean: Annotated[int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")] = 500,
     budget: Annotated[str, typer.Option("--budget", help=BUDGET_HELP)] = "full",
     steps: Annotated[Optional[int], typer.Option("--steps", help="Override the budget's optimisation steps.")] = None,
-    early_stop: Annotated[bool, typer.Option("--early-stop/--no-early-stop", help="Let a class stop once its cost has gone up and down "
-                                             "and its best mask has not shrunk 1% in 5 x patience rounds (Neural Cleanse's rule); "
-                                             "--no-early-stop runs every class for every step.")] = True,
+    early_stop: Annotated[bool, typer.Option("--early-stop/--no-early-stop", help="Let each class stop once its mask has stopped shrinking "
+                                             "(Neural Cleanse's rule, docs/commands/scan.md); --no-early-stop runs every class for every step.")] = True,
     statistic: Annotated[str, typer.Option("--statistic", help="loo-z | mad: each class's mask size against the other classes' "
                                            "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly index.")] = "loo-z",
     threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag a class whose anomaly index exceeds this on the small "

@@ -119,7 +119,6 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     raised = torch.zeros(k, dtype=torch.bool, device=device)
     lowered = torch.zeros(k, dtype=torch.bool, device=device)
     stall = torch.zeros(k, dtype=torch.long, device=device)  # rounds since the best L1 last shrank by the threshold
-    stall_best = torch.full((k,), math.inf, device=device)
     active = torch.ones(k, dtype=torch.bool, device=device)
     live = torch.arange(k, device=device)  # indices of the active classes; changes only at round ends
     steps_run = torch.zeros(k, dtype=torch.long, device=device)
@@ -166,6 +165,7 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             ok = active & (acc >= settings.success)
             reached |= ok
             better = ok & (l1_now < best_l1)
+            prev_best = best_l1  # best_l1 never grows, so this is the smallest best before this round
             best_l1 = torch.where(better, l1_now, best_l1)
             best_mask[better], best_pattern[better], best_success[better] = mask[better], pattern[better], acc[better]
             # Neural Cleanse's schedule, per class, once the class has first succeeded: `patience` successful
@@ -184,9 +184,8 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
             down = torch.where(reset, torch.zeros_like(down), down)
             if budget.early_stop:
                 found = best_l1 < math.inf
-                stuck = best_l1 >= settings.early_stop_threshold * stall_best
+                stuck = best_l1 >= settings.early_stop_threshold * prev_best
                 stall = torch.where(active & found, torch.where(stuck, stall + 1, torch.zeros_like(stall)), stall)
-                stall_best = torch.minimum(stall_best, best_l1)
                 done = active & raised & lowered & (stall >= budget.early_stop)
                 if bool(done.any()):
                     active &= ~done
