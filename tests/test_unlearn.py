@@ -217,26 +217,35 @@ def test_bad_recipe_parameters_exit_2_before_any_work(model_files, tmp_path, par
     assert not list(tmp_path.iterdir())
 
 
-def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(badnets_setup):
-    # A reversed trigger stops working before the true one does, so its held-back ASR must not end phase 1 early.
+def _synthetic_split():
+    from tests.conftest import synthetic
+
+    return clean_subset(synthetic("train"), 0.05, None, 0)
+
+
+def _run_tar_ewc(model, trigger, params: dict, *, origin: str | None = None, unchecked: dict | None = None):
+    """tar-ewc in-process on a copy of `model` and the synthetic 5% subset: `params` validated over the defaults,
+    `unchecked` set after validation (values resolve_params would refuse); `origin` relabels the trigger."""
     import copy
     import dataclasses
 
     from cleanse.recipes import RECIPES
     from cleanse.recipes.base import RecipeContext
-    from tests.conftest import synthetic
 
-    model, trigger, _ = badnets_setup
-    split = clean_subset(synthetic("train"), 0.05, None, 0)
-    steps_per_epoch = -(-len(split.train) // 64)
     recipe = RECIPES.get("tar-ewc")
-    runs = {}
-    for origin in ("poison", "scan"):
-        ctx = RecipeContext(copy.deepcopy(model), split, dataclasses.replace(trigger, origin=origin),
-                            # ca_margin 1: with 20 held-back images one mistake is 5 points, and the CA rule is not under test
-                            recipe.resolve_params({"recovery_epochs": 0, "ca_margin": 1.0}), callback=lambda e: None)
-        runs[origin] = recipe.run(ctx)
-    true_run, reversed_run = runs["poison"], runs["scan"]
+    trigger = trigger if origin is None else dataclasses.replace(trigger, origin=origin)
+    ctx = RecipeContext(copy.deepcopy(model), _synthetic_split(), trigger, {**recipe.resolve_params(params), **(unchecked or {})},
+                        callback=lambda e: None)
+    return recipe.run(ctx)
+
+
+def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(badnets_setup):
+    # A reversed trigger stops working before the true one does, so its held-back ASR must not end phase 1 early.
+    model, trigger, _ = badnets_setup
+    steps_per_epoch = -(-len(_synthetic_split().train) // 64)
+    # ca_margin 1: with 20 held-back images one mistake is 5 points, and the CA rule is not under test
+    true_run, reversed_run = (_run_tar_ewc(model, trigger, {"recovery_epochs": 0, "ca_margin": 1.0}, origin=origin)
+                              for origin in ("poison", "scan"))
     assert true_run.extra["min_unlearn_steps"] == 0
     assert true_run.extra["unlearn_steps"] < steps_per_epoch  # the true trigger breaks within the first epoch here
     assert reversed_run.extra["min_unlearn_steps"] == steps_per_epoch
@@ -248,25 +257,14 @@ def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(ba
 def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_times(badnets_setup):
     # Besides the schedule, a held-back check follows any step whose batch ASR is at most check_batch_asr; such extra
     # checks are capped per epoch so a held-back ASR hovering above asr_stop cannot buy a check every step.
-    import copy
-
-    from cleanse.recipes import RECIPES
-    from cleanse.recipes.base import RecipeContext
-    from tests.conftest import synthetic
-
     model, trigger, _ = badnets_setup
-    split = clean_subset(synthetic("train"), 0.05, None, 0)
-    steps_per_epoch = -(-len(split.train) // 64)
+    steps_per_epoch = -(-len(_synthetic_split().train) // 64)
     assert steps_per_epoch >= 4
-    recipe = RECIPES.get("tar-ewc")
 
     def checked_steps(**params):
-        ctx = RecipeContext(copy.deepcopy(model), split, trigger,
-                            # asr_stop -1 (set past validation) keeps phase 1 going to the end of its epoch
-                            {**recipe.resolve_params({"epochs": 1, "recovery_epochs": 0}), "asr_stop": -1.0, **params},
-                            callback=lambda e: None)
-        rows = [r for r in recipe.run(ctx).history if r["phase"] == "unlearn"]
-        return [round(r["epoch"] * steps_per_epoch) for r in rows]
+        # asr_stop -1 (past validation) keeps phase 1 going to the end of its epoch
+        run = _run_tar_ewc(model, trigger, {"epochs": 1, "recovery_epochs": 0}, unchecked={"asr_stop": -1.0, **params})
+        return [round(r["epoch"] * steps_per_epoch) for r in run.history if r["phase"] == "unlearn"]
 
     assert checked_steps(check_batch_asr=-1.0, checks_per_epoch=1) == [steps_per_epoch]  # schedule only
     assert checked_steps(check_batch_asr=1.0, checks_per_epoch=1) == [1, steps_per_epoch]  # every batch qualifies; cap 1
@@ -277,15 +275,6 @@ def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_time
 
 
 def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup):
-    import dataclasses
-
-    from cleanse.recipes import RECIPES
-    from cleanse.recipes.base import RecipeContext
-    from tests.conftest import synthetic
-
     model, trigger, _ = badnets_setup
-    recipe = RECIPES.get("tar-ewc")
-    ctx = RecipeContext(model, clean_subset(synthetic("train"), 0.05, None, 0), dataclasses.replace(trigger, origin="scan"),
-                        recipe.resolve_params({"epochs": 1, "reversed_min_epochs": 2}), callback=lambda e: None)
     with pytest.raises(CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"):
-        recipe.run(ctx)
+        _run_tar_ewc(model, trigger, {"epochs": 1, "reversed_min_epochs": 2}, origin="scan")
