@@ -118,7 +118,9 @@ def test_sau_step_unlearning_term_is_zero_when_the_frozen_model_is_not_fooled():
 
 def test_sau_removes_the_backdoor_and_keeps_accuracy(badnets_files, tmp_path):
     out = tmp_path / "clean.safetensors"
-    result, s, record = unlearn_removes_backdoor(badnets_files, "sau", out)
+    # 230 training images make 4 Adam steps a pass; the default lr (published, sized for CIFAR-scale subsets
+    # of 36 steps a pass) leaves ASR at 0.27 after 5 passes here, so this checks the mechanism at 3e-4.
+    result, s, record = unlearn_removes_backdoor(badnets_files, "sau", out, "--param", "lr=0.0003")
     rows = [row for row in record["history"] if row["phase"] == "unlearn"]
     assert rows and all(0.0 <= row["shared"] <= 1.0 and row["detail"].startswith("shared ") for row in rows)
 

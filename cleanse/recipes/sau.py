@@ -121,7 +121,7 @@ class Sau(Recipe):
     resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(5, "passes over the clean subset (published: 100)"),
-        "lr": Param(3e-4, "Adam learning rate, constant (published: 1e-4)"),
+        "lr": Param(1e-4, "Adam learning rate, constant (published)"),
         "batch_size": Param(64, "batch size (published: 256)"),
         "eps": Param(0.2, "L-inf radius of the shared perturbation, in [0,1] pixel units"),
         "pgd_step": Param(0.2, "PGD signed step size"),
