@@ -239,16 +239,12 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
     (RESULTS / "unlearn_cifar10-table.md").write_text(text + "\n")
 
 
-# Parameters whose introduction changed what the recipe does by default: rows recorded before them do not count.
-# (Any other parameter added since a row was stored defaults to the behaviour before it.)
-CHANGED_DEFAULT_WHEN_ADDED = {"tar-ewc": {"check_batch_asr"}}
-
-
 def _todays_defaults(row: dict[str, Any]) -> bool:
     """Whether a stored row ran the recipe as it is configured today: every parameter it recorded still exists with
-    that value as its default, and it records every parameter of CHANGED_DEFAULT_WHEN_ADDED."""
+    that value as its default, and it records every parameter whose introduction changed the default behaviour
+    (`Param.changed_default_when_added`; any other parameter added since defaults to the behaviour before it)."""
     params = RECIPES.get(row["recipe"]).params
-    if not CHANGED_DEFAULT_WHEN_ADDED.get(row["recipe"], set()) <= set(row["params"]):
+    if not {k for k, p in params.items() if p.changed_default_when_added} <= set(row["params"]):
         return False
     return all(k in params and params[k].default == v for k, v in row["params"].items())
 

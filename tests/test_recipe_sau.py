@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cleanse.recipes.sau import Sau, js_divergence, sau_step, shared_pgd
+from cleanse.recipes.sau import Sau, js_divergence, planned_passes, sau_step, shared_pgd
 
 from conftest import unlearn_removes_backdoor
 
@@ -116,13 +116,28 @@ def test_sau_step_unlearning_term_is_zero_when_the_frozen_model_is_not_fooled():
     assert float(figures["loss"]) == pytest.approx(float(figures["clean_ce"]))
 
 
+@pytest.mark.parametrize("n_train, batch, epochs, min_steps, passes", [
+    (2250, 64, 5, 180, 5),    # the 5% CIFAR-10 subset: 36 steps a pass, 5 passes already make 180
+    (230, 64, 5, 180, 45),    # the synthetic subset: 4 steps a pass, 45 passes for 180
+    (1800, 64, 5, 180, 7),    # 29 steps a pass: 6 passes make 174, so 7
+    (230, 64, 5, 0, 5),       # min_steps 0: exactly epochs
+    (2500, 256, 100, 180, 100),  # the published budget: 10 steps a pass, 1,000 steps
+    (10, 64, 1, 3, 3),        # fewer images than a batch: one step a pass
+])
+def test_planned_passes_meet_min_steps(n_train, batch, epochs, min_steps, passes):
+    assert planned_passes(n_train, batch, epochs, min_steps) == passes
+
+
 def test_sau_removes_the_backdoor_and_keeps_accuracy(badnets_files, tmp_path):
     out = tmp_path / "clean.safetensors"
-    # 230 training images make 4 Adam steps a pass; the default lr (published, sized for CIFAR-scale subsets
-    # of 36 steps a pass) leaves ASR at 0.27 after 5 passes here, so this checks the mechanism at 3e-4.
-    result, s, record = unlearn_removes_backdoor(badnets_files, "sau", out, "--param", "lr=0.0003")
+    # The published lr with min_steps raising the passes: 230 training images make 4 Adam steps a pass, so 5 passes
+    # are 20 steps (test ASR 0.26 here). Measured along the default min_steps=180 (45 passes): test ASR 0.11 after
+    # 40 steps, 0.057 after 60, then 0.04-0.057 up to 180; 60 keeps this test at a third of the default's time.
+    result, s, record = unlearn_removes_backdoor(badnets_files, "sau", out, "--param", "min_steps=60")
     rows = [row for row in record["history"] if row["phase"] == "unlearn"]
     assert rows and all(0.0 <= row["shared"] <= 1.0 and row["detail"].startswith("shared ") for row in rows)
+    assert record["extra"]["passes"] == len(rows) == 15
+    assert "sau: 230 images make 4 steps a pass, so it makes 15 passes instead of 5 to reach min_steps=60" in result.stderr
 
 
 @pytest.mark.parametrize("value, expected", [(None, False), ("true", True)])
@@ -142,7 +157,7 @@ def test_sau_augment_switch_reaches_the_batches(badnets_files, tmp_path, monkeyp
     monkeypatch.setattr(sau_module, "batches", spy)
     extra = ["--param", f"augment={value}"] if value else []
     result = CliRunner().invoke(app, ["unlearn", str(badnets_files / "bd.safetensors"), "--method", "sau", "--data", "synthetic",
-                                      "--clean-n", "60", "--epochs", "1", "--trigger", str(badnets_files / "bd.trigger.safetensors"),
+                                      "--clean-n", "60", "--epochs", "1", "--param", "min_steps=0", "--trigger", str(badnets_files / "bd.trigger.safetensors"),
                                       "-o", str(tmp_path / "out.safetensors"), "--json", *extra])
     assert result.exit_code == 0, result.output
     assert seen == [expected]  # one epoch: one pass of batches, augmented only when asked

@@ -176,7 +176,7 @@ def test_missing_trigger_names_both_ways_to_get_one(model_files, tmp_path):
 
 def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_each(model_files, tmp_path):
     result = unlearn(model_files, "--method", "all", "--trigger", model_files / "bd.trigger.safetensors", "--epochs", "1",
-                     "--param", "max_rounds=3", "-o", tmp_path / "c.safetensors", "--json")
+                     "--param", "max_rounds=3", "--param", "min_steps=0", "-o", tmp_path / "c.safetensors", "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     names = ["act-edit", "finetune", "grad-prune", "sau", "tar-ewc", "ulrl"]
@@ -197,7 +197,8 @@ def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_file
     result = unlearn(model_files, "--method", "all", "--epochs", "1", "--param", "nonsense=1", "-o", tmp_path / "c.safetensors")
     assert result.exit_code == 2 and "no recipe has a parameter 'nonsense'" in result.stderr
     assert not list(tmp_path.iterdir())
-    result = unlearn(model_files, "--method", "all", "--epochs", "1", "-o", tmp_path / "c.safetensors", "--json")
+    result = unlearn(model_files, "--method", "all", "--epochs", "1", "--param", "min_steps=0", "-o", tmp_path / "c.safetensors",
+                     "--json")
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["skipped"] == ["act-edit", "grad-prune", "tar-ewc"] and sorted(doc["recipes"]) == ["finetune", "sau", "ulrl"]
@@ -274,7 +275,17 @@ def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_time
     assert checked_steps(check_batch_asr=1.0, checks_per_epoch=2) == sorted(scheduled | set(extra))
 
 
-def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup):
+def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup, model_files, tmp_path):
     model, trigger, _ = badnets_setup
     with pytest.raises(CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"):
         _run_tar_ewc(model, trigger, {"epochs": 1, "reversed_min_epochs": 2}, origin="scan")
+    import dataclasses
+
+    reversed_file = tmp_path / "trigger-0.safetensors"
+    dataclasses.replace(trigger, origin="scan").save(reversed_file)
+    # --method all refuses before loading any data, not after running the recipes sorted before tar-ewc
+    result = unlearn(model_files, "--method", "all", "--trigger", reversed_file, "--epochs", "1", "--param", "reversed_min_epochs=2",
+                     "-o", tmp_path / "c.safetensors")
+    assert result.exit_code == 2 and "error: tar-ewc: reversed_min_epochs=2 is more than epochs=1" in result.stderr
+    assert "clean subset:" not in result.stderr and "Traceback" not in result.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["trigger-0.safetensors"]

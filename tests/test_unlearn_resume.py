@@ -61,7 +61,7 @@ CASES = [
     ("tar-ewc", {"epochs": 2, "recovery_epochs": 2, "lr": 1e-4, "fisher_samples": 64}, 3, {"phase": "recover", "epoch": 1}),
     ("ulrl", {"unlearn_epochs": 3, "epochs": 2, "unlearn_acc": 0.0}, 2, {"phase": "unlearn", "epoch": 2}),
     ("ulrl", {"unlearn_epochs": 3, "epochs": 2, "unlearn_acc": 0.0}, 4, {"phase": "relearn", "epoch": 1}),
-    ("sau", {"epochs": 2, "pgd_steps": 2}, 1, {"epoch": 1}),
+    ("sau", {"epochs": 2, "pgd_steps": 2, "min_steps": 0}, 1, {"epoch": 1}),
 ]
 
 

@@ -139,6 +139,8 @@ def unlearn_command(
     model = load_cli_model(model_path, dev, arch, num_classes, input_size, preset, mean, std, classes, arch_arg)
     channels, height, width = model.spec.input_size
     trig = load_trigger(trigger) if trigger else None
+    for name in names:
+        RECIPES.get(name).check(params[name], trig)
     extra_triggers = {p.name: load_trigger(p) for p in eval_trigger or []}
     for t in [trig, *extra_triggers.values()]:
         if t is not None:

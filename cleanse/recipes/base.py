@@ -38,6 +38,9 @@ NEEDS_TRIGGER = ("{name} needs a trigger file: pass --trigger with the .trigger.
 class Param:
     default: Any
     help: str
+    # True when adding the parameter changed what the recipe does by default, so a stored benchmark row that does not
+    # record it ran the recipe differently (a parameter added with the old behaviour as its default leaves this False).
+    changed_default_when_added: bool = False
 
 
 @dataclass
@@ -93,6 +96,10 @@ class Recipe(ABC):
                 if (key == "batch_size" or key.endswith("lr")) and number <= 0:
                     raise CleanseError(f"recipe {self.name} parameter {key}={value!r} must be positive")
         return out
+
+    def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
+        """Refuse parameters that cannot work with this trigger, before any data is loaded (`unlearn` calls it for
+        every recipe it will run, so `--method all` fails at once rather than after the recipes before this one)."""
 
     @abstractmethod
     def run(self, ctx: RecipeContext) -> RecipeResult:

@@ -114,13 +114,20 @@ def sau_step(model: nn.Module, frozen: nn.Module, optimizer: torch.optim.Optimiz
             "fooled": fooled.float().mean()}
 
 
+def planned_passes(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
+    """Passes over `n_train` images: `epochs`, or more when that many passes make fewer than `min_steps` steps."""
+    steps_per_pass = max(1, -(-n_train // batch_size))
+    return max(epochs, -(-min_steps // steps_per_pass))
+
+
 @register
 class Sau(Recipe):
     name = "sau"
     summary = "shared adversarial unlearning: unlearn the adversarial examples the model and its frozen copy share (trigger-agnostic)"
     resumable = True
     params: ClassVar[dict[str, Param]] = {
-        "epochs": Param(5, "passes over the clean subset (published: 100)"),
+        "epochs": Param(5, "passes over the clean subset (published: 100); more when min_steps asks for them"),
+        "min_steps": Param(180, "at least this many Adam steps in all: a small subset gets more passes (0: exactly `epochs`)"),
         "lr": Param(1e-4, "Adam learning rate, constant (published)"),
         "batch_size": Param(64, "batch size (published: 256)"),
         "eps": Param(0.2, "L-inf radius of the shared perturbation, in [0,1] pixel units"),
@@ -141,12 +148,18 @@ class Sau(Recipe):
         frozen.requires_grad_(False)
         optimizer = torch.optim.Adam(trainable(model), lr=p["lr"])
         gen = torch.Generator().manual_seed(ctx.seed)
+        passes = planned_passes(len(ctx.split.train), p["batch_size"], p["epochs"], p["min_steps"])
+        if passes > p["epochs"]:
+            ctx.note(f"sau: {len(ctx.split.train)} images make {-(-len(ctx.split.train) // p['batch_size'])} steps a pass, so it "
+                     f"makes {passes} passes instead of {p['epochs']} to reach min_steps={p['min_steps']} "
+                     "(--param min_steps=0 keeps exactly --epochs)")
+        result.extra["passes"] = passes
         stopped, first = False, 1
         if ctx.checkpoints.resume is not None:
             restore(ctx.checkpoints.resume, model, optimizer, gen, keeper, result)
             first = ctx.checkpoints.resume.position["epoch"] + 1
             began = time.perf_counter() - ctx.checkpoints.resume.doc["elapsed"]
-        for epoch in range(first, p["epochs"] + 1):
+        for epoch in range(first, passes + 1):
             sums: dict[str, torch.Tensor] = {}
             seen = 0
             for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device, augment=p["augment"]):

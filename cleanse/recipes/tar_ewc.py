@@ -19,11 +19,13 @@ from __future__ import annotations
 
 import math
 import time
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
 
+from cleanse.attacks.trigger import Trigger
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.errors import CleanseError
@@ -73,7 +75,8 @@ class TarEwc(Recipe):
                                           "working well before the true one does)"),
         "checks_per_epoch": Param(4, "held-back checks (and live-table rows) per phase-1 epoch"),
         "check_batch_asr": Param(0.05, "also check right after a step whose batch of triggered images reaches the target at "
-                                       "most this often (at most checks_per_epoch such checks per epoch)"),
+                                       "most this often (at most checks_per_epoch such checks per epoch)",
+                                 changed_default_when_added=True),
         "recovery_epochs": Param(2, "phase 2: clean fine-tuning epochs"),
         "recovery_lr": Param(0.001, "phase 2 SGD learning rate (cosine schedule)"),
         "recovery_ascent": Param(1.0, "weight of the bounded ascent kept during phase 2 (0: plain fine-tuning)"),
@@ -105,12 +108,15 @@ class TarEwc(Recipe):
         hits = float((trig_logits.detach().argmax(1) == yt).float().mean())
         return F.cross_entropy(clean_logits, y), ascent, hits
 
+    def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
+        if trigger is not None and trigger.origin == "scan" and params["reversed_min_epochs"] > params["epochs"]:
+            raise CleanseError(f"tar-ewc: reversed_min_epochs={params['reversed_min_epochs']:g} is more than "
+                               f"epochs={params['epochs']}, so phase 1 could never keep a state with this reversed trigger; "
+                               "raise --epochs or lower --param reversed_min_epochs")
+
     def run(self, ctx: RecipeContext) -> RecipeResult:
         p = ctx.params
-        if ctx.trigger is not None and ctx.trigger.origin == "scan" and p["reversed_min_epochs"] > p["epochs"]:
-            raise CleanseError(f"tar-ewc: reversed_min_epochs={p['reversed_min_epochs']:g} is more than epochs={p['epochs']}, so "
-                               "phase 1 could never keep a state with this reversed trigger; raise --epochs or lower "
-                               "--param reversed_min_epochs")
+        self.check(p, ctx.trigger)
         opening = self.begin(ctx, asr_good=p["asr_stop"])
         monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
         model, trigger, train = ctx.model, ctx.trigger, ctx.split.train
