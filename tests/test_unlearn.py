@@ -224,6 +224,13 @@ def _synthetic_split():
     return clean_subset(synthetic("train"), 0.05, None, 0)
 
 
+def _tar_ewc_steps_per_epoch() -> int:
+    """Optimiser steps in one tar-ewc pass over the synthetic 5% subset at its default batch size."""
+    from cleanse.recipes import RECIPES
+
+    return -(-len(_synthetic_split().train) // RECIPES.get("tar-ewc").params["batch_size"].default)
+
+
 def _run_tar_ewc(model, trigger, params: dict, *, origin: str | None = None, unchecked: dict | None = None):
     """tar-ewc in-process on a copy of `model` and the synthetic 5% subset: `params` validated over the defaults,
     `unchecked` set after validation (values resolve_params would refuse); `origin` relabels the trigger."""
@@ -243,7 +250,7 @@ def _run_tar_ewc(model, trigger, params: dict, *, origin: str | None = None, unc
 def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(badnets_setup):
     # A reversed trigger stops working before the true one does, so its held-back ASR must not end phase 1 early.
     model, trigger, _ = badnets_setup
-    steps_per_epoch = -(-len(_synthetic_split().train) // 64)
+    steps_per_epoch = _tar_ewc_steps_per_epoch()
     # ca_margin 1: with 20 held-back images one mistake is 5 points, and the CA rule is not under test
     true_run, reversed_run = (_run_tar_ewc(model, trigger, {"recovery_epochs": 0, "ca_margin": 1.0}, origin=origin)
                               for origin in ("poison", "scan"))
@@ -259,7 +266,7 @@ def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_time
     # Besides the schedule, a held-back check follows any step whose batch ASR is at most check_batch_asr; such extra
     # checks are capped per epoch so a held-back ASR hovering above asr_stop cannot buy a check every step.
     model, trigger, _ = badnets_setup
-    steps_per_epoch = -(-len(_synthetic_split().train) // 64)
+    steps_per_epoch = _tar_ewc_steps_per_epoch()
     assert steps_per_epoch >= 4
 
     def checked_steps(**params):
