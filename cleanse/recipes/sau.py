@@ -114,10 +114,13 @@ def sau_step(model: nn.Module, frozen: nn.Module, optimizer: torch.optim.Optimiz
             "fooled": fooled.float().mean()}
 
 
+def steps_per_pass(n_train: int, batch_size: int) -> int:
+    return max(1, -(-n_train // batch_size))
+
+
 def planned_passes(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
     """Passes over `n_train` images: `epochs`, or more when that many passes make fewer than `min_steps` steps."""
-    steps_per_pass = max(1, -(-n_train // batch_size))
-    return max(epochs, -(-min_steps // steps_per_pass))
+    return max(epochs, -(-min_steps // steps_per_pass(n_train, batch_size)))
 
 
 @register
@@ -148,11 +151,11 @@ class Sau(Recipe):
         frozen.requires_grad_(False)
         optimizer = torch.optim.Adam(trainable(model), lr=p["lr"])
         gen = torch.Generator().manual_seed(ctx.seed)
-        passes = planned_passes(len(ctx.split.train), p["batch_size"], p["epochs"], p["min_steps"])
+        n_train = len(ctx.split.train)
+        passes = planned_passes(n_train, p["batch_size"], p["epochs"], p["min_steps"])
         if passes > p["epochs"]:
-            ctx.note(f"sau: {len(ctx.split.train)} images make {-(-len(ctx.split.train) // p['batch_size'])} steps a pass, so it "
-                     f"makes {passes} passes instead of {p['epochs']} to reach min_steps={p['min_steps']} "
-                     "(--param min_steps=0 keeps exactly --epochs)")
+            ctx.note(f"sau: {n_train} images make {steps_per_pass(n_train, p['batch_size'])} steps a pass, so it makes {passes} "
+                     f"passes instead of {p['epochs']} to reach min_steps={p['min_steps']} (--param min_steps=0 keeps exactly --epochs)")
         result.extra["passes"] = passes
         stopped, first = False, 1
         if ctx.checkpoints.resume is not None:
