@@ -1,6 +1,7 @@
 """The clean subset, the recipe machinery (Fisher, state rule, rollback) and `cleanse unlearn` end to end."""
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import pytest
@@ -227,15 +228,15 @@ def _synthetic_split():
 def _tar_ewc_steps_per_epoch() -> int:
     """Optimiser steps in one tar-ewc pass over the synthetic 5% subset at its default batch size."""
     from cleanse.recipes import RECIPES
+    from cleanse.recipes.base import steps_per_pass
 
-    return -(-len(_synthetic_split().train) // RECIPES.get("tar-ewc").params["batch_size"].default)
+    return steps_per_pass(len(_synthetic_split().train), RECIPES.get("tar-ewc").params["batch_size"].default)
 
 
 def _run_tar_ewc(model, trigger, params: dict, *, origin: str | None = None, unchecked: dict | None = None):
     """tar-ewc in-process on a copy of `model` and the synthetic 5% subset: `params` validated over the defaults,
     `unchecked` set after validation (values resolve_params would refuse); `origin` relabels the trigger."""
     import copy
-    import dataclasses
 
     from cleanse.recipes import RECIPES
     from cleanse.recipes.base import RecipeContext
@@ -286,8 +287,6 @@ def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup, 
     model, trigger, _ = badnets_setup
     with pytest.raises(CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"):
         _run_tar_ewc(model, trigger, {"epochs": 1, "reversed_min_epochs": 2}, origin="scan")
-    import dataclasses
-
     reversed_file = tmp_path / "trigger-0.safetensors"
     dataclasses.replace(trigger, origin="scan").save(reversed_file)
     # --method all refuses before loading any data, not after running the recipes sorted before tar-ewc

@@ -29,7 +29,7 @@ from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, repair_loss,
-                                  cosine_lr, register)
+                                  cosine_lr, register, steps_per_pass)
 
 
 def edit_from_grams(W: torch.Tensor, g_tt: torch.Tensor, g_cc: torch.Tensor, g_ct: torch.Tensor, beta: float,
@@ -221,7 +221,7 @@ class ActEdit(Recipe):
         edited_ids = {id(q) for q in edited}
         others = [q for q in model.net.parameters() if q.requires_grad and id(q) not in edited_ids]
         optimizer = torch.optim.SGD(edited, lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True)
-        steps_per_epoch = -(-len(train) // p["batch_size"])
+        steps_per_epoch = steps_per_pass(len(train), p["batch_size"])
         total, step = p["epochs"] * steps_per_epoch, 0
         for q in others:
             q.requires_grad_(False)

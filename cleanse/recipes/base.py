@@ -248,6 +248,11 @@ class AgnosticKeeper(StateKeeper):
         return kept
 
 
+def steps_per_pass(n_train: int, batch_size: int) -> int:
+    """Batches (optimiser steps) in one pass of `batches` over `n_train` images: the last one may be short."""
+    return max(1, -(-n_train // batch_size))
+
+
 def batches(data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device,
             augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Shuffled [0,1] image batches (N,C,H,W) with labels and row indices, flips and 2-pixel shifts."""

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, cosine_lr,
-                                  register, trainable)
+                                  register, steps_per_pass, trainable)
 from cleanse.recipes.resume import capture, restore
 
 
@@ -33,7 +33,7 @@ class FineTune(Recipe):
         p, model = ctx.params, ctx.model
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True)
         gen = torch.Generator().manual_seed(ctx.seed)
-        steps_per_epoch = -(-len(ctx.split.train) // p["batch_size"])
+        steps_per_epoch = steps_per_pass(len(ctx.split.train), p["batch_size"])
         total, step, first = p["epochs"] * steps_per_epoch, 0, 1
         if ctx.checkpoints.resume is not None:
             state = ctx.checkpoints.resume

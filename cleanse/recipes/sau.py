@@ -41,6 +41,7 @@ from cleanse.recipes.base import (
     RecipeResult,
     batches,
     register,
+    steps_per_pass,
     trainable,
 )
 from cleanse.recipes.resume import capture, restore
@@ -112,10 +113,6 @@ def sau_step(model: nn.Module, frozen: nn.Module, optimizer: torch.optim.Optimiz
         optimizer.step()
     return {"loss": loss.detach(), "clean_ce": ce.detach(), "sar": sar.detach(), "shared": shared.float().mean(),
             "fooled": fooled.float().mean()}
-
-
-def steps_per_pass(n_train: int, batch_size: int) -> int:
-    return max(1, -(-n_train // batch_size))
 
 
 def planned_passes(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:

@@ -30,7 +30,7 @@ from cleanse.engine.device import autocast
 from cleanse.engine.events import Event
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches, joint_logits,
-                                  cosine_lr, register, trainable)
+                                  cosine_lr, register, steps_per_pass, trainable)
 from cleanse.recipes.resume import capture, restore
 
 
@@ -140,7 +140,7 @@ class TarEwc(Recipe):
         targets = trigger.target_labels(train.labels, train.num_classes)
         gen = torch.Generator().manual_seed(ctx.seed)
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, nesterov=True)
-        steps_per_epoch = -(-len(train) // p["batch_size"])
+        steps_per_epoch = steps_per_pass(len(train), p["batch_size"])
         check_every = max(1, steps_per_epoch // max(1, p["checks_per_epoch"]))
         step, stopped, first, first_recovery, rstep = 0, False, 1, 1, 0
         resume = ctx.checkpoints.resume

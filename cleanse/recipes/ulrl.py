@@ -36,6 +36,7 @@ from cleanse.recipes.base import (
     batches,
     cosine_lr,
     register,
+    steps_per_pass,
     trainable,
 )
 from cleanse.recipes.resume import capture, restore
@@ -197,7 +198,7 @@ class Ulrl(Recipe):
                 head.bias[rows] = 0.0
         w_ref = w_orig[rows]
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9)
-        steps_per_epoch = -(-len(ctx.split.train) // p["batch_size"])
+        steps_per_epoch = steps_per_pass(len(ctx.split.train), p["batch_size"])
         total, step, stopped, first = p["epochs"] * steps_per_epoch, 0, False, 1
         if relearning:
             restore(resume, model, optimizer, gen, keeper, result)  # type: ignore[arg-type]
