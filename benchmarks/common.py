@@ -15,6 +15,9 @@ import torch
 ROOT = Path(__file__).resolve().parent
 CIFAR = Path(os.environ.get("CLEANSE_CIFAR10", ROOT.parent.parent / "shared" / "datasets" / "cifar10"))
 CACHE = ROOT / "cache"
+# Trained models kept in git (about 7.9 MB each, safetensors): benchmarks/cache/ does not survive from one
+# work session to the next, and each CIFAR-10 model costs about an hour of the 2-core machine to retrain.
+KEPT_MODELS = ROOT / "models"
 RESULTS = ROOT / "results"
 
 # The target class each attack poisons in every benchmark: four attacks, four targets (so a scan that names
@@ -47,6 +50,12 @@ def require_cifar() -> Path:
 
 def config_hash(config: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(config, sort_keys=True).encode()).hexdigest()[:16]
+
+
+def file_digest(path: str | Path) -> str:
+    """The first 16 hex digits of a file's SHA-256: which weights a stored row measured (a model retrained
+    with the same configuration on another machine has the same cache name but other weights)."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]
 
 
 def write_results(name: str, doc: dict[str, Any]) -> Path:

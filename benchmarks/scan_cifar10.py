@@ -86,11 +86,12 @@ def run(args: argparse.Namespace) -> None:
                     "threshold": args.threshold, "scale": args.scale, "statistic": args.statistic, "unlearn": args.unlearn}
         if plan.early_stop:  # rows from before early stopping existed ran without it and keep their key
             settings["early_stop"] = plan.early_stop
+        trained = train_cached(attack, target, 0.1, seed, log=False)
+        settings["model_sha256"] = trained["model_sha256"]
         key = config_hash(settings)
         if key in done:
             print(f"{attack} t{target} s{seed}: stored already (--redo to scan again)", flush=True)
             continue
-        trained = train_cached(attack, target, 0.1, seed, log=False)
         model = load_model(trained["model"])
         load_before = os.getloadavg()[0]
         started = time.perf_counter()
@@ -99,7 +100,8 @@ def run(args: argparse.Namespace) -> None:
         wall = time.perf_counter() - started
         doc = result.doc
         truth = None if attack == "clean" else target
-        row = {"key": key, "attack": attack, "target": truth, "seed": seed, "budget": args.budget, "threshold": args.threshold,
+        row = {"key": key, "attack": attack, "target": truth, "seed": seed, "model_sha256": trained["model_sha256"],
+               "budget": args.budget, "threshold": args.threshold,
                "scale": args.scale, "statistic": args.statistic, "early_stop_rounds": plan.early_stop,
                "steps_run": [c["steps_run"] for c in doc["classes"]], "steps_budget": plan.steps, "backdoored": doc["backdoored"], "suspected": doc["suspected_targets"],
                "right_target": truth in doc["suspected_targets"] if truth is not None else None,

@@ -7,7 +7,8 @@ wall time on 2 CPU cores, with `cleanse train`'s default settings.
 
 Prints a table and writes benchmarks/results/train_cifar10-<attack>-s<seed>.json. The
 trained model is cached under benchmarks/cache/ by configuration hash for the
-other benchmarks (delete it to retrain).
+other benchmarks (delete it to retrain); a model of the same name in benchmarks/models/
+(kept in git) is used when the cache has none.
 """
 from __future__ import annotations
 
@@ -16,7 +17,7 @@ import time
 
 import torch
 
-from benchmarks.common import CACHE, config_hash, machine, require_cifar, write_results
+from benchmarks.common import CACHE, KEPT_MODELS, config_hash, file_digest, machine, require_cifar, write_results
 from cleanse.attacks import poison_dataset
 from cleanse.data import load_data
 from cleanse.engine.device import resolve_precision
@@ -36,7 +37,10 @@ def train_cached(attack: str, target: int, rate: float, seed: int, epochs: int |
     load_seconds = time.perf_counter() - t0
     config = TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
     key = {"attack": attack, "target": target, "rate": rate, "seed": seed, "arch": arch, "config": config.__dict__}
-    path = CACHE / f"{arch}-{attack}-t{target}-s{seed}-{config_hash(key)}.safetensors"
+    name = f"{arch}-{attack}-t{target}-s{seed}-{config_hash(key)}.safetensors"
+    path = CACHE / name
+    if not path.is_file() and (KEPT_MODELS / name).is_file():
+        path = KEPT_MODELS / name
     trigger_path = path.with_suffix(".trigger.safetensors")
     t1 = time.perf_counter()
     if attack == "clean":
@@ -62,7 +66,7 @@ def train_cached(attack: str, target: int, rate: float, seed: int, epochs: int |
         if trigger is not None:
             trigger.save(trigger_path)
     metrics = evaluate(model, test, trigger)  # fp32, as every command reports
-    result.update({"model": str(path), "trigger": str(trigger_path) if trigger else None, "metrics": metrics,
+    result.update({"model": str(path), "model_sha256": file_digest(path), "trigger": str(trigger_path) if trigger else None, "metrics": metrics,
                    "load_seconds": load_seconds, "poison_seconds": poison_seconds, "precision": config.precision})
     return result
 

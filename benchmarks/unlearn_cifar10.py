@@ -106,7 +106,8 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             split = clean_subset(train, args.clean_frac, None, subset_seed)
             recipe = RECIPES.get(name)
             params = recipe.resolve_params(overrides.get(name, {}))
-            key = config_hash({"model": [attack, target, seed], "recipe": name, "params": params, "clean_frac": args.clean_frac,
+            key = config_hash({"model": [attack, target, seed], "model_sha256": trained["model_sha256"], "recipe": name,
+                               "params": params, "clean_frac": args.clean_frac,
                                **({"test_n": args.test_n} if args.test_n else {}),
                                **({"subset_seed": subset_seed} if subset_seed != seed else {})})
             if key in done:
@@ -118,7 +119,8 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             load_before = os.getloadavg()[0]
             result, wall = run_timed(name, params, model, split, trigger, precision, subset_seed, layer)
             after = measure(model, test, trigger, layer)
-            row = {"key": key, "attack": attack, "target": target, "seed": seed, "subset_seed": subset_seed, "recipe": name, "params": params,
+            row = {"key": key, "attack": attack, "target": target, "seed": seed, "model_sha256": trained["model_sha256"],
+                   "subset_seed": subset_seed, "recipe": name, "params": params,
                    "overridden": overrides.get(name, {}), "clean_frac": args.clean_frac, "test_n": len(test), "n_train": len(split.train),
                    "n_held": len(split.held), "before": before, "after": after, "der": der(before, after),
                    "ca_retention": after["clean_accuracy"] / before["clean_accuracy"],
