@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file
 from typer.testing import CliRunner
 
 from cleanse.cli import app
@@ -115,6 +116,16 @@ def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
     assert good.offer(wrapper, {"clean_accuracy": 0.895, "attack_success_rate": 0.008}, "recovered")  # below asr_good: CA decides
     assert not good.offer(wrapper, {"clean_accuracy": 0.899, "attack_success_rate": 0.02}, "relapsed")
     assert keeper.tripped({"clean_accuracy": 0.79}) == "held-back CA 0.790 fell below the floor 0.800"
+    assert keeper.restore_best(wrapper)["unchanged"] is False
+
+
+def test_state_keeper_says_when_no_state_beat_the_start():
+    # CIFAR-10 WaNet under act-edit: the repair removed held-back ASR but cost 2.8 points of held-back CA, so the start won.
+    wrapper = type("W", (), {"net": nn.Linear(2, 2)})()
+    keeper = StateKeeper(wrapper, {"clean_accuracy": 0.968, "attack_success_rate": 0.973}, True, 0.02, 0.10, asr_good=0.01)
+    assert not keeper.offer(wrapper, {"clean_accuracy": 0.94, "attack_success_rate": 0.0}, "repair epoch 1")
+    kept = keeper.restore_best(wrapper)
+    assert kept["tag"] == "start" and kept["unchanged"] is True
     assert keeper.tripped(loss=float("nan")) == "loss became non-finite (nan)"
 
 
@@ -164,6 +175,17 @@ def test_finetune_runs_and_rollback_happens_when_forced(model_files, tmp_path):
     assert "rollback:" in result.stderr
     s = json.loads(result.stdout)
     assert s["kept"]["rollbacks"] and s["after"]["clean_accuracy"] > 0.8
+
+
+def test_a_recipe_that_keeps_its_start_state_warns_that_the_output_is_the_input(model_files, tmp_path):
+    out = tmp_path / "same.safetensors"
+    result = unlearn(model_files, "--method", "finetune", "--epochs", "0", "-o", out, "--json")
+    assert result.exit_code == 0, result.output
+    s = json.loads(result.stdout)
+    assert s["kept"]["tag"] == "start" and s["kept"]["unchanged"] is True
+    assert f"warning: finetune kept none of its own states, so {out} has the input model's weights" in result.stderr.replace("\n", "")
+    written, given = load_file(out), load_file(model_files / "bd.safetensors")
+    assert written.keys() == given.keys() and all(torch.equal(written[k], given[k]) for k in given)
 
 
 def test_missing_trigger_names_both_ways_to_get_one(model_files, tmp_path):

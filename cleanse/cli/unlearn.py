@@ -211,6 +211,10 @@ def unlearn_command(
         finished.append((outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
         _show_summary(summary)
         say(f"kept: {result.kept['tag']} ({result.kept['rule']})")
+        if result.kept.get("unchanged"):
+            say(f"warning: {name} kept none of its own states, so {outputs[name]} has the input model's weights: no state it reached "
+                f"met its rule ({result.kept['rule']}); its rows above show what each state cost. Loosen the rule "
+                "(--param ca_margin=0.05) or try another recipe (--method all compares them)", style="yellow")
     with output_set() as out:
         for path, provenance, record, state in finished:
             model.net.load_state_dict(state)

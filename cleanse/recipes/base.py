@@ -216,7 +216,7 @@ class StateKeeper:
         rule = (f"lowest held-back ASR (any <= {self.asr_good:.3f} counts as equal, then higher CA) with held-back CA "
                 f"within {self.ca_margin:.2f} of the start" if self.use_asr else "highest held-back CA")
         return {"tag": self.best["tag"], "rule": rule, "held_back": {k: v for k, v in self.best.items() if k != "tag"},
-                "rollbacks": self.rollbacks}
+                "rollbacks": self.rollbacks, "unchanged": self.best["tag"] == "start"}
 
 
 class AgnosticKeeper(StateKeeper):
