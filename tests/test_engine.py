@@ -35,6 +35,9 @@ def test_ca_asr_ra_match_hand_computation():
     trigger = Trigger("blend", {"mask": mask, "pattern": torch.ones(3, 8, 8)}, 2, (3, 8, 8))
     m = evaluate(Constant(cls=1, triggered=2), data, trigger)
     assert m["clean_accuracy"] == 2 / 8
+    assert m["per_class_accuracy"] == [0.0, 1.0, 0.0, 0.0]  # always predicts 1
+    two_classes_seen = Dataset(data.images[:4], labels[:4], ["a", "b", "c", "d"], "t")
+    assert evaluate(Constant(cls=0, triggered=2), two_classes_seen)["per_class_accuracy"] == [1.0, 0.0, None, None]
     assert m["n_triggered"] == 6  # the two images of target class 2 are excluded
     assert m["attack_success_rate"] == 1.0 and m["robust_accuracy"] == 0.0
     m = evaluate(Constant(cls=1, triggered=1), data, trigger)

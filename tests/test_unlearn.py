@@ -119,6 +119,14 @@ def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
     assert keeper.restore_best(wrapper)["unchanged"] is False
 
 
+def test_class_changes_are_in_points_largest_first_and_skip_classes_without_images():
+    from cleanse.cli.unlearn import class_changes
+
+    changes = class_changes([0.9, 0.8, None, 0.5], [0.85, 0.9, 0.7, 0.5], ["a", "b", "c", "d"])
+    assert [name for name, _ in changes] == ["b", "a", "d"]
+    assert [round(points, 6) for _, points in changes] == [10.0, -5.0, 0.0]
+
+
 def test_state_keeper_says_when_no_state_beat_the_start():
     # CIFAR-10 WaNet under act-edit: the repair removed held-back ASR but cost 2.8 points of held-back CA, so the start won.
     wrapper = type("W", (), {"net": nn.Linear(2, 2)})()
@@ -151,6 +159,8 @@ def test_tar_ewc_removes_the_backdoor_and_keeps_accuracy(model_files, tmp_path):
     for side in ("before", "after"):
         for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar"):
             assert key in s[side]
+        assert len(s[side]["per_class_accuracy"]) == len(s["classes"]) == 10
+    assert "largest per-class CA changes: " in result.stderr
     assert {"der", "wall_seconds", "ca_retention"} <= set(s)
     print(f"tar-ewc on synthetic: ASR {s['before']['attack_success_rate']:.3f} -> {s['after']['attack_success_rate']:.3f}, "
           f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}, TAR {s['before']['tar']:.2f} -> {s['after']['tar']:.2f}")

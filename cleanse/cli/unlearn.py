@@ -39,7 +39,9 @@ UNLEARN_COLUMNS = [("phase", "phase", str), ("epoch", "epoch", float_cell), ("lo
                    ("clean_accuracy", "held CA", rate_cell), ("attack_success_rate", "held ASR", rate_cell),
                    ("tar", "held TAR", float_cell), ("detail", "recipe figures", str),
                    ("elapsed", "elapsed", seconds_cell)]
-SUMMARY_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar")
+SUMMARY_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar",
+                "per_class_accuracy")
+SHOWN_CLASS_CHANGES = 3  # the summary names the classes whose clean accuracy changed most
 
 
 def measure(model: ClassifierModel, data: Dataset, trigger: Trigger | None, layer: str,
@@ -195,7 +197,8 @@ def unlearn_command(
         after = measure(model, report_on, trig, measure_layer, extra_triggers)  # type: ignore[arg-type]
         wall = time.perf_counter() - (started if not run_all else recipe_started)
         retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
-        summary = {"method": name, "before": before, "after": after, "der": der(before, after), "ca_retention": retention,
+        summary = {"method": name, "classes": model.spec.classes, "before": before, "after": after, "der": der(before, after),
+                   "ca_retention": retention,
                    "wall_seconds": wall, "measured_on": report_name, "output": str(outputs[name]), "kept": result.kept,
                    "extra": result.extra}
         provenance = {"command": "unlearn", "recipe": name, "params": params[name], "seed": seed, "parent_sha256": model.source_sha256,
@@ -312,3 +315,13 @@ def _show_summary(s: dict[str, Any]) -> None:
         say(f"--eval-trigger {name}: ASR {fmt_rate(b['attack_success_rate'])} -> {fmt_rate(a['attack_success_rate'])}, "
             f"RA {fmt_rate(b['robust_accuracy'])} -> {fmt_rate(a['robust_accuracy'])}")
     say(f"DER {num(s['der'])}, CA retention {num(s['ca_retention'])}, {s['wall_seconds']:.0f}s")
+    changes = class_changes(s["before"]["per_class_accuracy"], s["after"]["per_class_accuracy"], s["classes"])
+    if changes:
+        say("largest per-class CA changes: " + ", ".join(f"{name} {points:+.1f}" for name, points in changes[:SHOWN_CLASS_CHANGES])
+            + " points")
+
+
+def class_changes(before: list[float | None], after: list[float | None], names: list[str]) -> list[tuple[str, float]]:
+    """(class name, change of its clean accuracy in points), largest change first; classes without images left out."""
+    pairs = [(name, 100 * (a - b)) for name, b, a in zip(names, before, after) if a is not None and b is not None]
+    return sorted(pairs, key=lambda p: -abs(p[1]))

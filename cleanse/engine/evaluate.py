@@ -55,10 +55,13 @@ def rate(hits: torch.Tensor) -> float | None:
 
 def evaluate(model: nn.Module, dataset: Dataset, trigger: Trigger | None = None, precision: str = "fp32",
              triggered: TriggeredSet | None = None) -> dict[str, Any]:
-    """CA on `dataset`; with a trigger also ASR and RA on its eligible triggered copies."""
+    """CA on `dataset` (overall and per class, None for a class without images); with a trigger also ASR and RA
+    on its eligible triggered copies."""
     preds = predict(model, dataset.images, precision=precision)
+    per_class = [rate(preds[dataset.labels == c] == c) for c in range(dataset.num_classes)]
     result: dict[str, Any] = {"clean_accuracy": rate(preds == dataset.labels), "attack_success_rate": None,
-                              "robust_accuracy": None, "n_clean": len(dataset), "n_triggered": 0}
+                              "robust_accuracy": None, "n_clean": len(dataset), "n_triggered": 0,
+                              "per_class_accuracy": per_class}
     if trigger is not None or triggered is not None:
         triggered = triggered or TriggeredSet.build(dataset, trigger)  # type: ignore[arg-type]
         tpreds = predict(model, triggered.images, precision=precision)
