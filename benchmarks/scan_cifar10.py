@@ -45,7 +45,8 @@ from cleanse.engine.gradcam import tar_layer
 from cleanse.models import load_model
 from cleanse.recipes import RECIPES
 from cleanse.scan import BUDGETS, reverse_triggers, scan_model
-from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, STATISTICS
+from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, STATISTICS, anomaly_index, flag_small
+from cleanse.scan.neural_cleanse import HOLD_OUT
 
 
 ROWS = RESULTS / "scan_cifar10-rows.jsonl"
@@ -88,6 +89,8 @@ def run(args: argparse.Namespace) -> None:
             settings["early_stop"] = plan.early_stop
         trained = train_cached(attack, target, 0.1, seed, log=False)
         settings["model_sha256"] = trained["model_sha256"]
+        if precision != "bf16":  # rows before 2026-12-03 were all bf16 (or fp32 on models since lost) and keep their key
+            settings["precision"] = precision
         key = config_hash(settings)
         if key in done:
             print(f"{attack} t{target} s{seed}: stored already (--redo to scan again)", flush=True)
@@ -118,7 +121,7 @@ def run(args: argparse.Namespace) -> None:
         print(f"{attack:8} t{target} s{seed}: flagged {doc['suspected_targets']} (truth {truth}) "
               f"anomaly {row['anomaly_index']} L1 {row['mask_l1']} {wall:.0f}s", flush=True)
         if args.unlearn and doc["suspected_targets"] and trained["trigger"]:
-            row["pipeline"] = pipeline(trained, result, train, test, seed, precision)
+            row["pipeline"] = pipeline(trained, result, train, test, seed, precision, args, plan)
         append_row(ROWS, row)
     if args.speedup_steps:
         speedup(args, test, precision)
@@ -165,25 +168,30 @@ def table(rows: list[dict[str, Any]]) -> None:
         asr = "-" if r["model_asr"] is None else f"{100 * r['model_asr']:.1f}%"
         budget = r["budget"] + (f", early stop {r['early_stop_rounds']}" if r.get("early_stop_rounds") else "")
         share = f"{sum(r['steps_run']) / (len(r['steps_run']) * r['steps_budget']):.0%}" if "steps_run" in r else "100%"
-        lines.append(f"| {r['attack']} t{t if t is not None else '-'} s{r['seed']} | {100 * r['model_ca']:.1f}% / {asr} | {budget} | {share} | "
+        lines.append(f"| {r['attack']} t{t if t is not None else '-'} s{r['seed']} {r['precision']} | {100 * r['model_ca']:.1f}% / {asr} | {budget} | {share} | "
                      f"{r['suspected']} ({t if t is not None else 'clean'}) | {own} | {other} | {l1} | {r['wall_seconds']:.0f}s |")
     piped = [r for r in rows if r.get("pipeline")]
     if piped:
-        lines += ["", "| model | reversed class | true-trigger ASR before -> after | CA before -> after (drop) | RA after | wall |",
-                  "|---|---|---|---|---|---|"]
+        lines += ["", "| model | reversed class | true-trigger ASR before -> after | CA before -> after (drop) | RA after | wall "
+                  "| target L1 reversed again (index, flagged) |", "|---|---|---|---|---|---|---|"]
         for r in piped:
             q = r["pipeline"]
-            lines.append(f"| {r['attack']} t{r['target']} s{r['seed']} | {q['reversed_target']} | "
+            lines.append(f"| {r['attack']} t{r['target']} s{r['seed']} {r['precision']} | {q['reversed_target']} | "
                          f"{100 * q['before']['attack_success_rate']:.2f}% -> {100 * q['after']['attack_success_rate']:.2f}% | "
                          f"{100 * q['before']['clean_accuracy']:.2f}% -> {100 * q['after']['clean_accuracy']:.2f}% "
-                         f"({q['ca_drop_points']:.2f}) | {100 * q['after']['robust_accuracy']:.2f}% | {q['wall_seconds']:.0f}s |")
+                         f"({q['ca_drop_points']:.2f}) | {100 * q['after']['robust_accuracy']:.2f}% | {q['wall_seconds']:.0f}s | "
+                         + (f"{q['target_l1_before']:.1f} -> {q['target_l1_after']:.1f} ({q['target_index_after']:.2f}, "
+                            f"{'yes' if q['flagged_after'] else 'no'}) |" if "target_l1_after" in q else "- |"))
     text = "\n".join(lines)
     print(text)
     (RESULTS / "scan_cifar10-table.md").write_text(text + "\n")
 
 
-def pipeline(trained: dict, scan: Any, train: Any, test: Any, seed: int, precision: str) -> dict:
-    """tar-ewc with the reversed trigger of the most anomalous flagged class; the true trigger only measures."""
+def pipeline(trained: dict, scan: Any, train: Any, test: Any, seed: int, precision: str, args: argparse.Namespace,
+             plan: Any) -> dict:
+    """tar-ewc with the reversed trigger of the most anomalous flagged class; the true trigger only measures. Then the
+    target class reversed again on the cleaned model (same images, budget and seed as the scan) and its mask L1 tested
+    against the other classes' L1 from the scan: would the scan still flag it?"""
     flagged = scan.doc["suspected_targets"]
     target = max(flagged, key=lambda k: scan.doc["classes"][k]["anomaly_index"])
     reversed_trigger, true_trigger = scan.triggers[target], load_trigger(trained["trigger"])
@@ -194,12 +202,21 @@ def pipeline(trained: dict, scan: Any, train: Any, test: Any, seed: int, precisi
     result, wall = run_timed("tar-ewc", RECIPES.get("tar-ewc").resolve_params({}), model, split, reversed_trigger, precision, seed,
                              layer)
     after = measure(model, test, true_trigger, layer)
+    images = clean_subset(test, n=args.n_clean, seed=0, hold_back=HOLD_OUT).train  # the images scan_model optimised on
+    again = reverse_triggers(model, images.images, images.labels, [target], plan, seed=0, precision=precision)
+    norms = scan.reversed.mask_l1.clone()
+    norms[target] = again.mask_l1[0]
     out = {"reversed_target": target, "before": before, "after": after, "der": der(before, after), "wall_seconds": wall,
-           "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]), "kept": result.kept["tag"]}
+           "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]), "kept": result.kept["tag"],
+           "target_l1_before": float(scan.reversed.mask_l1[target]), "target_l1_after": float(again.mask_l1[0]),
+           "target_index_after": float(anomaly_index(norms, args.scale, args.statistic)[target]),
+           "flagged_after": target in flag_small(norms, args.threshold, args.scale, args.statistic),
+           "rereverse_seconds": again.seconds}
     print(f"  pipeline: tar-ewc with the reversed trigger of class {target}: true-trigger ASR "
           f"{before['attack_success_rate']:.4f} -> {after['attack_success_rate']:.4f}, CA {before['clean_accuracy']:.4f} -> "
           f"{after['clean_accuracy']:.4f} (drop {out['ca_drop_points']:.2f} points), RA {after['robust_accuracy']:.4f}, "
-          f"{wall:.0f}s, kept {out['kept']}", flush=True)
+          f"{wall:.0f}s, kept {out['kept']}; target reversed again: L1 {out['target_l1_before']:.2f} -> {out['target_l1_after']:.2f}, "
+          f"index {out['target_index_after']:.2f}, {'still flagged' if out['flagged_after'] else 'no longer flagged'}", flush=True)
     return out
 
 
