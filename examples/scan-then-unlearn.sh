@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Clean a model whose trigger nobody knows: scan reverses one, tar-ewc unlearns it, the report shows the evidence.
-# On the built-in data (about 6 minutes on 2 CPU cores):  examples/scan-then-unlearn.sh
+# On the built-in data:  examples/scan-then-unlearn.sh  (train, two full scans, unlearn, report: 35 min on one thread of
+# an AVX2 machine with two benchmarks beside it, 2026-12-03; far less on an idle machine with bf16)
 # On your own:  examples/scan-then-unlearn.sh MODEL.safetensors CLEAN_DATA TEST_DATA [TRUE_TRIGGER]
 # Needs: cleanse installed (see README), jq.
 set -euo pipefail
@@ -29,13 +30,14 @@ jq '{before: .before.attack_success_rate, after: .after.attack_success_rate, ca_
 # Check the work: scan the cleaned model the same way. The target's smallest trigger should now be as large as the
 # other classes' (exit 0); exit 1 means a small trigger for some class still works.
 set +e
-cleanse scan "$out/cleaned.safetensors" --data "$data" -o "$out/rescan" --force --json > "$out/rescan.json"
+# (written beside $out, not in it, so the report below keeps the first scan's verdict)
+cleanse scan "$out/cleaned.safetensors" --data "$data" -o "$out.rescan" --force --json > "$out.rescan.json"
 recode=$?
 set -e
 [ $recode -eq 2 ] && exit 2
 jq --argjson k "$target" --slurpfile before "$out/scan.json" \
     '{backdoored, target_mask_l1_before: $before[0].classes[$k].mask_l1, target_mask_l1_after: .classes[$k].mask_l1,
-      median_mask_l1_before: $before[0].median_mask_l1, median_mask_l1_after: .median_mask_l1}' "$out/rescan.json"
-[ $recode -eq 1 ] && echo "the cleaned model still looks backdoored: see $out/rescan/scan.json"
+      median_mask_l1_before: $before[0].median_mask_l1, median_mask_l1_after: .median_mask_l1}' "$out.rescan.json"
+[ $recode -eq 1 ] && echo "the cleaned model still looks backdoored: see $out.rescan/scan.json"
 cleanse report "$out" -o "$out/report" --force
 echo "open $out/report/report.html"
