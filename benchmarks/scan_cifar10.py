@@ -131,7 +131,7 @@ def speedup(args: argparse.Namespace, test: Any, precision: str) -> None:
     """The batched optimisation against the same optimisation one class after another: same images, same steps."""
     attack, target, seed = parse_models(args.models)[0]
     model = load_model(train_cached(attack, target, 0.1, seed, log=False)["model"])
-    split = clean_subset(test, n=args.n_clean, seed=0, hold_back=0.2)
+    split = clean_subset(test, n=args.n_clean, seed=0, hold_back=HOLD_OUT)  # scan_model's split
     budget = replace(BUDGETS[args.budget], steps=args.speedup_steps)
     classes = list(range(model.spec.num_classes))
     t0 = time.perf_counter()
@@ -202,7 +202,7 @@ def pipeline(trained: dict, scan: Any, train: Any, test: Any, seed: int, precisi
     result, wall = run_timed("tar-ewc", RECIPES.get("tar-ewc").resolve_params({}), model, split, reversed_trigger, precision, seed,
                              layer)
     after = measure(model, test, true_trigger, layer)
-    images = clean_subset(test, n=args.n_clean, seed=0, hold_back=HOLD_OUT).train  # the images scan_model optimised on
+    images = scan.optimised
     again = reverse_triggers(model, images.images, images.labels, [target], plan, seed=0, precision=precision)
     norms = scan.reversed.mask_l1.clone()
     norms[target] = again.mask_l1[0]

@@ -116,6 +116,7 @@ def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
     assert good.offer(wrapper, {"clean_accuracy": 0.895, "attack_success_rate": 0.008}, "recovered")  # below asr_good: CA decides
     assert not good.offer(wrapper, {"clean_accuracy": 0.899, "attack_success_rate": 0.02}, "relapsed")
     assert keeper.tripped({"clean_accuracy": 0.79}) == "held-back CA 0.790 fell below the floor 0.800"
+    assert keeper.tripped(loss=float("nan")) == "loss became non-finite (nan)"
     assert keeper.restore_best(wrapper)["unchanged"] is False
 
 
@@ -134,7 +135,6 @@ def test_state_keeper_says_when_no_state_beat_the_start():
     assert not keeper.offer(wrapper, {"clean_accuracy": 0.94, "attack_success_rate": 0.0}, "repair epoch 1")
     kept = keeper.restore_best(wrapper)
     assert kept["tag"] == "start" and kept["unchanged"] is True
-    assert keeper.tripped(loss=float("nan")) == "loss became non-finite (nan)"
 
 
 @pytest.fixture(scope="module")

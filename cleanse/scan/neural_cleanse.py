@@ -29,7 +29,8 @@ class ModelScan:
     doc: dict[str, Any]  # the scan.json document (trigger_file filled in by the caller)
     triggers: dict[int, Trigger]  # every class's reversed trigger
     reversed: Reversed
-    held: Dataset
+    optimised: Dataset  # the clean images the triggers were reversed from
+    held: Dataset  # the held-out clean images their attack success was measured on
 
 
 def reversed_trigger(mask: torch.Tensor, pattern: torch.Tensor, target: int, budget: str) -> Trigger:
@@ -70,7 +71,7 @@ def scan_model(model: ClassifierModel, clean: Dataset, n_clean: int, budget_name
            "steps_run_total": int(rev.steps_run.sum()), "n_clean": len(split.train) + len(held), "n_optimise": len(split.train),
            "n_held_out": len(held), "tar_layer": layer, "median_mask_l1": float(rev.mask_l1.double().quantile(0.5)),
            "optimise_seconds": rev.seconds, "classes": rows}
-    return ModelScan(doc, triggers, rev, held)
+    return ModelScan(doc, triggers, rev, split.train, held)
 
 
 def mask_pictures(rev: Reversed) -> list[torch.Tensor]:
