@@ -30,7 +30,8 @@ jq '{before: .before.attack_success_rate, after: .after.attack_success_rate, ca_
 # Check the work: scan the cleaned model the same way. The target's smallest trigger should now be as large as the
 # other classes' (exit 0); exit 1 means a small trigger for some class still works.
 set +e
-# (written beside $out, not in it, so the report below keeps the first scan's verdict)
+# (written beside $out; the report below is given both scans and tells them apart: the verdict is the first
+# scan's, and the re-scan is shown as "after cleaning (tar-ewc)")
 cleanse scan "$out/cleaned.safetensors" --data "$data" -o "$out.rescan" --force --json > "$out.rescan.json"
 recode=$?
 set -e
@@ -39,5 +40,5 @@ jq --argjson k "$target" --slurpfile before "$out/scan.json" \
     '{backdoored, target_mask_l1_before: $before[0].classes[$k].mask_l1, target_mask_l1_after: .classes[$k].mask_l1,
       median_mask_l1_before: $before[0].median_mask_l1, median_mask_l1_after: .median_mask_l1}' "$out.rescan.json"
 [ $recode -eq 1 ] && echo "the cleaned model still looks backdoored: see $out.rescan/scan.json"
-cleanse report "$out" -o "$out/report" --force
+cleanse report "$out" "$out.rescan" -o "$out/report" --force
 echo "open $out/report/report.html"

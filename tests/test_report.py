@@ -10,6 +10,7 @@ from typer.testing import CliRunner
 
 from cleanse.cli import app
 from cleanse.models import save_model
+from cleanse.report.build import overall_verdict
 from cleanse.report.render import pct
 
 runner = CliRunner()
@@ -99,6 +100,55 @@ def test_report_evaluates_a_model_directly(runs, tmp_path):
     direct = json.loads(result.stdout)["direct"]
     assert direct["metrics"]["attack_success_rate"] > 0.8 and direct["metrics"]["tar"] is not None
     assert "Direct evaluation" in (out / "report.html").read_text()
+
+
+def _scan(model, backdoored, created, role="audited", sha=None, targets=(0,)):
+    return {"model": model, "model_sha256": sha or model, "created": created, "role": role, "backdoored": backdoored,
+            "suspected_targets": list(targets) if backdoored else []}
+
+
+def test_verdict_is_the_audited_models_and_a_cleaned_models_scan_is_added_after_it():
+    before = _scan("bd.safetensors", True, "2026-12-03T10:00:00Z")
+    after = _scan("clean.safetensors", False, "2026-12-03T11:00:00Z", role="cleaned by tar-ewc")
+    # the cleaned model's scan is the latest, and record order must not matter either
+    for scans in ([before, after], [after, before]):
+        assert overall_verdict(scans) == ("backdoor suspected, target(s) 0; after cleaning (tar-ewc): no backdoor found", True)
+    still = _scan("clean.safetensors", True, "2026-12-03T11:00:00Z", role="cleaned by ulrl", targets=(0,))
+    assert overall_verdict([before, still]) == ("backdoor suspected, target(s) 0; after cleaning (ulrl): backdoor suspected, target(s) 0", True)
+    assert overall_verdict([after]) == ("after cleaning (tar-ewc): no backdoor found", False)
+    assert overall_verdict([]) == (None, None)
+    assert overall_verdict([{**before, "backdoored": None}]) == (None, None)  # scan.json gone: no result, no verdict
+
+
+def test_verdict_takes_the_latest_scan_of_one_model_and_names_each_of_several_models():
+    old = _scan("a.safetensors", False, "2026-12-01T09:00:00Z", sha="aaa")
+    new = _scan("moved/a.safetensors", True, "2026-12-02T09:00:00Z", sha="aaa", targets=(3,))
+    assert overall_verdict([new, old]) == ("backdoor suspected, target(s) 3", True)
+    other = _scan("b.safetensors", False, "2026-12-01T09:00:00Z", sha="bbb")
+    assert overall_verdict([old, other]) == ("a.safetensors: no backdoor found; b.safetensors: no backdoor found", False)
+    assert overall_verdict([new, other])[1] is True
+
+
+def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs, tmp_path):
+    rescan = runner.invoke(app, ["scan", str(runs / "clean.safetensors"), "--data", "synthetic:test", "--budget", "fast", "--steps", "10",
+                                 "--n-clean", "100", "-o", str(tmp_path / "rescan")])
+    assert rescan.exit_code in (0, 1), rescan.output
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["report", str(runs / "scan"), str(tmp_path / "rescan"), str(runs / "clean.safetensors.run.json"),
+                                 "-o", str(out), "--n", "2"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    assert [s["role"] for s in doc["scan"]] == ["audited", "cleaned by tar-ewc"]
+    first = json.loads((runs / "scan" / "scan.json").read_text())
+    second = json.loads((tmp_path / "rescan" / "scan.json").read_text())
+    said = lambda r: f"backdoor suspected, target(s) {', '.join(map(str, r['suspected_targets']))}" if r["backdoored"] else "no backdoor found"  # noqa: E731
+    assert doc["verdict"] == f"{said(first)}; after cleaning (tar-ewc): {said(second)}"
+    assert doc["backdoored"] is first["backdoored"]
+    page = (out / "report.html").read_text()
+    assert "(cleaned by tar-ewc)</h2>" in page and page.count("Verdict of this scan:") == 2
+    assert [s["anomaly_image"] for s in doc["scan"]] == ["anomaly.png", "anomaly-1.png"]
+    md = (out / "report.md").read_text()
+    assert "![scan anomaly indices](anomaly.png)" in md and "![scan anomaly indices](anomaly-1.png)" in md
 
 
 @pytest.mark.parametrize("args, message", [

@@ -96,10 +96,10 @@ def report_command(
         for i, scan in enumerate(s for s in doc["scan"] if s.get("classes")):
             suffix = "" if i == 0 else f"-{i}"
             anomaly_plot(scan["classes"], scan["threshold"], folder / f"anomaly{suffix}.png")
-            pictures[f"anomaly{suffix}"] = f"anomaly{suffix}.png"
+            pictures[f"anomaly{suffix}"] = scan["anomaly_image"] = f"anomaly{suffix}.png"
             if scan.get("sheet"):
                 write_bytes_atomic(folder / f"scan-sheet{suffix}.png", Path(scan["sheet"]).read_bytes())
-                pictures[f"scan-sheet{suffix}"] = f"scan-sheet{suffix}.png"
+                pictures[f"scan-sheet{suffix}"] = scan["sheet_image"] = f"scan-sheet{suffix}.png"
         for i, ex in enumerate(doc["explain"]):
             if ex.get("sheet"):
                 write_bytes_atomic(folder / f"explain-{i}.png", Path(ex["sheet"]).read_bytes())

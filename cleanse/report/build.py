@@ -46,8 +46,10 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
     for r in scans:
         result = r.result()
         found = locate(r, _input_path(r.doc, "model"))
+        model_item = (r.doc.get("inputs") or {}).get("model")
         entry: dict[str, Any] = {"record": str(r.path), "model": str(found) if found else _input_path(r.doc, "model"), "verdict": r.doc.get("verdict"),
-                                 "result_file": str(r.folder / "scan.json")}
+                                 "model_sha256": model_item.get("sha256") if isinstance(model_item, dict) else None,
+                                 "created": r.doc.get("created"), "role": "audited", "result_file": str(r.folder / "scan.json")}
         if result is None:
             entry["missing"] = f"scan.json is no longer beside {r.path}"
         else:
@@ -58,6 +60,50 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
             entry["sheet"] = str(sheet) if sheet.is_file() else None
         out.append(entry)
     return out
+
+
+def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> None:
+    """Set each scan's `role` to "cleaned by METHOD" when the model it scanned is an unlearn record's output.
+
+    The cleaned model is matched by its file (the path the unlearn record wrote, located as the scan's model is)."""
+    cleaned: dict[Path, str] = {}
+    for r in unlearn:
+        found = locate(r, (r.doc.get("outputs") or {}).get("model"))
+        if found:
+            cleaned[found.resolve()] = str((r.doc.get("parameters") or {}).get("method"))
+    for scan in scans:
+        path = Path(scan["model"]) if scan.get("model") else None
+        if path is not None and path.exists() and path.resolve() in cleaned:
+            scan["role"] = f"cleaned by {cleaned[path.resolve()]}"
+
+
+def scan_verdict(scan: dict[str, Any]) -> str | None:
+    if scan.get("backdoored") is None:
+        return None
+    return ("backdoor suspected, target(s) " + ", ".join(map(str, scan["suspected_targets"]))) if scan["backdoored"] else "no backdoor found"
+
+
+def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | None]:
+    """The report's verdict line and whether it flags a backdoor, from every scan that has a result.
+
+    The verdict is about the audited model(s): a scan of a model that an unlearn record in the same report wrote
+    is added after it ("after cleaning by tar-ewc: ..."), never taken for it. A model scanned twice (same sha256,
+    else same path) counts once, by its latest record; several audited models are named one by one. `backdoored`
+    is true when any audited model is flagged (when only cleaned models were scanned: any of those)."""
+    latest: dict[tuple[str, str], dict[str, Any]] = {}
+    for scan in scans:
+        if scan_verdict(scan) is None:
+            continue
+        key = (scan["role"], str(scan.get("model_sha256") or scan.get("model")))
+        if key not in latest or str(scan.get("created") or "") >= str(latest[key].get("created") or ""):
+            latest[key] = scan
+    audited = [s for (role, _), s in latest.items() if role == "audited"]
+    cleaned = [s for (role, _), s in latest.items() if role != "audited"]
+    if not audited and not cleaned:
+        return None, None
+    parts = [scan_verdict(audited[0])] if len(audited) == 1 else [f"{Path(str(s['model'])).name}: {scan_verdict(s)}" for s in audited]
+    parts += [f"after cleaning ({s['role'].removeprefix('cleaned by ')}): {scan_verdict(s)}" for s in cleaned]
+    return "; ".join(str(p) for p in parts), any(bool(s["backdoored"]) for s in (audited or cleaned))
 
 
 def history_series(unlearn: list[Record]) -> dict[str, list[dict[str, Any]]]:
@@ -91,13 +137,12 @@ def build(records: list[Record]) -> dict[str, Any]:
         if entry and entry["path"]:
             models.setdefault(entry["path"], entry)
     scans = scan_section(by["scan"])
-    verdict = None
-    for s in scans:
-        if s.get("backdoored") is not None:
-            verdict = ("backdoor suspected, target(s) " + ", ".join(map(str, s["suspected_targets"]))) if s["backdoored"] else "no backdoor found"
+    mark_cleaned_scans(scans, by["unlearn"])
+    verdict, backdoored = overall_verdict(scans)
     doc: dict[str, Any] = {
         "models": list(models.values()),
         "verdict": verdict,
+        "backdoored": backdoored,
         "methods": [row["method"] for row in summary_rows(by["unlearn"])],
         "summary": summary_rows(by["unlearn"]),
         "training": [{"record": str(r.path), "output": (r.doc.get("outputs") or {}).get("model"), "metrics": r.doc.get("metrics"),

@@ -7,6 +7,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from cleanse.report.build import scan_verdict
+
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
 h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
@@ -37,6 +39,10 @@ def summary_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+def _role(scan: dict[str, Any]) -> str:
+    return "" if scan.get("role", "audited") == "audited" else f" ({scan['role']})"
+
+
 def scan_table(scan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["class", "mask L1", "anomaly index", "ASR of reversed trigger", "TAR", "flagged"]
     rows = [[f"{c['index']} {c['name']}", f"{c['mask_l1']:.1f}", f"{c['anomaly_index']:.2f}", pct(c.get("attack_success_rate")),
@@ -62,17 +68,21 @@ def to_markdown(doc: dict[str, Any]) -> str:
         out.append(f"> missing: **{item['section']}**: {item['reason']}")
     if doc["missing"]:
         out.append("")
-    for name, caption in (("history", "CA, ASR and TAR over the unlearning history"), ("anomaly", "scan anomaly indices")):
-        if name in doc["images"]:
-            out += [f"## {caption}", "", f"![{caption}]({doc['images'][name]})", ""]
+    if "history" in doc["images"]:
+        caption = "CA, ASR and TAR over the unlearning history"
+        out += [f"## {caption}", "", f"![{caption}]({doc['images']['history']})", ""]
     for scan in doc["scan"]:
         if scan.get("classes"):
-            out += [f"## Scan of `{scan['model']}`", "", _md_table(*scan_table(scan)), ""]
+            out += [f"## Scan of `{scan['model']}`{_role(scan)}", "", f"Verdict of this scan: {scan_verdict(scan)}", "",
+                    _md_table(*scan_table(scan)), ""]
+            for key, caption in (("anomaly_image", "scan anomaly indices"), ("sheet_image", "reversed triggers")):
+                if scan.get(key):
+                    out += [f"![{caption}]({scan[key]})", ""]
     for key, value in doc["images"].items():
         if key.startswith("gradcam"):
             out += [f"## Grad-CAM before/after ({key})", "", f"![{key}]({value})", ""]
     for key, value in doc["images"].items():
-        if key.startswith("scan-sheet") or key.startswith("explain"):
+        if key.startswith("explain"):
             out += [f"## {key}", "", f"![{key}]({value})", ""]
     if doc.get("direct"):
         d = doc["direct"]
@@ -103,7 +113,7 @@ def _img(folder: Path, name: str, alt: str) -> str:
 def to_html(doc: dict[str, Any], folder: Path) -> str:
     e = html.escape
     verdict = doc["verdict"]
-    cls = "none" if verdict is None else ("bad" if verdict.startswith("backdoor") else "good")
+    cls = "none" if verdict is None else ("bad" if doc.get("backdoored") else "good")
     parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>cleanse report</title>",
              f"<style>{CSS}</style></head><body><h1>cleanse report</h1>",
              f"<p class=\"verdict {cls}\">Verdict: {e(verdict or 'not scanned')}</p>",
@@ -117,12 +127,12 @@ def to_html(doc: dict[str, Any], folder: Path) -> str:
         parts += ["<h2>Unlearning history</h2>", _img(folder, doc["images"]["history"], "CA, ASR and TAR over the unlearning history")]
     for scan in doc["scan"]:
         if scan.get("classes"):
-            parts += [f"<h2>Scan of <code>{e(str(scan['model']))}</code></h2>", _html_table(*scan_table(scan))]
-    if "anomaly" in doc["images"]:
-        parts.append(_img(folder, doc["images"]["anomaly"], "scan anomaly indices"))
-    for key, value in doc["images"].items():
-        if key.startswith("scan-sheet"):
-            parts += ["<h3>Reversed triggers (mask, pattern, mask &times; pattern per class)</h3>", _img(folder, value, key)]
+            parts += [f"<h2>Scan of <code>{e(str(scan['model']))}</code>{e(_role(scan))}</h2>",
+                      f"<p>Verdict of this scan: {e(str(scan_verdict(scan)))}</p>", _html_table(*scan_table(scan))]
+            if scan.get("anomaly_image"):
+                parts.append(_img(folder, scan["anomaly_image"], "scan anomaly indices"))
+            if scan.get("sheet_image"):
+                parts += ["<h3>Reversed triggers (mask, pattern, mask &times; pattern per class)</h3>", _img(folder, scan["sheet_image"], "reversed triggers")]
     for key, value in doc["images"].items():
         if key.startswith("gradcam"):
             parts += [f"<h2>Grad-CAM before/after: {e(key.removeprefix('gradcam-'))}</h2>",
