@@ -7,8 +7,10 @@ ASR, RA, TAR and DER on the 10,000 test images (ASR/RA on the non-target ones),
 the recipe's wall time, and that time as a share of training the model from
 scratch. Training time is measured in the same run, right before the recipes:
 one epoch of `cleanse train`'s default configuration on the first model's
-poisoned set, times the default number of epochs (`--no-calibrate` uses each
-cached model's own training time, which may come from a faster or slower hour).
+poisoned set, times the default number of epochs (`--calibrate-frac F` times the
+epoch on a random F of that set and divides by F, for slow machines where one
+epoch takes many minutes; `--no-calibrate` uses each cached model's own
+training time, which may come from a faster or slower hour).
 
 Rows are appended to results/unlearn_cifar10-rows.jsonl as they finish (a row
 already there for the same model, recipe and parameters is skipped unless
@@ -66,6 +68,8 @@ def main() -> None:
                         help="report on a class-stratified sample of this many test images (tuning runs; default: all 10,000)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-calibrate", action="store_true", help="use the cached models' own training times")
+    parser.add_argument("--calibrate-frac", type=float, default=1.0,
+                        help="time the calibration epoch on this random share of the poisoned set and divide by it (default 1: the whole epoch)")
     parser.add_argument("--redo", action="store_true", help="run rows that are already stored again")
     parser.add_argument("--table", action="store_true", help="only print the table of every stored row")
     parser.add_argument("--rows", default=str(ROWS), help="the JSONL file rows are appended to and read from")
@@ -95,14 +99,16 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
         if args.no_calibrate:
             train_seconds = trained["train_seconds"]
         elif calibrated is None:
-            calibrated = train_seconds = training_seconds(train, attack, target, seed)
-            print(f"training from scratch, measured now: {train_seconds:.0f}s (10 x one epoch on {attack} s{seed})", flush=True)
+            calibrated = train_seconds = training_seconds(train, attack, target, seed, args.calibrate_frac)
+            print(f"training from scratch, measured now: {train_seconds:.0f}s (10 x one epoch on {attack} s{seed}"
+                  f"{'' if args.calibrate_frac == 1 else f', timed on {args.calibrate_frac:.0%} of it'})", flush=True)
         else:
             train_seconds = calibrated
         trigger = load_trigger(trained["trigger"])
         before: dict[str, Any] | None = None  # the same model on the same test images: measured once
         subset_seeds = [int(v) for v in args.subset_seeds.split(",")] if args.subset_seeds else [seed]
-        for subset_seed, name in ((u, n) for u in subset_seeds for n in args.recipes.split(",")):
+        # recipe-major, so an interrupted campaign leaves whole recipe cells (every seed) rather than whole seed columns
+        for subset_seed, name in ((u, n) for n in args.recipes.split(",") for u in subset_seeds):
             split = clean_subset(train, args.clean_frac, None, subset_seed)
             recipe = RECIPES.get(name)
             params = recipe.resolve_params(overrides.get(name, {}))
@@ -127,6 +133,7 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
                    "ca_retention": after["clean_accuracy"] / before["clean_accuracy"],
                    "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]), "wall_seconds": wall,
                    "train_seconds": train_seconds, "calibrated": not args.no_calibrate,
+                   "calibration_fraction": None if args.no_calibrate else args.calibrate_frac,
                    "cached_train_seconds": trained["train_seconds"], "wall_share_of_training": wall / train_seconds,
                    "kept": result.kept.get("tag"), "rollbacks": result.kept.get("rollbacks", []), "extra": _plain(result.extra),
                    "history": result.history, "precision": precision, "machine": machine(),
@@ -160,20 +167,29 @@ def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
     return out
 
 
-def training_seconds(train, attack: str, target: int, seed: int) -> float:
-    """One epoch of the default training configuration, timed now, times the default epoch count."""
+def training_seconds(train, attack: str, target: int, seed: int, fraction: float = 1.0) -> float:
+    """One epoch of the default training configuration, timed now, times the default epoch count.
+
+    With `fraction` < 1 the epoch runs on that random share of the poisoned set and its time is divided by
+    `fraction`: a training step costs the same whatever images it holds, so only the first batches' warm-up is
+    over-weighted (by 1/fraction)."""
     from cleanse.attacks import poison_dataset
     from cleanse.engine.train import TrainConfig, train_model
     from cleanse.models import new_model
     from cleanse.training_defaults import data_normalization
 
+    if not 0 < fraction <= 1:
+        raise SystemExit(f"--calibrate-frac {fraction}: must be in (0, 1]")
     poisoned = train if attack == "clean" else poison_dataset(train, attack, target, 0.1, seed=seed)[0]
+    if fraction < 1:
+        keep = torch.randperm(len(poisoned), generator=torch.Generator().manual_seed(seed))[: round(fraction * len(poisoned))]
+        poisoned = poisoned.subset(keep.sort().values)
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, seed=seed)
     config = TrainConfig(seed=seed, epochs=1, precision=resolve_precision("auto", torch.device("cpu")))
     started = time.perf_counter()
     train_model(model, poisoned, config)
-    return (time.perf_counter() - started) * TrainConfig().epochs
+    return (time.perf_counter() - started) / fraction * TrainConfig().epochs
 
 
 def table(rows: list[dict[str, Any]], write: bool = True) -> None:
