@@ -192,6 +192,16 @@ def training_seconds(train, attack: str, target: int, seed: int, fraction: float
     return (time.perf_counter() - started) / fraction * TrainConfig().epochs
 
 
+def _setup(row: dict[str, Any]) -> tuple[Any, ...]:
+    """What a wall time depends on besides the work: the CPU, precision and thread count of the run."""
+    m = row.get("machine") or {}
+    return m.get("cpu"), row.get("precision"), m.get("torch_threads")
+
+
+def _mixed(cell: dict[str, Any]) -> str:
+    return "*" if cell["setups"] > 1 else ""
+
+
 def table(rows: list[dict[str, Any]], write: bool = True) -> None:
     """Recipe x attack, default parameters only: mean over seeds of CA/ASR/RA after, DER and wall time."""
     if write:  # the published table: default parameters, the whole test set
@@ -227,9 +237,10 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
                     "retention_min": min(r["ca_retention"] for r in sel), "wall": _mean(r["wall_seconds"] for r in sel),
                     "wall_share": _mean(r["wall_share_of_training"] for r in sel),
                     "asr_sd": statistics.pstdev([r["after"]["attack_success_rate"] for r in sel]),
-                    "ca_sd": statistics.pstdev([r["after"]["clean_accuracy"] for r in sel])}
+                    "ca_sd": statistics.pstdev([r["after"]["clean_accuracy"] for r in sel]),
+                    "setups": len({_setup(r) for r in sel})}
             cells[f"{name}/{attack}"] = cell
-            parts.append(f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / {cell['der']:.3f} / {cell['wall']:.0f}s"
+            parts.append(f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / {cell['der']:.3f} / {cell['wall']:.0f}s{_mixed(cell)}"
                          + f" (n={cell['n']})")
         lines.append(f"| {name} | " + " | ".join(parts) + " |")
     detail = ["| attack | recipe | runs (models) | CA drop, points (mean, max) | ASR after (mean, max) | CA retention (min) | "
@@ -237,7 +248,7 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
     for key, c in cells.items():
         name, attack = key.split("/")
         detail.append(f"| {attack} | {name} | {c['n']} ({c['models']}) | {c['ca_drop_points']:.2f}, {c['ca_drop_max']:.2f} | "
-                      f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s ({100 * c['wall_share']:.1f}%) |")
+                      f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s{_mixed(c)} ({100 * c['wall_share']:.1f}%) |")
     per_run = ["| attack | model seed | subset seed | recipe | CA before -> after | ASR before -> after | RA after | "
                "TAR before -> after | DER | CA retention | wall | % of training | state kept |", "|---" * 13 + "|"]
     for r in sorted(rows, key=lambda r: (ATTACK_ORDER.index(r["attack"]) if r["attack"] in ATTACK_ORDER else 99, r["seed"],
@@ -249,7 +260,9 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
                        f"{_pct(b['attack_success_rate'])} -> {_pct(a['attack_success_rate'])} | {_pct(a['robust_accuracy'])} | {tar} | "
                        f"{r['der']:.3f} | {r['ca_retention']:.4f} | {r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
                        f"{r.get('kept') or '-'} |")
-    text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n\n"
+    text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n"
+            "A wall time marked * averages runs from more than one machine, precision or thread count: compare its share of "
+            "training (calibrated in each run) rather than its seconds.\n\n"
             + "\n".join(lines) + "\n\n" + "\n".join(detail) + "\n\nEvery run counted above:\n\n" + "\n".join(per_run))
     print(text)
     if not write:
