@@ -10,7 +10,9 @@ from typer.testing import CliRunner
 
 from cleanse.cli import app
 from cleanse.models import save_model
-from cleanse.report.build import overall_verdict
+from cleanse.files import sha256_file
+from cleanse.report.build import mark_cleaned_scans, overall_verdict
+from cleanse.report.collect import Record
 from cleanse.report.render import pct
 
 runner = CliRunner()
@@ -127,6 +129,46 @@ def test_verdict_takes_the_latest_scan_of_one_model_and_names_each_of_several_mo
     other = _scan("b.safetensors", False, "2026-12-01T09:00:00Z", sha="bbb")
     assert overall_verdict([old, other]) == ("a.safetensors: no backdoor found; b.safetensors: no backdoor found", False)
     assert overall_verdict([new, other])[1] is True
+
+
+def test_cleaned_scans_are_matched_by_content_not_by_where_the_path_now_points(tmp_path):
+    (tmp_path / "in").mkdir()
+    (tmp_path / "work").mkdir()
+    given, cleaned = tmp_path / "in" / "model.safetensors", tmp_path / "work" / "model.safetensors"
+    given.write_bytes(b"backdoored weights")
+    cleaned.write_bytes(b"cleaned weights")
+    sha_in, sha_out = sha256_file(given), sha256_file(cleaned)
+    record = lambda folder: Record(folder / "model.safetensors.run.json", {  # noqa: E731
+        "command": "unlearn", "parameters": {"method": "tar-ewc"}, "inputs": {"model": {"path": str(given), "sha256": sha_in}},
+        "outputs": {"model": str(cleaned)}})
+    scans = lambda: [{"model": str(cleaned), "model_sha256": sha_in, "role": "audited"},  # noqa: E731
+                     {"model": str(cleaned), "model_sha256": sha_out, "role": "audited"},
+                     {"model": str(cleaned), "model_sha256": None, "role": "audited"}]
+    # the input is gone, so the audit's model path now resolves to the cleaned file of the same name: still audited
+    given.unlink()
+    found = scans()
+    mark_cleaned_scans(found, [record(tmp_path / "work")])
+    assert [s["role"] for s in found] == ["audited", "cleaned by tar-ewc", "cleaned by tar-ewc"]  # the last by path
+    # the whole folder moved: the output is found beside its record and its sha256 still matches
+    (tmp_path / "archive").mkdir()
+    cleaned.rename(tmp_path / "archive" / "model.safetensors")
+    found = scans()
+    mark_cleaned_scans(found, [record(tmp_path / "archive")])
+    assert [s["role"] for s in found] == ["audited", "cleaned by tar-ewc", "audited"]
+    # no unlearn output to compare with: nothing is marked cleaned
+    found = scans()
+    mark_cleaned_scans(found, [record(tmp_path / "elsewhere")])
+    assert {s["role"] for s in found} == {"audited"}
+
+
+def test_verdict_names_whole_paths_where_file_names_collide():
+    a = _scan("run1/model.safetensors", False, "2026-12-01T09:00:00Z", sha="aaa")
+    b = _scan("run2/model.safetensors", True, "2026-12-01T09:00:00Z", sha="bbb")
+    assert overall_verdict([a, b])[0] == "run1/model.safetensors: no backdoor found; run2/model.safetensors: backdoor suspected, target(s) 0"
+    c1 = _scan("x/clean.safetensors", False, "2026-12-01T10:00:00Z", role="cleaned by tar-ewc", sha="c1")
+    c2 = _scan("y/other.safetensors", True, "2026-12-01T10:00:00Z", role="cleaned by tar-ewc", sha="c2")
+    assert overall_verdict([a, c1, c2])[0] == ("no backdoor found; after cleaning (tar-ewc, clean.safetensors): no backdoor found; "
+                                               "after cleaning (tar-ewc, other.safetensors): backdoor suspected, target(s) 0")
 
 
 def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs, tmp_path):

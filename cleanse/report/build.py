@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from cleanse.files import sha256_file
 from cleanse.report.collect import Record
 
 METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "attention_share", "clean_tar")
@@ -65,16 +66,28 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
 def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> None:
     """Set each scan's `role` to "cleaned by METHOD" when the model it scanned is an unlearn record's output.
 
-    The cleaned model is matched by its file (the path the unlearn record wrote, located as the scan's model is)."""
-    cleaned: dict[Path, str] = {}
+    Matched by content: the sha256 the scan recorded against the sha256 of the unlearn output file (found as
+    written, else beside the record: folders get moved). A scan whose sha256 is an unlearn record's *input*
+    stays "audited" whatever file its path now resolves to. A scan without a recorded sha256 is matched by path."""
+    by_sha: dict[str, str] = {}
+    by_path: dict[Path, str] = {}
+    inputs: set[str] = set()
     for r in unlearn:
+        method = str((r.doc.get("parameters") or {}).get("method"))
+        item = (r.doc.get("inputs") or {}).get("model")
+        if isinstance(item, dict) and item.get("sha256"):
+            inputs.add(str(item["sha256"]))
         found = locate(r, (r.doc.get("outputs") or {}).get("model"))
-        if found:
-            cleaned[found.resolve()] = str((r.doc.get("parameters") or {}).get("method"))
+        if found and found.is_file():
+            by_sha[sha256_file(found)] = method
+            by_path[found.resolve()] = method
     for scan in scans:
-        path = Path(scan["model"]) if scan.get("model") else None
-        if path is not None and path.exists() and path.resolve() in cleaned:
-            scan["role"] = f"cleaned by {cleaned[path.resolve()]}"
+        sha = scan.get("model_sha256")
+        if sha:
+            if sha in by_sha and sha not in inputs:
+                scan["role"] = f"cleaned by {by_sha[sha]}"
+        elif scan.get("model") and Path(scan["model"]).exists() and Path(scan["model"]).resolve() in by_path:
+            scan["role"] = f"cleaned by {by_path[Path(scan['model']).resolve()]}"
 
 
 def scan_verdict(scan: dict[str, Any]) -> str | None:
@@ -89,7 +102,8 @@ def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | Non
     The verdict is about the audited model(s): a scan of a model that an unlearn record in the same report wrote
     is added after it ("after cleaning by tar-ewc: ..."), never taken for it. A model scanned twice (same sha256,
     else same path) counts once, by its latest record; several audited models are named one by one. `backdoored`
-    is true when any audited model is flagged (when only cleaned models were scanned: any of those)."""
+    is true when any audited model is flagged (when only cleaned models were scanned: any of those). Two records
+    of one model with the same `created` second: the one found later (records are read in sorted path order) wins."""
     latest: dict[tuple[str, str], dict[str, Any]] = {}
     for scan in scans:
         if scan_verdict(scan) is None:
@@ -101,9 +115,18 @@ def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | Non
     cleaned = [s for (role, _), s in latest.items() if role != "audited"]
     if not audited and not cleaned:
         return None, None
-    parts = [scan_verdict(audited[0])] if len(audited) == 1 else [f"{Path(str(s['model'])).name}: {scan_verdict(s)}" for s in audited]
-    parts += [f"after cleaning ({s['role'].removeprefix('cleaned by ')}): {scan_verdict(s)}" for s in cleaned]
+    parts = [scan_verdict(audited[0])] if len(audited) == 1 else [f"{_names(audited)[i]}: {scan_verdict(s)}" for i, s in enumerate(audited)]
+    methods = [s["role"].removeprefix("cleaned by ") for s in cleaned]
+    names = _names(cleaned)
+    parts += [f"after cleaning ({m}{'' if methods.count(m) == 1 else ', ' + names[i]}): {scan_verdict(s)}"
+              for i, (m, s) in enumerate(zip(methods, cleaned))]
     return "; ".join(str(p) for p in parts), any(bool(s["backdoored"]) for s in (audited or cleaned))
+
+
+def _names(scans: list[dict[str, Any]]) -> list[str]:
+    """Each scan's model by file name, or by its whole path where two share a name."""
+    short = [Path(str(s.get("model"))).name for s in scans]
+    return [n if short.count(n) == 1 else str(s.get("model")) for n, s in zip(short, scans)]
 
 
 def history_series(unlearn: list[Record]) -> dict[str, list[dict[str, Any]]]:
