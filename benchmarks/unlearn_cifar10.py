@@ -171,8 +171,10 @@ def training_seconds(train, attack: str, target: int, seed: int, fraction: float
     """One epoch of the default training configuration, timed now, times the default epoch count.
 
     With `fraction` < 1 the epoch runs on that random share of the poisoned set and its time is divided by
-    `fraction`: a training step costs the same whatever images it holds, so only the first batches' warm-up is
-    over-weighted (by 1/fraction)."""
+    `fraction`: a training step costs the same whatever images it holds, so only the first batches' warm-up and
+    the one-off set-up (the whitening statistics) are over-weighted, by 1/fraction. The batch size is the whole
+    set's (512 for CIFAR-10), not the one a small share would get. Rows of 2026-12-03 (fraction 0.1) were timed
+    before that fix, at batch 256."""
     from cleanse.attacks import poison_dataset
     from cleanse.engine.train import TrainConfig, train_model
     from cleanse.models import new_model
@@ -181,12 +183,13 @@ def training_seconds(train, attack: str, target: int, seed: int, fraction: float
     if not 0 < fraction <= 1:
         raise SystemExit(f"--calibrate-frac {fraction}: must be in (0, 1]")
     poisoned = train if attack == "clean" else poison_dataset(train, attack, target, 0.1, seed=seed)[0]
+    batch_size = TrainConfig().resolved(True, len(poisoned)).batch_size  # the whole set's batch, not the share's
     if fraction < 1:
         keep = torch.randperm(len(poisoned), generator=torch.Generator().manual_seed(seed))[: round(fraction * len(poisoned))]
         poisoned = poisoned.subset(keep.sort().values)
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, seed=seed)
-    config = TrainConfig(seed=seed, epochs=1, precision=resolve_precision("auto", torch.device("cpu")))
+    config = TrainConfig(seed=seed, epochs=1, batch_size=batch_size, precision=resolve_precision("auto", torch.device("cpu")))
     started = time.perf_counter()
     train_model(model, poisoned, config)
     return (time.perf_counter() - started) / fraction * TrainConfig().epochs
@@ -195,7 +198,7 @@ def training_seconds(train, attack: str, target: int, seed: int, fraction: float
 def _setup(row: dict[str, Any]) -> tuple[Any, ...]:
     """What a wall time depends on besides the work: the CPU, precision and thread count of the run."""
     m = row.get("machine") or {}
-    return m.get("cpu"), row.get("precision"), m.get("torch_threads")
+    return m.get("cpu"), row.get("precision"), m.get("torch_threads"), row.get("calibration_fraction", 1.0)
 
 
 def _mixed(cell: dict[str, Any]) -> str:
@@ -261,8 +264,8 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
                        f"{r['der']:.3f} | {r['ca_retention']:.4f} | {r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
                        f"{r.get('kept') or '-'} |")
     text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n"
-            "A wall time marked * averages runs from more than one machine, precision or thread count: compare its share of "
-            "training (calibrated in each run) rather than its seconds.\n\n"
+            "A wall time marked * averages runs from more than one machine, precision, thread count or calibration share: "
+            "compare its share of training (calibrated in each run) rather than its seconds.\n\n"
             + "\n".join(lines) + "\n\n" + "\n".join(detail) + "\n\nEvery run counted above:\n\n" + "\n".join(per_run))
     print(text)
     if not write:
