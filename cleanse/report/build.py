@@ -20,6 +20,11 @@ def _input_path(doc: dict[str, Any], key: str) -> str | None:
     return item.get("path") if isinstance(item, dict) else None
 
 
+def _input_sha(doc: dict[str, Any], key: str) -> str | None:
+    item = (doc.get("inputs") or {}).get(key)
+    return item.get("sha256") if isinstance(item, dict) else None
+
+
 def _model_entry(record: Record) -> dict[str, Any] | None:
     item = (record.doc.get("inputs") or {}).get("model")
     if isinstance(item, dict):
@@ -47,9 +52,8 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
     for r in scans:
         result = r.result()
         found = locate(r, _input_path(r.doc, "model"))
-        model_item = (r.doc.get("inputs") or {}).get("model")
         entry: dict[str, Any] = {"record": str(r.path), "model": str(found) if found else _input_path(r.doc, "model"), "verdict": r.doc.get("verdict"),
-                                 "model_sha256": model_item.get("sha256") if isinstance(model_item, dict) else None,
+                                 "model_sha256": _input_sha(r.doc, "model"),
                                  "created": r.doc.get("created"), "role": "audited", "result_file": str(r.folder / "scan.json")}
         if result is None:
             entry["missing"] = f"scan.json is no longer beside {r.path}"
@@ -74,9 +78,9 @@ def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> No
     inputs: set[str] = set()
     for r in unlearn:
         method = str((r.doc.get("parameters") or {}).get("method"))
-        item = (r.doc.get("inputs") or {}).get("model")
-        if isinstance(item, dict) and item.get("sha256"):
-            inputs.add(str(item["sha256"]))
+        given = _input_sha(r.doc, "model")
+        if given:
+            inputs.add(str(given))
         found = locate(r, (r.doc.get("outputs") or {}).get("model"))
         if found and found.is_file():
             by_sha[sha256_file(found)] = method
@@ -86,8 +90,10 @@ def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> No
         if sha:
             if sha in by_sha and sha not in inputs:
                 scan["role"] = f"cleaned by {by_sha[sha]}"
-        elif scan.get("model") and Path(scan["model"]).exists() and Path(scan["model"]).resolve() in by_path:
-            scan["role"] = f"cleaned by {by_path[Path(scan['model']).resolve()]}"
+        elif scan.get("model") and Path(scan["model"]).exists():
+            method = by_path.get(Path(scan["model"]).resolve())
+            if method:
+                scan["role"] = f"cleaned by {method}"
 
 
 def scan_verdict(scan: dict[str, Any]) -> str | None:
@@ -115,11 +121,11 @@ def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | Non
     cleaned = [s for (role, _), s in latest.items() if role != "audited"]
     if not audited and not cleaned:
         return None, None
-    parts = [scan_verdict(audited[0])] if len(audited) == 1 else [f"{_names(audited)[i]}: {scan_verdict(s)}" for i, s in enumerate(audited)]
+    parts = [scan_verdict(audited[0])] if len(audited) == 1 else [f"{n}: {scan_verdict(s)}" for n, s in zip(_names(audited), audited)]
     methods = [s["role"].removeprefix("cleaned by ") for s in cleaned]
     names = _names(cleaned)
-    parts += [f"after cleaning ({m}{'' if methods.count(m) == 1 else ', ' + names[i]}): {scan_verdict(s)}"
-              for i, (m, s) in enumerate(zip(methods, cleaned))]
+    parts += [f"after cleaning ({m}{'' if methods.count(m) == 1 else ', ' + n}): {scan_verdict(s)}"
+              for m, n, s in zip(methods, names, cleaned)]
     return "; ".join(str(p) for p in parts), any(bool(s["backdoored"]) for s in (audited or cleaned))
 
 
