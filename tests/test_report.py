@@ -155,10 +155,16 @@ def test_cleaned_scans_are_matched_by_content_not_by_where_the_path_now_points(t
     found = scans()
     mark_cleaned_scans(found, [record(tmp_path / "archive")])
     assert [s["role"] for s in found] == ["audited", "cleaned by tar-ewc", "audited"]
-    # no unlearn output to compare with: nothing is marked cleaned
+    # an older record (no stored sha256) and no output file to hash: nothing is marked cleaned
     found = scans()
     mark_cleaned_scans(found, [record(tmp_path / "elsewhere")])
     assert {s["role"] for s in found} == {"audited"}
+    # a record that stored its output's sha256 needs no file to hash
+    stored = record(tmp_path / "elsewhere")
+    stored.doc["outputs"]["model_sha256"] = sha_out
+    found = scans()
+    mark_cleaned_scans(found, [stored])
+    assert [s["role"] for s in found] == ["audited", "cleaned by tar-ewc", "audited"]
 
 
 def test_verdict_names_whole_paths_where_file_names_collide():
@@ -191,6 +197,16 @@ def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs,
     assert [s["anomaly_image"] for s in doc["scan"]] == ["anomaly.png", "anomaly-1.png"]
     md = (out / "report.md").read_text()
     assert "![scan anomaly indices](anomaly.png)" in md and "![scan anomaly indices](anomaly-1.png)" in md
+    # the unlearn record stores its output's sha256, so the match survives the cleaned checkpoint being gone
+    record = json.loads((runs / "clean.safetensors.run.json").read_text())
+    assert record["outputs"]["model_sha256"] == sha256_file(runs / "clean.safetensors")
+    record["outputs"]["model"] = str(tmp_path / "deleted" / "clean.safetensors")  # as if the checkpoint had been deleted
+    (tmp_path / "records").mkdir()
+    (tmp_path / "records" / "clean.safetensors.run.json").write_text(json.dumps(record))
+    result = runner.invoke(app, ["report", str(runs / "scan"), str(tmp_path / "rescan"),
+                                 str(tmp_path / "records" / "clean.safetensors.run.json"), "-o", str(tmp_path / "rep2"), "--format", "json"])
+    assert result.exit_code == 0, result.output
+    assert [s["role"] for s in json.loads((tmp_path / "rep2" / "report.json").read_text())["scan"]] == ["audited", "cleaned by tar-ewc"]
 
 
 @pytest.mark.parametrize("args, message", [

@@ -25,7 +25,7 @@ from cleanse.engine.evaluate import der, evaluate
 from cleanse.engine.gradcam import resolve_layer, tar_layer
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
-from cleanse.files import check_output, output_set, write_json_atomic
+from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
 from cleanse.models import ClassifierModel, save_model
 from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.base import NEEDS_TRIGGER
@@ -221,7 +221,9 @@ def unlearn_command(
     with output_set() as out:
         for path, provenance, record, state in finished:
             model.net.load_state_dict(state)
-            save_model(model, out.reserve(path), provenance)
+            written = out.reserve(path)
+            save_model(model, written, provenance)
+            record["outputs"]["model_sha256"] = sha256_file(written)  # lets `report` recognise scans of it after the file is gone
             write_json_atomic(out.reserve(record_path(path)), record)
     if checkpoint_every or state is not None:
         SESSION.resume_file = None

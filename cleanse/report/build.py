@@ -70,8 +70,9 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
 def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> None:
     """Set each scan's `role` to "cleaned by METHOD" when the model it scanned is an unlearn record's output.
 
-    Matched by content: the sha256 the scan recorded against the sha256 of the unlearn output file (found as
-    written, else beside the record: folders get moved). A scan whose sha256 is an unlearn record's *input*
+    Matched by content: the sha256 the scan recorded against the sha256 the unlearn record stored for its output
+    (`outputs.model_sha256`; older records lack it, and then the output file is hashed where it is found: as
+    written, else beside the record, since folders get moved). A scan whose sha256 is an unlearn record's *input*
     stays "audited" whatever file its path now resolves to. A scan without a recorded sha256 is matched by path."""
     by_sha: dict[str, str] = {}
     by_path: dict[Path, str] = {}
@@ -81,10 +82,13 @@ def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> No
         given = _input_sha(r.doc, "model")
         if given:
             inputs.add(str(given))
-        found = locate(r, (r.doc.get("outputs") or {}).get("model"))
+        outputs = r.doc.get("outputs") or {}
+        found = locate(r, outputs.get("model"))
         if found and found.is_file():
-            by_sha[sha256_file(found)] = method
             by_path[found.resolve()] = method
+        sha = outputs.get("model_sha256") or (sha256_file(found) if found and found.is_file() else None)
+        if sha:
+            by_sha[sha] = method
     for scan in scans:
         sha = scan.get("model_sha256")
         if sha:
