@@ -94,6 +94,21 @@ def test_report_from_only_a_scan_states_the_missing_sections(runs, tmp_path):
     assert not (out / "report.md").exists()
 
 
+
+def test_a_scan_record_whose_scan_json_is_gone_still_sets_the_verdict_and_says_what_is_missing(runs, tmp_path):
+    (tmp_path / "lost").mkdir()
+    (tmp_path / "lost" / "run.json").write_text((runs / "scan" / "run.json").read_text())
+    out = tmp_path / "rep"
+    result = runner.invoke(app, ["report", str(tmp_path / "lost" / "run.json"), "-o", str(out), "--format", "md"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    scanned = json.loads((runs / "scan" / "scan.json").read_text())
+    said = f"backdoor suspected, target(s) {', '.join(map(str, scanned['suspected_targets']))}" if scanned["backdoored"] else "no backdoor found"
+    assert doc["verdict"] == said and doc["backdoored"] is scanned["backdoored"]
+    reasons = [m["reason"] for m in doc["missing"] if m["section"] == "scan"]
+    assert len(reasons) == 1 and reasons[0].startswith(f"scan.json is no longer beside {tmp_path / 'lost' / 'run.json'}")
+    assert f"**Verdict:** {said}" in (out / "report.md").read_text()
+
 def test_report_evaluates_a_model_directly(runs, tmp_path):
     out = tmp_path / "rep"
     result = runner.invoke(app, ["report", "--model", str(runs / "bd.safetensors"), "--data", "synthetic:test",

@@ -57,6 +57,8 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
                                  "created": r.doc.get("created"), "role": "audited", "result_file": str(r.folder / "scan.json")}
         if result is None:
             entry["missing"] = f"scan.json is no longer beside {r.path}"
+            kept = r.doc.get("verdict") or {}  # the run record keeps the verdict, so the report's verdict line still counts it
+            entry.update({"backdoored": kept.get("backdoored"), "suspected_targets": kept.get("suspected_targets")})
         else:
             entry.update({"backdoored": result.get("backdoored"), "suspected_targets": result.get("suspected_targets"),
                           "threshold": result.get("threshold"), "budget": result.get("budget"), "classes": result.get("classes"),
@@ -191,6 +193,10 @@ def build(records: list[Record]) -> dict[str, Any]:
     }
     if not by["scan"]:
         doc["missing"].append({"section": "scan", "reason": "no scan record given: the verdict and anomaly plot need `cleanse scan`"})
+    for scan in scans:
+        if scan.get("missing"):
+            doc["missing"].append({"section": "scan", "reason": f"{scan['missing']}: the per-class table and plots of the scan of "
+                                   f"{scan['model']} need it; the verdict line uses the verdict its run record kept"})
     if not by["unlearn"]:
         doc["missing"].append({"section": "unlearning", "reason": "no unlearn record given: before/after figures and history need `cleanse unlearn`"})
     if not by["explain"] and not by["unlearn"]:
