@@ -46,7 +46,7 @@ from cleanse.cli.unlearn import measure
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
-from cleanse.engine.evaluate import der
+from cleanse.engine.evaluate import der, predict
 from cleanse.engine.gradcam import tar_layer
 from cleanse.models import load_model
 from cleanse.recipes import RECIPES, RecipeContext
@@ -122,10 +122,10 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             model = load_model(trained["model"])
             layer = tar_layer(model, model.spec.input_size)
             if before is None:
-                before = measure(model, test, trigger, layer)  # per_class_accuracy included (rows before 2026-12-03: per_class_ca)
+                before = measured(model, test, trigger, layer)  # per_class_accuracy included (rows before 2026-12-03: per_class_ca)
             load_before = os.getloadavg()[0]
             result, wall = run_timed(name, params, model, split, trigger, precision, subset_seed, layer)
-            after = measure(model, test, trigger, layer)
+            after = measured(model, test, trigger, layer)
             row = {"key": key, "attack": attack, "target": target, "seed": seed, "model_sha256": trained["model_sha256"],
                    "subset_seed": subset_seed, "recipe": name, "params": params,
                    "overridden": overrides.get(name, {}), "clean_frac": args.clean_frac, "test_n": len(test), "n_train": len(split.train),
@@ -154,6 +154,15 @@ def run_timed(name: str, params: dict[str, Any], model: Any, split: Any, trigger
     wall = time.perf_counter() - started
     model.eval()
     return result, wall
+
+
+def measured(model, test, trigger, layer: str) -> dict[str, Any]:
+    """`cleanse unlearn`'s before/after figures plus the clean confusion matrix (rows: true class, columns:
+    predicted; rows before 2026-12-03 lack it), which shows where a class's lost accuracy went."""
+    out = measure(model, test, trigger, layer)
+    preds, n = predict(model, test.images), model.spec.num_classes
+    out["confusion"] = torch.bincount(test.labels.long() * n + preds, minlength=n * n).view(n, n).tolist()
+    return out
 
 
 def parse_overrides(items: list[str]) -> dict[str, dict[str, str]]:
