@@ -158,7 +158,7 @@ def run_timed(name: str, params: dict[str, Any], model: Any, split: Any, trigger
 
 def measured(model, test, trigger, layer: str) -> dict[str, Any]:
     """`cleanse unlearn`'s before/after figures plus the clean confusion matrix (rows: true class, columns:
-    predicted; rows before 2026-12-03 lack it), which shows where a class's lost accuracy went."""
+    predicted; rows written before this was added lack it), which shows where a class's lost accuracy went."""
     out = measure(model, test, trigger, layer)
     preds, n = predict(model, test.images), model.spec.num_classes
     out["confusion"] = torch.bincount(test.labels.long() * n + preds, minlength=n * n).view(n, n).tolist()

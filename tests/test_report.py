@@ -94,7 +94,6 @@ def test_report_from_only_a_scan_states_the_missing_sections(runs, tmp_path):
     assert not (out / "report.md").exists()
 
 
-
 def test_a_scan_record_whose_scan_json_is_gone_still_sets_the_verdict_and_says_what_is_missing(runs, tmp_path):
     (tmp_path / "lost").mkdir()
     (tmp_path / "lost" / "run.json").write_text((runs / "scan" / "run.json").read_text())
@@ -107,7 +106,17 @@ def test_a_scan_record_whose_scan_json_is_gone_still_sets_the_verdict_and_says_w
     assert doc["verdict"] == said and doc["backdoored"] is scanned["backdoored"]
     reasons = [m["reason"] for m in doc["missing"] if m["section"] == "scan"]
     assert len(reasons) == 1 and reasons[0].startswith(f"scan.json is no longer beside {tmp_path / 'lost' / 'run.json'}")
+    assert reasons[0].endswith("the verdict line uses the verdict its run record kept")
     assert f"**Verdict:** {said}" in (out / "report.md").read_text()
+    # an audit-only scan (no --data) kept no verdict: the reason does not claim one is used
+    record = json.loads((runs / "scan" / "run.json").read_text())
+    record["verdict"] = {"backdoored": None, "suspected_targets": None}
+    (tmp_path / "lost" / "run.json").write_text(json.dumps(record))
+    result = runner.invoke(app, ["report", str(tmp_path / "lost" / "run.json"), "-o", str(out), "--format", "md", "--force"])
+    assert result.exit_code == 0, result.output
+    doc = json.loads((out / "report.json").read_text())
+    assert doc["verdict"] is None and [m["reason"] for m in doc["missing"] if m["section"] == "scan"][0].endswith("need it")
+
 
 def test_report_evaluates_a_model_directly(runs, tmp_path):
     out = tmp_path / "rep"
@@ -134,7 +143,7 @@ def test_verdict_is_the_audited_models_and_a_cleaned_models_scan_is_added_after_
     assert overall_verdict([before, still]) == ("backdoor suspected, target(s) 0; after cleaning (ulrl): backdoor suspected, target(s) 0", True)
     assert overall_verdict([after]) == ("after cleaning (tar-ewc): no backdoor found", False)
     assert overall_verdict([]) == (None, None)
-    assert overall_verdict([{**before, "backdoored": None}]) == (None, None)  # scan.json gone: no result, no verdict
+    assert overall_verdict([{**before, "backdoored": None}]) == (None, None)  # no verdict recorded (e.g. an audit-only scan)
 
 
 def test_verdict_takes_the_latest_scan_of_one_model_and_names_each_of_several_models():

@@ -57,7 +57,8 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
                                  "created": r.doc.get("created"), "role": "audited", "result_file": str(r.folder / "scan.json")}
         if result is None:
             entry["missing"] = f"scan.json is no longer beside {r.path}"
-            kept = r.doc.get("verdict") or {}  # the run record keeps the verdict, so the report's verdict line still counts it
+            kept = r.doc.get("verdict")  # the run record keeps the verdict, so the report's verdict line still counts it
+            kept = kept if isinstance(kept, dict) else {}
             entry.update({"backdoored": kept.get("backdoored"), "suspected_targets": kept.get("suspected_targets")})
         else:
             entry.update({"backdoored": result.get("backdoored"), "suspected_targets": result.get("suspected_targets"),
@@ -109,7 +110,8 @@ def scan_verdict(scan: dict[str, Any]) -> str | None:
 
 
 def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | None]:
-    """The report's verdict line and whether it flags a backdoor, from every scan that has a result.
+    """The report's verdict line and whether it flags a backdoor, from every scan with a verdict (from its scan.json,
+    else, with that gone, from the verdict its run record kept; an audit-only scan has none).
 
     The verdict is about the audited model(s): a scan of a model that an unlearn record in the same report wrote
     is added after it ("after cleaning by tar-ewc: ..."), never taken for it. A model scanned twice (same sha256,
@@ -195,8 +197,9 @@ def build(records: list[Record]) -> dict[str, Any]:
         doc["missing"].append({"section": "scan", "reason": "no scan record given: the verdict and anomaly plot need `cleanse scan`"})
     for scan in scans:
         if scan.get("missing"):
+            used = "; the verdict line uses the verdict its run record kept" if scan.get("backdoored") is not None else ""
             doc["missing"].append({"section": "scan", "reason": f"{scan['missing']}: the per-class table and plots of the scan of "
-                                   f"{scan['model']} need it; the verdict line uses the verdict its run record kept"})
+                                   f"{scan['model']} need it{used}"})
     if not by["unlearn"]:
         doc["missing"].append({"section": "unlearning", "reason": "no unlearn record given: before/after figures and history need `cleanse unlearn`"})
     if not by["explain"] and not by["unlearn"]:
