@@ -15,14 +15,10 @@ from cleanse.report.collect import Record
 METRICS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "attention_share", "clean_tar")
 
 
-def _input_path(doc: dict[str, Any], key: str) -> str | None:
+def _input(doc: dict[str, Any], key: str, field: str) -> str | None:
+    """One field (`path`, `sha256`) of a record's `inputs[key]`; None when absent or malformed."""
     item = (doc.get("inputs") or {}).get(key)
-    return item.get("path") if isinstance(item, dict) else None
-
-
-def _input_sha(doc: dict[str, Any], key: str) -> str | None:
-    item = (doc.get("inputs") or {}).get(key)
-    return item.get("sha256") if isinstance(item, dict) else None
+    return item.get(field) if isinstance(item, dict) else None
 
 
 def _model_entry(record: Record) -> dict[str, Any] | None:
@@ -38,7 +34,7 @@ def summary_rows(unlearn: list[Record]) -> list[dict[str, Any]]:
     for r in unlearn:
         d = r.doc
         method = (d.get("parameters") or {}).get("method")
-        rows.append({"method": method, "model": _input_path(d, "model"), "output": (d.get("outputs") or {}).get("model"),
+        rows.append({"method": method, "model": _input(d, "model", "path"), "output": (d.get("outputs") or {}).get("model"),
                      "before": {k: (d.get("before") or {}).get(k) for k in METRICS},
                      "after": {k: (d.get("after") or {}).get(k) for k in METRICS},
                      "der": d.get("der"), "ca_retention": d.get("ca_retention"),
@@ -51,21 +47,22 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
     out = []
     for r in scans:
         result = r.result()
-        found = locate(r, _input_path(r.doc, "model"))
-        entry: dict[str, Any] = {"record": str(r.path), "model": str(found) if found else _input_path(r.doc, "model"), "verdict": r.doc.get("verdict"),
-                                 "model_sha256": _input_sha(r.doc, "model"),
+        given = _input(r.doc, "model", "path")
+        found = locate(r, given)
+        entry: dict[str, Any] = {"record": str(r.path), "model": str(found) if found else given, "verdict": r.doc.get("verdict"),
+                                 "model_sha256": _input(r.doc, "model", "sha256"),
                                  "created": r.doc.get("created"), "role": "audited", "result_file": str(r.folder / "scan.json")}
         if result is None:
             entry["missing"] = f"scan.json is no longer beside {r.path}"
             kept = r.doc.get("verdict")  # the run record keeps the verdict, so the report's verdict line still counts it
-            kept = kept if isinstance(kept, dict) else {}
-            entry.update({"backdoored": kept.get("backdoored"), "suspected_targets": kept.get("suspected_targets")})
+            verdict = kept if isinstance(kept, dict) else {}
         else:
-            entry.update({"backdoored": result.get("backdoored"), "suspected_targets": result.get("suspected_targets"),
-                          "threshold": result.get("threshold"), "budget": result.get("budget"), "classes": result.get("classes"),
+            verdict = result
+            entry.update({"threshold": result.get("threshold"), "budget": result.get("budget"), "classes": result.get("classes"),
                           "audit": result.get("audit"), "wall_seconds": result.get("wall_seconds")})
             sheet = r.folder / "sheet.png"
             entry["sheet"] = str(sheet) if sheet.is_file() else None
+        entry.update({"backdoored": verdict.get("backdoored"), "suspected_targets": verdict.get("suspected_targets")})
         out.append(entry)
     return out
 
@@ -82,14 +79,16 @@ def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> No
     inputs: set[str] = set()
     for r in unlearn:
         method = str((r.doc.get("parameters") or {}).get("method"))
-        given = _input_sha(r.doc, "model")
+        given = _input(r.doc, "model", "sha256")
         if given:
             inputs.add(str(given))
         outputs = r.doc.get("outputs") or {}
         found = locate(r, outputs.get("model"))
-        if found and found.is_file():
+        if found and not found.is_file():
+            found = None
+        if found:
             by_path[found.resolve()] = method
-        sha = outputs.get("model_sha256") or (sha256_file(found) if found and found.is_file() else None)
+        sha = outputs.get("model_sha256") or (sha256_file(found) if found else None)
         if sha:
             by_sha[sha] = method
     for scan in scans:
@@ -187,7 +186,7 @@ def build(records: list[Record]) -> dict[str, Any]:
         "scan": scans,
         "history": history_series(by["unlearn"]),
         "explain": [{"record": str(r.path), "set": (r.result() or {}).get("set"), "layer": (r.result() or {}).get("layer"),
-                     "model": _input_path(r.doc, "model"),
+                     "model": _input(r.doc, "model", "path"),
                      "sheet": str(r.folder / "sheet.png") if (r.folder / "sheet.png").is_file() else None} for r in by["explain"]],
         "provenance": provenance(records),
         "images": {},
@@ -223,6 +222,6 @@ def locate(record: Record, name: str | None) -> Path | None:
 def resolve_sources(record: Record) -> dict[str, Path | str | None]:
     """The files an unlearn record names (parent model, cleaned model, trigger, evaluation data)."""
     d = record.doc
-    data = _input_path(d, "test") or _input_path(d, "data")
-    return {"parent": locate(record, _input_path(d, "model")), "cleaned": locate(record, (d.get("outputs") or {}).get("model")),
-            "trigger": locate(record, _input_path(d, "trigger")), "data": (locate(record, data) or data) if data else None}
+    data = _input(d, "test", "path") or _input(d, "data", "path")
+    return {"parent": locate(record, _input(d, "model", "path")), "cleaned": locate(record, (d.get("outputs") or {}).get("model")),
+            "trigger": locate(record, _input(d, "trigger", "path")), "data": (locate(record, data) or data) if data else None}
