@@ -16,7 +16,7 @@ ROOT = Path(__file__).resolve().parent
 CIFAR = Path(os.environ.get("CLEANSE_CIFAR10", ROOT.parent.parent / "shared" / "datasets" / "cifar10"))
 CACHE = ROOT / "cache"
 # Trained models kept in git (about 7.9 MB each, safetensors): benchmarks/cache/ does not survive from one
-# work session to the next, and each CIFAR-10 model costs 12-16 minutes (Zen 5, bf16) to an hour (AVX2, fp32) to retrain.
+# work session to the next, and retraining a CIFAR-10 model is slow (times: benchmarks/models/README.md).
 KEPT_MODELS = ROOT / "models"
 RESULTS = ROOT / "results"
 

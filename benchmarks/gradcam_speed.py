@@ -6,7 +6,7 @@ epoch of tar-ewc-sized work (the 5% CIFAR-10 clean subset: 2,250 training
 images, TAR on the 250 held back).
 
     pip install grad-cam        # benchmark-only dependency (pytorch-grad-cam)
-    python -m benchmarks.gradcam_speed [--batch 64] [--reps 5]
+    python -m benchmarks.gradcam_speed [--batch 64] [--reps 8]
 """
 from __future__ import annotations
 

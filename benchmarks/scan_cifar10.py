@@ -89,7 +89,7 @@ def run(args: argparse.Namespace) -> None:
             settings["early_stop"] = plan.early_stop
         trained = train_cached(attack, target, 0.1, seed, log=False)
         settings["model_sha256"] = trained["model_sha256"]
-        if precision != "bf16":  # rows before 2026-12-03 were all bf16 (or fp32 on models since lost) and keep their key
+        if precision != "bf16":  # the precision joined the key later; bf16 rows keep their old key (results/README.md)
             settings["precision"] = precision
         key = config_hash(settings)
         if key in done:

@@ -122,7 +122,7 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             model = load_model(trained["model"])
             layer = tar_layer(model, model.spec.input_size)
             if before is None:
-                before = measured(model, test, trigger, layer)  # per_class_accuracy included (rows before 2026-12-03: per_class_ca)
+                before = measured(model, test, trigger, layer)  # per_class_accuracy included (older rows: per_class_ca; results/README.md)
             load_before = os.getloadavg()[0]
             result, wall = run_timed(name, params, model, split, trigger, precision, subset_seed, layer)
             after = measured(model, test, trigger, layer)
@@ -182,8 +182,7 @@ def training_seconds(train, attack: str, target: int, seed: int, fraction: float
     With `fraction` < 1 the epoch runs on that random share of the poisoned set and its time is divided by
     `fraction`: a training step costs the same whatever images it holds, so only the first batches' warm-up and
     the one-off set-up (the whitening statistics) are over-weighted, by 1/fraction. The batch size is the whole
-    set's (512 for CIFAR-10), not the one a small share would get. Rows of 2026-12-03 (fraction 0.1) were timed
-    before that fix, at batch 256."""
+    set's (512 for CIFAR-10), not the one a small share would get (rows timed before that fix: results/README.md)."""
     from cleanse.attacks import poison_dataset
     from cleanse.engine.train import TrainConfig, train_model
     from cleanse.models import new_model

@@ -7,9 +7,8 @@ or on the raw norms (`scale="linear"`, Neural Cleanse's):
 - `loo-z` (default): class c against the other classes only,
   |v_c - mean(v_-c)| / std(v_-c). The candidate does not widen the spread it is
   measured against, and the standard deviation of nine values is a far steadier
-  yardstick than their MAD: on the same backdoored synthetic model, three scan
-  seeds gave MAD indices 4.48, 5.40 and 2.27 (a miss at 3) but leave-one-out
-  z-scores 5.87, 5.48 and 4.43 (docs/commands/scan.md).
+  yardstick than their MAD, whose verdict changed with the scan seed
+  (docs/commands/scan.md, "The verdict").
 - `mad`: Neural Cleanse's |v_c - median(v)| / (1.4826 * MAD(v)) over all classes.
 
 A class is flagged when its index exceeds the threshold on the small side.

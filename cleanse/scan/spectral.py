@@ -7,10 +7,10 @@ samples of all classes in one list we score them as a one-sided robust z-score
 (our choice): orient v so that the projections are right-skewed (the minority
 cluster lies in the long tail), then z_i = (p_i - median) / (1.4826 * MAD).
 Dividing p_i^2 by the class mean instead let the chi-square tails of clean
-classes outrank the poisoned samples (measured precision 0.01 at a 2% poison
-rate on the synthetic set). Like the original, this needs the poisoned samples
-to be a minority of their class: at 10% all-to-one poisoning they are half of
-the target class, and no direction separates a minority.
+classes outrank the poisoned samples (docs/commands/scan.md, "Data audit").
+Like the original, this needs the poisoned samples to be a minority of their
+class: at 10% all-to-one poisoning they are half of the target class, and no
+direction separates a minority.
 """
 from __future__ import annotations
 
