@@ -36,7 +36,7 @@ from benchmarks.common import (CLEAN_MODELS, DEFAULT_MODELS, RESULTS, append_row
 from benchmarks.train_cifar10 import train_cached
 from benchmarks.unlearn_cifar10 import run_timed
 from cleanse.attacks import load_trigger
-from cleanse.cli.unlearn import measure
+from cleanse.engine.measure import measure
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision

@@ -42,7 +42,7 @@ from benchmarks.common import (DEFAULT_MODELS, RESULTS, append_row, config_hash,
                                write_results)
 from benchmarks.train_cifar10 import train_cached
 from cleanse.attacks import load_trigger
-from cleanse.cli.unlearn import measure
+from cleanse.engine.measure import measure
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision

@@ -121,7 +121,7 @@ def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
 
 
 def test_class_changes_are_in_points_largest_first_and_skip_classes_without_images():
-    from cleanse.cli.unlearn import class_changes
+    from cleanse.engine.measure import class_changes
 
     changes = class_changes([0.9, 0.8, None, 0.5], [0.85, 0.9, 0.7, 0.5], ["a", "b", "c", "d"])
     assert [name for name, _ in changes] == ["b", "a", "d"]

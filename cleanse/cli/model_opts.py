@@ -5,15 +5,16 @@ import math
 import re
 from typing import Annotated, Any, Optional
 
-import torch
 import typer
 
 from cleanse.errors import CleanseError
-from cleanse.models import PRESETS, ClassifierModel, ModelOptions
+from cleanse.models import ARCHITECTURES, PRESETS, ModelOptions
 from cleanse.models.checkpoint import MAX_CHANNELS, MAX_INPUT_PIXELS, check_arch_args
 
 PANEL = "Model file without cleanse metadata"
-ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture: a registry name, torchvision:NAME or path/file.py:factory.", rich_help_panel=PANEL)]
+ArchOpt = Annotated[Optional[str], typer.Option(
+    "--arch", help=f"Architecture: {', '.join(ARCHITECTURES.names())}, torchvision:NAME, or path/file.py:factory "
+                   "(train's default: cnn).", rich_help_panel=PANEL)]
 NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes of the model's head.", rich_help_panel=PANEL)]
 InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W or H,W (e.g. 3,32,32).", rich_help_panel=PANEL)]
 PresetOpt = Annotated[Optional[str], typer.Option("--preset", help=f"Normalisation preset: {' | '.join(PRESETS)}.", rich_help_panel=PANEL)]
@@ -112,19 +113,3 @@ def model_options(arch: str | None, num_classes: int | None, input_size: str | N
     names = [c.strip() for c in classes.split(",")] if classes else None
     return ModelOptions(arch, num_classes, size, m, s, names, parse_arch_args(arch_args, arch) or None)
 
-
-def load_cli_model(path: str, device: torch.device, arch: str | None = None, num_classes: int | None = None,
-                   input_size: str | None = None, preset: str | None = None, mean: str | None = None,
-                   std: str | None = None, classes: str | None = None, arch_args: list[str] | None = None) -> ClassifierModel:
-    """Load MODEL as every command does: a cleanse checkpoint, or a raw state dict plus these options.
-
-    `arch_args` are the raw `--arch-arg NAME=VALUE` items (ArchArgOpt). Notes from loading (assumed defaults,
-    a changed architecture file) go to stderr.
-    """
-    from cleanse.cli.common import say
-    from cleanse.models import load_model
-
-    model = load_model(path, model_options(arch, num_classes, input_size, preset, mean, std, classes, arch_args), device)
-    for note in model.notes:
-        say(note)
-    return model

@@ -1,13 +1,16 @@
 """Render engine events: a rich Live table on a terminal, plain lines otherwise, nothing with --quiet."""
 from __future__ import annotations
 
-from typing import Any, Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator
 
 from rich.live import Live
 from rich.table import Table
 
-from cleanse.cli.common import SESSION, console, fmt_rate
-from cleanse.engine.events import Event
+from cleanse.cli.common import SESSION, console, fmt_rate, say
+from cleanse.engine.events import Callback, Event
+from cleanse.jobs import Figures
 
 Column = tuple[str, str, Callable[[Any], str]]
 
@@ -121,3 +124,46 @@ def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
 def show(renderable: Any) -> None:
     if not SESSION.quiet:
         console.print(renderable)
+
+
+# Each command module registers how its job's result is shown; composite jobs (demo) show sub-results through it.
+VIEWS: dict[type, Callable[[Any], None]] = {}
+LOOP_VIEWS: dict[str, tuple[list[Column], Callable[[Event], Event] | None]] = {"train": (TRAIN_COLUMNS, None)}
+
+
+def view(result_type: type) -> Callable[[Callable[[Any], None]], Callable[[Any], None]]:
+    def register(render: Callable[[Any], None]) -> Callable[[Any], None]:
+        VIEWS[result_type] = render
+        return render
+
+    return register
+
+
+class CliProgress:
+    """The jobs' Progress on the terminal: notes to stderr, live tables for loops, registered views for results."""
+
+    def note(self, message: str, style: str | None = None) -> None:
+        say(message, style)
+
+    @contextmanager
+    def loop(self, kind: str, title: str, total: int | None = None) -> Iterator[Callback]:
+        columns, summarise = LOOP_VIEWS[kind]
+        with Monitor(title, columns, total) as monitor:
+            if summarise is None:
+                yield monitor
+            else:
+                yield lambda event: monitor(summarise(event) if event.kind == "row" else event)
+
+    def finished(self, result: Any) -> None:
+        VIEWS[type(result)](result)
+
+    def resumable(self, path: Path | None) -> None:
+        SESSION.resume_file = path
+
+
+PROGRESS = CliProgress()
+
+
+@view(Figures)
+def show_figures(figures: Figures) -> None:
+    show(metrics_table(figures.title, figures.rows))

@@ -1,0 +1,269 @@
+"""The unlearn job: remove a backdoor with a small clean subset, one recipe or all of them on the same subset."""
+from __future__ import annotations
+
+import copy
+import hashlib
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cleanse.attacks import load_trigger
+from cleanse.data import load_data
+from cleanse.data.subset import CleanSplit, clean_subset
+from cleanse.engine.device import resolve_precision
+from cleanse.engine.evaluate import der
+from cleanse.engine.gradcam import resolve_layer, tar_layer
+from cleanse.engine.measure import measure
+from cleanse.errors import CleanseError
+from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
+from cleanse.jobs.inputs import (RunSettings, check_classes, check_resume_file, check_same_run, load_clean, load_job_model,
+                                 resume_path)
+from cleanse.jobs.progress import SILENT, Progress
+from cleanse.models import ClassifierModel, ModelOptions, save_model
+from cleanse.recipes import RECIPES, RecipeContext
+from cleanse.recipes.base import NEEDS_TRIGGER
+from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
+from cleanse.record import describe_input, new_record, record_path, versions
+
+UNLEARN_RUN_FACTS = (("model", "MODEL"), ("data", "--data"), ("trigger", "--trigger"), ("method", "--method"),
+                     ("params", "--param/--epochs"), ("clean_frac", "--clean-frac"), ("clean_n", "--clean-n"), ("seed", "--seed"),
+                     ("precision", "--precision"), ("tar_layer", "--layer"), ("subset", "clean subset (DATA changed)"))
+
+
+@dataclass
+class UnlearnOptions:
+    model_path: str
+    data: str | None  # DATA to draw the clean subset from
+    method: str = "tar-ewc"  # a recipe name, or "all"
+    model: ModelOptions | None = None  # what a raw state dict lacks
+    clean_frac: float | None = None
+    clean_n: int | None = None
+    trigger: Path | None = None
+    test: str | None = None
+    eval_triggers: list[Path] = field(default_factory=list)  # reporting-only ASR/RA
+    epochs: int | None = None  # each recipe's main budget
+    params: dict[str, str] = field(default_factory=dict)  # --param NAME=VALUE
+    layer: str | None = None  # the TAR layer
+    output: Path | None = None  # default <model stem>.<method>.safetensors
+    checkpoint_every: int | None = None
+    resume: bool = False
+    precision: str = "auto"
+    no_cache: bool = False
+
+
+@dataclass
+class RecipeOutcome:
+    """One recipe's finished run: what `unlearn` shows and prints for it."""
+
+    summary: dict[str, Any]
+
+
+@dataclass
+class UnlearnResult:
+    summaries: dict[str, dict[str, Any]]
+    before: dict[str, Any]
+    measured_on: str
+    skipped: list[str]
+    run_all: bool
+    outputs: dict[str, Path]
+    wall_seconds: float
+
+    def to_json(self) -> dict[str, Any]:
+        if self.run_all:
+            return {"recipes": self.summaries, "skipped": self.skipped, "wall_seconds": self.wall_seconds}
+        return next(iter(self.summaries.values()))
+
+
+@dataclass
+class _Plan:
+    names: list[str]
+    skipped: list[str]
+    params: dict[str, dict[str, Any]]
+    outputs: dict[str, Path]
+    run_all: bool
+
+
+def _plan(o: UnlearnOptions) -> _Plan:
+    """Which recipes run with which parameters, and where they write: usage errors before any file is read."""
+    run_all = o.method == "all"
+    if not run_all and o.method not in RECIPES:
+        raise CleanseError(f"unknown recipe {o.method!r}; choose one of: {', '.join(RECIPES.names())}, or all")
+    names = RECIPES.names() if run_all else [RECIPES.get(o.method).name]
+    _check_resume_options(names[0] if not run_all else "all", o.checkpoint_every, o.resume)
+    raw = dict(o.params)
+    if o.epochs is not None:
+        raw["epochs"] = str(o.epochs)
+    if o.data is None:
+        raise CleanseError("--data is required: the DATA to draw the clean subset from (e.g. the training folder)")
+    if not run_all and RECIPES.get(o.method).needs_trigger and o.trigger is None:
+        raise CleanseError(NEEDS_TRIGGER.format(name=o.method))
+    skipped = [n for n in names if RECIPES.get(n).needs_trigger and o.trigger is None]
+    names = [n for n in names if n not in skipped]
+    params = {n: _params_for(n, raw, run_all) for n in names}
+    unknown = sorted(set(raw) - {k for n in names for k in RECIPES.get(n).params})
+    if run_all and unknown:
+        raise CleanseError(f"no recipe has a parameter {unknown[0]!r}; see docs/recipes/ for each recipe's parameters")
+    stem = Path(o.model_path).stem
+    if run_all:
+        base = str(o.output).removesuffix(".safetensors") if o.output else str(Path(o.model_path).with_name(stem))
+        outputs = {n: Path(f"{base}.{n}.safetensors") for n in names}
+    else:
+        outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
+    return _Plan(names, skipped, params, outputs, run_all)
+
+
+def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
+    o, s = options, settings or RunSettings()
+    started = time.perf_counter()
+    plan = _plan(o)
+    names, run_all = plan.names, plan.run_all
+    guarded = (o.model_path, o.data, o.test, str(o.trigger) if o.trigger else None, *map(str, o.eval_triggers))
+    for path in [p for out in plan.outputs.values() for p in (out, record_path(out))]:
+        check_output(path, force=s.force, inputs=guarded)
+    state_path = resume_path(plan.outputs[names[0]])
+    state = _resume_state(names, o, s.force, state_path)
+    checkpoint_every = o.checkpoint_every
+    if checkpoint_every is None and state is not None:
+        checkpoint_every = state.extra.get("checkpoint_every")
+    if checkpoint_every is not None:
+        check_output(state_path, force=True, inputs=guarded)
+    dev = s.torch_device()
+    prec = resolve_precision(o.precision, dev)
+    model = load_job_model(o.model_path, o.model, dev, progress)
+    channels, height, width = model.spec.input_size
+    trig = load_trigger(o.trigger) if o.trigger else None
+    for name in names:
+        RECIPES.get(name).check(plan.params[name], trig)
+    extra_triggers = {p.name: load_trigger(p) for p in o.eval_triggers}
+    for t in [trig, *extra_triggers.values()]:
+        if t is not None:
+            t.check_size(channels, height, width, what="the model's inputs")
+            t.check_classes(model.spec.num_classes)
+    assert o.data is not None  # _plan refused a missing --data
+    source = load_data(o.data, cache=not o.no_cache, image_size=(height, width))
+    check_classes(model, source, o.data)
+    split = clean_subset(source, o.clean_frac, o.clean_n, s.seed)
+    test_data, test_dropped = load_clean(o.test, "test", o.no_cache, (height, width)) if o.test else (None, 0)
+    if test_data is not None and o.test is not None:
+        check_classes(model, test_data, o.test)
+    measure_layer = o.layer or tar_layer(model, model.spec.input_size)
+    resolve_layer(model, measure_layer)
+    report_on, report_name = (test_data, f"--test {o.test}") if test_data is not None else (split.held, "the held-back clean images")
+    progress.note(f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
+                  f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}")
+    if plan.skipped:
+        progress.note(f"skipped {', '.join(plan.skipped)}: they need a trigger (--trigger from `cleanse poison`, "
+                      "or reversed by `cleanse scan`)")
+    before = measure(model, report_on, trig, measure_layer, extra_triggers)
+    start_state = copy.deepcopy(model.net.state_dict())
+    inputs = {"model": describe_input(o.model_path), "data": describe_input(o.data), "trigger": describe_input(o.trigger),
+              "test": describe_input(o.test), "eval_triggers": [describe_input(p) for p in o.eval_triggers]}
+    subset = {"train_index": split.train_index.tolist(), "held_index": split.held_index.tolist(),
+              "filtered_with_ground_truth": split.filtered, "test_rows_dropped": test_dropped}
+    facts = {"model": inputs["model"], "data": inputs["data"], "trigger": inputs["trigger"], "method": names[0],
+             "params": plan.params[names[0]], "clean_frac": o.clean_frac, "clean_n": o.clean_n, "seed": s.seed,
+             "precision": prec, "tar_layer": measure_layer, "subset": _subset_digest(split)}
+    if state is not None:
+        check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
+        progress.note(f"resuming {names[0]} from {state_path} after pass {state.passes} over the clean subset")
+
+    def save_state(snapshot: RecipeState) -> None:
+        snapshot.extra = {**facts, "checkpoint_every": checkpoint_every}
+        save_recipe_state(state_path, snapshot)
+
+    checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
+    resumable = bool(checkpoint_every) or state is not None
+    if resumable:
+        if state is None:
+            state_path.unlink(missing_ok=True)  # --force: a stale checkpoint of another run must not be offered for --resume
+        progress.resumable(state_path)
+    summaries: dict[str, dict[str, Any]] = {}
+    finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
+    for name in names:
+        model.net.load_state_dict(start_state)
+        recipe_started = time.perf_counter()
+        ctx = RecipeContext(model, split, trig, plan.params[name], callback=lambda e: None, precision=prec, seed=s.seed,
+                            tar_layer=measure_layer, checkpoints=checkpoints if not run_all else Checkpoints())
+        with progress.loop("unlearn", f"unlearn {name}") as callback:
+            ctx.callback = callback
+            result = RECIPES.get(name).run(ctx)
+        model.eval()
+        after = measure(model, report_on, trig, measure_layer, extra_triggers)
+        wall = time.perf_counter() - (started if not run_all else recipe_started)
+        retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
+        summary = {"method": name, "classes": model.spec.classes, "before": before, "after": after, "der": der(before, after),
+                   "ca_retention": retention, "wall_seconds": wall, "measured_on": report_name,
+                   "output": str(plan.outputs[name]), "kept": result.kept, "extra": result.extra}
+        provenance = {"command": "unlearn", "recipe": name, "params": plan.params[name], "seed": s.seed,
+                      "parent_sha256": model.source_sha256, "parent": o.model_path, "version": versions()["cleanse"]}
+        record = new_record("unlearn", inputs=inputs,
+                            parameters={"method": name, "params": plan.params[name], "clean_frac": o.clean_frac,
+                                        "clean_n": o.clean_n, "seed": s.seed, "tar_layer": measure_layer, "precision": prec,
+                                        "all": run_all, "checkpoint_every": checkpoint_every,
+                                        "resumed_after_pass": state.passes if state else None},
+                            clean_subset=subset, before=before, after=after, der=summary["der"], ca_retention=retention,
+                            kept=result.kept, history=result.history, notes=result.notes, extra=result.extra,
+                            timings={"wall_seconds": wall}, versions=versions(dev),
+                            outputs={"model": str(plan.outputs[name])})
+        summaries[name] = summary
+        finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
+        progress.finished(RecipeOutcome(summary))
+    _write(model, finished)
+    if resumable:
+        progress.resumable(None)
+        state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
+    return UnlearnResult(summaries, before, report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started)
+
+
+def _write(model: ClassifierModel, finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]]) -> None:
+    """Every recipe's checkpoint and run record, all or none."""
+    with output_set() as out:
+        for path, provenance, record, weights in finished:
+            model.net.load_state_dict(weights)
+            written = out.reserve(path)
+            save_model(model, written, provenance)
+            record["outputs"]["model_sha256"] = sha256_file(written)  # lets `report` recognise scans of it after the file is gone
+            write_json_atomic(out.reserve(record_path(path)), record)
+
+
+def _check_resume_options(method: str, checkpoint_every: int | None, resume: bool) -> None:
+    """--checkpoint-every/--resume work for one recipe that makes passes over the clean subset."""
+    if checkpoint_every is None and not resume:
+        return
+    flag = "--resume" if resume else "--checkpoint-every"
+    if checkpoint_every is not None and checkpoint_every < 1:
+        raise CleanseError(f"--checkpoint-every {checkpoint_every} must be at least 1 (passes over the clean subset between "
+                           "checkpoints)")
+    if method == "all":
+        raise CleanseError(f"{flag} takes one recipe, not --method all; run the recipes one at a time with --method NAME")
+    if not RECIPES.get(method).resumable:
+        able = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).resumable)
+        raise CleanseError(f"{method} cannot be checkpointed (its work is not a series of passes over the clean subset); "
+                           f"drop {flag}, or use one of: {able}")
+
+
+def _resume_state(names: list[str], o: UnlearnOptions, force: bool, state_path: Path) -> RecipeState | None:
+    """The checkpoint to continue from (--resume), after checking the files present."""
+    check_resume_file(state_path, o.checkpoint_every, o.resume, force)
+    if not o.resume:
+        return None
+    state = load_recipe_state(state_path)
+    if state.recipe != names[0]:
+        raise CleanseError(f"{state_path}: the checkpoint is of recipe {state.recipe}, this run is {names[0]}; "
+                           f"rerun with --method {state.recipe}, or without --resume")
+    return state
+
+
+def _subset_digest(split: CleanSplit) -> str:
+    """Names the clean subset: a DATA folder whose contents changed gives another digest."""
+    return hashlib.sha256(split.train_index.numpy().tobytes() + b"|" + split.held_index.numpy().tobytes()).hexdigest()[:16]
+
+
+def _params_for(name: str, raw: dict[str, str], run_all: bool) -> dict[str, Any]:
+    """The recipe's parameters; with --method all each recipe takes the --param names it knows."""
+    recipe = RECIPES.get(name)
+    return recipe.resolve_params({k: v for k, v in raw.items() if k in recipe.params} if run_all else raw)
+
