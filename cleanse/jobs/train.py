@@ -7,8 +7,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cleanse.attacks import load_trigger
-from cleanse.data import load_data
+from cleanse.data import Dataset, load_data
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.train import TrainConfig, TrainState, load_train_state, save_train_state, train_model
 from cleanse.errors import CleanseError
@@ -16,7 +18,7 @@ from cleanse.files import check_output, output_set, write_json_atomic
 from cleanse.jobs.inputs import (RunSettings, check_classes, check_resume_file, check_same_run, check_trainable, load_clean,
                                  load_job_model, note_data, resume_path)
 from cleanse.jobs.progress import SILENT, Progress
-from cleanse.models import ModelOptions, new_model, save_model
+from cleanse.models import ClassifierModel, ModelOptions, new_model, save_model
 from cleanse.record import describe_input, new_record, record_path, versions
 from cleanse.training_defaults import data_normalization
 
@@ -90,20 +92,7 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
     train_data = load_data(o.data, split=o.split, cache=not o.no_cache)
     note_data(train_data, progress)
     trig = load_trigger(o.trigger) if o.trigger else None
-    if o.init is not None:
-        model = load_job_model(str(o.init), m, dev, progress)
-        parent = model.source_sha256
-    else:
-        if m.input_size is not None or m.classes is not None:
-            raise CleanseError("--input-size and --classes describe a raw --init file; a fresh model takes them from the data")
-        if m.num_classes is not None and m.num_classes != train_data.num_classes:
-            raise CleanseError(f"--num-classes {m.num_classes} but {o.data} has {train_data.num_classes} classes; "
-                               "drop --num-classes")
-        mean, std = (m.mean, m.std) if m.mean is not None else data_normalization(train_data)
-        height, width = train_data.image_size
-        model = new_model(m.arch or "cnn", train_data.num_classes, train_data.classes, (train_data.channels, height, width),
-                          mean, std, m.arch_args or {}, seed=s.seed).to(dev)
-        parent = None
+    model, parent = _model_to_train(o, m, train_data, dev, s.seed, progress)
     check_classes(model, train_data, o.data)
     check_trainable(train_data, o.data)
     size = (model.spec.input_size[1], model.spec.input_size[2])
@@ -160,3 +149,20 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
         state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
     return TrainResult(metrics, o.output, model.spec.arch, o.epochs, o.test, len(test_data) if test_data is not None else None,
                        wall, prec)
+
+
+def _model_to_train(o: TrainOptions, m: ModelOptions, data: Dataset, dev: torch.device, seed: int,
+                    progress: Progress) -> tuple[ClassifierModel, str | None]:
+    """The --init model (and its sha256, the parent), or a fresh one shaped by the data and the model options."""
+    if o.init is not None:
+        model = load_job_model(str(o.init), m, dev, progress)
+        return model, model.source_sha256
+    if m.input_size is not None or m.classes is not None:
+        raise CleanseError("--input-size and --classes describe a raw --init file; a fresh model takes them from the data")
+    if m.num_classes is not None and m.num_classes != data.num_classes:
+        raise CleanseError(f"--num-classes {m.num_classes} but {o.data} has {data.num_classes} classes; drop --num-classes")
+    mean, std = (m.mean, m.std) if m.mean is not None else data_normalization(data)
+    height, width = data.image_size
+    model = new_model(m.arch or "cnn", data.num_classes, data.classes, (data.channels, height, width), mean, std,
+                      m.arch_args or {}, seed=seed).to(dev)
+    return model, None
