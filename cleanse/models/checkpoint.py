@@ -19,10 +19,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanse import __version__
 from cleanse.errors import CleanseError
 from cleanse.files import read_cleanse_metadata, read_safetensors, sha256_file, write_safetensors
 from cleanse.models.registry import ARCHITECTURES
+from cleanse.version import __version__
 
 MODEL_FORMAT = "cleanse.model"
 FORMAT_VERSION = 1
