@@ -9,8 +9,7 @@ import torch
 import typer
 
 from cleanse.errors import CleanseError
-from cleanse.models import PRESETS, ClassifierModel, ModelOptions
-from cleanse.models.checkpoint import MAX_CHANNELS, MAX_INPUT_PIXELS, check_arch_args
+from cleanse.models import MAX_CHANNELS, MAX_INPUT_PIXELS, PRESETS, ClassifierModel, ModelOptions, check_arch_args
 
 PANEL = "Model file without cleanse metadata"
 ArchOpt = Annotated[Optional[str], typer.Option("--arch", help="Architecture: a registry name, torchvision:NAME or path/file.py:factory.", rich_help_panel=PANEL)]
