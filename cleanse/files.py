@@ -14,8 +14,9 @@ import json
 import os
 import struct
 import tempfile
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, TypeGuard
 
 import torch
 from safetensors.torch import load as st_load
@@ -47,12 +48,15 @@ def sha256_file(path: str | os.PathLike) -> str:
 def _check_header(raw: bytes, path: Path) -> dict[str, Any]:
     size = len(raw)
     if size < 8:
-        raise CleanseError(f"{path}: file is truncated or not a safetensors file ({size} bytes); re-export it with safetensors")
+        raise CleanseError(f"{path}: file is truncated or not a safetensors file ({size} bytes); "
+                           "re-export it with safetensors")
     (n,) = struct.unpack("<Q", raw[:8])
     if n > MAX_HEADER_BYTES:
-        raise CleanseError(f"{path}: not a safetensors file (header length {n} bytes is absurd); pass a safetensors file, e.g. one written by cleanse")
+        raise CleanseError(f"{path}: not a safetensors file (header length {n} bytes is absurd); "
+                           "pass a safetensors file, e.g. one written by cleanse")
     if 8 + n > size:
-        raise CleanseError(f"{path}: file is truncated (header says {n} bytes, file has {size - 8}); re-download or re-export it")
+        raise CleanseError(f"{path}: file is truncated (header says {n} bytes, file has {size - 8}); "
+                           "re-download or re-export it")
     try:
         header = json.loads(raw[8 : 8 + n].decode("utf-8"))
     except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, or nested beyond Python's stack
@@ -74,7 +78,8 @@ def _check_header(raw: bytes, path: Path) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError, OverflowError):
             raise CleanseError(f"{path}: tensor {name!r} has a malformed header entry; the file is damaged") from None
         if not 0 <= begin <= end <= body or end - begin != expected:
-            raise CleanseError(f"{path}: tensor {name!r} points past the end of the file (offsets {begin}..{end}, data {body} bytes); the file is truncated or damaged")
+            raise CleanseError(f"{path}: tensor {name!r} points past the end of the file (offsets {begin}..{end}, "
+                               f"data {body} bytes); the file is truncated or damaged")
     return header
 
 
@@ -86,7 +91,8 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return parse_safetensors(path.read_bytes(), path)
 
 
-def parse_safetensors(raw: bytes, path: str | os.PathLike = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def parse_safetensors(raw: bytes,
+                      path: str | os.PathLike = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata from the bytes of a safetensors file; anything malformed is a CleanseError."""
     header = _check_header(raw, Path(path))
     try:
@@ -100,7 +106,7 @@ def parse_safetensors(raw: bytes, path: str | os.PathLike = "<bytes>") -> tuple[
     return tensors, dict(header.get("__metadata__") or {})
 
 
-def read_cleanse_metadata(metadata: dict[str, str], path: Path | str) -> dict[str, Any] | None:
+def read_cleanse_metadata(metadata: dict[str, str], path: str | os.PathLike) -> dict[str, Any] | None:
     """The JSON document under the `cleanse` key, or None when the file has none."""
     text = metadata.get(METADATA_KEY)
     if text is None:
@@ -108,7 +114,8 @@ def read_cleanse_metadata(metadata: dict[str, str], path: Path | str) -> dict[st
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        raise CleanseError(f"{path}: the 'cleanse' metadata is not valid JSON; re-create the file with cleanse") from None
+        raise CleanseError(f"{path}: the 'cleanse' metadata is not valid JSON; "
+                           "re-create the file with cleanse") from None
     if not isinstance(doc, dict):
         raise CleanseError(f"{path}: the 'cleanse' metadata must be a JSON object; re-create the file with cleanse")
     return doc
@@ -129,7 +136,7 @@ def _temp_prefix(path: Path) -> str:
     return f".{path.name[:120]}."
 
 
-def is_write_error(exc: BaseException) -> bool:
+def is_write_error(exc: BaseException) -> TypeGuard[OSError]:
     """An OSError that means the file system refused (no space, read-only, name too long ...), not a bug."""
     return isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS
 
@@ -137,8 +144,30 @@ def is_write_error(exc: BaseException) -> bool:
 def write_error(path: str | os.PathLike, exc: OSError) -> CleanseError:
     """The one-line error for an output that the operating system refused to write."""
     reason = exc.strerror or type(exc).__name__
-    fix = "free some space or choose another path with -o" if exc.errno in (errno.ENOSPC, errno.EDQUOT) else "choose another path with -o"
+    full = exc.errno in (errno.ENOSPC, errno.EDQUOT)
+    fix = "free some space or choose another path with -o" if full else "choose another path with -o"
     return CleanseError(f"{path}: cannot write the output ({reason}); {fix}")
+
+
+@contextlib.contextmanager
+def _undo_on_error(undo: Callable[[], None], path: str | os.PathLike | None) -> Iterator[None]:
+    """Run the block; if anything escapes it, `undo` the partial output first.
+
+    An OSError meaning the file system refused the output becomes the one-line `write_error` for `path` (None: the
+    file the error names, else "output"); anything else propagates unchanged.
+    """
+    try:
+        yield
+    except BaseException as exc:
+        undo()
+        if is_write_error(exc):
+            raise write_error(path if path is not None else exc.filename or "output", exc) from None
+        raise
+
+
+def _unlink_quietly(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        path.unlink()
 
 
 def _check_parent(path: Path, what: str = "output folder") -> Path:
@@ -146,7 +175,8 @@ def _check_parent(path: Path, what: str = "output folder") -> Path:
     if not parent.exists():
         raise CleanseError(f"{parent}: {what} does not exist; create it first")
     if not parent.is_dir():
-        raise CleanseError(f"{parent}: is not a folder, so {path.name} cannot be written inside it; choose another path with -o")
+        raise CleanseError(f"{parent}: is not a folder, so {path.name} cannot be written inside it; "
+                           "choose another path with -o")
     if not os.access(parent, os.W_OK):
         raise CleanseError(f"{parent}: {what} is not writable; choose another path with -o")
     # os.access says yes to root everywhere, even on a read-only file system: try it before any work is done
@@ -165,7 +195,8 @@ def _check_parent(path: Path, what: str = "output folder") -> Path:
 
 def _check_name(path: Path) -> None:
     if len(os.fsencode(path.name)) > NAME_MAX:
-        raise CleanseError(f"{path.name[:40]}...: cannot write the output (file name longer than {NAME_MAX} bytes); choose a shorter -o")
+        raise CleanseError(f"{path.name[:40]}...: cannot write the output (file name longer than {NAME_MAX} bytes); "
+                           "choose a shorter -o")
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -201,15 +232,9 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     os.close(fd)
     tmp_path = Path(tmp)
     os.chmod(tmp_path, _default_mode())
-    try:
+    with _undo_on_error(lambda: _unlink_quietly(tmp_path), path):
         yield tmp_path
         os.replace(tmp_path, path)
-    except BaseException as exc:
-        with contextlib.suppress(OSError):
-            tmp_path.unlink()
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-            raise write_error(path, exc) from None
-        raise
 
 
 def write_bytes_atomic(path: str | os.PathLike, data: bytes) -> None:
@@ -239,7 +264,8 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_folder(path: str | os.PathLike, *, force: bool, inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+def check_output_folder(path: str | os.PathLike, *, force: bool,
+                        inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
     """Refuse a folder output that is a file, holds an input, is non-empty without --force, or cannot be written.
 
     `--force` replaces only an earlier cleanse output (a folder holding a run record) or an empty folder, and never a
@@ -256,15 +282,19 @@ def check_output_folder(path: str | os.PathLike, *, force: bool, inputs: tuple[s
         if not force:
             raise CleanseError(f"{path}: output folder is not empty; pass --force to replace it or choose another -o")
         if not any(p.is_file() and (p.name == RUN_RECORD or p.name.endswith("." + RUN_RECORD)) for p in path.iterdir()):
-            raise CleanseError(f"{path}: not a cleanse output (no run record: {RUN_RECORD} or *.{RUN_RECORD}), so --force will not "
-                               "replace it; choose another -o or empty the folder yourself")
+            raise CleanseError(f"{path}: not a cleanse output (no run record: {RUN_RECORD} or *.{RUN_RECORD}), "
+                               "so --force will not replace it; choose another -o or empty the folder yourself")
     _check_parent(path, "output folder's parent")
     return path
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool, inputs: tuple[str | os.PathLike | None, ...] = ()) -> Iterator[Path]:
-    """Build a directory output in a temporary folder beside the target, then rename it into place (see check_output_folder)."""
+def atomic_directory(path: str | os.PathLike, *, force: bool,
+                     inputs: tuple[str | os.PathLike | None, ...] = ()) -> Iterator[Path]:
+    """Build a directory output in a temporary folder beside the target, then rename it into place.
+
+    See check_output_folder for what may be replaced.
+    """
     import shutil
 
     path = check_output_folder(path, force=force, inputs=inputs)
@@ -273,16 +303,11 @@ def atomic_directory(path: str | os.PathLike, *, force: bool, inputs: tuple[str 
     except OSError as exc:
         raise write_error(path, exc) from None
     os.chmod(tmp, _default_mode(directory=True))
-    try:
+    with _undo_on_error(lambda: shutil.rmtree(tmp, ignore_errors=True), path):
         yield tmp
         if path.exists():
             shutil.rmtree(path)
         os.replace(tmp, path)
-    except BaseException as exc:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-            raise write_error(path, exc) from None
-        raise
 
 
 class OutputSet:
@@ -320,11 +345,6 @@ class OutputSet:
 @contextlib.contextmanager
 def output_set() -> Iterator[OutputSet]:
     outputs = OutputSet()
-    try:
+    with _undo_on_error(outputs.rollback, None):
         yield outputs
         outputs.commit()
-    except BaseException as exc:
-        outputs.rollback()
-        if isinstance(exc, OSError) and exc.errno in _WRITE_ERRNOS:
-            raise write_error(exc.filename or "output", exc) from None
-        raise

@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from cleanse import __version__
 from cleanse.files import sha256_file
+from cleanse.version import __version__
 
 RUN_SCHEMA = 1
 

@@ -36,7 +36,7 @@ from cleanse.cli import app
 from cleanse.errors import CleanseError
 from cleanse.files import parse_safetensors, read_cleanse_metadata
 from cleanse.models import new_model, save_model
-from cleanse.models.checkpoint import parse_model_metadata
+from cleanse.models import parse_model_metadata
 
 runner = CliRunner()
 REPO = Path(__file__).resolve().parents[1]
@@ -543,7 +543,7 @@ def test_cleanse_metadata_parsing_only_raises_cleanse_error(text: str, other: di
 @FAST
 @given(key=st.sampled_from(MODEL_KEYS), value=json_values, whole=st.booleans(), doc=st.dictionaries(st.text(max_size=8), json_values, max_size=5))
 def test_model_metadata_validation_only_raises_cleanse_error(key: str, value: Any, whole: bool, doc: dict[str, Any]) -> None:
-    from cleanse.models.checkpoint import check_arch_args
+    from cleanse.models import check_arch_args
 
     candidate = doc if whole else mutate(GOOD_MODEL_DOC, key, value)
     try:

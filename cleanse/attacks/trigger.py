@@ -19,10 +19,15 @@ import torch
 import torch.nn.functional as F
 
 from cleanse.errors import CleanseError
-from cleanse.files import read_cleanse_metadata, read_safetensors, write_safetensors
+from cleanse.files import write_safetensors
+from cleanse.formats import FileFormat
 
-TRIGGER_FORMAT = "cleanse.trigger"
-FORMAT_VERSION = 1
+_GET_ONE = "pass the .trigger.safetensors from cleanse poison or a trigger-<class>.safetensors from cleanse scan"
+TRIGGER_FILE = FileFormat(
+    "cleanse.trigger", 1,
+    wrong_format="{path}: not a trigger file (a {found} file); " + _GET_ONE,
+    wrong_version="{path}: trigger format version {version} is not supported; re-create it",
+    no_metadata="{path}: not a trigger file (no 'cleanse' metadata); " + _GET_ONE)
 KIND_TENSORS = {"blend": ("mask", "pattern"), "additive": ("delta",), "warp": ("grid",)}
 ALL_TO_ALL = {"all_to_all": {"shift": 1}}
 _CHUNK = 4096
@@ -110,8 +115,8 @@ class Trigger:
 
     # -- files -------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        doc = {"format": TRIGGER_FORMAT, "format_version": FORMAT_VERSION, "kind": self.kind, "attack": self.attack,
-               "params": self.params, "target": self.target, "input_size": list(self.input_size), "origin": self.origin, **self.extra}
+        doc = {**TRIGGER_FILE.header(), "kind": self.kind, "attack": self.attack, "params": self.params,
+               "target": self.target, "input_size": list(self.input_size), "origin": self.origin, **self.extra}
         if self.kind == "warp":
             doc["align_corners"] = self.align_corners
         return doc
@@ -156,17 +161,13 @@ def parse_target(value: Any, num_classes: int | None = None) -> int | dict:
 
 def load_trigger(path: str | Path) -> Trigger:
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    return trigger_from_contents(tensors, read_cleanse_metadata(metadata, path), path)
+    tensors, doc = TRIGGER_FILE.read(path)
+    return trigger_from_contents(tensors, doc, path)
 
 
 def trigger_from_contents(tensors: dict[str, torch.Tensor], doc: dict[str, Any] | None, path: str | Path) -> Trigger:
     """Validate a trigger file's tensors and `cleanse` metadata; anything malformed is a CleanseError."""
-    if doc is None or doc.get("format") != TRIGGER_FORMAT:
-        found = "no 'cleanse' metadata" if doc is None else f"a {doc.get('format')!s} file"
-        raise CleanseError(f"{path}: not a trigger file ({found}); pass the .trigger.safetensors from cleanse poison or a trigger-<class>.safetensors from cleanse scan")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise CleanseError(f"{path}: trigger format version {doc.get('format_version')!r} is not supported; re-create it")
+    doc = TRIGGER_FILE.check(doc, path)
     kind = doc.get("kind")
     if not isinstance(kind, str) or kind not in KIND_TENSORS:
         raise CleanseError(f"{path}: trigger kind {kind!r} is unknown; expected one of {', '.join(KIND_TENSORS)}")

@@ -8,8 +8,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from cleanse.errors import CleanseError
-from cleanse.models import ARCHITECTURES, PRESETS, ModelOptions
-from cleanse.models.checkpoint import MAX_CHANNELS, MAX_INPUT_PIXELS, check_arch_args
+from cleanse.models import ARCHITECTURES, MAX_CHANNELS, MAX_INPUT_PIXELS, PRESETS, ModelOptions, check_arch_args
 
 PANEL = "Model file without cleanse metadata"
 ArchOpt = Annotated[Optional[str], typer.Option(

@@ -8,10 +8,14 @@ from typing import Any
 import torch
 
 from cleanse.errors import CleanseError
-from cleanse.files import read_cleanse_metadata, read_safetensors, write_safetensors
+from cleanse.files import write_safetensors
+from cleanse.formats import FileFormat
 
-DATASET_FORMAT = "cleanse.dataset"
-FORMAT_VERSION = 1
+DATASET_FILE = FileFormat(
+    "cleanse.dataset", 1,
+    wrong_format="{path}: this is a {found} file, not a dataset; pass a dataset file or folder as DATA",
+    wrong_version="{path}: dataset format version {version} is not supported (this cleanse reads {supported}); "
+                  "re-create it")
 
 
 @dataclass
@@ -79,22 +83,19 @@ def save_dataset(dataset: Dataset, path: str | Path) -> None:
         value = getattr(dataset, name)
         if value is not None:
             tensors[name] = value
-    meta = {"format": DATASET_FORMAT, "format_version": FORMAT_VERSION, "classes": dataset.classes, **dataset.meta}
+    meta = {**DATASET_FILE.header(), "classes": dataset.classes, **dataset.meta}
     write_safetensors(path, tensors, meta)
 
 
 def load_dataset_file(path: str | Path) -> Dataset:
     path = Path(path)
-    tensors, metadata = read_safetensors(path)
-    doc = read_cleanse_metadata(metadata, path)
+    tensors, doc = DATASET_FILE.read_or_raw(path)
     if doc is None:
         if "images" in tensors and "labels" in tensors:
-            raise CleanseError(f"{path}: dataset file has no 'cleanse' metadata (class names); write it with cleanse poison or pass an .npz")
-        raise CleanseError(f"{path}: not a cleanse dataset file (no 'images'/'labels' tensors); pass a dataset written by cleanse poison")
-    if doc.get("format") != DATASET_FORMAT:
-        raise CleanseError(f"{path}: this is a {doc.get('format', 'unknown')!s} file, not a dataset; pass a dataset file or folder as DATA")
-    if doc.get("format_version") != FORMAT_VERSION:
-        raise CleanseError(f"{path}: dataset format version {doc.get('format_version')!r} is not supported (this cleanse reads {FORMAT_VERSION}); re-create it")
+            raise CleanseError(f"{path}: dataset file has no 'cleanse' metadata (class names); "
+                               "write it with cleanse poison or pass an .npz")
+        raise CleanseError(f"{path}: not a cleanse dataset file (no 'images'/'labels' tensors); "
+                           "pass a dataset written by cleanse poison")
     classes = doc.get("classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
         raise CleanseError(f"{path}: dataset metadata 'classes' must be a non-empty list of names; re-create the file with cleanse poison")

@@ -25,11 +25,14 @@ from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event, silent
 from cleanse.engine.snapshot import pack_optimizer, pack_rng, restore_optimizer, restore_rng
 from cleanse.errors import CleanseError
-from cleanse.files import read_cleanse_metadata, read_safetensors, write_safetensors
-from cleanse.models.checkpoint import ClassifierModel
+from cleanse.files import write_safetensors
+from cleanse.formats import FileFormat
+from cleanse.models import ClassifierModel
 
-RESUME_FORMAT = "cleanse.train-resume"
-RESUME_VERSION = 1
+_NOT_RESUME = "{path}: not a training checkpoint written by cleanse train --checkpoint-every; rerun without --resume"
+RESUME_FILE = FileFormat(
+    "cleanse.train-resume", 1, wrong_format=_NOT_RESUME, no_metadata=_NOT_RESUME,
+    wrong_version="{path}: checkpoint format version {version} is not supported; rerun without --resume")
 # TrainConfig fields a user sets on the command line, for naming a disagreement with a resume file
 _CONFIG_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision", "seed": "--seed",
                  "init_whitening": "--init"}
@@ -176,7 +179,7 @@ def check_resume_config(state: TrainState, cfg: TrainConfig) -> None:
 
 def save_train_state(path: str | Path, state: TrainState) -> None:
     """A resumable checkpoint: tensors + JSON metadata in safetensors (never pickle), written atomically."""
-    doc = {"format": RESUME_FORMAT, "format_version": RESUME_VERSION, "epoch": state.epoch, "step": state.step,
+    doc = {**RESUME_FILE.header(), "epoch": state.epoch, "step": state.step,
            "history": state.history, "config": state.config, "optimizer": state.optimizer, "elapsed": state.elapsed,
            "extra": state.extra}
     write_safetensors(path, state.tensors, doc)
@@ -184,12 +187,7 @@ def save_train_state(path: str | Path, state: TrainState) -> None:
 
 def load_train_state(path: str | Path) -> TrainState:
     """Read and check a resume checkpoint written by save_train_state."""
-    tensors, metadata = read_safetensors(path)
-    doc = read_cleanse_metadata(metadata, path)
-    if doc is None or doc.get("format") != RESUME_FORMAT:
-        raise CleanseError(f"{path}: not a training checkpoint written by cleanse train --checkpoint-every; rerun without --resume")
-    if doc.get("format_version") != RESUME_VERSION:
-        raise CleanseError(f"{path}: checkpoint format version {doc.get('format_version')!r} is not supported; rerun without --resume")
+    tensors, doc = RESUME_FILE.read(path)
     epoch, step, elapsed = doc.get("epoch"), doc.get("step"), doc.get("elapsed")
     optimizer, history, config, extra = doc.get("optimizer"), doc.get("history"), doc.get("config"), doc.get("extra", {})
     ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1 and isinstance(step, int) and step >= 0

@@ -1,7 +1,7 @@
 """The architecture registry: name -> factory(num_classes, **args) -> nn.Module."""
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 from torch import nn
 

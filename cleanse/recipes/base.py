@@ -26,7 +26,7 @@ from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
-from cleanse.models.checkpoint import ClassifierModel
+from cleanse.models import ClassifierModel
 from cleanse.recipes.resume import Checkpoints
 from cleanse.registry import Registry
 

@@ -17,8 +17,9 @@ import torch
 
 from cleanse.engine.snapshot import pack_optimizer, pack_rng, restore_optimizer, restore_rng
 from cleanse.errors import CleanseError
-from cleanse.files import read_cleanse_metadata, read_safetensors, write_safetensors
-from cleanse.models.checkpoint import ClassifierModel
+from cleanse.files import write_safetensors
+from cleanse.formats import FileFormat
+from cleanse.models import ClassifierModel
 
 RESUME_FORMAT = "cleanse.unlearn-resume"
 RESUME_VERSION = 1
@@ -89,21 +90,22 @@ def restore(state: RecipeState, model: ClassifierModel, optimizer: torch.optim.O
     return {k[len("recipe."):]: v.to(model.device) for k, v in state.tensors.items() if k.startswith("recipe.")}
 
 
+_NOT_RESUME = "{path}: not an unlearning checkpoint written by cleanse unlearn --checkpoint-every; rerun without --resume"
+RESUME_FILE = FileFormat(
+    RESUME_FORMAT, RESUME_VERSION, wrong_format=_NOT_RESUME, no_metadata=_NOT_RESUME,
+    wrong_version="{path}: checkpoint format version {version} is not supported; rerun without --resume")
+
+
 def save_recipe_state(path: Any, state: RecipeState) -> None:
     """A resumable checkpoint: tensors + JSON metadata in safetensors (never pickle), written atomically."""
-    doc = {"format": RESUME_FORMAT, "format_version": RESUME_VERSION, "recipe": state.recipe, "passes": state.passes,
+    doc = {**RESUME_FILE.header(), "recipe": state.recipe, "passes": state.passes,
            "position": state.position, "state": state.doc, "extra": state.extra}
     write_safetensors(path, state.tensors, doc)
 
 
 def load_recipe_state(path: Any) -> RecipeState:
     """Read and check a checkpoint written by save_recipe_state."""
-    tensors, metadata = read_safetensors(path)
-    doc = read_cleanse_metadata(metadata, path)
-    if doc is None or doc.get("format") != RESUME_FORMAT:
-        raise CleanseError(f"{path}: not an unlearning checkpoint written by cleanse unlearn --checkpoint-every; rerun without --resume")
-    if doc.get("format_version") != RESUME_VERSION:
-        raise CleanseError(f"{path}: checkpoint format version {doc.get('format_version')!r} is not supported; rerun without --resume")
+    tensors, doc = RESUME_FILE.read(path)
     passes, position, body, extra = doc.get("passes"), doc.get("position"), doc.get("state"), doc.get("extra", {})
     ok = (isinstance(passes, int) and not isinstance(passes, bool) and passes >= 1 and isinstance(doc.get("recipe"), str)
           and isinstance(position, dict) and isinstance(extra, dict) and isinstance(body, dict)

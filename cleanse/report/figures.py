@@ -11,7 +11,7 @@ from cleanse.data.dataset import Dataset
 from cleanse.engine.gradcam import default_layer, normalise
 from cleanse.engine.tar import cam_pair
 from cleanse.heatmap import colorize, overlay
-from cleanse.models.checkpoint import ClassifierModel
+from cleanse.models import ClassifierModel
 from cleanse.viz import image_grid, save_png
 
 

@@ -13,7 +13,7 @@ from typing import Any, Callable
 import torch
 
 from cleanse.data.dataset import Dataset
-from cleanse.models.checkpoint import ClassifierModel
+from cleanse.models import ClassifierModel
 from cleanse.registry import Registry
 from cleanse.scan.activation_clustering import clustering_scores
 from cleanse.scan.features import penultimate

@@ -17,7 +17,7 @@ from cleanse.data.subset import clean_subset
 from cleanse.engine.evaluate import predict
 from cleanse.engine.events import Callback
 from cleanse.engine.tar import measure_tar
-from cleanse.models.checkpoint import ClassifierModel
+from cleanse.models import ClassifierModel
 from cleanse.scan.anomaly import anomaly_index, flag_small
 from cleanse.scan.reverse import Budget, Reversed, reverse_triggers
 
