@@ -8,17 +8,19 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "cleanse"
 LEAVES = {"errors", "registry", "version", "stats", "viz", "heatmap"}
+FILES = LEAVES | {"files", "formats"}
 ALLOWED: dict[str, set[str]] = {
     "files": LEAVES,
-    "data": LEAVES | {"files"},
-    "attacks": LEAVES | {"files", "data"},
-    "models": LEAVES | {"files"},
-    "training_defaults": LEAVES | {"data"},
-    "engine": LEAVES | {"files", "data", "attacks", "models"},
-    "scan": LEAVES | {"files", "data", "attacks", "models", "engine"},
-    "recipes": LEAVES | {"files", "data", "attacks", "models", "engine"},
-    "report": LEAVES | {"files", "data", "attacks", "models", "engine"},
-    "record": LEAVES | {"files"},
+    "formats": LEAVES | {"files"},
+    "data": FILES,
+    "attacks": FILES | {"data"},
+    "models": FILES,
+    "training_defaults": FILES | {"data"},
+    "engine": FILES | {"data", "attacks", "models"},
+    "scan": FILES | {"data", "attacks", "models", "engine"},
+    "recipes": FILES | {"data", "attacks", "models", "engine"},
+    "report": FILES | {"data", "attacks", "models", "engine"},
+    "record": FILES,
 }
 ALLOWED["jobs"] = set().union(*ALLOWED.values()) | set(ALLOWED) | LEAVES
 
