@@ -1,11 +1,16 @@
-"""Shared fixtures: the synthetic data and small models trained once per test session."""
+"""Shared fixtures: the synthetic data and small models trained once per test session, and the untrained inputs of the
+hardening modules.
+"""
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+pytest.register_assert_rewrite("helpers", "hardening_corpus")
 
 from cleanse.attacks import poison_dataset
 from cleanse.data import make_synthetic
@@ -93,3 +98,23 @@ def unlearn_removes_backdoor(folder, method: str, out, *extra: str, asr_after: f
     record = json.loads(out.with_name(out.name + ".run.json").read_text())
     assert record["command"] == "unlearn" and record["parameters"]["method"] == method
     return result, s, record
+
+
+@pytest.fixture(scope="module")
+def inp(tmp_path_factory) -> dict[str, Path]:
+    """Every input file of the hardening corpus (tests/hardening_corpus.py), written once per module."""
+    from hardening_corpus import write_inputs
+
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict[str, Path]:
+    """A 500-image dataset (fast epochs) and an untrained tiny model (fine-tuning it works all the same)."""
+    from cleanse.models import save_model
+    from helpers import tiny_model, write_npz
+
+    root = tmp_path_factory.mktemp("small")
+    data = write_npz(root / "small.npz", 10, 50, seed=1)
+    save_model(tiny_model(10), root / "tiny.safetensors")
+    return {"root": root, "data": data, "model": root / "tiny.safetensors", "cache": tmp_path_factory.mktemp("cache")}

@@ -26,7 +26,7 @@ from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
 
 from conftest import synthetic
-from test_hardening import TRAIN_ARGS, cleanse_process, error_line, finish, small, wait_for  # noqa: F401 (small: fixture)
+from helpers import cleanse_process, error_line, finish, wait_for
 
 runner = CliRunner()
 
