@@ -1,5 +1,7 @@
 """Shared fixtures: the synthetic data and small models trained once per test session, and the untrained inputs of the
 hardening modules.
+
+A test that uses `badnets_setup`, `clean_model` or `badnets_files` trains a model: mark it `@pytest.mark.slow`.
 """
 from __future__ import annotations
 
@@ -65,6 +67,21 @@ def badnets_files(badnets_setup, tmp_path_factory):
     folder = tmp_path_factory.mktemp("badnets_files")
     save_model(model, folder / "bd.safetensors")
     trigger.save(folder / "bd.trigger.safetensors")
+    return folder
+
+
+
+@pytest.fixture(scope="session")
+def untrained_files(tmp_path_factory):
+    """The cnn of `badnets_files` (architecture, width, classes) at its initialisation, as bd.safetensors: for tests
+    whose request is refused or whose check never depends on the weights' values. Trains nothing."""
+    from cleanse.models import save_model
+
+    data = synthetic("train")
+    mean, std = data_normalization(data)
+    model = new_model("cnn", data.num_classes, data.classes, (3, 32, 32), mean, std, {"width": SMALL_WIDTH}, seed=0)
+    folder = tmp_path_factory.mktemp("untrained_files")
+    save_model(model, folder / "bd.safetensors")
     return folder
 
 

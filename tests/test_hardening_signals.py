@@ -7,6 +7,7 @@ import json
 import signal
 from pathlib import Path
 
+import pytest
 import torch
 from typer.testing import CliRunner
 
@@ -18,6 +19,7 @@ from helpers import TRAIN_ARGS, cleanse_process, error_line, finish, png, tiny_m
 runner = CliRunner()
 
 
+@pytest.mark.slow
 def test_sigint_and_sigterm_during_train_leave_nothing(small: dict[str, Path], tmp_path: Path) -> None:
     signals = {"int": (signal.SIGINT, 130, "interrupted (SIGINT)"), "term": (signal.SIGTERM, 143, "terminated (SIGTERM)")}
     runs = {}
@@ -38,6 +40,7 @@ def test_sigint_and_sigterm_during_train_leave_nothing(small: dict[str, Path], t
         assert list((tmp_path / key).iterdir()) == []  # no model, no run record, no temporary file
 
 
+@pytest.mark.slow
 def test_sigint_during_unlearn_leaves_nothing(small: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "c.safetensors"
     proc, lines = cleanse_process(["unlearn", small["model"], "--method", "finetune", "--epochs", "500", "--data", small["data"],
@@ -52,6 +55,7 @@ def test_sigint_during_unlearn_leaves_nothing(small: dict[str, Path], tmp_path: 
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_checkpoint_and_resume_give_the_uninterrupted_result(small: dict[str, Path], tmp_path: Path) -> None:
     from cleanse.files import read_safetensors
 
