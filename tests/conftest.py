@@ -1,11 +1,18 @@
-"""Shared fixtures: the synthetic data and small models trained once per test session."""
+"""Shared fixtures: the synthetic data and small models trained once per test session, and the untrained inputs of the
+hardening modules.
+
+A test that uses `badnets_setup`, `clean_model` or `badnets_files` trains a model: mark it `@pytest.mark.slow`.
+"""
 from __future__ import annotations
 
 import functools
 import os
+from pathlib import Path
 
 import pytest
 import torch
+
+pytest.register_assert_rewrite("helpers", "hardening_corpus")
 
 from cleanse.attacks import poison_dataset
 from cleanse.data import make_synthetic
@@ -63,6 +70,21 @@ def badnets_files(badnets_setup, tmp_path_factory):
     return folder
 
 
+
+@pytest.fixture(scope="session")
+def untrained_files(tmp_path_factory):
+    """The cnn of `badnets_files` (architecture, width, classes) at its initialisation, as bd.safetensors: for tests
+    whose request is refused or whose check never depends on the weights' values. Trains nothing."""
+    from cleanse.models import save_model
+
+    data = synthetic("train")
+    mean, std = data_normalization(data)
+    model = new_model("cnn", data.num_classes, data.classes, (3, 32, 32), mean, std, {"width": SMALL_WIDTH}, seed=0)
+    folder = tmp_path_factory.mktemp("untrained_files")
+    save_model(model, folder / "bd.safetensors")
+    return folder
+
+
 SUMMARY_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar")
 
 
@@ -93,3 +115,23 @@ def unlearn_removes_backdoor(folder, method: str, out, *extra: str, asr_after: f
     record = json.loads(out.with_name(out.name + ".run.json").read_text())
     assert record["command"] == "unlearn" and record["parameters"]["method"] == method
     return result, s, record
+
+
+@pytest.fixture(scope="module")
+def inp(tmp_path_factory) -> dict[str, Path]:
+    """Every input file of the hardening corpus (tests/hardening_corpus.py), written once per module."""
+    from hardening_corpus import write_inputs
+
+    return write_inputs(tmp_path_factory.mktemp("inputs"))
+
+
+@pytest.fixture(scope="module")
+def small(tmp_path_factory) -> dict[str, Path]:
+    """A 500-image dataset (fast epochs) and an untrained tiny model (fine-tuning it works all the same)."""
+    from cleanse.models import save_model
+    from helpers import tiny_model, write_npz
+
+    root = tmp_path_factory.mktemp("small")
+    data = write_npz(root / "small.npz", 10, 50, seed=1)
+    save_model(tiny_model(10), root / "tiny.safetensors")
+    return {"root": root, "data": data, "model": root / "tiny.safetensors", "cache": tmp_path_factory.mktemp("cache")}

@@ -60,6 +60,7 @@ def test_poison_bad_rate_leaves_nothing_behind(tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_train_with_test_and_trigger_prints_json_and_writes_record(poisoned_file, tmp_path):
     data, _ = poisoned_file
     out = tmp_path / "m.safetensors"
@@ -101,6 +102,7 @@ def test_train_rejects_damaged_and_foreign_model_files(tmp_path):
     assert not (tmp_path / "o.safetensors").exists()
 
 
+@pytest.mark.slow
 def test_demo_quick_runs_the_main_job(tmp_path):
     out = tmp_path / "demo"
     result = run("demo", "--quick", "-o", out, "--json")

@@ -76,6 +76,7 @@ def test_augmentation_shapes_identity_and_shift():
         assert found
 
 
+@pytest.mark.slow
 def test_backdoored_model_learns_task_and_trigger(badnets_setup):
     _, _, result = badnets_setup
     metrics = result["metrics"]
@@ -84,6 +85,7 @@ def test_backdoored_model_learns_task_and_trigger(badnets_setup):
     assert [row["epoch"] for row in result["history"]] == list(range(1, 9))
 
 
+@pytest.mark.slow
 def test_clean_model_ignores_the_patch(clean_model, badnets_setup):
     from tests.conftest import synthetic
 

@@ -98,6 +98,7 @@ def test_tar_and_attention_share_by_hand():
     assert cam_shift(cams[:2], cams[:2]).abs().max() < 1e-6
 
 
+@pytest.mark.slow
 def test_backdoored_model_attends_to_the_trigger_far_more_than_a_clean_model(badnets_setup, clean_model, record_property):
     model, trigger, _ = badnets_setup
     test = synthetic("test")
@@ -125,6 +126,7 @@ def saved_backdoored(badnets_setup, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_explain_writes_pngs_sheet_and_json(saved_backdoored, tmp_path):
     out = tmp_path / "heat"
     result = runner.invoke(app, ["explain", str(saved_backdoored / "m.safetensors"), "--data", "synthetic:test", "--trigger",
@@ -142,9 +144,9 @@ def test_explain_writes_pngs_sheet_and_json(saved_backdoored, tmp_path):
     assert json.loads((out / "run.json").read_text())["command"] == "explain"
 
 
-def test_explain_image_files_are_resized_with_a_note(saved_backdoored, tmp_path):
+def test_explain_image_files_are_resized_with_a_note(untrained_files, tmp_path):
     Image.fromarray(np.full((48, 40, 3), 200, dtype=np.uint8)).save(tmp_path / "a.png")
-    result = runner.invoke(app, ["explain", str(saved_backdoored / "m.safetensors"), str(tmp_path / "a.png"), "-o", str(tmp_path / "o")])
+    result = runner.invoke(app, ["explain", str(untrained_files / "bd.safetensors"), str(tmp_path / "a.png"), "-o", str(tmp_path / "o")])
     assert result.exit_code == 0, result.output
     assert "48x40 resized to 32x32" in result.stderr
     assert (tmp_path / "o" / "img-000.png").is_file()
@@ -156,8 +158,8 @@ def _usage(result, message):
     assert len([ln for ln in result.stderr.splitlines() if ln.strip()]) == 1
 
 
-def test_explain_bad_inputs(saved_backdoored, tmp_path):
-    model = str(saved_backdoored / "m.safetensors")
+def test_explain_bad_inputs(untrained_files, tmp_path):
+    model = str(untrained_files / "bd.safetensors")
     (tmp_path / "bad.png").write_bytes(b"not an image")
     _usage(runner.invoke(app, ["explain", model, str(tmp_path / "bad.png"), "-o", str(tmp_path / "o1")]), "cannot decode this image")
     big = Trigger("blend", {"mask": torch.zeros(64, 64), "pattern": torch.zeros(3, 64, 64)}, 0, (3, 64, 64))

@@ -50,10 +50,8 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
     return images.permute(0, 3, 1, 2).float().div(255)
 
 
-@pytest.fixture(scope="module")
-def user(tmp_path_factory):
-    """A user's own network (my_net.py:build), trained with a plain torch loop and saved five ways."""
-    folder = tmp_path_factory.mktemp("raw")
+def users_own_net(folder, train: bool = True):
+    """A user's own network (my_net.py:build), trained with a plain torch loop (unless `train` is false) and saved five ways."""
     (folder / "my_net.py").write_text(textwrap.dedent(ARCH_FILE))
     spec = importlib.util.spec_from_file_location("users_own_net", folder / "my_net.py")
     module = importlib.util.module_from_spec(spec)
@@ -67,7 +65,7 @@ def user(tmp_path_factory):
     gen, threads = torch.Generator().manual_seed(0), torch.get_num_threads()
     torch.set_num_threads(1)  # a network this small trains fastest on one thread
     try:
-        for _ in range(60):
+        for _ in range(60 if train else 0):
             i = torch.randint(0, len(x), (32,), generator=gen)
             loss = F.cross_entropy(net((x[i] - mean) / std), y[i])
             optimizer.zero_grad()
@@ -92,7 +90,20 @@ def user(tmp_path_factory):
     return {"folder": folder, "arch": arch, "options": options, "images": images, "logits": logits}
 
 
+@pytest.fixture(scope="module")
+def user(tmp_path_factory):
+    """The user's network, trained: BatchNorm statistics and weights away from their initial values."""
+    return users_own_net(tmp_path_factory.mktemp("raw"))
+
+
+@pytest.fixture(scope="module")
+def untrained_user(tmp_path_factory):
+    """The same five files of the network at its initialisation: for refusals, which never depend on the weights' values."""
+    return users_own_net(tmp_path_factory.mktemp("raw-untrained"), train=False)
+
+
 @pytest.mark.parametrize("name", RAW_FILES)
+@pytest.mark.slow
 def test_raw_files_predict_like_the_original_module(user, name):
     path = user["folder"] / name
     model = load_model(path, ModelOptions(arch=user["arch"], num_classes=10, mean=MEAN, std=STD))
@@ -106,6 +117,7 @@ def test_raw_files_predict_like_the_original_module(user, name):
         assert "note: removed the prefix 'model.' that every key in lightning.ckpt carries" in model.notes
 
 
+@pytest.mark.slow
 def test_explain_on_a_raw_safetensors_state_dict(user, tmp_path):
     out = tmp_path / "maps"
     result = run("explain", user["folder"] / "raw.safetensors", "--data", "synthetic:test", "--n", "4", "-o", out,
@@ -117,6 +129,7 @@ def test_explain_on_a_raw_safetensors_state_dict(user, tmp_path):
     assert record["inputs"]["model"]["sha256"] == sha256_file(user["folder"] / "raw.safetensors")
 
 
+@pytest.mark.slow
 def test_unlearn_on_a_nested_pth_writes_a_full_checkpoint(user, tmp_path):
     source = user["folder"] / "nested.pth"
     out = tmp_path / "clean.safetensors"
@@ -135,14 +148,14 @@ def test_unlearn_on_a_nested_pth_writes_a_full_checkpoint(user, tmp_path):
     assert back.spec.arch_file_sha256 == sha256_file(user["folder"] / "my_net.py")
 
 
-def test_pickled_objects_are_refused_and_never_run(user, tmp_path):
+def test_pickled_objects_are_refused_and_never_run(untrained_user, tmp_path):
     marker = tmp_path / "pwned"
 
     class Evil:
         def __reduce__(self):
             return (open, (str(marker), "w"))
 
-    state = load_model(user["folder"] / "raw.safetensors", ModelOptions(arch=user["arch"], num_classes=10)).net.state_dict()
+    state = load_model(untrained_user["folder"] / "raw.safetensors", ModelOptions(arch=untrained_user["arch"], num_classes=10)).net.state_dict()
     torch.save(Evil(), tmp_path / "evil.pth")
     torch.save({"state_dict": state, "hook": Evil()}, tmp_path / "evil-beside-weights.pth")
     torch.save(nn.Sequential(nn.Linear(2, 2)), tmp_path / "whole-module.pth")
@@ -150,16 +163,16 @@ def test_pickled_objects_are_refused_and_never_run(user, tmp_path):
                 "whole-module.pth": "torch.nn.modules.container.Sequential"}
     for name, culprit in expected.items():
         result = run("explain", tmp_path / name, "--data", "synthetic:test", "--n", "2", "-o", tmp_path / f"o-{name}",
-                     *user["options"])
+                     *untrained_user["options"])
         line = usage_error(result, f"refused to load: not a plain state dict of tensors (it pickles {culprit}, which is never run")
         assert "save model.state_dict() with torch.save" in line and "\x1b" not in line
     assert not marker.exists()
     assert not any(p.name.startswith("o-") for p in tmp_path.iterdir())
 
 
-def test_wrong_class_count_or_architecture_names_the_keys_and_the_cause(user, tmp_path):
-    raw = user["folder"] / "raw.safetensors"
-    opts = user["options"][:]
+def test_wrong_class_count_or_architecture_names_the_keys_and_the_cause(untrained_user, tmp_path):
+    raw = untrained_user["folder"] / "raw.safetensors"
+    opts = untrained_user["options"][:]
     opts[opts.index("--num-classes") + 1] = "5"
     line = usage_error(run("explain", raw, "--data", "synthetic:test", "-o", tmp_path / "a", *opts),
                        "weights do not fit")
@@ -171,13 +184,13 @@ def test_wrong_class_count_or_architecture_names_the_keys_and_the_cause(user, tm
     assert "likely cause: wrong architecture (--arch resnet18); the file's first keys are 0.bias, 0.weight" in line
 
 
-def test_missing_options_are_named(user, tmp_path):
-    raw = user["folder"] / "raw.safetensors"
+def test_missing_options_are_named(untrained_user, tmp_path):
+    raw = untrained_user["folder"] / "raw.safetensors"
     line = usage_error(run("explain", raw, "--data", "synthetic:test", "-o", tmp_path / "a"),
                        "raw.safetensors: raw state dict without cleanse metadata; add --arch and --num-classes "
                        "(--arch NAME|torchvision:NAME|path/file.py:factory, --num-classes N; 8.weight has 10 outputs)")
     assert "--input-size C,H,W and --preset cifar10|imagenet|none or --mean/--std" in line
-    usage_error(run("explain", raw, "--data", "synthetic:test", "-o", tmp_path / "a", "--arch", user["arch"]),
+    usage_error(run("explain", raw, "--data", "synthetic:test", "-o", tmp_path / "a", "--arch", untrained_user["arch"]),
                 "raw state dict without cleanse metadata; add --num-classes (--num-classes N; 8.weight has 10 outputs), and --input-size")
     usage_error(run("explain", raw, "--data", "synthetic:test", "-o", tmp_path / "a", "--arch", "my_net.py", "--num-classes", "10"),
                 "--arch 'my_net.py' must name the factory function too: --arch path/to/file.py:factory")
@@ -185,6 +198,7 @@ def test_missing_options_are_named(user, tmp_path):
                 "unknown architecture 'mynet'; --arch takes a registry name (cnn, ")
 
 
+@pytest.mark.slow
 def test_arch_arg_round_trip_through_unlearn_and_train(user, tmp_path):
     model = new_model("cnn", 10, arch_args={"width": "32,64,64"}, mean=[0.0] * 3, std=[1.0] * 3, seed=1).eval()
     raw = tmp_path / "cnn-small.safetensors"
@@ -223,8 +237,8 @@ def test_arch_arg_round_trip_through_unlearn_and_train(user, tmp_path):
     (["--arch", "cnn", "--arch-arg", "num_classes=3"], "pass the class count as --num-classes"),
     (["--arch", "torchvision:resnet18", "--arch-arg", "norm_layer=x"], "torchvision architectures do not take --arch-arg 'norm_layer'"),
 ])
-def test_arch_arg_refusals(user, tmp_path, args, message):
-    usage_error(run("explain", user["folder"] / "raw.safetensors", "--data", "synthetic:test", "-o", tmp_path / "o",
+def test_arch_arg_refusals(untrained_user, tmp_path, args, message):
+    usage_error(run("explain", untrained_user["folder"] / "raw.safetensors", "--data", "synthetic:test", "-o", tmp_path / "o",
                     "--num-classes", "10", *args), message)
 
 
@@ -246,8 +260,8 @@ def test_torchvision_takes_allow_listed_plain_arguments():
     assert net.classifier[2].p == 0.1 and net.classifier[3].out_features == 3
 
 
-def test_torch_files_without_one_clear_state_dict(user, tmp_path):
-    state = torch.load(user["folder"] / "sd.pth", weights_only=True)
+def test_torch_files_without_one_clear_state_dict(untrained_user, tmp_path):
+    state = torch.load(untrained_user["folder"] / "sd.pth", weights_only=True)
     cases = {
         "meta.pth": ({"epoch": 3, "lr": 0.1}, "no state dict of tensors found (top-level keys: epoch, lr; looked for state_dict"),
         "two.pth": ({"student": state, "teacher": state}, "holds several state dicts (student, teacher)"),
@@ -256,10 +270,10 @@ def test_torch_files_without_one_clear_state_dict(user, tmp_path):
     for name, (obj, message) in cases.items():
         torch.save(obj, tmp_path / name)
         with pytest.raises(CleanseError) as info:
-            load_model(tmp_path / name, ModelOptions(arch=user["arch"], num_classes=10))
+            load_model(tmp_path / name, ModelOptions(arch=untrained_user["arch"], num_classes=10))
         assert message in info.value.message
     torch.save({"ema": state, "epoch": 3}, tmp_path / "ema.pth")  # one nested state dict under any key is found
-    assert load_model(tmp_path / "ema.pth", ModelOptions(arch=user["arch"], num_classes=10)).spec.num_classes == 10
+    assert load_model(tmp_path / "ema.pth", ModelOptions(arch=untrained_user["arch"], num_classes=10)).spec.num_classes == 10
     (tmp_path / "text.pth").write_text("hello")
     with pytest.raises(CleanseError, match="refused to load: not a plain state dict of tensors, or not a torch file"):
-        load_model(tmp_path / "text.pth", ModelOptions(arch=user["arch"], num_classes=10))
+        load_model(tmp_path / "text.pth", ModelOptions(arch=untrained_user["arch"], num_classes=10))

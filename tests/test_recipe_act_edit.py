@@ -109,6 +109,7 @@ def test_a_conv_edit_written_back_maps_triggered_inputs_towards_the_clean_output
     assert measured.item() == pytest.approx(after, rel=1e-4)
 
 
+@pytest.mark.slow
 def test_act_edit_removes_the_backdoor_end_to_end(badnets_files, tmp_path):
     out = tmp_path / "ae.safetensors"
     result, s, record = unlearn_removes_backdoor(badnets_files, "act-edit", out)

@@ -105,6 +105,7 @@ def test_a_conv_without_batchnorm_only_has_its_filter_zeroed():
     assert net.conv.weight[2].abs().sum() == 0 and net.conv.bias[2] == 0 and net.conv.weight[1].abs().sum() > 0
 
 
+@pytest.mark.slow
 def test_grad_prune_removes_the_backdoor_end_to_end(badnets_files, tmp_path):
     out = tmp_path / "gp.safetensors"
     result, s, record = unlearn_removes_backdoor(badnets_files, "grad-prune", out, "--epochs", "3", "--param", "patience=3")

@@ -128,6 +128,7 @@ def test_planned_passes_meet_min_steps(n_train, batch, epochs, min_steps, passes
     assert planned_passes(n_train, batch, epochs, min_steps) == passes
 
 
+@pytest.mark.slow
 def test_sau_removes_the_backdoor_and_keeps_accuracy(badnets_files, tmp_path):
     out = tmp_path / "clean.safetensors"
     # The published lr with min_steps raising the passes: 230 training images make 4 Adam steps a pass, so 5 passes
@@ -141,6 +142,7 @@ def test_sau_removes_the_backdoor_and_keeps_accuracy(badnets_files, tmp_path):
 
 
 @pytest.mark.parametrize("value, expected", [(None, False), ("true", True)])
+@pytest.mark.slow
 def test_sau_augment_switch_reaches_the_batches(badnets_files, tmp_path, monkeypatch, value, expected):
     import cleanse.recipes.sau as sau_module
     from typer.testing import CliRunner

@@ -83,6 +83,7 @@ def test_agnostic_keeper_never_keeps_the_start_and_prefers_later_states_within_t
     assert "start state only as a rollback fallback" in keeper.restore_best(wrapper)["rule"]
 
 
+@pytest.mark.slow
 def test_ulrl_flags_the_target_unit_and_removes_the_backdoor(badnets_files, tmp_path):
     out = tmp_path / "clean.safetensors"
     result, s, record = unlearn_removes_backdoor(badnets_files, "ulrl", out)

@@ -50,6 +50,7 @@ def runs(badnets_setup, tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow
 def test_report_json_has_every_figure_the_html_shows_and_the_html_is_self_contained(runs, tmp_path):
     out = tmp_path / "rep"
     result = runner.invoke(app, ["report", str(runs / "scan"), str(runs / "clean.safetensors.run.json"), "-o", str(out), "--n", "4", "--json"])
@@ -83,6 +84,7 @@ def test_report_json_has_every_figure_the_html_shows_and_the_html_is_self_contai
         assert (out / name).is_file()
 
 
+@pytest.mark.slow
 def test_report_from_only_a_scan_states_the_missing_sections(runs, tmp_path):
     out = tmp_path / "rep"
     result = runner.invoke(app, ["report", str(runs / "scan" / "run.json"), "-o", str(out), "--format", "html"])
@@ -94,6 +96,7 @@ def test_report_from_only_a_scan_states_the_missing_sections(runs, tmp_path):
     assert not (out / "report.md").exists()
 
 
+@pytest.mark.slow
 def test_a_scan_record_whose_scan_json_is_gone_still_sets_the_verdict_and_says_what_is_missing(runs, tmp_path):
     (tmp_path / "lost").mkdir()
     (tmp_path / "lost" / "run.json").write_text((runs / "scan" / "run.json").read_text())
@@ -118,6 +121,7 @@ def test_a_scan_record_whose_scan_json_is_gone_still_sets_the_verdict_and_says_w
     assert doc["verdict"] is None and [m["reason"] for m in doc["missing"] if m["section"] == "scan"][0].endswith("need it")
 
 
+@pytest.mark.slow
 def test_report_evaluates_a_model_directly(runs, tmp_path):
     out = tmp_path / "rep"
     result = runner.invoke(app, ["report", "--model", str(runs / "bd.safetensors"), "--data", "synthetic:test",
@@ -201,6 +205,7 @@ def test_verdict_names_whole_paths_where_file_names_collide():
                                                "after cleaning (tar-ewc, other.safetensors): backdoor suspected, target(s) 0")
 
 
+@pytest.mark.slow
 def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs, tmp_path):
     rescan = runner.invoke(app, ["scan", str(runs / "clean.safetensors"), "--data", "synthetic:test", "--budget", "fast", "--steps", "10",
                                  "--n-clean", "100", "-o", str(tmp_path / "rescan")])
@@ -239,6 +244,7 @@ def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs,
     (["{runs}/bd.safetensors"], "not a cleanse run record"),
     (["{runs}/scan", "--format", "pdf"], "--format 'pdf': choose from html, md, json"),
 ])
+@pytest.mark.slow
 def test_report_bad_requests_exit_2(runs, tmp_path, args, message):
     result = runner.invoke(app, ["report", *[a.format(runs=runs) for a in args], "-o", str(tmp_path / "r")])
     assert result.exit_code == 2, result.output

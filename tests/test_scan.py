@@ -194,6 +194,7 @@ def backdoored_scan(scan_files):
     return result, out
 
 
+@pytest.mark.slow
 def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdoored_scan):
     result, out = backdoored_scan
     assert result.exit_code == 1, result.output
@@ -214,6 +215,7 @@ def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdo
     assert json.loads((out / "run.json").read_text())["command"] == "scan"
 
 
+@pytest.mark.slow
 def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path):
     out = tmp_path / "s"
     result = runner.invoke(app, ["scan", str(scan_files / "clean.safetensors"), "--data", "synthetic:test", "--budget", "full",
@@ -225,6 +227,7 @@ def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path
     assert json.loads((out / "run.json").read_text())["parameters"]["early_stop_rounds"] == 0
 
 
+@pytest.mark.slow
 def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):
     result = runner.invoke(app, ["scan", str(scan_files / "clean.safetensors"), "--data", "synthetic:test", "--budget", "fast",
                                  "-o", str(tmp_path / "s"), "--json"])
@@ -235,6 +238,7 @@ def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):
     assert not list((tmp_path / "s").glob("trigger-*"))
 
 
+@pytest.mark.slow
 def test_reversed_trigger_drives_tar_ewc_to_lower_the_true_trigger_asr(backdoored_scan, scan_files, tmp_path):
     _, out = backdoored_scan
     result = runner.invoke(app, ["unlearn", str(scan_files / "bd.safetensors"), "--method", "tar-ewc", "--data", "synthetic",
@@ -249,6 +253,7 @@ def test_reversed_trigger_drives_tar_ewc_to_lower_the_true_trigger_asr(backdoore
     assert true_before > 0.8 and true_after < 0.10  # 0.29 when phase 1 stopped on the reversed trigger's ASR alone
 
 
+@pytest.mark.slow
 def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
     # 2% poisoning (100 of the 600 class-0 rows): the audit's regime, a minority of the target class.
     # At 10% all-to-one the poisoned rows are half of the target class and both detectors fail (docs/commands/scan.md).
@@ -274,8 +279,8 @@ def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
     (["--data", "synthetic:test", "--scale", "cubic"], "--scale 'cubic' is unknown; choose one of: log, linear"),
     (["--audit-data", "synthetic", "--poison-rate", "1.5"], "--poison-rate 1.5 must lie in (0, 1)"),
 ])
-def test_scan_bad_requests_exit_2(scan_files, tmp_path, args, message):
-    result = runner.invoke(app, ["scan", str(scan_files / "bd.safetensors"), "-o", str(tmp_path / "x"), *args])
+def test_scan_bad_requests_exit_2(untrained_files, tmp_path, args, message):
+    result = runner.invoke(app, ["scan", str(untrained_files / "bd.safetensors"), "-o", str(tmp_path / "x"), *args])
     assert result.exit_code == 2
     assert message in result.stderr
     assert not (tmp_path / "x").exists()

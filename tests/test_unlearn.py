@@ -151,6 +151,7 @@ def unlearn(folder, *args):
                                "--test", "synthetic:test", *map(str, args)])
 
 
+@pytest.mark.slow
 def test_tar_ewc_removes_the_backdoor_and_keeps_accuracy(model_files, tmp_path):
     out = tmp_path / "clean.safetensors"
     result = unlearn(model_files, "--method", "tar-ewc", "--trigger", model_files / "bd.trigger.safetensors", "-o", out, "--json")
@@ -175,6 +176,7 @@ def test_tar_ewc_removes_the_backdoor_and_keeps_accuracy(model_files, tmp_path):
     assert prov["recipe"] == "tar-ewc" and len(prov["parent_sha256"]) == 64
 
 
+@pytest.mark.slow
 def test_finetune_runs_and_rollback_happens_when_forced(model_files, tmp_path):
     result = unlearn(model_files, "--method", "finetune", "--epochs", "2", "-o", tmp_path / "ft.safetensors", "--json")
     assert result.exit_code == 0, result.output
@@ -187,6 +189,7 @@ def test_finetune_runs_and_rollback_happens_when_forced(model_files, tmp_path):
     assert s["kept"]["rollbacks"] and s["after"]["clean_accuracy"] > 0.8
 
 
+@pytest.mark.slow
 def test_a_recipe_that_keeps_its_start_state_warns_that_the_output_is_the_input(model_files, tmp_path):
     out = tmp_path / "same.safetensors"
     result = unlearn(model_files, "--method", "finetune", "--epochs", "0", "-o", out, "--json")
@@ -198,15 +201,16 @@ def test_a_recipe_that_keeps_its_start_state_warns_that_the_output_is_the_input(
     assert written.keys() == given.keys() and all(torch.equal(written[k], given[k]) for k in given)
 
 
-def test_missing_trigger_names_both_ways_to_get_one(model_files, tmp_path):
-    result = unlearn(model_files, "--method", "tar-ewc", "-o", tmp_path / "x.safetensors")
+def test_missing_trigger_names_both_ways_to_get_one(untrained_files, tmp_path):
+    result = unlearn(untrained_files, "--method", "tar-ewc", "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2
     assert "cleanse poison" in result.stderr and "cleanse scan" in result.stderr
-    result = unlearn(model_files, "--method", "nope", "-o", tmp_path / "x.safetensors")
+    result = unlearn(untrained_files, "--method", "nope", "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and "unknown recipe 'nope'; choose one of: act-edit, finetune, grad-prune, sau, tar-ewc, ulrl, or all" in result.stderr
     assert not list(tmp_path.iterdir())
 
 
+@pytest.mark.slow
 def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_each(model_files, tmp_path):
     result = unlearn(model_files, "--method", "all", "--trigger", model_files / "bd.trigger.safetensors", "--epochs", "1",
                      "--param", "max_rounds=3", "--param", "min_steps=0", "-o", tmp_path / "c.safetensors", "--json")
@@ -226,6 +230,7 @@ def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_ea
     assert "all recipes, same clean subset" in result.stderr
 
 
+@pytest.mark.slow
 def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_files, tmp_path):
     result = unlearn(model_files, "--method", "all", "--epochs", "1", "--param", "nonsense=1", "-o", tmp_path / "c.safetensors")
     assert result.exit_code == 2 and "no recipe has a parameter 'nonsense'" in result.stderr
@@ -245,8 +250,8 @@ def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_file
     ("epochs=-3", "recipe finetune parameter epochs='-3' must be a finite number >= 0"),
     ("lr=fast", "recipe finetune parameter lr='fast' is not a valid float"),
 ])
-def test_bad_recipe_parameters_exit_2_before_any_work(model_files, tmp_path, param, message):
-    result = unlearn(model_files, "--method", "finetune", "--param", param, "-o", tmp_path / "x.safetensors")
+def test_bad_recipe_parameters_exit_2_before_any_work(untrained_files, tmp_path, param, message):
+    result = unlearn(untrained_files, "--method", "finetune", "--param", param, "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and message in result.stderr
     assert not list(tmp_path.iterdir())
 
@@ -280,6 +285,7 @@ def _run_tar_ewc(model, trigger, params: dict, *, origin: str | None = None, unc
     return recipe.run(ctx)
 
 
+@pytest.mark.slow
 def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(badnets_setup):
     # A reversed trigger stops working before the true one does, so its held-back ASR must not end phase 1 early.
     model, trigger, _ = badnets_setup
@@ -295,6 +301,7 @@ def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(ba
     assert kept.startswith("unlearn step") and int(kept.rsplit(" ", 1)[1]) >= steps_per_epoch, kept
 
 
+@pytest.mark.slow
 def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_times(badnets_setup):
     # Besides the schedule, a held-back check follows any step whose batch ASR is at most check_batch_asr; such extra
     # checks are capped per epoch so a held-back ASR hovering above asr_stop cannot buy a check every step.
@@ -315,6 +322,7 @@ def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_time
     assert checked_steps(check_batch_asr=1.0, checks_per_epoch=2) == sorted(scheduled | set(extra))
 
 
+@pytest.mark.slow
 def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup, model_files, tmp_path):
     model, trigger, _ = badnets_setup
     with pytest.raises(CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"):

@@ -26,7 +26,7 @@ from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
 
 from conftest import synthetic
-from test_hardening import TRAIN_ARGS, cleanse_process, error_line, finish, small, wait_for  # noqa: F401 (small: fixture)
+from helpers import cleanse_process, error_line, finish, wait_for
 
 runner = CliRunner()
 
@@ -67,6 +67,7 @@ CASES = [
 
 @pytest.mark.parametrize(("name", "params", "stop_after", "where"), CASES,
                          ids=[f"{c[0]}-{c[3].get('phase', 'epoch')}{c[3]['epoch']}" for c in CASES])
+@pytest.mark.slow
 def test_a_resumed_recipe_ends_where_the_uninterrupted_one_does(badnets_setup, tmp_path: Path, name: str, params: dict[str, Any],
                                                                 stop_after: int, where: dict[str, Any]) -> None:
     model, trigger, _ = badnets_setup
@@ -97,6 +98,7 @@ def test_a_resumed_recipe_ends_where_the_uninterrupted_one_does(badnets_setup, t
 UNLEARN_ARGS = ["--method", "finetune", "--clean-frac", "1", "--precision", "fp32", "--device", "cpu", "--seed", "2"]
 
 
+@pytest.mark.slow
 def test_sigint_then_resume_gives_the_uninterrupted_checkpoint(small: dict[str, Path], tmp_path: Path) -> None:
     common = [small["model"], "--data", small["data"], "--epochs", "5", *UNLEARN_ARGS]
     straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"

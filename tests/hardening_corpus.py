@@ -1,96 +1,38 @@
-"""Hardening: a corpus of bad inputs through the real CLI, property-based parsing tests, interrupted work, resume.
+"""The hardening corpus: every bad input file, written once per module by `write_inputs`, and the command lines that
+feed them to the real CLI, split by kind. tests/test_hardening_files.py, tests/test_hardening_data.py and
+tests/test_hardening_cli_args.py each run their kind through `check_bad_input`.
 
-Every corpus case runs one command line and expects its documented exit code (2 unless stated), exactly one
-`error: ...` line naming the problem and the fix, no traceback, and no file left behind. Cases already covered
-elsewhere at the Python level (tests/test_files_and_models.py, tests/test_data.py, tests/test_raw_models.py) are
-repeated here through the CLI, because the CLI is where exit codes and leftovers are decided.
+Every case runs one command line and expects its documented exit code (2 unless stated), exactly one `error: ...` line
+naming the problem and the fix, no traceback, and no file left behind.
 """
 from __future__ import annotations
 
 import json
-import math
-import os
 import pickle
 import shutil
-import signal
 import struct
-import subprocess
-import sys
-import time
-import zlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
-import pytest
 import torch
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
-from PIL import Image
 from safetensors.torch import save_file
 from typer.testing import CliRunner
 
-from cleanse.attacks.trigger import Trigger, trigger_from_contents
+from cleanse.attacks.trigger import Trigger
 from cleanse.cli import app
-from cleanse.errors import CleanseError
-from cleanse.files import parse_safetensors, read_cleanse_metadata
-from cleanse.models import new_model, save_model
-from cleanse.models import parse_model_metadata
+from cleanse.models import save_model
+
+from helpers import Evil, bomb_png, error_line, listing, png, st_bytes, tiny_model, write_npz
 
 runner = CliRunner()
-REPO = Path(__file__).resolve().parents[1]
-MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
-TINY = {"width": "8,16,16"}
 
 
-# --- inputs shared by the corpus --------------------------------------------------------------------------------
+# --- inputs shared by the corpus ------------------------------------------------------------------------------------
 
-def tiny_model(num_classes: int):
-    return new_model("cnn", num_classes, None, (3, 32, 32), MEAN, STD, dict(TINY), seed=0).eval()
-
-
-def write_npz(path: Path, classes: int, per_class: int, size: int = 32, seed: int = 0) -> Path:
-    rng = np.random.default_rng(seed)
-    x = rng.integers(0, 256, (classes * per_class, size, size, 3), dtype=np.uint8)
-    np.savez(path, x=x, y=np.repeat(np.arange(classes), per_class))
-    return path
-
-
-def png(path: Path, size: tuple[int, int] = (32, 32), colour: tuple[int, int, int] = (10, 20, 30)) -> Path:
-    Image.new("RGB", size, colour).save(path)
-    return path
-
-
-def bomb_png(path: Path, width: int, height: int) -> Path:
-    """A tiny PNG whose header declares width x height pixels (the data does not follow)."""
-    raw = bytearray(png(path, (1, 1)).read_bytes())
-    raw[16:24] = struct.pack(">II", width, height)
-    raw[29:33] = struct.pack(">I", zlib.crc32(bytes(raw[12:29])))
-    path.write_bytes(bytes(raw))
-    return path
-
-
-def st_bytes(header: Any, body: bytes = b"", length: int | None = None) -> bytes:
-    """A safetensors-like file: 8-byte little-endian header length, the header text, then `body`."""
-    text = header if isinstance(header, bytes) else (header if isinstance(header, str) else json.dumps(header)).encode()
-    return struct.pack("<Q", len(text) if length is None else length) + text + body
-
-
-class Evil:
-    """Unpickling this creates a marker file: proof that code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):  # noqa: ANN204
-        return (open, (self.marker, "w"))
-
-
-@pytest.fixture(scope="module")
-def inp(tmp_path_factory) -> dict[str, Path]:
-    """Every input file of the corpus, written once per module."""
-    root = tmp_path_factory.mktemp("inputs")
+def write_inputs(root: Path) -> dict[str, Path]:
+    """Every input file of the corpus, written into `root` (the `inp` fixture in tests/conftest.py, once per module)."""
     p: dict[str, Path] = {"root": root, "marker": root / "pwned"}
     for k in (10, 3, 2):
         save_model(tiny_model(k), root / f"m{k}.safetensors")
@@ -288,7 +230,9 @@ def data_folder_for_scan(inp: dict[str, Path], out: Path) -> None:
             png(out / "data" / name / f"{i}.png", colour=(40 * i, 80, 120))
 
 
-CASES = [
+
+# damaged or crafted model and trigger files: the safetensors container, the `cleanse` metadata, the tensors
+FILE_CASES = [
     # damaged or crafted safetensors files, fed to every command that reads a model
     Case("truncated-half", explain("trunc_half_safetensors"), "points past the end of the file"),
     Case("truncated-5-bytes", UNLEARN.replace("{m10}", "{trunc_tiny_safetensors}"), "file is truncated or not a safetensors file (5 bytes)"),
@@ -350,6 +294,23 @@ CASES = [
          "likely cause: wrong architecture (--arch resnet18)"),
     Case("raw-weights-wrong-class-count", explain("raw_safetensors") + " --arch cnn --num-classes 5 --arch-arg width=8,16,16",
          "the weights have 10 classes: pass --num-classes 10"),
+    # triggers
+    Case("trigger-other-size-unlearn", UNLEARN + " --clean-frac 1 --trigger {t16_safetensors}",
+         "trigger was made for 3x16x16 images but the model's inputs are 3x32x32"),
+    Case("trigger-other-size-explain", explain("m10") + " --trigger {t16_safetensors}", "use a trigger for this image size"),
+    Case("trigger-other-size-train", "train {d10} --test {d10} --trigger {t16_safetensors} -o {out}/m.safetensors",
+         "trigger was made for 3x16x16 images"),
+    Case("trigger-target-out-of-range", UNLEARN + " --clean-frac 1 --trigger {t_target99_safetensors}", "the trigger targets class 99"),
+    Case("trigger-target-infinite", explain("m10") + " --trigger {t_target_inf_safetensors}", "target inf is not a class index"),
+    Case("trigger-shift-infinite", explain("m10") + " --trigger {t_target_shift_inf_safetensors}", "is malformed; expected an int"),
+    Case("trigger-kind-list", explain("m10") + " --trigger {t_kind_list_safetensors}", "trigger kind ['blend'] is unknown"),
+    Case("trigger-size-bool", explain("m10") + " --trigger {t_size_bool_safetensors}", "trigger metadata 'input_size' must be [C, H, W]"),
+    Case("trigger-mask-out-of-range", explain("m10") + " --trigger {t_mask_range_safetensors}", "tensor 'mask' must lie in [0, 1]"),
+    Case("trigger-is-a-model", explain("m10") + " --trigger {m10}", "not a trigger file (a cleanse.model file)"),
+]
+
+# data sets and images, and data that does not fit the model
+DATA_CASES = [
     # data
     Case("imagefolder-only-unreadable-files", "train {f_unreadable} -o {out}/m.safetensors", "no readable images in the ImageFolder"),
     Case("imagefolder-no-class-folders", "poison {f_flat} -o {out}/p.safetensors", "not an ImageFolder (no class sub-folders)"),
@@ -375,20 +336,11 @@ CASES = [
     Case("class-count-explain", "explain {m3} --data {d10} --n 2 -o {out}/maps", "has 10 classes but the model has 3"),
     Case("class-count-train-init", "train {d3} --init {m10} -o {out}/m.safetensors", "has 3 classes but the model has 10"),
     Case("class-count-scan-too-few", "scan {m2} --data {d10} --budget fast --steps 10 -o {out}/scan", "the anomaly test needs at least 3"),
-    # triggers
-    Case("trigger-other-size-unlearn", UNLEARN + " --clean-frac 1 --trigger {t16_safetensors}",
-         "trigger was made for 3x16x16 images but the model's inputs are 3x32x32"),
-    Case("trigger-other-size-explain", explain("m10") + " --trigger {t16_safetensors}", "use a trigger for this image size"),
-    Case("trigger-other-size-train", "train {d10} --test {d10} --trigger {t16_safetensors} -o {out}/m.safetensors",
-         "trigger was made for 3x16x16 images"),
     Case("trigger-other-size-poisoned-data", "train {d10_16} --init {m10} -o {out}/m.safetensors", "has 16x16 images but the model takes 32x32"),
-    Case("trigger-target-out-of-range", UNLEARN + " --clean-frac 1 --trigger {t_target99_safetensors}", "the trigger targets class 99"),
-    Case("trigger-target-infinite", explain("m10") + " --trigger {t_target_inf_safetensors}", "target inf is not a class index"),
-    Case("trigger-shift-infinite", explain("m10") + " --trigger {t_target_shift_inf_safetensors}", "is malformed; expected an int"),
-    Case("trigger-kind-list", explain("m10") + " --trigger {t_kind_list_safetensors}", "trigger kind ['blend'] is unknown"),
-    Case("trigger-size-bool", explain("m10") + " --trigger {t_size_bool_safetensors}", "trigger metadata 'input_size' must be [C, H, W]"),
-    Case("trigger-mask-out-of-range", explain("m10") + " --trigger {t_mask_range_safetensors}", "tensor 'mask' must lie in [0, 1]"),
-    Case("trigger-is-a-model", explain("m10") + " --trigger {m10}", "not a trigger file (a cleanse.model file)"),
+]
+
+# command-line arguments: the clean subset, output paths, options
+ARGUMENT_CASES = [
     # --clean-frac / --clean-n
     Case("clean-frac-zero", UNLEARN + " --clean-frac 0", "--clean-frac 0.0 must lie in (0, 1]"),
     Case("clean-frac-negative", UNLEARN + " --clean-frac -0.5", "--clean-frac -0.5 must lie in (0, 1]"),
@@ -444,20 +396,11 @@ CASES = [
     Case("unlearn-without-data", "unlearn {m10} --method finetune -o {out}/c.safetensors", "--data is required"),
 ]
 
-
-def listing(*folders: Path) -> set[str]:
-    return {str(p) for folder in folders for p in folder.rglob("*")}
+CASES = FILE_CASES + DATA_CASES + ARGUMENT_CASES
 
 
-def error_line(result: Any) -> str:
-    lines = [line for line in result.stderr.splitlines() if line.strip()]
-    errors = [line for line in lines if line.startswith("error: ")]
-    assert len(errors) == 1 and lines[-1] == errors[0], result.stderr
-    return errors[0]
-
-
-@pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])
-def test_bad_input(case: Case, inp: dict[str, Path], tmp_path: Path) -> None:
+def check_bad_input(case: Case, inp: dict[str, Path], tmp_path: Path) -> None:
+    """Run one corpus case in its own empty output folder and check the exit code, the error line and the leftovers."""
     out = tmp_path / "out"
     out.mkdir()
     if case.prepare:
@@ -472,329 +415,3 @@ def test_bad_input(case: Case, inp: dict[str, Path], tmp_path: Path) -> None:
     else:
         assert case.message in result.stderr
     assert not inp["marker"].exists(), "code from an input file ran"
-
-
-def test_corpus_is_large_and_ids_are_unique() -> None:
-    assert len({c.id for c in CASES}) == len(CASES) >= 100
-
-
-def test_unwritable_output_folder(inp: dict[str, Path], tmp_path: Path) -> None:
-    folder = tmp_path / "ro"
-    folder.mkdir()
-    folder.chmod(0o500)
-    try:
-        if os.access(folder, os.W_OK):
-            pytest.skip("running as root: a chmod-ed folder stays writable (the /proc and parent-is-a-file cases cover this)")
-        result = runner.invoke(app, ["poison", str(inp["d10"]), "-o", str(folder / "p.safetensors")])
-        assert result.exit_code == 2 and "output folder is not writable" in error_line(result)
-        assert list(folder.iterdir()) == []
-    finally:
-        folder.chmod(0o700)
-
-
-def test_debug_shows_a_traceback_only_for_internal_errors(inp: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
-    result = runner.invoke(app, ["train", str(inp["d10"]), "-o", str(inp["d10"]), "--force", "--debug"])
-    assert result.exit_code == 2 and "Traceback" not in result.output
-    import cleanse.cli.train as train_cli
-
-    def boom(*_: Any, **__: Any) -> None:
-        raise RuntimeError("boom")
-
-    monkeypatch.setattr(train_cli, "load_data", boom)
-    quiet = runner.invoke(app, ["train", str(inp["d10"]), "-o", str(tmp_path / "m.safetensors")])
-    assert quiet.exit_code == 3 and "Traceback" not in quiet.output and "internal error: RuntimeError: boom" in quiet.stderr
-    loud = runner.invoke(app, ["train", str(inp["d10"]), "-o", str(tmp_path / "m.safetensors"), "--debug"])
-    assert loud.exit_code == 3 and "Traceback" in loud.stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-# --- property-based: parsers never raise anything but CleanseError --------------------------------------------------
-
-# CLEANSE_HYPOTHESIS_EXAMPLES=5000 hunts longer; the default keeps the file fast
-FAST = settings(max_examples=int(os.environ.get("CLEANSE_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
-scalars = st.none() | st.booleans() | st.integers(min_value=-2**70, max_value=2**70) | st.floats() | st.text(max_size=12)
-json_values = st.recursive(scalars, lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4),
-                           max_leaves=12)
-GOOD_MODEL_DOC = tiny_model(3).spec.to_metadata()
-MODEL_KEYS = sorted(GOOD_MODEL_DOC) + ["arch.name", "arch.args", "normalization.mean", "normalization.std"]
-
-
-def mutate(doc: dict[str, Any], key: str, value: Any) -> dict[str, Any]:
-    doc = json.loads(json.dumps(doc))
-    outer, _, inner = key.partition(".")
-    if inner and isinstance(doc.get(outer), dict):
-        doc[outer][inner] = value
-    else:
-        doc[outer] = value
-    return doc
-
-
-@FAST
-@given(text=st.text(max_size=40) | json_values.map(json.dumps), other=st.dictionaries(st.text(max_size=6), st.text(max_size=6), max_size=3))
-def test_cleanse_metadata_parsing_only_raises_cleanse_error(text: str, other: dict[str, str]) -> None:
-    try:
-        doc = read_cleanse_metadata({**other, "cleanse": text}, "f.safetensors")
-    except CleanseError as exc:
-        assert "\n" not in exc.message
-    else:
-        assert isinstance(doc, dict)
-
-
-@FAST
-@given(key=st.sampled_from(MODEL_KEYS), value=json_values, whole=st.booleans(), doc=st.dictionaries(st.text(max_size=8), json_values, max_size=5))
-def test_model_metadata_validation_only_raises_cleanse_error(key: str, value: Any, whole: bool, doc: dict[str, Any]) -> None:
-    from cleanse.models import check_arch_args
-
-    candidate = doc if whole else mutate(GOOD_MODEL_DOC, key, value)
-    try:
-        spec = parse_model_metadata(candidate, "m.safetensors")
-        check_arch_args(spec.arch, spec.arch_args)
-    except CleanseError as exc:
-        assert "\n" not in exc.message
-    else:
-        c, h, w = spec.input_size
-        assert spec.num_classes == len(spec.classes) >= 1 and c == len(spec.mean) == len(spec.std) and h >= 1 and w >= 1
-        assert all(math.isfinite(v) for v in spec.mean + spec.std) and min(spec.std) > 0
-
-
-GOOD_TRIGGER = Trigger("blend", {"mask": torch.zeros(8, 8), "pattern": torch.ones(3, 8, 8)}, 1, (3, 8, 8), "badnets")
-TRIGGER_KEYS = ["format", "format_version", "kind", "target", "input_size", "origin", "params", "attack", "align_corners"]
-
-
-@FAST
-@given(key=st.sampled_from(TRIGGER_KEYS), value=json_values, drop=st.sampled_from([None, "mask", "pattern"]))
-def test_trigger_metadata_validation_only_raises_cleanse_error(key: str, value: Any, drop: str | None) -> None:
-    doc = {**GOOD_TRIGGER.metadata(), key: value}
-    tensors = {k: v for k, v in GOOD_TRIGGER.tensors.items() if k != drop}
-    try:
-        trigger = trigger_from_contents(tensors, doc, "t.safetensors")
-        trigger.check_classes(10)
-    except CleanseError as exc:
-        assert "\n" not in exc.message
-    else:
-        assert trigger.kind == "blend" and trigger.input_size == (3, 8, 8)
-
-
-@FAST
-@given(raw=st.binary(max_size=200))
-def test_safetensors_parsing_of_arbitrary_bytes(raw: bytes) -> None:
-    try:
-        tensors, metadata = parse_safetensors(raw, "x.safetensors")
-    except CleanseError as exc:
-        assert "\n" not in exc.message
-    else:
-        assert isinstance(tensors, dict) and isinstance(metadata, dict)
-
-
-header_entries = st.fixed_dictionaries({}, optional={
-    "dtype": st.sampled_from(["F32", "U8", "I64", "BOOL", "F16", "Q1"]) | json_values,
-    "shape": st.lists(st.integers(-2, 6), max_size=3) | json_values,
-    "data_offsets": st.lists(st.integers(-4, 40), min_size=2, max_size=2) | json_values,
-})
-
-
-@FAST
-@given(entries=st.dictionaries(st.text(max_size=5), header_entries | json_values, max_size=3), body=st.binary(max_size=48),
-       length_delta=st.sampled_from([0, 0, 0, -1, 1, 2**40]), metadata=st.none() | json_values)
-def test_safetensors_parsing_of_crafted_headers(entries: dict[str, Any], body: bytes, length_delta: int, metadata: Any) -> None:
-    header = dict(entries)
-    if metadata is not None:
-        header["__metadata__"] = metadata
-    text = json.dumps(header).encode()
-    raw = struct.pack("<Q", max(0, len(text) + length_delta)) + text + body
-    try:
-        tensors, meta = parse_safetensors(raw, "x.safetensors")
-    except CleanseError as exc:
-        assert "\n" not in exc.message
-    else:
-        assert all(isinstance(t, torch.Tensor) for t in tensors.values()) and all(isinstance(v, str) for v in meta.values())
-
-
-images_strategy = st.tuples(st.integers(1, 3), st.integers(1, 6), st.integers(1, 6), st.integers(0, 2**31 - 1))
-
-
-def random_images(shape: tuple[int, int, int, int]) -> torch.Tensor:
-    n, h, w, seed = shape
-    return torch.randint(0, 256, (n, h, w, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(seed))
-
-
-@FAST
-@given(shape=images_strategy, alpha=st.floats(0, 1), pattern_seed=st.integers(0, 1000))
-def test_blend_trigger_on_uint8_images(shape: tuple[int, int, int, int], alpha: float, pattern_seed: int) -> None:
-    images = random_images(shape)
-    h, w = images.shape[1:3]
-    pattern = torch.rand(3, h, w, generator=torch.Generator().manual_seed(pattern_seed))
-
-    def apply(mask: torch.Tensor) -> torch.Tensor:
-        return Trigger("blend", {"mask": mask, "pattern": pattern}, 0, (3, h, w)).apply_uint8(images)
-
-    out = apply(torch.full((h, w), alpha))
-    assert out.dtype == torch.uint8 and out.shape == images.shape
-    assert torch.equal(apply(torch.zeros(h, w)), images)  # mask 0: identity
-    stamped = torch.round(pattern * 255).to(torch.uint8).permute(1, 2, 0).expand_as(images)
-    assert torch.equal(apply(torch.ones(h, w)), stamped)  # mask 1: the pattern, rounded half to even
-
-
-@FAST
-@given(shape=images_strategy, scale=st.floats(-3, 3), delta_seed=st.integers(0, 1000))
-def test_additive_trigger_stays_in_range(shape: tuple[int, int, int, int], scale: float, delta_seed: int) -> None:
-    images = random_images(shape)
-    h, w = images.shape[1:3]
-    delta = (torch.rand(3, h, w, generator=torch.Generator().manual_seed(delta_seed)) - 0.5) * scale
-    out = Trigger("additive", {"delta": delta}, 0, (3, h, w)).apply_uint8(images)
-    assert out.dtype == torch.uint8 and out.shape == images.shape
-    expected = (images.float() + delta.permute(1, 2, 0) * 255).round().clamp(0, 255)
-    assert torch.equal(out.float(), expected)
-
-
-@FAST
-@given(shape=images_strategy, size=st.integers(1, 7))
-def test_trigger_for_another_size_is_refused(shape: tuple[int, int, int, int], size: int) -> None:
-    images = random_images(shape)
-    h, w = images.shape[1:3]
-    trigger = Trigger("blend", {"mask": torch.zeros(size, size), "pattern": torch.zeros(3, size, size)}, 0, (3, size, size))
-    if (h, w) == (size, size):
-        assert torch.equal(trigger.apply_uint8(images), images)
-    else:
-        with pytest.raises(CleanseError, match="use a trigger for this image size"):
-            trigger.apply_uint8(images)
-
-
-# --- interrupted work: real subprocesses, real signals ---------------------------------------------------------------
-
-def cleanse_process(args: list[Any], cache: Path) -> tuple[subprocess.Popen, list[str]]:
-    """Start `python -m cleanse ARGS`; its stderr lines are collected in the returned list as they arrive."""
-    import threading
-
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "CLEANSE_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cleanse", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell may ignore SIGINT
-    lines: list[str] = []
-    threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
-    return proc, lines
-
-
-def wait_for(condition: Callable[[], bool], proc: subprocess.Popen, lines: list[str], timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert proc.poll() is None, f"the process ended early (exit {proc.returncode}): {''.join(lines)}"
-        assert time.monotonic() < deadline, f"timed out waiting; stderr so far: {''.join(lines)}"
-        time.sleep(0.02)
-
-
-def finish(proc: subprocess.Popen, lines: list[str]) -> tuple[int, str]:
-    code = proc.wait(timeout=60)
-    time.sleep(0.1)  # let the reader thread take the last lines
-    return code, "".join(lines)
-
-
-@pytest.fixture(scope="module")
-def small(tmp_path_factory) -> dict[str, Path]:
-    """A 500-image dataset (fast epochs) and an untrained tiny model (fine-tuning it works all the same)."""
-    root = tmp_path_factory.mktemp("small")
-    data = write_npz(root / "small.npz", 10, 50, seed=1)
-    save_model(tiny_model(10), root / "tiny.safetensors")
-    return {"root": root, "data": data, "model": root / "tiny.safetensors", "cache": tmp_path_factory.mktemp("cache")}
-
-
-TRAIN_ARGS = ["--arch-arg", "width=8,16,16", "--batch-size", "50", "--precision", "fp32", "--device", "cpu"]
-
-
-def test_sigint_and_sigterm_during_train_leave_nothing(small: dict[str, Path], tmp_path: Path) -> None:
-    signals = {"int": (signal.SIGINT, 130, "interrupted (SIGINT)"), "term": (signal.SIGTERM, 143, "terminated (SIGTERM)")}
-    runs = {}
-    for key in signals:  # both at once: the start-up (importing torch) dominates
-        (tmp_path / key).mkdir()
-        runs[key] = cleanse_process(["train", small["data"], "-o", tmp_path / key / "m.safetensors", "--epochs", "200", *TRAIN_ARGS],
-                                    small["cache"])
-    for key, (sig, _, _) in signals.items():
-        proc, lines = runs[key]
-        wait_for(lambda: any("epoch 2/200" in line for line in lines), proc, lines)  # noqa: B023
-        proc.send_signal(sig)
-    for key, (_, code, name) in signals.items():
-        rc, stderr = finish(*runs[key])
-        assert rc == code, stderr
-        last = stderr.strip().splitlines()[-1]
-        assert last.startswith(f"{name} during epoch ") and last.endswith("/200 of train cnn; no output was written"), stderr
-        assert "Traceback" not in stderr
-        assert list((tmp_path / key).iterdir()) == []  # no model, no run record, no temporary file
-
-
-def test_sigint_during_unlearn_leaves_nothing(small: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "c.safetensors"
-    proc, lines = cleanse_process(["unlearn", small["model"], "--method", "finetune", "--epochs", "500", "--data", small["data"],
-                                   "--clean-frac", "1", "--precision", "fp32", "--device", "cpu", "-o", out], small["cache"])
-    wait_for(lambda: any("unlearn finetune:" in line and "finetune" in line.split(":", 1)[1] for line in lines), proc, lines)
-    proc.send_signal(signal.SIGINT)
-    rc, stderr = finish(proc, lines)
-    assert rc == 130, stderr
-    last = stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted (SIGINT) after epoch ") and last.endswith("of unlearn finetune; no output was written"), stderr
-    assert "Traceback" not in stderr
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_checkpoint_and_resume_give_the_uninterrupted_result(small: dict[str, Path], tmp_path: Path) -> None:
-    from cleanse.files import read_safetensors
-
-    common = [small["data"], "--epochs", "6", "--seed", "3", *TRAIN_ARGS]
-    straight, resumed = tmp_path / "straight.safetensors", tmp_path / "resumed.safetensors"
-    state = tmp_path / "resumed.resume.safetensors"
-    reference, ref_lines = cleanse_process(["train", *common, "-o", straight], small["cache"])
-    proc, lines = cleanse_process(["train", *common, "-o", resumed, "--checkpoint-every", "2"], small["cache"])
-    wait_for(state.exists, proc, lines)
-    proc.send_signal(signal.SIGINT)
-    rc, stderr = finish(proc, lines)
-    assert rc == 130, stderr
-    assert "rerun the same command with --resume to continue" in stderr.strip().splitlines()[-1]
-    assert state.is_file() and not resumed.exists() and not Path(f"{resumed}.run.json").exists()
-    assert finish(reference, ref_lines)[0] == 0
-
-    again = runner.invoke(app, ["train", *map(str, common), "-o", str(resumed), "--resume", "--epochs", "7"])
-    assert again.exit_code == 2 and "was written with --epochs 6, this run has 7" in error_line(again)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the subprocesses' OMP_NUM_THREADS=1: the same arithmetic, without another start-up
-    try:
-        done = runner.invoke(app, ["train", *map(str, common), "-o", str(resumed), "--resume"])
-    finally:
-        torch.set_num_threads(threads)
-    assert done.exit_code == 0, done.output
-    assert "resuming from" in done.stderr and not state.exists()
-    a, _ = read_safetensors(straight)
-    b, _ = read_safetensors(resumed)
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    record = json.loads(Path(f"{resumed}.run.json").read_text())
-    assert len(record["history"]) == 6 and record["parameters"]["resumed_after_epoch"] in (2, 4)
-
-
-def test_resume_refuses_what_does_not_fit(small: dict[str, Path], tmp_path: Path) -> None:
-    out = tmp_path / "m.safetensors"
-    missing = runner.invoke(app, ["train", str(small["data"]), "-o", str(out), "--resume"])
-    assert missing.exit_code == 2 and "no checkpoint to resume from" in error_line(missing)
-    save_model(tiny_model(10), tmp_path / "m.resume.safetensors")
-    foreign = runner.invoke(app, ["train", str(small["data"]), "-o", str(out), "--resume"])
-    assert foreign.exit_code == 2 and "not a training checkpoint written by cleanse train" in error_line(foreign)
-    stale = runner.invoke(app, ["train", str(small["data"]), "-o", str(out), "--checkpoint-every", "1"])
-    assert stale.exit_code == 2 and "pass --resume to continue it, or --force to start over" in error_line(stale)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["m.resume.safetensors"]
-
-
-# --- two runs, same inputs, different outputs ------------------------------------------------------------------------
-
-def test_parallel_runs_from_the_same_input_do_not_interfere(tmp_path: Path) -> None:
-    data = tmp_path / "folder"
-    for name in "abc":
-        (data / name).mkdir(parents=True)
-        for i in range(12):
-            png(data / name / f"{i}.png", colour=(20 * i, 60, 90 + 40 * ord(name) % 100))
-    cache = tmp_path / "shared-cache"  # both decode the folder and write the same cache entry
-    runs = [cleanse_process(["poison", data, "--rate", "0.2", "--target", "1", "-o", tmp_path / f"p{i}.safetensors"], cache)
-            for i in (1, 2)]
-    for proc, lines in runs:
-        rc, stderr = finish(proc, lines)
-        assert rc == 0, stderr
-    for suffix in (".safetensors", ".trigger.safetensors"):
-        assert (tmp_path / f"p1{suffix}").read_bytes() == (tmp_path / f"p2{suffix}").read_bytes()
-    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no temporary files left
-    assert len(list(cache.glob("imagefolder-*.safetensors"))) == 1 and not list(cache.glob(".*"))
