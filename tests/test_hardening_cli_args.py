@@ -5,6 +5,8 @@ The corpus cases live in tests/hardening_corpus.py (ARGUMENT_CASES).
 """
 from __future__ import annotations
 
+import importlib
+
 import os
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,7 @@ def test_unwritable_output_folder(inp: dict[str, Path], tmp_path: Path) -> None:
 def test_debug_shows_a_traceback_only_for_internal_errors(inp: dict[str, Path], tmp_path: Path, monkeypatch) -> None:
     result = runner.invoke(app, ["train", str(inp["d10"]), "-o", str(inp["d10"]), "--force", "--debug"])
     assert result.exit_code == 2 and "Traceback" not in result.output
-    import cleanse.jobs.train as train_job
+    train_job = importlib.import_module("cleanse.jobs.train")  # the module: cleanse.jobs.train is also the job function
 
     def boom(*_: Any, **__: Any) -> None:
         raise RuntimeError("boom")
