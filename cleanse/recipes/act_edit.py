@@ -17,7 +17,6 @@ direction), so a repair step fine-tunes the edited layers only on the clean subs
 """
 from __future__ import annotations
 
-import time
 from typing import Any
 
 import torch
@@ -25,11 +24,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
-from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, repair_loss,
-                                  cosine_lr, register, steps_per_pass)
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, cosine_lr, register,
+                                  repair_loss, steps_per_pass)
 
 
 def edit_from_grams(W: torch.Tensor, g_tt: torch.Tensor, g_cc: torch.Tensor, g_ct: torch.Tensor, beta: float,
@@ -162,23 +160,41 @@ class ActEdit(Recipe):
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        opening = self.begin(ctx, asr_good=ctx.params["asr_good"])
-        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
+        run = RecipeRun.begin(self, ctx, asr_good=ctx.params["asr_good"])
         p, model, trigger, train = ctx.params, ctx.model, ctx.trigger, ctx.split.train
         assert trigger is not None  # begin() refused a missing one
 
         c, h, w = model.spec.input_size
-        names = resolve_layers(model.net, str(p["layers"]), torch.zeros(1, c, h, w, device=ctx.device), model.spec.num_classes)
-        modules = dict(model.net.named_modules())
-        gen = torch.Generator().manual_seed(ctx.seed)
+        example = torch.zeros(1, c, h, w, device=ctx.device)
+        names = resolve_layers(model.net, str(p["layers"]), example, model.spec.num_classes)
         rows = trigger.eligible(train.labels).nonzero().flatten()
         if len(rows) == 0:
-            raise CleanseError("act-edit needs clean images of classes other than the trigger's target; raise --clean-frac")
-        rows = rows[torch.randperm(len(rows), generator=gen)[: max(1, p["samples"])]].sort().values
-        clean_images = train.images[rows]
-        triggered_images = trigger.apply_uint8(clean_images)
+            raise CleanseError("act-edit needs clean images of classes other than the trigger's target; "
+                               "raise --clean-frac")
+        rows = rows[torch.randperm(len(rows), generator=run.gen)[: max(1, p["samples"])]].sort().values
+        metrics = self._edit(run, names, train.images[rows])
+        if metrics is None:
+            return run.finish()
+        run.result.extra["samples"] = len(rows)
 
-        # Edit in forward order: each layer's inputs are collected after the edits upstream of it.
+        modules = dict(model.net.named_modules())
+        edited = [q for n in names for q in modules[n].parameters() if q.requires_grad]
+        if p["epochs"] <= 0 or not edited:
+            # The repair is part of the recipe: the bare edit is a candidate for the kept state only without one.
+            if p["epochs"] > 0:
+                ctx.note("the edited layers have no trainable weights: no repair")
+            run.offer(metrics, "edit")
+        else:
+            self._repair(run, edited)
+        return run.finish()
+
+    def _edit(self, run: RecipeRun, names: list[str], clean_images: torch.Tensor) -> dict[str, Any] | None:
+        """The closed-form edit of each layer in `names`, in forward order (each layer's inputs are collected after the
+        edits upstream of it); the held-back figures after it, or None when an edit was not finite (rolled back)."""
+        ctx, p, model = run.ctx, run.ctx.params, run.model
+        assert ctx.trigger is not None
+        triggered_images = ctx.trigger.apply_uint8(clean_images)
+        modules = dict(model.net.named_modules())
         edits, details = [], []
         for name in names:
             module = modules[name]
@@ -189,78 +205,59 @@ class ActEdit(Recipe):
             lam = p["lam"] * float(torch.diagonal(g_tt).mean())
             d = edit_from_grams(wm, g_tt, g_cc, g_ct, p["beta"], lam)
             if not torch.isfinite(d).all():
-                keeper.rollback(model, f"the edit of {name} is not finite", ctx)
-                result.kept = keeper.restore_best(model)
-                return result
-            before, after = residual_from_grams(wm, torch.zeros_like(d), g_tt, g_cc, g_ct), residual_from_grams(wm, d, g_tt, g_cc, g_ct)
+                run.rollback(f"the edit of {name} is not finite")
+                return None
+            before = residual_from_grams(wm, torch.zeros_like(d), g_tt, g_cc, g_ct)
+            after = residual_from_grams(wm, d, g_tt, g_cc, g_ct)
             set_layer_matrix(module, (wm + d).to(module.weight.device))
-            edits.append({"layer": name, "kind": "conv" if isinstance(module, nn.Conv2d) else "linear", "dim": int(wm.shape[1]),
-                          "columns": columns, "residual_before": before, "residual_after": after,
+            edits.append({"layer": name, "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
+                          "dim": int(wm.shape[1]), "columns": columns, "residual_before": before, "residual_after": after,
                           "relative_change": float(torch.linalg.norm(d) / torch.linalg.norm(wm).clamp_min(1e-30))})
             details.append(f"{name}: residual {before:.2f} -> {after:.2f}")
-        model.eval()
-        metrics = monitor(model)
-        row = {"phase": "edit", "epoch": 0, **metrics, "detail": "edited " + "; ".join(details), "elapsed": time.perf_counter() - began}
-        result.history.append(row)
-        ctx.callback(Event("row", row))
-        result.extra.update({"edits": edits, "samples": len(rows)})
+        metrics = run.measure()
+        run.row("edit", 0, **metrics, detail="edited " + "; ".join(details))
+        run.result.extra["edits"] = edits
+        return metrics
 
-        # Repair: the edited layers only, on the clean subset; BatchNorm statistics stay put (eval mode).
-        edited = [q for n in names for q in modules[n].parameters() if q.requires_grad]
-        if p["epochs"] <= 0 or not edited:
-            # The repair is part of the recipe: the bare edit is a candidate for the kept state only without one.
-            if p["epochs"] > 0:
-                ctx.note("the edited layers have no trainable weights: no repair")
-            keeper.offer(model, metrics, "edit")
-            result.kept = keeper.restore_best(model)
-            return result
-        # The repair keeps the edit's own objective as a term: clean CE alone brought a Blended backdoor back
-        # (CIFAR-10: held-back ASR 0.00 after the edit, 1.00 after one repair epoch).
-        triggered_all = trigger.apply_uint8(train.images) if p["repair_triggered"] else None
-        eligible = trigger.eligible(train.labels)
+    @staticmethod
+    def _repair(run: RecipeRun, edited: list[torch.nn.Parameter]) -> None:
+        """Repair: the edited layers only, on the clean subset; BatchNorm statistics stay put (eval mode)."""
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        assert ctx.trigger is not None
+        # The repair keeps the edit's own objective as a term: with clean CE alone the backdoor came back
+        # (docs/recipes/act-edit.md, step 5).
+        triggered_all = ctx.trigger.apply_uint8(train.images) if p["repair_triggered"] else None
+        eligible = ctx.trigger.eligible(train.labels)
         edited_ids = {id(q) for q in edited}
         others = [q for q in model.net.parameters() if q.requires_grad and id(q) not in edited_ids]
         optimizer = torch.optim.SGD(edited, lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True)
-        steps_per_epoch = steps_per_pass(len(train), p["batch_size"])
-        total, step = p["epochs"] * steps_per_epoch, 0
+        total, step = p["epochs"] * steps_per_pass(len(train), p["batch_size"]), 0
         for q in others:
             q.requires_grad_(False)
         try:
             for epoch in range(1, p["epochs"] + 1):
                 model.eval()
-                loss_sum, seen, broke = 0.0, 0, False
-                for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
+                loss_sum, seen = 0.0, 0
+                for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                     cosine_lr(optimizer, p["lr"], step, total)
-                    rows_t = idx[eligible[idx]] if triggered_all is not None else idx[:0]
+                    rows = idx[eligible[idx]] if triggered_all is not None else idx[:0]
                     with autocast(ctx.device, ctx.precision):
-                        loss = repair_loss(model, x, y, triggered_all, rows_t, train.labels, ctx.device, p["repair_triggered"])
-                    reason = keeper.tripped(loss=float(loss.detach()))
-                    if reason:
-                        keeper.rollback(model, reason, ctx)
-                        broke = True
-                        break
+                        loss = repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device,
+                                           p["repair_triggered"])
+                    if run.diverged(loss):
+                        return
                     optimizer.zero_grad(set_to_none=True)
                     loss.backward()
                     optimizer.step()
                     step += 1
                     loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
-                if broke:
-                    break
-                metrics = monitor(model)
-                row = {"phase": "repair", "epoch": epoch, "loss": loss_sum / max(1, seen), **metrics,
-                       "elapsed": time.perf_counter() - began}
-                result.history.append(row)
-                ctx.callback(Event("row", row))
-                keeper.offer(model, metrics, f"repair epoch {epoch}")
-                reason = keeper.tripped(metrics)
-                if reason:
-                    keeper.rollback(model, reason, ctx)
-                    break
+                metrics = run.measure()
+                run.row("repair", epoch, loss=loss_sum / max(1, seen), **metrics)
+                if run.judge(metrics, f"repair epoch {epoch}"):
+                    return
         finally:
             for q in others:
                 q.requires_grad_(True)
-        result.kept = keeper.restore_best(model)
-        return result
 
     @staticmethod
     @torch.no_grad()

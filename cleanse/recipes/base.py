@@ -2,9 +2,10 @@
 
 A recipe gets the model, the clean split (learn on `train`, decide on `held`),
 an optional trigger and its parameters; it changes the model in place and
-returns its history. The held-back monitor measures CA, ASR and TAR on the
-held-back images; the StateKeeper keeps the state chosen by the documented rule
-and rolls back when a guard rail trips.
+returns its history. Its `run` opens a RecipeRun, which owns the plumbing every
+recipe's loops share: the held-back monitor (CA, ASR and TAR on the held-back
+images), the state rule (StateKeeper or AgnosticKeeper) applied in its
+documented order, history rows, rollbacks, checkpoints and resume.
 """
 from __future__ import annotations
 
@@ -27,11 +28,12 @@ from cleanse.engine.events import Callback, Event
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
 from cleanse.models import ClassifierModel
-from cleanse.recipes.resume import Checkpoints
+from cleanse.recipes.resume import Checkpoints, RecipeState, capture
+from cleanse.recipes.resume import restore as restore_state
 from cleanse.registry import Registry
 
-NEEDS_TRIGGER = ("{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by `cleanse poison`, "
-                 "or a trigger-<class>.safetensors reversed by `cleanse scan`")
+NEEDS_TRIGGER = ("{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by "
+                 "`cleanse poison`, or a trigger-<class>.safetensors reversed by `cleanse scan`")
 
 
 @dataclass
@@ -75,20 +77,24 @@ class Recipe(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_trigger: ClassVar[bool] = False
-    resumable: ClassVar[bool] = False  # checkpoints at the end of passes over the clean subset (unlearn --checkpoint-every)
+    # checkpoints at the end of passes over the clean subset (unlearn --checkpoint-every)
+    resumable: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(raw) - set(self.params))
         if unknown:
-            raise CleanseError(f"recipe {self.name} has no parameter {unknown[0]!r}; its parameters are: {', '.join(self.params)}")
+            raise CleanseError(f"recipe {self.name} has no parameter {unknown[0]!r}; "
+                               f"its parameters are: {', '.join(self.params)}")
         out = {k: p.default for k, p in self.params.items()}
         for key, value in raw.items():
             default = self.params[key].default
             try:
-                out[key] = type(default)(value) if not isinstance(default, bool) else str(value).lower() in ("1", "true", "yes")
+                is_true = str(value).lower() in ("1", "true", "yes")
+                out[key] = is_true if isinstance(default, bool) else type(default)(value)
             except (TypeError, ValueError):
-                raise CleanseError(f"recipe {self.name} parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+                raise CleanseError(f"recipe {self.name} parameter {key}={value!r} is not a valid "
+                                   f"{type(default).__name__}") from None
             number = out[key]
             if isinstance(number, (int, float)) and not isinstance(number, bool):
                 if not math.isfinite(number) or number < 0:
@@ -103,39 +109,7 @@ class Recipe(ABC):
 
     @abstractmethod
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        """Change ctx.model in place; report rows through ctx.callback."""
-
-    def begin(self, ctx: RecipeContext, asr_good: float = 0.0, start_row: bool = True) -> "Opening":
-        """What every recipe does first: refuse a missing trigger it needs, measure the start on the held-back
-        images, set up the state rule (StateKeeper on held-back ASR for recipes that need a trigger,
-        AgnosticKeeper otherwise) and report the start row."""
-        if self.needs_trigger and ctx.trigger is None:
-            raise CleanseError(NEEDS_TRIGGER.format(name=self.name))
-        p, model = ctx.params, ctx.model
-        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
-        began = time.perf_counter()
-        model.eval()
-        start = monitor(model)
-        keeper: StateKeeper
-        if self.needs_trigger:
-            keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
-                                 asr_good=asr_good)
-        else:
-            keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
-        if start_row:
-            ctx.callback(Event("row", {"phase": "start", "epoch": 0, **start, "elapsed": 0.0}))
-        return Opening(monitor, start, keeper, RecipeResult(), began)
-
-
-@dataclass
-class Opening:
-    """Recipe.begin's result: the held-back monitor, the start figures, the state rule, the result to fill, the start time."""
-
-    monitor: "HeldMonitor"
-    start: dict[str, Any]
-    keeper: "StateKeeper"
-    result: RecipeResult
-    began: float
+        """Change ctx.model in place and return the result; a recipe opens a RecipeRun first (RecipeRun.begin)."""
 
 
 RECIPES: Registry[Recipe] = Registry("recipe")
@@ -174,8 +148,8 @@ class StateKeeper:
     AgnosticKeeper instead.
     """
 
-    def __init__(self, model: ClassifierModel, start: dict[str, Any], use_asr: bool, ca_margin: float, ca_floor_drop: float,
-                 asr_good: float = 0.0) -> None:
+    def __init__(self, model: ClassifierModel, start: dict[str, Any], use_asr: bool, ca_margin: float,
+                 ca_floor_drop: float, asr_good: float = 0.0) -> None:
         self.asr_good = asr_good
         self.use_asr = use_asr and start.get("attack_success_rate") is not None
         self.start_ca = start["clean_accuracy"]
@@ -191,8 +165,8 @@ class StateKeeper:
         return (True, m["clean_accuracy"])
 
     def offer(self, model: ClassifierModel, metrics: dict[str, Any], tag: str) -> bool:
-        """Consider the current state; True when it became the kept one."""
-        if self._key(metrics) > self._key(self.best):
+        """Consider the current state; True when it became the kept one. A state below the CA floor never is."""
+        if self.tripped(metrics) is None and self._key(metrics) > self._key(self.best):
             self.best_state = copy.deepcopy(model.net.state_dict())
             self.best = dict(metrics, tag=tag)
             return True
@@ -226,7 +200,8 @@ class AgnosticKeeper(StateKeeper):
     best held-back CA among them (later states have had more of the recipe's budget). The start
     state is not a candidate, only what a rollback returns to before any state was offered: with
     a held-back set of a few dozen images the start often scores 100% and would always win.
-    Callers check `tripped` before `offer`, so a state below the CA floor is never kept.
+    A state below the CA floor is never kept; RecipeRun.judge checks `tripped` before `offer`, so such a
+    state rolls back to the one kept so far.
     """
 
     def __init__(self, model: ClassifierModel, start: dict[str, Any], ca_margin: float, ca_floor_drop: float) -> None:
@@ -234,6 +209,8 @@ class AgnosticKeeper(StateKeeper):
         self.top_ca = -math.inf
 
     def offer(self, model: ClassifierModel, metrics: dict[str, Any], tag: str) -> bool:
+        if self.tripped(metrics) is not None:
+            return False
         self.top_ca = max(self.top_ca, metrics["clean_accuracy"])
         if metrics["clean_accuracy"] >= self.top_ca - self.ca_margin:
             self.best_state = copy.deepcopy(model.net.state_dict())
@@ -243,9 +220,150 @@ class AgnosticKeeper(StateKeeper):
 
     def restore_best(self, model: ClassifierModel) -> dict[str, Any]:
         kept = super().restore_best(model)
-        kept["rule"] = (f"latest of the recipe's states with held-back CA within {self.ca_margin:.2f} of the best among them "
-                        "(the start state only as a rollback fallback)")
+        kept["rule"] = (f"latest of the recipe's states with held-back CA within {self.ca_margin:.2f} of the best "
+                        "among them (the start state only as a rollback fallback)")
         return kept
+
+
+@dataclass(frozen=True)
+class Resumed:
+    """What RecipeRun.restore hands back: where the interrupted run stood, the recipe's own saved values and tensors."""
+
+    position: dict[str, Any]
+    values: dict[str, Any]
+    tensors: dict[str, torch.Tensor]
+
+
+class RecipeRun:
+    """One run of a recipe: the plumbing its loops share, so that the recipe's `run` reads as its algorithm.
+
+    `RecipeRun.begin` refuses a missing trigger the recipe needs, measures the start on the held-back images, sets
+    up the state rule (StateKeeper on held-back ASR for a recipe that needs a trigger, AgnosticKeeper otherwise) and
+    shows the start row. Then the recipe calls:
+
+    - `measure()` for the held-back figures and `row(phase, epoch, **figures)` to record and show them;
+    - `judge(metrics, tag)` after each measured state: the state rule in its documented order. Held-back CA below
+      the floor rolls back to the state kept so far and returns True (the caller stops); only a state that passed
+      is offered to the keeper, so a state below the floor is never kept. `offer` considers a state without the
+      guard rail (the keeper still never keeps one below the floor);
+    - `diverged(loss)` before each optimiser step: a non-finite loss rolls back and returns True;
+    - `passed(position, optimizer)` at the end of each pass over the clean subset (`unlearn --checkpoint-every`),
+      and `resuming(phase)` / `restore(optimizer)` to continue an interrupted run;
+    - `finish()` last: the kept state goes back into the model and the result, `kept` set, is returned.
+    """
+
+    def __init__(self, name: str, ctx: RecipeContext, monitor: HeldMonitor, start: dict[str, Any], keeper: StateKeeper,
+                 began: float | None = None) -> None:
+        self.name, self.ctx, self.model = name, ctx, ctx.model
+        self.monitor, self.start, self.keeper = monitor, start, keeper
+        self.result = RecipeResult()
+        self.gen = torch.Generator().manual_seed(ctx.seed)  # the recipe's random stream: batches, draws; checkpointed
+        self.resume = ctx.checkpoints.resume
+        began = time.perf_counter() if began is None else began
+        self._began = began - self.resume.doc["elapsed"] if self.resume else began  # a resumed run's clock goes on
+
+    @classmethod
+    def begin(cls, recipe: Recipe, ctx: RecipeContext, asr_good: float = 0.0, start_row: bool = True) -> RecipeRun:
+        """Open the run of `recipe`: the start measured on the held-back images, the state rule, the start row shown
+        (`start_row=False`: the recipe shows its own, with figures of its own)."""
+        if recipe.needs_trigger and ctx.trigger is None:
+            raise CleanseError(NEEDS_TRIGGER.format(name=recipe.name))
+        p, model = ctx.params, ctx.model
+        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
+        began = time.perf_counter()
+        model.eval()
+        start = monitor(model)
+        keeper: StateKeeper
+        if recipe.needs_trigger:
+            keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
+                                 asr_good=asr_good)
+        else:
+            keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
+        run = cls(recipe.name, ctx, monitor, start, keeper, began)
+        if start_row:
+            run.show({"phase": "start", "epoch": 0, **start, "elapsed": 0.0})
+        return run
+
+    # --- figures and rows ---
+
+    def elapsed(self) -> float:
+        """Seconds since the run began (a resumed run counts the interrupted one's too)."""
+        return time.perf_counter() - self._began
+
+    def measure(self) -> dict[str, Any]:
+        """Held-back CA and ASR (and TAR) of the model as it stands; leaves the model in eval mode."""
+        self.model.eval()
+        return self.monitor(self.model)
+
+    def row(self, phase: str, epoch: float, elapsed: float | None = None, **figures: Any) -> dict[str, Any]:
+        """Append a history row {phase, epoch, **figures, elapsed} and show it live."""
+        row = {"phase": phase, "epoch": epoch, **figures, "elapsed": self.elapsed() if elapsed is None else elapsed}
+        self.result.history.append(row)
+        self.show(row)
+        return row
+
+    def show(self, row: dict[str, Any]) -> None:
+        """Show a row live without recording it in the history."""
+        self.ctx.callback(Event("row", row))
+
+    # --- the state rule ---
+
+    def judge(self, metrics: dict[str, Any], tag: str | None) -> bool:
+        """Apply the state rule to the current state: True when its held-back CA fell below the floor and the run
+        rolled back (the caller stops); otherwise the state is offered under `tag` (None: not a candidate yet)."""
+        reason = self.keeper.tripped(metrics)
+        if reason:
+            self.rollback(reason)
+            return True
+        if tag is not None:
+            self.keeper.offer(self.model, metrics, tag)
+        return False
+
+    def offer(self, metrics: dict[str, Any], tag: str) -> bool:
+        """Offer the current state without the guard rail; True when it became the kept one."""
+        return self.keeper.offer(self.model, metrics, tag)
+
+    def diverged(self, loss: torch.Tensor | float) -> bool:
+        """True when `loss` is not finite and the run rolled back (the caller stops stepping)."""
+        reason = self.keeper.tripped(loss=float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        if reason:
+            self.rollback(reason)
+            return True
+        return False
+
+    def rollback(self, reason: str) -> None:
+        """Put the state kept so far back into the model, and say why."""
+        self.keeper.rollback(self.model, reason, self.ctx)
+
+    # --- checkpoints and resume ---
+
+    def passed(self, position: dict[str, Any], optimizer: torch.optim.Optimizer,
+               tensors: dict[str, torch.Tensor] | None = None, values: dict[str, Any] | None = None) -> None:
+        """The end of a pass over the clean subset at `position` (the recipe's loop counters): saves a checkpoint every
+        `--checkpoint-every` passes, with the recipe's own `tensors` and JSON `values`."""
+        def state(passes: int) -> RecipeState:
+            return capture(self.name, passes, position, self.model, optimizer, self.gen, self.keeper, self.result,
+                           self.elapsed(), tensors, values)
+
+        self.ctx.checkpoints.passed(state)
+
+    def resuming(self, phase: str | None = None) -> RecipeState | None:
+        """The interrupted run's state when this run continues one (that stopped in `phase`, when given), else None."""
+        if self.resume is None or (phase is not None and self.resume.position.get("phase") != phase):
+            return None
+        return self.resume
+
+    def restore(self, optimizer: torch.optim.Optimizer) -> Resumed:
+        """Continue the interrupted run: its weights, optimiser, random state, kept state and history come back."""
+        if self.resume is None:
+            raise RuntimeError(f"{self.name}: restore() without a checkpoint to resume from")
+        tensors = restore_state(self.resume, self.model, optimizer, self.gen, self.keeper, self.result)
+        return Resumed(dict(self.resume.position), dict(self.resume.doc["values"]), tensors)
+
+    def finish(self) -> RecipeResult:
+        """Put the kept state into the model; the result, with `kept` saying which state and by which rule."""
+        self.result.kept = self.keeper.restore_best(self.model)
+        return self.result
 
 
 def steps_per_pass(n_train: int, batch_size: int) -> int:
@@ -285,8 +403,8 @@ def joint_logits(model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tenso
     return logits[:n], logits[n:]
 
 
-def repair_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor | None, rows: torch.Tensor,
-                labels: torch.Tensor, device: torch.device, weight: float = 1.0) -> torch.Tensor:
+def repair_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor | None,
+                rows: torch.Tensor, labels: torch.Tensor, device: torch.device, weight: float = 1.0) -> torch.Tensor:
     """CE(f(x), y) + weight * CE(f(T(x_rows)), true labels of the rows): clean fine-tuning that also teaches the
     model to give triggered images their own class. `labels` are the true labels of the whole set `rows` index."""
     clean_logits, trig_logits = joint_logits(model, x, triggered, rows, device)

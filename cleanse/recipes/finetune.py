@@ -1,16 +1,12 @@
 """`finetune`: plain fine-tuning on the clean subset, the baseline every method must beat."""
 from __future__ import annotations
 
-import time
-
 import torch
 import torch.nn.functional as F
 
 from cleanse.engine.device import autocast
-from cleanse.engine.events import Event
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, batches, cosine_lr,
-                                  register, steps_per_pass, trainable)
-from cleanse.recipes.resume import capture, restore
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, cosine_lr, register,
+                                  steps_per_pass, trainable)
 
 
 @register
@@ -28,44 +24,32 @@ class FineTune(Recipe):
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        opening = self.begin(ctx)
-        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
+        run = RecipeRun.begin(self, ctx)
         p, model = ctx.params, ctx.model
-        optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True)
-        gen = torch.Generator().manual_seed(ctx.seed)
-        steps_per_epoch = steps_per_pass(len(ctx.split.train), p["batch_size"])
-        total, step, first = p["epochs"] * steps_per_epoch, 0, 1
-        if ctx.checkpoints.resume is not None:
-            state = ctx.checkpoints.resume
-            restore(state, model, optimizer, gen, keeper, result)
-            step, first, began = state.position["step"], state.position["epoch"] + 1, began - state.doc["elapsed"]
+        optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"],
+                                    nesterov=True)
+        total = p["epochs"] * steps_per_pass(len(ctx.split.train), p["batch_size"])
+        step, first = 0, 1
+        if run.resuming():
+            at = run.restore(optimizer).position
+            step, first = at["step"], at["epoch"] + 1
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, seen = 0.0, 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device):
+            for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     loss = F.cross_entropy(model(x).float(), y)
-                if keeper.tripped(loss=float(loss.detach())):
-                    keeper.rollback(model, keeper.tripped(loss=float(loss.detach())), ctx)  # type: ignore[arg-type]
-                    break
+                if run.diverged(loss):
+                    break  # the epoch ends at the state kept so far
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 step += 1
                 loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
-            model.eval()
-            metrics = monitor(model)
-            row = {"phase": "finetune", "epoch": epoch, "loss": loss_sum / max(1, seen), **metrics,
-                   "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
-            keeper.offer(model, metrics, f"epoch {epoch}")
-            reason = keeper.tripped(metrics)
-            if reason:
-                keeper.rollback(model, reason, ctx)
+            metrics = run.measure()
+            run.row("finetune", epoch, loss=loss_sum / max(1, seen), **metrics)
+            if run.judge(metrics, f"epoch {epoch}"):
                 break
-            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"epoch": epoch, "step": step}, model, optimizer, gen,  # noqa: B023
-                                                     keeper, result, time.perf_counter() - began))
-        result.kept = keeper.restore_best(model)
-        return result
+            run.passed({"epoch": epoch, "step": step}, optimizer)
+        return run.finish()

@@ -21,7 +21,6 @@ the held-back value of that loss.
 from __future__ import annotations
 
 import copy
-import time
 from collections.abc import Callable
 from typing import Any
 
@@ -31,11 +30,10 @@ from torch import nn
 
 from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
-from cleanse.engine.events import Event
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches, repair_loss,
-                                  register, trainable)
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, as_batch, batches, register,
+                                  repair_loss, trainable)
 
 # Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
 _CHANNELWISE = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.ReLU, nn.ReLU6, nn.GELU,
@@ -156,8 +154,7 @@ class GradPrune(Recipe):
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        opening = self.begin(ctx, asr_good=ctx.params["asr_good"], start_row=False)  # its start row adds the unlearning loss
-        monitor, start, keeper, result, began = opening.monitor, opening.start, opening.keeper, opening.result, opening.began
+        run = RecipeRun.begin(self, ctx, asr_good=ctx.params["asr_good"], start_row=False)  # its start row adds a loss
         p, model, trigger = ctx.params, ctx.model, ctx.trigger
         train, held = ctx.split.train, ctx.split.held
         assert trigger is not None  # begin() refused a missing one
@@ -166,19 +163,17 @@ class GradPrune(Recipe):
         triggered_all = trigger.apply_uint8(train.images)
         eligible = trigger.eligible(train.labels)
         rows = eligible.nonzero().flatten()
-        gen = torch.Generator().manual_seed(ctx.seed)
         if p["grad_samples"] > 0 and len(rows) > p["grad_samples"]:
-            rows = rows[torch.randperm(len(rows), generator=gen)[: p["grad_samples"]]].sort().values
+            rows = rows[torch.randperm(len(rows), generator=run.gen)[: p["grad_samples"]]].sort().values
         grad_set = Dataset(triggered_all[rows], train.labels[rows], train.classes, train.source)
         held_rows = trigger.eligible(held.labels)
-        held_trig = Dataset(trigger.apply_uint8(held.images[held_rows]), held.labels[held_rows], held.classes, held.source)
+        held_trig = Dataset(trigger.apply_uint8(held.images[held_rows]), held.labels[held_rows], held.classes,
+                            held.source)
         if len(grad_set) == 0 or len(held_trig) == 0:
-            raise CleanseError("grad-prune needs clean images of classes other than the trigger's target in the subset; raise --clean-frac")
-
+            raise CleanseError("grad-prune needs clean images of classes other than the trigger's target in the subset; "
+                               "raise --clean-frac")
         u_start = self._held_loss(model, held_trig, None, ctx)
-        start_row = {"phase": "start", "epoch": 0, "loss": u_start, **start, "elapsed": 0.0}
-        result.history.append(start_row)
-        ctx.callback(Event("row", start_row))
+        run.row("start", 0, loss=u_start, **run.start, elapsed=0.0)
 
         convs = prunable_convs(model.net)
         if not convs:
@@ -186,8 +181,18 @@ class GradPrune(Recipe):
         c, h, w = model.spec.input_size
         followers = following_batchnorm(model.net, torch.zeros(1, c, h, w, device=ctx.device))
         masks = FilterMasks(model.net, followers)
+        self._prune(run, convs, masks, grad_set, held_trig, u_start)
+        self._finetune(run, masks, triggered_all, eligible, held_trig)
+        result = run.finish()
+        # The start state is unpruned; any other kept state carries the masks of the kept round.
+        result.extra["pruned_in_kept_state"] = [] if result.kept["tag"] == "start" else result.extra["pruned"]
+        return result
 
-        # Pruning rounds.
+    def _prune(self, run: RecipeRun, convs: dict[str, nn.Conv2d], masks: FilterMasks, grad_set: Dataset,
+               held_trig: Dataset, u_start: float) -> None:
+        """Pruning rounds from the start's held-back unlearning loss `u_start`; leaves the model (and `masks`) at the
+        round with the lowest held-back unlearning loss."""
+        ctx, p, model, start = run.ctx, run.ctx.params, run.model, run.start
         best_u, best_round, best_state, best_pruned = u_start, 0, None, 0
         rounds: list[dict[str, Any]] = []
         stale, rnd = 0, 0
@@ -198,16 +203,12 @@ class GradPrune(Recipe):
             ranked = rank_from_grads(grads, set(masks.pruned))
             picked = [(name, ch) for name, ch, _ in ranked[: max(1, p["per_round"])]]
             masks.add(picked)
-            model.eval()
-            metrics = monitor(model)
+            metrics = run.measure()
             u = self._held_loss(model, held_trig, None, ctx)
             rounds.append({"round": rnd, "filters": [f"{n}:{ch}" for n, ch in picked],
                            "scores": [s for _, _, s in ranked[: len(picked)]], "held_unlearning_loss": u, **metrics})
             shown = ", ".join(f"{n}:{ch}" for n, ch in picked[:3]) + (", ..." if len(picked) > 3 else "")
-            row = {"phase": "prune", "epoch": rnd, "loss": u, **metrics, "detail": f"pruned {len(masks.pruned)} ({shown})",
-                   "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
+            run.row("prune", rnd, loss=u, **metrics, detail=f"pruned {len(masks.pruned)} ({shown})")
             fell = metrics["clean_accuracy"] <= start["clean_accuracy"] - p["ca_drop"] + 1e-12
             if not fell and u < best_u:
                 best_u, best_round, best_pruned, stale = u, rnd, len(masks.pruned), 0
@@ -215,69 +216,58 @@ class GradPrune(Recipe):
             else:
                 stale += 1
             if fell:
-                ctx.note(f"held-back CA {metrics['clean_accuracy']:.3f} fell {p['ca_drop']:.2f} from the start: pruning stops at round {rnd}")
+                ctx.note(f"held-back CA {metrics['clean_accuracy']:.3f} fell {p['ca_drop']:.2f} from the start: "
+                         f"pruning stops at round {rnd}")
                 break
             if stale >= p["patience"]:
                 ctx.note(f"{stale} rounds without a lower held-back unlearning loss: pruning stops at round {rnd}")
                 break
         masks.pruned = masks.pruned[:best_pruned]
-        if best_state is not None:
-            model.net.load_state_dict(best_state)
-        else:
-            model.net.load_state_dict(keeper.best_state)  # no round helped: back to the start, nothing pruned
+        # No round helped: back to the start, nothing pruned.
+        model.net.load_state_dict(best_state if best_state is not None else run.keeper.best_state)
         masks.apply()
-        ctx.note(f"kept pruning round {best_round} ({best_pruned} filters), held-back unlearning loss {u_start:.3f} -> {best_u:.3f}")
-        result.extra.update({"rounds": rounds, "kept_round": best_round,
-                             "pruned": [f"{n}:{ch}" for n, ch in masks.pruned], "batchnorm_after": followers})
-        if best_round and p["epochs"] <= 0:  # fine-tuning is part of the recipe: the bare pruned state is a candidate only without it
-            keeper.offer(model, {k: v for k, v in rounds[best_round - 1].items() if k in start}, f"pruned round {best_round}")
+        ctx.note(f"kept pruning round {best_round} ({best_pruned} filters), held-back unlearning loss "
+                 f"{u_start:.3f} -> {best_u:.3f}")
+        run.result.extra.update({"rounds": rounds, "kept_round": best_round,
+                                 "pruned": [f"{n}:{ch}" for n, ch in masks.pruned], "batchnorm_after": masks.followers})
+        # Fine-tuning is part of the recipe: the bare pruned state is a candidate only without it.
+        if best_round and p["epochs"] <= 0:
+            run.offer({k: v for k, v in rounds[best_round - 1].items() if k in start}, f"pruned round {best_round}")
 
-        # Fine-tuning on clean CE + triggered-true-label CE, pruned channels kept at zero.
+    def _finetune(self, run: RecipeRun, masks: FilterMasks, triggered_all: torch.Tensor, eligible: torch.Tensor,
+                  held_trig: Dataset) -> None:
+        """Fine-tuning on clean CE + triggered-true-label CE, pruned channels kept at zero, early stopping on the
+        held-back loss."""
+        ctx, p, model, train, held = run.ctx, run.ctx.params, run.model, run.ctx.split.train, run.ctx.split.held
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
         best_loss = start_loss = self._held_loss(model, held_trig, held, ctx)
         stale = 0
         for epoch in range(1, p["epochs"] + 1):
             model.train(not p["freeze_bn"])
-            loss_sum, seen, broke = 0.0, 0, False
-            for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
-                sel = idx[eligible[idx]]
+            loss_sum, seen = 0.0, 0
+            for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                 with autocast(ctx.device, ctx.precision):
-                    loss = repair_loss(model, x, y, triggered_all, sel, train.labels, ctx.device)
-                reason = keeper.tripped(loss=float(loss.detach()))
-                if reason:
-                    keeper.rollback(model, reason, ctx)
-                    broke = True
-                    break
+                    loss = repair_loss(model, x, y, triggered_all, idx[eligible[idx]], train.labels, ctx.device)
+                if run.diverged(loss):
+                    return
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 masks.apply()
                 loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
-            if broke:
-                break
-            model.eval()
-            metrics = monitor(model)
+            metrics = run.measure()
             held_loss = self._held_loss(model, held_trig, held, ctx)
-            row = {"phase": "finetune", "epoch": epoch, "loss": loss_sum / max(1, seen), **metrics,
-                   "detail": f"held loss {held_loss:.3f} (pruned state {start_loss:.3f})", "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
-            keeper.offer(model, metrics, f"finetune epoch {epoch}")
-            reason = keeper.tripped(metrics)
-            if reason:
-                keeper.rollback(model, reason, ctx)
-                break
+            run.row("finetune", epoch, loss=loss_sum / max(1, seen), **metrics,
+                    detail=f"held loss {held_loss:.3f} (pruned state {start_loss:.3f})")
+            if run.judge(metrics, f"finetune epoch {epoch}"):
+                return
             if held_loss < best_loss:
                 best_loss, stale = held_loss, 0
             else:
                 stale += 1
                 if stale >= p["ft_patience"]:
                     ctx.note(f"{stale} epochs without a lower held-back loss: fine-tuning stops at epoch {epoch}")
-                    break
-        result.kept = keeper.restore_best(model)
-        # The start state is unpruned; any other kept state carries the masks of the kept round.
-        result.extra["pruned_in_kept_state"] = [] if result.kept["tag"] == "start" else result.extra["pruned"]
-        return result
+                    return
 
     @staticmethod
     def _unlearning_grads(model: nn.Module, convs: dict[str, nn.Conv2d], data: Dataset, batch_size: int,

@@ -9,6 +9,7 @@ random states, state keeper and history, and the recipe continues its loops afte
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -61,10 +62,10 @@ def capture(recipe: str, passes: int, position: dict[str, Any], model: Classifie
     out.update({f"keeper.{k}": v.detach().clone() for k, v in keeper.best_state.items()})
     out.update({f"recipe.{k}": v.detach().clone() for k, v in (tensors or {}).items()})
     top = getattr(keeper, "top_ca", None)
-    doc = {"optimizer": optimizer_doc, "elapsed": elapsed, "values": values or {},
-           "keeper": {"best": keeper.best, "rollbacks": keeper.rollbacks, "top_ca": top if top is not None and math.isfinite(top) else None},
-           "result": {"history": result.history, "notes": result.notes, "extra": result.extra}}
-    return RecipeState(recipe, passes, dict(position), out, doc)
+    kept = {"best": keeper.best, "rollbacks": keeper.rollbacks, "top_ca": top if top is not None and math.isfinite(top) else None}
+    so_far = {"history": result.history, "notes": result.notes, "extra": result.extra}
+    doc = {"optimizer": optimizer_doc, "elapsed": elapsed, "values": values or {}, "keeper": kept, "result": so_far}
+    return RecipeState(recipe, passes, dict(position), out, copy.deepcopy(doc))  # a copy: the run goes on after it
 
 
 def restore(state: RecipeState, model: ClassifierModel, optimizer: torch.optim.Optimizer, gen: torch.Generator, keeper: Any,

@@ -25,7 +25,6 @@ f_bd is a frozen copy of the start model, f_theta the model being cleaned. Per b
 from __future__ import annotations
 
 import copy
-import time
 from typing import Any, ClassVar
 
 import torch
@@ -33,18 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
-from cleanse.engine.events import Event
-from cleanse.recipes.base import (
-    Param,
-    Recipe,
-    RecipeContext,
-    RecipeResult,
-    batches,
-    register,
-    steps_per_pass,
-    trainable,
-)
-from cleanse.recipes.resume import capture, restore
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, register,
+                                  steps_per_pass, trainable)
 
 
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -55,8 +44,9 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tenso
     return 0.5 * ((p * (p.log() - m.log())).sum(1) + (q * (q.log() - m.log())).sum(1))
 
 
-def shared_pgd(model: nn.Module, frozen: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.2, step: float = 0.2,
-               steps: int = 5, beta: float = 0.01, precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def shared_pgd(model: nn.Module, frozen: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.2,
+               step: float = 0.2, steps: int = 5, beta: float = 0.01,
+               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
     """Shared adversarial examples for a batch of [0,1] images; returns (x_adv, shared mask at x_adv).
 
     Both models should be in eval mode; only delta gets gradients (parameters' .grad are untouched).
@@ -123,11 +113,13 @@ def planned_passes(n_train: int, batch_size: int, epochs: int, min_steps: int) -
 @register
 class Sau(Recipe):
     name = "sau"
-    summary = "shared adversarial unlearning: unlearn the adversarial examples the model and its frozen copy share (trigger-agnostic)"
+    summary = ("shared adversarial unlearning: unlearn the adversarial examples the model and its frozen copy share "
+               "(trigger-agnostic)")
     resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(5, "passes over the clean subset (published: 100); more when min_steps asks for them"),
-        "min_steps": Param(180, "at least this many Adam steps in all: a small subset gets more passes (0: exactly `epochs`)"),
+        "min_steps": Param(180, "at least this many Adam steps in all: a small subset gets more passes "
+                                "(0: exactly `epochs`)"),
         "lr": Param(1e-4, "Adam learning rate, constant (published)"),
         "batch_size": Param(64, "batch size (published: 256)"),
         "eps": Param(0.2, "L-inf radius of the shared perturbation, in [0,1] pixel units"),
@@ -142,52 +134,43 @@ class Sau(Recipe):
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
         p, model = ctx.params, ctx.model
-        opening = self.begin(ctx)
-        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
+        run = RecipeRun.begin(self, ctx)
         frozen = copy.deepcopy(model).eval()
         frozen.requires_grad_(False)
         optimizer = torch.optim.Adam(trainable(model), lr=p["lr"])
-        gen = torch.Generator().manual_seed(ctx.seed)
         n_train = len(ctx.split.train)
         passes = planned_passes(n_train, p["batch_size"], p["epochs"], p["min_steps"])
         if passes > p["epochs"]:
-            ctx.note(f"sau: {n_train} images make {steps_per_pass(n_train, p['batch_size'])} steps a pass, so it makes {passes} "
-                     f"passes instead of {p['epochs']} to reach min_steps={p['min_steps']} (--param min_steps=0 keeps exactly --epochs)")
-        result.extra["passes"] = passes
-        stopped, first = False, 1
-        if ctx.checkpoints.resume is not None:
-            restore(ctx.checkpoints.resume, model, optimizer, gen, keeper, result)
-            first = ctx.checkpoints.resume.position["epoch"] + 1
-            began = time.perf_counter() - ctx.checkpoints.resume.doc["elapsed"]
+            ctx.note(f"sau: {n_train} images make {steps_per_pass(n_train, p['batch_size'])} steps a pass, so it makes "
+                     f"{passes} passes instead of {p['epochs']} to reach min_steps={p['min_steps']} "
+                     "(--param min_steps=0 keeps exactly --epochs)")
+        run.result.extra["passes"] = passes
+        first = run.restore(optimizer).position["epoch"] + 1 if run.resuming() else 1
         for epoch in range(first, passes + 1):
-            sums: dict[str, torch.Tensor] = {}
-            seen = 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device, augment=p["augment"]):
-                figures = sau_step(model, frozen, optimizer, x, y, p, ctx.precision)
-                reason = keeper.tripped(loss=float(figures["loss"]))
-                if reason:
-                    keeper.rollback(model, reason, ctx)
-                    stopped = True
-                    break
-                for k, v in figures.items():
-                    sums[k] = sums.get(k, 0) + v * len(y)
-                seen += len(y)
-            if stopped:
+            means = self._epoch(run, frozen, optimizer)
+            if means is None:
                 break
-            means = {k: float(v) / max(1, seen) for k, v in sums.items()}
-            metrics = monitor(model)
-            row = {"phase": "unlearn", "epoch": epoch, **means, **metrics,
-                   "detail": f"shared {means['shared']:.0%}, fooled {means['fooled']:.0%}, SAR {means['sar']:.3f}",
-                   "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
-            reason = keeper.tripped(metrics)
-            if reason:
-                keeper.rollback(model, reason, ctx)
+            metrics = run.measure()
+            run.row("unlearn", epoch, **means, **metrics,
+                    detail=f"shared {means['shared']:.0%}, fooled {means['fooled']:.0%}, SAR {means['sar']:.3f}")
+            if run.judge(metrics, f"epoch {epoch}"):
                 break
-            keeper.offer(model, metrics, f"epoch {epoch}")
-            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"epoch": epoch}, model, optimizer, gen, keeper, result,  # noqa: B023
-                                                     time.perf_counter() - began))
-        result.kept = keeper.restore_best(model)
-        result.extra["final_shared"] = result.history[-1]["shared"] if result.history else None
-        return result
+            run.passed({"epoch": epoch}, optimizer)
+        run.result.extra["final_shared"] = run.result.history[-1]["shared"] if run.result.history else None
+        return run.finish()
+
+    @staticmethod
+    def _epoch(run: RecipeRun, frozen: nn.Module, optimizer: torch.optim.Optimizer) -> dict[str, float] | None:
+        """One pass of SAU steps over the clean subset: the figures' means, or None when a loss diverged (rolled
+        back)."""
+        ctx, p = run.ctx, run.ctx.params
+        sums: dict[str, torch.Tensor] = {}
+        seen = 0
+        for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device, augment=p["augment"]):
+            figures = sau_step(run.model, frozen, optimizer, x, y, p, ctx.precision)
+            if run.diverged(figures["loss"]):
+                return None
+            for k, v in figures.items():
+                sums[k] = sums.get(k, 0) + v * len(y)
+            seen += len(y)
+        return {k: float(v) / max(1, seen) for k, v in sums.items()}

@@ -18,7 +18,8 @@ after every phase-1 check and every phase-2 epoch.
 from __future__ import annotations
 
 import math
-import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -27,11 +28,9 @@ from torch.func import functional_call, grad, vmap
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.engine.device import autocast
-from cleanse.engine.events import Event
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, as_batch, batches, joint_logits,
-                                  cosine_lr, register, steps_per_pass, trainable)
-from cleanse.recipes.resume import capture, restore
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, as_batch, batches, cosine_lr,
+                                  joint_logits, register, steps_per_pass, trainable)
 
 
 def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
@@ -56,6 +55,16 @@ def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch
     count = sum(f.numel() for f in fisher.values())
     mean = (total / (len(images) * count)).clamp_min(1e-30)
     return {n: f / len(images) / mean for n, f in fisher.items()}
+
+
+@dataclass(frozen=True)
+class _Ascent:
+    """The training part of the subset seen through the trigger: every image's triggered copy (uint8), which rows are
+    eligible (class other than the target) and each row's target label."""
+
+    triggered: torch.Tensor
+    eligible: torch.Tensor
+    targets: torch.Tensor
 
 
 @register
@@ -117,11 +126,22 @@ class TarEwc(Recipe):
     def run(self, ctx: RecipeContext) -> RecipeResult:
         p = ctx.params
         self.check(p, ctx.trigger)
-        opening = self.begin(ctx, asr_good=p["asr_stop"])
-        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
-        model, trigger, train = ctx.model, ctx.trigger, ctx.split.train
+        run = RecipeRun.begin(self, ctx, asr_good=p["asr_stop"])
+        trigger, train = ctx.trigger, ctx.split.train
         assert trigger is not None  # begin() refused a missing one
+        ewc = self._ewc(run)
+        run.result.extra["fisher_seconds"] = run.elapsed()
+        data = _Ascent(trigger.apply_uint8(train.images), trigger.eligible(train.labels),
+                       trigger.target_labels(train.labels, train.num_classes))
+        step = self._unlearn(run, data, ewc)
+        run.result.extra["unlearn_steps"] = step
+        self._recover(run, data, step)
+        return run.finish()
 
+    @staticmethod
+    def _ewc(run: RecipeRun) -> Callable[[], torch.Tensor]:
+        """sum_i F_i (theta_i - theta*_i)^2 with the Fisher F of the start weights theta* on the clean subset."""
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
         n_fisher = min(p["fisher_samples"], len(train))
         fx = train.images[:n_fisher].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
         fisher = empirical_fisher(model, fx, train.labels[:n_fisher].to(ctx.device))
@@ -130,54 +150,49 @@ class TarEwc(Recipe):
         cap = 1.0 / (p["lr"] * max(p["ewc_lambda"], 1e-12))
         fisher = {n: f.clamp(max=cap) for n, f in fisher.items()}
         anchor = {n: q.detach().clone() for n, q in model.named_parameters() if q.requires_grad}
-        result.extra["fisher_seconds"] = time.perf_counter() - began
 
-        def ewc() -> torch.Tensor:
-            return sum((fisher[n] * (q - anchor[n]).pow(2)).sum() for n, q in model.named_parameters() if q.requires_grad)  # type: ignore[return-value]
+        def penalty() -> torch.Tensor:
+            total = torch.zeros((), device=ctx.device)
+            for n, q in model.named_parameters():
+                if q.requires_grad:
+                    total = total + (fisher[n] * (q - anchor[n]).pow(2)).sum()
+            return total
 
-        triggered_all = trigger.apply_uint8(train.images)
-        eligible = trigger.eligible(train.labels)
-        targets = trigger.target_labels(train.labels, train.num_classes)
-        gen = torch.Generator().manual_seed(ctx.seed)
+        return penalty
+
+    def _unlearn(self, run: RecipeRun, data: _Ascent, ewc: Callable[[], torch.Tensor]) -> int:
+        """Phase 1: bounded ascent + clean CE + EWC, checked on the held-back images; returns the steps taken."""
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        trigger = ctx.trigger
+        assert trigger is not None
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, nesterov=True)
         steps_per_epoch = steps_per_pass(len(train), p["batch_size"])
         check_every = max(1, steps_per_epoch // max(1, p["checks_per_epoch"]))
-        step, stopped, first, first_recovery, rstep = 0, False, 1, 1, 0
-        resume = ctx.checkpoints.resume
-        # With scan's reversed trigger the held-back ASR (of that trigger) reaches 0 long before the true trigger breaks:
-        # CIFAR-10 BadNets, 0 after 4 steps while the true trigger's test ASR was still 49%, 1.7% by step 12, about 1%
-        # from step 18 to 36 (one epoch); synthetic BadNets, true-trigger ASR 29% after 2 steps, 0.2% after one epoch.
+        # A reversed trigger's held-back ASR reaches 0 long before the true trigger breaks, so no state counts before
+        # min_steps (measured: docs/recipes/tar-ewc.md, "With a reversed trigger").
         min_steps = math.ceil(p["reversed_min_epochs"] * steps_per_epoch) if trigger.origin == "scan" else 0
-        result.extra["min_unlearn_steps"] = min_steps
-        if min_steps and resume is None:
+        run.result.extra["min_unlearn_steps"] = min_steps
+        if min_steps and not run.resuming():
             ctx.note(f"reversed trigger: phase 1 runs at least {min_steps} steps before its held-back ASR can stop it")
-        if resume is not None and resume.position["phase"] == "unlearn":
-            restore(resume, model, optimizer, gen, keeper, result)
-            step, first = resume.position["step"], resume.position["epoch"] + 1
-        elif resume is not None:
-            step, first, stopped = resume.position["step"], p["epochs"] + 1, True  # phase 1 was over
-        if resume is not None:
-            began = time.perf_counter() - resume.doc["elapsed"]
-
-        def save(phase: str, epoch: int, optimizer: torch.optim.Optimizer) -> None:
-            position = {"phase": phase, "epoch": epoch, "step": step, "rstep": rstep}
-            ctx.checkpoints.passed(lambda n: capture(self.name, n, position, model, optimizer, gen, keeper, result,
-                                                     time.perf_counter() - began))
-
+        step, first = 0, 1
+        saved = run.resuming()
+        if saved is not None and saved.position["phase"] != "unlearn":
+            return int(saved.position["step"])  # phase 1 was over
+        if saved is not None:
+            at = run.restore(optimizer).position
+            step, first = at["step"], at["epoch"] + 1
         for epoch in range(first, p["epochs"] + 1):
             batch_checks = 0
-            for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
+            for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                 model.train(not p["freeze_bn"])
                 with autocast(ctx.device, ctx.precision):
-                    clean_ce, ascent, batch_asr = self._losses(model, x, y, triggered_all, targets, idx[eligible[idx]], p["tau"],
-                                                               ctx, together=p["freeze_bn"])
+                    clean_ce, ascent, batch_asr = self._losses(model, x, y, data.triggered, data.targets,
+                                                               idx[data.eligible[idx]], p["tau"], ctx,
+                                                               together=p["freeze_bn"])
                 penalty = ewc()
                 loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
-                reason = keeper.tripped(loss=float(loss.detach()))
-                if reason:
-                    keeper.rollback(model, reason, ctx)
-                    stopped = True
-                    break
+                if run.diverged(loss):
+                    return step
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -185,70 +200,59 @@ class TarEwc(Recipe):
                 # A held-back check on the schedule, and also as soon as this batch's triggered images have (nearly)
                 # stopped reaching the target: the backdoor often breaks within a few steps, and every step past that
                 # point costs clean accuracy that recovery must win back. The batch threshold is looser than asr_stop
-                # because a batch holds ~60 triggered images, so a single hit is 1.7%: at asr_stop the rule waited
-                # for a batch with none (CIFAR-10 BadNets subset seed 1: held-back ASR was 0.9% at step 4, first check
-                # at step 8). Before min_steps (reversed triggers) no state counts.
+                # since one hit in a batch of ~60 triggered images is already 1.7% (docs/recipes/tar-ewc.md,
+                # `check_batch_asr`). Before min_steps (reversed triggers) no state counts.
                 settled = step >= min_steps
                 scheduled = step % check_every == 0 or step == min_steps
                 by_batch = (not scheduled and settled and batch_asr <= p["check_batch_asr"]
                             and batch_checks < p["checks_per_epoch"])
-                if scheduled or by_batch:
-                    batch_checks += int(by_batch)
-                    model.eval()
-                    metrics = monitor(model)
-                    row = {"phase": "unlearn", "epoch": round(step / steps_per_epoch, 2), "loss": float(loss.detach()),
-                           "clean_ce": float(clean_ce.detach()), "ascent": float(ascent.detach()), "ewc": float(penalty.detach()),
-                           "batch_asr": batch_asr, **metrics, "elapsed": time.perf_counter() - began}
-                    result.history.append(row)
-                    ctx.callback(Event("row", row))
-                    if settled:
-                        keeper.offer(model, metrics, f"unlearn step {step}")
-                    reason = keeper.tripped(metrics)
-                    if reason:
-                        keeper.rollback(model, reason, ctx)
-                        stopped = True
-                        break
-                    if settled and metrics["attack_success_rate"] <= p["asr_stop"]:
-                        ctx.note(f"held-back ASR {metrics['attack_success_rate']:.3f} <= {p['asr_stop']}: phase 1 stops at step {step}")
-                        stopped = True
-                        break
-            if stopped:
-                break
-            save("unlearn", epoch, optimizer)
-        result.extra["unlearn_steps"] = step
+                if not (scheduled or by_batch):
+                    continue
+                batch_checks += int(by_batch)
+                metrics = run.measure()
+                run.row("unlearn", round(step / steps_per_epoch, 2), loss=float(loss.detach()),
+                        clean_ce=float(clean_ce.detach()), ascent=float(ascent.detach()), ewc=float(penalty.detach()),
+                        batch_asr=batch_asr, **metrics)
+                if run.judge(metrics, f"unlearn step {step}" if settled else None):
+                    return step
+                if settled and metrics["attack_success_rate"] <= p["asr_stop"]:
+                    ctx.note(f"held-back ASR {metrics['attack_success_rate']:.3f} <= {p['asr_stop']}: "
+                             f"phase 1 stops at step {step}")
+                    return step
+            run.passed({"phase": "unlearn", "epoch": epoch, "step": step, "rstep": 0}, optimizer)
+        return step
 
-        # Phase 2: recovery on the clean subset, from where phase 1 stopped (or the state a rollback restored).
-        optimizer = torch.optim.SGD(trainable(model), lr=p["recovery_lr"], momentum=0.9, nesterov=True, weight_decay=5e-4)
-        total = p["recovery_epochs"] * steps_per_epoch
-        if resume is not None and resume.position["phase"] == "recover":
-            restore(resume, model, optimizer, gen, keeper, result)
-            rstep, first_recovery = resume.position["rstep"], resume.position["epoch"] + 1
-        for epoch in range(first_recovery, p["recovery_epochs"] + 1):
+    def _recover(self, run: RecipeRun, data: _Ascent, step: int) -> None:
+        """Phase 2: recovery on the clean subset, from where phase 1 stopped (or the state a rollback restored)."""
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        optimizer = torch.optim.SGD(trainable(model), lr=p["recovery_lr"], momentum=0.9, nesterov=True,
+                                    weight_decay=5e-4)
+        total = p["recovery_epochs"] * steps_per_pass(len(train), p["batch_size"])
+        rstep, first = 0, 1
+        if run.resuming("recover"):
+            at = run.restore(optimizer).position
+            rstep, first = at["rstep"], at["epoch"] + 1
+        for epoch in range(first, p["recovery_epochs"] + 1):
             model.train(not p["freeze_bn"])
-            for x, y, idx in batches(train, p["batch_size"], gen, ctx.device):
+            for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["recovery_lr"], rstep, total)
                 with autocast(ctx.device, ctx.precision):
                     if p["recovery_ascent"]:
-                        clean_ce, ascent, _ = self._losses(model, x, y, triggered_all, targets, idx[eligible[idx]], p["tau"], ctx,
+                        clean_ce, ascent, _ = self._losses(model, x, y, data.triggered, data.targets,
+                                                           idx[data.eligible[idx]], p["tau"], ctx,
                                                            together=p["freeze_bn"])
                     else:
-                        clean_ce, ascent = F.cross_entropy(model(x).float(), y), 0.0
-                # No EWC here: it anchors to the backdoored start weights and would pull the backdoor back. Plain
-                # clean fine-tuning brought held-back ASR from 0.00 back to 0.94 within one epoch on the synthetic
-                # BadNets model, so the bounded ascent stays on (weight recovery_ascent).
+                        clean_ce, ascent = F.cross_entropy(model(x).float(), y), torch.zeros((), device=ctx.device)
+                # No EWC here: it anchors to the backdoored start weights and would pull the backdoor back. The
+                # bounded ascent stays (weight recovery_ascent): without it the backdoor came back
+                # (docs/recipes/tar-ewc.md, step 3).
                 loss = clean_ce - p["recovery_ascent"] * ascent
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
                 rstep += 1
-            model.eval()
-            metrics = monitor(model)
-            row = {"phase": "recover", "epoch": epoch, "loss": float(loss.detach()), "clean_ce": float(clean_ce.detach()),
-                   "ascent": float(ascent.detach()) if isinstance(ascent, torch.Tensor) else 0.0,
-                   **metrics, "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
-            keeper.offer(model, metrics, f"recover epoch {epoch}")
-            save("recover", epoch, optimizer)
-        result.kept = keeper.restore_best(model)
-        return result
+            metrics = run.measure()
+            run.row("recover", epoch, loss=float(loss.detach()), clean_ce=float(clean_ce.detach()),
+                    ascent=float(ascent.detach()), **metrics)
+            run.offer(metrics, f"recover epoch {epoch}")
+            run.passed({"phase": "recover", "epoch": epoch, "step": step, "rstep": rstep}, optimizer)

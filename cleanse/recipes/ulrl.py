@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import copy
 import math
-import time
 from typing import ClassVar
 
 import torch
@@ -26,21 +25,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
-from cleanse.engine.events import Event
 from cleanse.models.layers import class_head
-from cleanse.recipes.base import (
-    Param,
-    Recipe,
-    RecipeContext,
-    RecipeResult,
-    batches,
-    cosine_lr,
-    register,
-    steps_per_pass,
-    trainable,
-)
-from cleanse.recipes.resume import capture, restore
-from cleanse.scan.anomaly import MAD_SCALE
+from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, cosine_lr, register,
+                                  steps_per_pass, trainable)
+from cleanse.stats import median_and_mad
 
 
 def flag_units(scores: torch.Tensor, threshold: float = 3.5, max_flags: int = 2) -> tuple[torch.Tensor, torch.Tensor]:
@@ -52,11 +40,10 @@ def flag_units(scores: torch.Tensor, threshold: float = 3.5, max_flags: int = 2)
     MAD = 0 leaves z undefined: every z is returned as 0 and nothing is flagged.
     """
     s = scores.detach().float().flatten()
-    median = s.quantile(0.5)
-    mad = (s - median).abs().quantile(0.5)
-    if not mad > 0:
+    median, spread = median_and_mad(s)
+    if not spread > 0:
         return torch.zeros(0, dtype=torch.long, device=s.device), torch.zeros_like(s)
-    z = (s - median) / (MAD_SCALE * mad)
+    z = (s - median) / spread
     candidates = ((s > median) & (z > threshold)).nonzero().flatten()
     order = s[candidates].argsort(descending=True)
     return candidates[order][:max_flags], z
@@ -68,11 +55,11 @@ def last_linear(net: nn.Module, num_classes: int) -> nn.Linear:
 
 
 def reinit_rows(weight: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Fresh rows for `rows`: nn.Linear's uniform init for the direction, the mean norm of the other rows for the length.
+    """Fresh rows for `rows`: nn.Linear's uniform init for the direction, the other rows' mean norm for the length.
 
     Heads that scale their logits (the cnn's is x1/9) train rows several times longer than the
-    default init; a row at the default length starts far behind its neighbours and did not relearn
-    its class within the relearning budget on the synthetic set.
+    default init; a row at the default length starts far behind its neighbours and may not relearn
+    its class within the budget (measured: docs/recipes/ulrl.md, "Re-initialisation length").
     """
     fresh = torch.rand(len(rows), weight.shape[1], generator=gen) * 2 - 1
     fresh = fresh.to(weight.device, torch.float32)
@@ -85,7 +72,8 @@ def reinit_rows(weight: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) 
 @register
 class Ulrl(Recipe):
     name = "ulrl"
-    summary = "gradient ascent on clean data flags the head units that move most, re-initialise them and relearn (trigger-agnostic)"
+    summary = ("gradient ascent on clean data flags the head units that move most, re-initialise them and relearn "
+               "(trigger-agnostic)")
     resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(20, "relearning passes over the clean subset"),
@@ -99,42 +87,49 @@ class Ulrl(Recipe):
         "threshold": Param(3.5, "flag a unit whose robust z-score of weight change exceeds this"),
         "max_flags": Param(2, "flag at most this many units (the largest changes)"),
         "batch_size": Param(64, "batch size"),
-        "ca_margin": Param(0.02, "kept state: the latest relearning epoch with held-back CA within this of the best epoch"),
+        "ca_margin": Param(0.02, "kept state: the latest relearning epoch with held-back CA within this of the best "
+                                 "epoch"),
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start"),
     }
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
-        p, model = ctx.params, ctx.model
+        model = ctx.model
         head = last_linear(model.net, model.spec.num_classes)
-        opening = self.begin(ctx)
-        monitor, keeper, result, began = opening.monitor, opening.keeper, opening.result, opening.began
+        run = RecipeRun.begin(self, ctx)
         original = copy.deepcopy(model.net.state_dict())
         w_orig = head.weight.detach().clone()
-        gen = torch.Generator().manual_seed(ctx.seed)
+        saved = run.resuming("relearn")
+        if saved is not None:  # flagged before the checkpoint; restore() brings back the figures and rows
+            flagged = list(saved.doc["result"]["extra"]["flagged_units"])
+        else:
+            ascent_epochs, accuracy = self._unlearn(run)
+            flagged = self._flag(run, head, w_orig, ascent_epochs, accuracy)
+        model.net.load_state_dict(original)
+        self._relearn(run, head, w_orig, flagged)
+        return run.finish()
 
-        # 1. Unlearn: gradient ascent on clean CE.
-        optimizer = torch.optim.SGD(trainable(model), lr=p["unlearn_lr"], momentum=0.9, weight_decay=p["unlearn_weight_decay"])
+    def _unlearn(self, run: RecipeRun) -> tuple[int, float]:
+        """1. Gradient ascent on clean CE; returns the epochs it ran and the last one's running train accuracy."""
+        ctx, p, model = run.ctx, run.ctx.params, run.model
+        optimizer = torch.optim.SGD(trainable(model), lr=p["unlearn_lr"], momentum=0.9,
+                                    weight_decay=p["unlearn_weight_decay"])
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 20], gamma=0.1)
-        ascent_epochs, accuracy, diverged, first = 0, 1.0, False, 1
-        resume = ctx.checkpoints.resume
-        relearning = resume is not None and resume.position["phase"] == "relearn"
-        if resume is not None:
-            began = time.perf_counter() - resume.doc["elapsed"]
-        if resume is not None and not relearning:
-            restore(resume, model, optimizer, gen, keeper, result)
-            ascent_epochs, accuracy = resume.position["epoch"], resume.doc["values"]["accuracy"]
-            first = ascent_epochs + 1
-            schedule.last_epoch = ascent_epochs  # one schedule.step() per finished epoch; the rates came back with the optimiser
-        for epoch in range(first, p["unlearn_epochs"] + 1 if not relearning else 1):
+        ascent_epochs, accuracy, diverged = 0, 1.0, False
+        if run.resuming("unlearn"):
+            resumed = run.restore(optimizer)
+            ascent_epochs, accuracy = resumed.position["epoch"], resumed.values["accuracy"]
+            # one schedule.step() per finished epoch; the rates came back with the optimiser
+            schedule.last_epoch = ascent_epochs
+        for epoch in range(ascent_epochs + 1, p["unlearn_epochs"] + 1):
             model.train()
             ce_sum = torch.zeros((), device=ctx.device)
             correct = torch.zeros((), device=ctx.device)
             seen = 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device):
+            for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
                 with autocast(ctx.device, ctx.precision):
                     logits = model(x).float()
                 ce = F.cross_entropy(logits, y)
-                if not math.isfinite(float(ce.detach())):
+                if not math.isfinite(float(ce.detach())):  # the ascent stops; nothing to roll back to in this phase
                     ctx.note(f"ulrl: the ascent loss became non-finite in epoch {epoch}; the ascent stops there")
                     diverged = True
                     break
@@ -148,76 +143,70 @@ class Ulrl(Recipe):
             schedule.step()
             if seen == 0:
                 break
-            ascent_epochs = epoch
-            accuracy = float(correct) / seen
-            model.eval()
-            metrics = monitor(model)
-            row = {"phase": "unlearn", "epoch": epoch, "loss": -float(ce_sum) / seen, "clean_ce": float(ce_sum) / seen,
-                   "train_accuracy": accuracy, **metrics, "detail": f"train acc {accuracy:.2f}",
-                   "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
+            ascent_epochs, accuracy = epoch, float(correct) / seen
+            metrics = run.measure()
+            run.row("unlearn", epoch, loss=-float(ce_sum) / seen, clean_ce=float(ce_sum) / seen,
+                    train_accuracy=accuracy, **metrics, detail=f"train acc {accuracy:.2f}")
             if diverged or accuracy <= p["unlearn_acc"]:
                 break
-            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"phase": "unlearn", "epoch": epoch}, model, optimizer,  # noqa: B023
-                                                     gen, keeper, result, time.perf_counter() - began,
-                                                     values={"accuracy": accuracy}))  # noqa: B023
-        if relearning:  # flagged before the checkpoint; restore() brings back the figures and rows
-            flagged = torch.tensor(resume.doc["result"]["extra"]["flagged_units"], dtype=torch.long)  # type: ignore[union-attr]
-            flagged_list = flagged.tolist()
-        else:
-            if accuracy > p["unlearn_acc"]:
-                ctx.note(f"ulrl: train accuracy still {accuracy:.2f} after {ascent_epochs} ascent epochs (stop at <= {p['unlearn_acc']})")
+            run.passed({"phase": "unlearn", "epoch": epoch}, optimizer, values={"accuracy": accuracy})
+        return ascent_epochs, accuracy
 
-            # 2. Flag the head units whose weights moved most.
-            scores = (head.weight.detach().float() - w_orig.float()).abs().sum(1)
-            if not torch.isfinite(scores).all():
-                scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
-            flagged, z = flag_units(scores, p["threshold"], p["max_flags"])
-            flagged_list = flagged.tolist()
-            detail = (", ".join(f"unit {j} (z {float(z[j]):.1f})" for j in flagged_list) if flagged_list
-                      else f"none (largest z {float(z.max()):.1f})")
-            row = {"phase": "flag", "epoch": ascent_epochs, "detail": f"flagged {detail}", "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
-            if not flagged_list:
-                message = "ulrl: no head unit stands out (as expected for an all-to-all attack): relearning is plain fine-tuning"
-                ctx.note(message)
-                result.notes.append(message)
-            result.extra.update({"flagged_units": flagged_list, "scores": scores.tolist(), "z_scores": z.tolist(),
-                                 "flagged_scores": [float(scores[j]) for j in flagged_list],
-                                 "flagged_z_scores": [float(z[j]) for j in flagged_list],
-                                 "ascent_epochs": ascent_epochs, "ascent_train_accuracy": accuracy})
+    @staticmethod
+    def _flag(run: RecipeRun, head: nn.Linear, w_orig: torch.Tensor, ascent_epochs: int, accuracy: float) -> list[int]:
+        """2. The head units whose weights the ascent moved most (robust z-score of the L1 change of their rows)."""
+        ctx, p, result = run.ctx, run.ctx.params, run.result
+        if accuracy > p["unlearn_acc"]:
+            ctx.note(f"ulrl: train accuracy still {accuracy:.2f} after {ascent_epochs} ascent epochs "
+                     f"(stop at <= {p['unlearn_acc']})")
+        scores = (head.weight.detach().float() - w_orig.float()).abs().sum(1)
+        if not torch.isfinite(scores).all():
+            scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
+        units, z = flag_units(scores, p["threshold"], p["max_flags"])
+        flagged = units.tolist()
+        detail = (", ".join(f"unit {j} (z {float(z[j]):.1f})" for j in flagged) if flagged
+                  else f"none (largest z {float(z.max()):.1f})")
+        run.row("flag", ascent_epochs, detail=f"flagged {detail}")
+        if not flagged:
+            message = ("ulrl: no head unit stands out (as expected for an all-to-all attack): "
+                       "relearning is plain fine-tuning")
+            ctx.note(message)
+            result.notes.append(message)
+        result.extra.update({"flagged_units": flagged, "scores": scores.tolist(), "z_scores": z.tolist(),
+                             "flagged_scores": [float(scores[j]) for j in flagged],
+                             "flagged_z_scores": [float(z[j]) for j in flagged],
+                             "ascent_epochs": ascent_epochs, "ascent_train_accuracy": accuracy})
+        return flagged
 
-        # 3. Relearn from the original weights with the flagged rows re-initialised.
-        model.net.load_state_dict(original)
-        rows = flagged.to(ctx.device)
+    @staticmethod
+    def _relearn(run: RecipeRun, head: nn.Linear, w_orig: torch.Tensor, flagged: list[int]) -> None:
+        """3. From the original weights with the flagged rows re-initialised: CE + alpha * cosine(new row, old row)."""
+        ctx, p, model = run.ctx, run.ctx.params, run.model
+        units = torch.tensor(flagged, dtype=torch.long)
+        rows = units.to(ctx.device)
         with torch.no_grad():
-            head.weight[rows] = reinit_rows(w_orig, flagged, gen)
+            head.weight[rows] = reinit_rows(w_orig, units, run.gen)
             if head.bias is not None:
                 head.bias[rows] = 0.0
         w_ref = w_orig[rows]
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9)
-        steps_per_epoch = steps_per_pass(len(ctx.split.train), p["batch_size"])
-        total, step, stopped, first = p["epochs"] * steps_per_epoch, 0, False, 1
-        if relearning:
-            restore(resume, model, optimizer, gen, keeper, result)  # type: ignore[arg-type]
-            step, first = resume.position["step"], resume.position["epoch"] + 1  # type: ignore[union-attr]
+        total = p["epochs"] * steps_per_pass(len(ctx.split.train), p["batch_size"])
+        step, first = 0, 1
+        if run.resuming("relearn"):
+            at = run.restore(optimizer).position
+            step, first = at["step"], at["epoch"] + 1
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, cos_sum, seen = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], gen, ctx.device):
+            for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     ce = F.cross_entropy(model(x).float(), y)
-                cos = (F.cosine_similarity(head.weight[rows].float(), w_ref.float(), dim=1).mean() if len(flagged_list)
+                cos = (F.cosine_similarity(head.weight[rows].float(), w_ref.float(), dim=1).mean() if flagged
                        else torch.zeros((), device=ctx.device))
                 loss = ce + p["alpha"] * cos
-                reason = keeper.tripped(loss=float(loss.detach()))
-                if reason:
-                    keeper.rollback(model, reason, ctx)
-                    stopped = True
-                    break
+                if run.diverged(loss):
+                    return
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 optimizer.step()
@@ -225,21 +214,10 @@ class Ulrl(Recipe):
                 loss_sum += loss.detach() * len(y)
                 cos_sum += cos.detach() * len(y)
                 seen += len(y)
-            if stopped:
-                break
-            model.eval()
-            metrics = monitor(model)
+            metrics = run.measure()
             cos_mean = float(cos_sum) / max(1, seen)
-            row = {"phase": "relearn", "epoch": epoch, "loss": float(loss_sum) / max(1, seen), "cosine": cos_mean, **metrics,
-                   "detail": f"cos {cos_mean:.2f}" if flagged_list else "fine-tuning", "elapsed": time.perf_counter() - began}
-            result.history.append(row)
-            ctx.callback(Event("row", row))
-            reason = keeper.tripped(metrics)
-            if reason:
-                keeper.rollback(model, reason, ctx)
-                break
-            keeper.offer(model, metrics, f"relearn epoch {epoch}")
-            ctx.checkpoints.passed(lambda n: capture(self.name, n, {"phase": "relearn", "epoch": epoch, "step": step},  # noqa: B023
-                                                     model, optimizer, gen, keeper, result, time.perf_counter() - began))
-        result.kept = keeper.restore_best(model)
-        return result
+            run.row("relearn", epoch, loss=float(loss_sum) / max(1, seen), cosine=cos_mean, **metrics,
+                    detail=f"cos {cos_mean:.2f}" if flagged else "fine-tuning")
+            if run.judge(metrics, f"relearn epoch {epoch}"):
+                return
+            run.passed({"phase": "relearn", "epoch": epoch, "step": step}, optimizer)

@@ -18,8 +18,9 @@ from __future__ import annotations
 import torch
 
 from cleanse.errors import CleanseError
+from cleanse.stats import MAD_SCALE as MAD_SCALE  # re-exported: scan/spectral.py imports it from here
+from cleanse.stats import median_and_mad
 
-MAD_SCALE = 1.4826  # makes the MAD a consistent estimator of the standard deviation for normal data
 SPREAD_FLOOR = 0.01  # when the spread (MAD or std) is 0 or tiny, divide by 1% of |centre| instead: never a division by 0
 SCALES = ("log", "linear")
 STATISTICS = ("loo-z", "mad")
@@ -42,8 +43,7 @@ def _centres_and_spreads(values: torch.Tensor, statistic: str) -> tuple[torch.Te
     """Per class: the centre and spread it is compared with."""
     k = len(values)
     if statistic == "mad":
-        median = values.quantile(0.5)  # the mean of the two middle values for an even count, as numpy's median
-        mad = MAD_SCALE * (values - median).abs().quantile(0.5)
+        median, mad = median_and_mad(values)
         return median.expand(k), _floored(mad, median).expand(k)
     if statistic == "loo-z":
         others = values.unsqueeze(0).expand(k, k)[~torch.eye(k, dtype=torch.bool)].view(k, k - 1)
