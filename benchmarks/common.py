@@ -1,4 +1,5 @@
 """Shared helpers for the benchmark scripts: machine description, CIFAR-10 paths, cached models."""
+
 from __future__ import annotations
 
 import hashlib
@@ -38,8 +39,15 @@ def machine() -> dict[str, Any]:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch_threads": torch.get_num_threads(), "torch": torch.__version__,
-            "python": sys.version.split()[0], "platform": platform.platform(), "date": time.strftime("%Y-%m-%d")}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "date": time.strftime("%Y-%m-%d"),
+    }
 
 
 def require_cifar() -> Path:

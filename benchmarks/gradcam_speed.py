@@ -8,6 +8,7 @@ images, TAR on the 250 held back).
     pip install grad-cam        # benchmark-only dependency (pytorch-grad-cam)
     python -m benchmarks.gradcam_speed [--batch 64] [--reps 8]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -48,8 +49,16 @@ def compare(arch: str, x: torch.Tensor, reps: int, channels_last: bool) -> dict:
         p.grad = None
     diff = float((ours - torch.from_numpy(theirs)).abs().max())
     n = len(x)
-    return {"arch": arch, "layer": layer, "batch": n, "channels_last_weights": channels_last, "cleanse_img_per_s": n / ours_s, "grad_cam_img_per_s": n / lib_s,
-            "speedup": lib_s / ours_s, "max_abs_diff": diff}
+    return {
+        "arch": arch,
+        "layer": layer,
+        "batch": n,
+        "channels_last_weights": channels_last,
+        "cleanse_img_per_s": n / ours_s,
+        "grad_cam_img_per_s": n / lib_s,
+        "speedup": lib_s / ours_s,
+        "max_abs_diff": diff,
+    }
 
 
 def monitor_overhead(reps: int) -> dict:
@@ -80,7 +89,11 @@ def monitor_overhead(reps: int) -> dict:
             xt = triggered[start : start + 128].contiguous(memory_format=torch.channels_last)
             with autocast(device, precision):
                 clean_ce = F.cross_entropy(model(x).float(), labels[start : start + 128])
-                ascent = F.cross_entropy(model(xt).float(), target[start : start + 128], reduction="none").clamp(max=2.0).mean()
+                ascent = (
+                    F.cross_entropy(model(xt).float(), target[start : start + 128], reduction="none")
+                    .clamp(max=2.0)
+                    .mean()
+                )
                 loss = clean_ce - ascent
             optimizer.zero_grad()
             loss.backward()
@@ -88,8 +101,15 @@ def monitor_overhead(reps: int) -> dict:
 
     epoch_s, _ = timed(epoch, max(1, reps // 2))
     tar_s, result = timed(lambda: measure_tar(model, held_images, held_labels, trigger, layer, with_clean=False), reps)
-    return {"epoch_seconds": epoch_s, "tar_seconds": tar_s, "overhead": tar_s / epoch_s, "tar_layer": layer,
-            "tar_images": result["n"], "train_images": len(images), "precision": precision}
+    return {
+        "epoch_seconds": epoch_s,
+        "tar_seconds": tar_s,
+        "overhead": tar_s / epoch_s,
+        "tar_layer": layer,
+        "tar_images": result["n"],
+        "train_images": len(images),
+        "precision": precision,
+    }
 
 
 def main() -> None:
@@ -100,16 +120,24 @@ def main() -> None:
     x = make_synthetic("test").images[: args.batch].permute(0, 3, 1, 2).float().div(255)
     rows = [compare(arch, x, args.reps, cl) for cl in (False, True) for arch in ("cnn", "resnet18")]
     print(f"\nGrad-CAM, batch {args.batch}, CPU, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
-    print(f"{'arch':10} {'weights':14} {'layer':8} {'cleanse img/s':>14} {'grad-cam img/s':>15} {'speed-up':>9} {'max |diff|':>11}")
+    print(
+        f"{'arch':10} {'weights':14} {'layer':8} {'cleanse img/s':>14} {'grad-cam img/s':>15} {'speed-up':>9} {'max |diff|':>11}"
+    )
     for r in rows:
         fmt = "channels_last" if r["channels_last_weights"] else "contiguous"
-        print(f"{r['arch']:10} {fmt:14} {r['layer']:8} {r['cleanse_img_per_s']:14.1f} {r['grad_cam_img_per_s']:15.1f} {r['speedup']:8.2f}x {r['max_abs_diff']:11.2e}")
+        print(
+            f"{r['arch']:10} {fmt:14} {r['layer']:8} {r['cleanse_img_per_s']:14.1f} {r['grad_cam_img_per_s']:15.1f} {r['speedup']:8.2f}x {r['max_abs_diff']:11.2e}"
+        )
     over = monitor_overhead(args.reps)
-    print(f"\nTAR monitoring: one recipe epoch ({over['train_images']} images, {over['precision']}) {over['epoch_seconds']:.2f}s; "
-          f"TAR on {over['tar_images']} held-back triggered images at {over['tar_layer']} {over['tar_seconds']:.3f}s "
-          f"-> adds {100 * over['overhead']:.1f}%")
-    path = write_results("gradcam_speed", {"benchmark": "gradcam_speed", "settings": vars(args), "machine": machine(),
-                                           "rows": rows, "monitor": over})
+    print(
+        f"\nTAR monitoring: one recipe epoch ({over['train_images']} images, {over['precision']}) {over['epoch_seconds']:.2f}s; "
+        f"TAR on {over['tar_images']} held-back triggered images at {over['tar_layer']} {over['tar_seconds']:.3f}s "
+        f"-> adds {100 * over['overhead']:.1f}%"
+    )
+    path = write_results(
+        "gradcam_speed",
+        {"benchmark": "gradcam_speed", "settings": vars(args), "machine": machine(), "rows": rows, "monitor": over},
+    )
     print("wrote", path)
 
 

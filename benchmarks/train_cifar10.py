@@ -10,6 +10,7 @@ trained model is cached under benchmarks/cache/ by configuration hash for the
 other benchmarks (delete it to retrain); a model of the same name in benchmarks/models/
 (kept in git) is used when the cache has none.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,8 +28,9 @@ from cleanse.models import load_model, new_model, save_model
 from cleanse.training_defaults import data_normalization
 
 
-def train_cached(attack: str, target: int, rate: float, seed: int, epochs: int | None = None, arch: str = "cnn",
-                 log: bool = True) -> dict:
+def train_cached(
+    attack: str, target: int, rate: float, seed: int, epochs: int | None = None, arch: str = "cnn", log: bool = True
+) -> dict:
     """Poison, train and evaluate (or reuse the cached model). Returns the model path, metrics and timings."""
     cifar = require_cifar()
     t0 = time.perf_counter()
@@ -56,18 +58,41 @@ def train_cached(attack: str, target: int, rate: float, seed: int, epochs: int |
     else:
         mean, std = data_normalization(poisoned)
         model = new_model(arch, poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, seed=seed)
-        cb = (lambda e: print(f"  epoch {e.data['epoch']:2d} loss {e.data['loss']:.3f} CA {e.data.get('clean_accuracy') or 0:.4f} "
-                              f"ASR {e.data.get('attack_success_rate') or 0:.4f} {e.data['elapsed']:.0f}s", flush=True)
-              if e.kind == "row" else None) if log else (lambda e: None)
+        cb = (
+            (
+                lambda e: (
+                    print(
+                        f"  epoch {e.data['epoch']:2d} loss {e.data['loss']:.3f} CA {e.data.get('clean_accuracy') or 0:.4f} "
+                        f"ASR {e.data.get('attack_success_rate') or 0:.4f} {e.data['elapsed']:.0f}s",
+                        flush=True,
+                    )
+                    if e.kind == "row"
+                    else None
+                )
+            )
+            if log
+            else (lambda e: None)
+        )
         out = train_model(model, poisoned, config, test=test, trigger=trigger, callback=cb)
         result = {"cached": False, "train_seconds": out["train_seconds"], "history": out["history"]}
         CACHE.mkdir(exist_ok=True)
-        save_model(model, path, {"command": "benchmarks/train_cifar10.py", **key, "train_seconds": out["train_seconds"]})
+        save_model(
+            model, path, {"command": "benchmarks/train_cifar10.py", **key, "train_seconds": out["train_seconds"]}
+        )
         if trigger is not None:
             trigger.save(trigger_path)
     metrics = evaluate(model, test, trigger)  # fp32, as every command reports
-    result.update({"model": str(path), "model_sha256": file_digest(path), "trigger": str(trigger_path) if trigger else None, "metrics": metrics,
-                   "load_seconds": load_seconds, "poison_seconds": poison_seconds, "precision": config.precision})
+    result.update(
+        {
+            "model": str(path),
+            "model_sha256": file_digest(path),
+            "trigger": str(trigger_path) if trigger else None,
+            "metrics": metrics,
+            "load_seconds": load_seconds,
+            "poison_seconds": poison_seconds,
+            "precision": config.precision,
+        }
+    )
     return result
 
 
@@ -84,8 +109,10 @@ def main() -> None:
     wall = time.perf_counter() - started
     m = result["metrics"]
     print(f"\n{'attack':10} {'CA':>7} {'ASR':>7} {'RA':>7} {'train s':>8} {'wall s':>7}  precision")
-    print(f"{args.attack:10} {m['clean_accuracy']:7.4f} {(m['attack_success_rate'] or 0):7.4f} {(m['robust_accuracy'] or 0):7.4f} "
-          f"{result['train_seconds'] or 0:8.0f} {wall:7.0f}  {result['precision']}{'  (cached model)' if result['cached'] else ''}")
+    print(
+        f"{args.attack:10} {m['clean_accuracy']:7.4f} {(m['attack_success_rate'] or 0):7.4f} {(m['robust_accuracy'] or 0):7.4f} "
+        f"{result['train_seconds'] or 0:8.0f} {wall:7.0f}  {result['precision']}{'  (cached model)' if result['cached'] else ''}"
+    )
     doc = {"benchmark": "train_cifar10", "settings": vars(args), "machine": machine(), "wall_seconds": wall, **result}
     name = f"train_cifar10-{args.attack}-s{args.seed}" + ("-cached" if result["cached"] else "")
     print("wrote", write_results(name, doc))

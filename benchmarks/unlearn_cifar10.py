@@ -26,6 +26,7 @@ Targets: issue 4 (tar-ewc, BadNets and Blended): ASR <= 2%, CA retention >= 99.5
 wall <= 5% of training. Issue 5 (every recipe, BadNets and Blended): ASR <= 5%
 with a CA drop of at most 2 points.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -38,16 +39,25 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import (DEFAULT_MODELS, RESULTS, append_row, config_hash, load_rows, machine, parse_models, require_cifar,
-                               write_results)
+from benchmarks.common import (
+    DEFAULT_MODELS,
+    RESULTS,
+    append_row,
+    config_hash,
+    load_rows,
+    machine,
+    parse_models,
+    require_cifar,
+    write_results,
+)
 from benchmarks.train_cifar10 import train_cached
 from cleanse.attacks import load_trigger
-from cleanse.engine.measure import measure
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der, predict
 from cleanse.engine.gradcam import tar_layer
+from cleanse.engine.measure import measure
 from cleanse.models import load_model
 from cleanse.recipes import RECIPES, RecipeContext
 
@@ -62,14 +72,25 @@ def main() -> None:
     parser.add_argument("--recipes", default=",".join(RECIPE_ORDER))
     parser.add_argument("--param", action="append", default=[], help="RECIPE.NAME=VALUE (repeatable)")
     parser.add_argument("--clean-frac", type=float, default=0.05)
-    parser.add_argument("--subset-seeds", default=None,
-                        help="seeds for the clean-subset draw and the recipe, comma-separated (default: the model's own seed)")
-    parser.add_argument("--test-n", type=int, default=None,
-                        help="report on a class-stratified sample of this many test images (tuning runs; default: all 10,000)")
+    parser.add_argument(
+        "--subset-seeds",
+        default=None,
+        help="seeds for the clean-subset draw and the recipe, comma-separated (default: the model's own seed)",
+    )
+    parser.add_argument(
+        "--test-n",
+        type=int,
+        default=None,
+        help="report on a class-stratified sample of this many test images (tuning runs; default: all 10,000)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
     parser.add_argument("--no-calibrate", action="store_true", help="use the cached models' own training times")
-    parser.add_argument("--calibrate-frac", type=float, default=1.0,
-                        help="time the calibration epoch on this random share of the poisoned set and divide by it (default 1: the whole epoch)")
+    parser.add_argument(
+        "--calibrate-frac",
+        type=float,
+        default=1.0,
+        help="time the calibration epoch on this random share of the poisoned set and divide by it (default 1: the whole epoch)",
+    )
     parser.add_argument("--redo", action="store_true", help="run rows that are already stored again")
     parser.add_argument("--table", action="store_true", help="only print the table of every stored row")
     parser.add_argument("--rows", default=str(ROWS), help="the JSONL file rows are appended to and read from")
@@ -100,8 +121,11 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             train_seconds = trained["train_seconds"]
         elif calibrated is None:
             calibrated = train_seconds = training_seconds(train, attack, target, seed, args.calibrate_frac)
-            print(f"training from scratch, measured now: {train_seconds:.0f}s (10 x one epoch on {attack} s{seed}"
-                  f"{'' if args.calibrate_frac == 1 else f', timed on {args.calibrate_frac:.0%} of it'})", flush=True)
+            print(
+                f"training from scratch, measured now: {train_seconds:.0f}s (10 x one epoch on {attack} s{seed}"
+                f"{'' if args.calibrate_frac == 1 else f', timed on {args.calibrate_frac:.0%} of it'})",
+                flush=True,
+            )
         else:
             train_seconds = calibrated
         trigger = load_trigger(trained["trigger"])
@@ -112,43 +136,82 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             split = clean_subset(train, args.clean_frac, None, subset_seed)
             recipe = RECIPES.get(name)
             params = recipe.resolve_params(overrides.get(name, {}))
-            key = config_hash({"model": [attack, target, seed], "model_sha256": trained["model_sha256"], "recipe": name,
-                               "params": params, "clean_frac": args.clean_frac,
-                               **({"test_n": args.test_n} if args.test_n else {}),
-                               **({"subset_seed": subset_seed} if subset_seed != seed else {})})
+            key = config_hash(
+                {
+                    "model": [attack, target, seed],
+                    "model_sha256": trained["model_sha256"],
+                    "recipe": name,
+                    "params": params,
+                    "clean_frac": args.clean_frac,
+                    **({"test_n": args.test_n} if args.test_n else {}),
+                    **({"subset_seed": subset_seed} if subset_seed != seed else {}),
+                }
+            )
             if key in done:
-                print(f"{attack} t{target} s{seed} u{subset_seed} {name}: stored already (--redo to run again)", flush=True)
+                print(
+                    f"{attack} t{target} s{seed} u{subset_seed} {name}: stored already (--redo to run again)",
+                    flush=True,
+                )
                 continue
             model = load_model(trained["model"])
             layer = tar_layer(model, model.spec.input_size)
             if before is None:
-                before = measured(model, test, trigger, layer)  # per_class_accuracy included (older rows: per_class_ca; results/README.md)
+                before = measured(
+                    model, test, trigger, layer
+                )  # per_class_accuracy included (older rows: per_class_ca; results/README.md)
             load_before = os.getloadavg()[0]
             result, wall = run_timed(name, params, model, split, trigger, precision, subset_seed, layer)
             after = measured(model, test, trigger, layer)
-            row = {"key": key, "attack": attack, "target": target, "seed": seed, "model_sha256": trained["model_sha256"],
-                   "subset_seed": subset_seed, "recipe": name, "params": params,
-                   "overridden": overrides.get(name, {}), "clean_frac": args.clean_frac, "test_n": len(test), "n_train": len(split.train),
-                   "n_held": len(split.held), "before": before, "after": after, "der": der(before, after),
-                   "ca_retention": after["clean_accuracy"] / before["clean_accuracy"],
-                   "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]), "wall_seconds": wall,
-                   "train_seconds": train_seconds, "calibrated": not args.no_calibrate,
-                   "calibration_fraction": None if args.no_calibrate else args.calibrate_frac,
-                   "cached_train_seconds": trained["train_seconds"], "wall_share_of_training": wall / train_seconds,
-                   "kept": result.kept.get("tag"), "rollbacks": result.kept.get("rollbacks", []), "extra": _plain(result.extra),
-                   "history": result.history, "precision": precision, "machine": machine(),
-                   "load_average": [load_before, os.getloadavg()[0]]}
+            row = {
+                "key": key,
+                "attack": attack,
+                "target": target,
+                "seed": seed,
+                "model_sha256": trained["model_sha256"],
+                "subset_seed": subset_seed,
+                "recipe": name,
+                "params": params,
+                "overridden": overrides.get(name, {}),
+                "clean_frac": args.clean_frac,
+                "test_n": len(test),
+                "n_train": len(split.train),
+                "n_held": len(split.held),
+                "before": before,
+                "after": after,
+                "der": der(before, after),
+                "ca_retention": after["clean_accuracy"] / before["clean_accuracy"],
+                "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]),
+                "wall_seconds": wall,
+                "train_seconds": train_seconds,
+                "calibrated": not args.no_calibrate,
+                "calibration_fraction": None if args.no_calibrate else args.calibrate_frac,
+                "cached_train_seconds": trained["train_seconds"],
+                "wall_share_of_training": wall / train_seconds,
+                "kept": result.kept.get("tag"),
+                "rollbacks": result.kept.get("rollbacks", []),
+                "extra": _plain(result.extra),
+                "history": result.history,
+                "precision": precision,
+                "machine": machine(),
+                "load_average": [load_before, os.getloadavg()[0]],
+            }
             append_row(rows_file, row)
-            print(f"{attack:8} t{target} s{seed} u{subset_seed} {name:10} CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
-                  f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} RA {after['robust_accuracy']:.4f} "
-                  f"TAR {_f(before['tar'])}->{_f(after['tar'])} DER {row['der']:.4f} ret {row['ca_retention']:.4f} "
-                  f"{wall:.0f}s ({100 * row['wall_share_of_training']:.1f}% of training) kept {row['kept']}", flush=True)
+            print(
+                f"{attack:8} t{target} s{seed} u{subset_seed} {name:10} CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
+                f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} RA {after['robust_accuracy']:.4f} "
+                f"TAR {_f(before['tar'])}->{_f(after['tar'])} DER {row['der']:.4f} ret {row['ca_retention']:.4f} "
+                f"{wall:.0f}s ({100 * row['wall_share_of_training']:.1f}% of training) kept {row['kept']}",
+                flush=True,
+            )
 
 
-def run_timed(name: str, params: dict[str, Any], model: Any, split: Any, trigger: Any, precision: str, seed: int,
-              layer: str) -> tuple[Any, float]:
+def run_timed(
+    name: str, params: dict[str, Any], model: Any, split: Any, trigger: Any, precision: str, seed: int, layer: str
+) -> tuple[Any, float]:
     """Run one recipe on `model` in place (left in eval mode); its result and its own wall time, nothing else timed."""
-    ctx = RecipeContext(model, split, trigger, params, callback=lambda e: None, precision=precision, seed=seed, tar_layer=layer)
+    ctx = RecipeContext(
+        model, split, trigger, params, callback=lambda e: None, precision=precision, seed=seed, tar_layer=layer
+    )
     started = time.perf_counter()
     result = RECIPES.get(name).run(ctx)
     wall = time.perf_counter() - started
@@ -193,11 +256,15 @@ def training_seconds(train, attack: str, target: int, seed: int, fraction: float
     poisoned = train if attack == "clean" else poison_dataset(train, attack, target, 0.1, seed=seed)[0]
     batch_size = TrainConfig().resolved(True, len(poisoned)).batch_size  # the whole set's batch, not the share's
     if fraction < 1:
-        keep = torch.randperm(len(poisoned), generator=torch.Generator().manual_seed(seed))[: round(fraction * len(poisoned))]
+        keep = torch.randperm(len(poisoned), generator=torch.Generator().manual_seed(seed))[
+            : round(fraction * len(poisoned))
+        ]
         poisoned = poisoned.subset(keep.sort().values)
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, seed=seed)
-    config = TrainConfig(seed=seed, epochs=1, batch_size=batch_size, precision=resolve_precision("auto", torch.device("cpu")))
+    config = TrainConfig(
+        seed=seed, epochs=1, batch_size=batch_size, precision=resolve_precision("auto", torch.device("cpu"))
+    )
     started = time.perf_counter()
     train_model(model, poisoned, config)
     return (time.perf_counter() - started) / fraction * TrainConfig().epochs
@@ -228,9 +295,11 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
     for attack in attacks:
         sel = [r for r in rows if r["attack"] == attack]
         by_model = {(r["target"], r["seed"]): r["before"] for r in sel}
-        before_cells.append(f"{_pct(_mean(b['clean_accuracy'] for b in by_model.values()))} / "
-                            f"{_pct(_mean(b['attack_success_rate'] for b in by_model.values()))} / "
-                            f"{_pct(_mean(b['robust_accuracy'] for b in by_model.values()))} (n={len(by_model)})")
+        before_cells.append(
+            f"{_pct(_mean(b['clean_accuracy'] for b in by_model.values()))} / "
+            f"{_pct(_mean(b['attack_success_rate'] for b in by_model.values()))} / "
+            f"{_pct(_mean(b['robust_accuracy'] for b in by_model.values()))} (n={len(by_model)})"
+        )
     lines.append("| (before) | " + " | ".join(before_cells) + " |")
     for name in recipes:
         parts = []
@@ -239,42 +308,74 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
             if not sel:
                 parts.append("-")
                 continue
-            cell = {"n": len(sel), "runs": sorted((r["seed"], r.get("subset_seed", r["seed"])) for r in sel),
-                    "models": len({(r["target"], r["seed"]) for r in sel}),
-                    "ca": _mean(r["after"]["clean_accuracy"] for r in sel), "asr": _mean(r["after"]["attack_success_rate"] for r in sel),
-                    "asr_max": max(r["after"]["attack_success_rate"] for r in sel),
-                    "ra": _mean(r["after"]["robust_accuracy"] for r in sel), "der": _mean(r["der"] for r in sel),
-                    "ca_drop_points": _mean(r["ca_drop_points"] for r in sel), "ca_drop_max": max(r["ca_drop_points"] for r in sel),
-                    "retention_min": min(r["ca_retention"] for r in sel), "wall": _mean(r["wall_seconds"] for r in sel),
-                    "wall_share": _mean(r["wall_share_of_training"] for r in sel),
-                    "asr_sd": statistics.pstdev([r["after"]["attack_success_rate"] for r in sel]),
-                    "ca_sd": statistics.pstdev([r["after"]["clean_accuracy"] for r in sel]),
-                    "setups": len({_setup(r) for r in sel})}
+            cell = {
+                "n": len(sel),
+                "runs": sorted((r["seed"], r.get("subset_seed", r["seed"])) for r in sel),
+                "models": len({(r["target"], r["seed"]) for r in sel}),
+                "ca": _mean(r["after"]["clean_accuracy"] for r in sel),
+                "asr": _mean(r["after"]["attack_success_rate"] for r in sel),
+                "asr_max": max(r["after"]["attack_success_rate"] for r in sel),
+                "ra": _mean(r["after"]["robust_accuracy"] for r in sel),
+                "der": _mean(r["der"] for r in sel),
+                "ca_drop_points": _mean(r["ca_drop_points"] for r in sel),
+                "ca_drop_max": max(r["ca_drop_points"] for r in sel),
+                "retention_min": min(r["ca_retention"] for r in sel),
+                "wall": _mean(r["wall_seconds"] for r in sel),
+                "wall_share": _mean(r["wall_share_of_training"] for r in sel),
+                "asr_sd": statistics.pstdev([r["after"]["attack_success_rate"] for r in sel]),
+                "ca_sd": statistics.pstdev([r["after"]["clean_accuracy"] for r in sel]),
+                "setups": len({_setup(r) for r in sel}),
+            }
             cells[f"{name}/{attack}"] = cell
-            parts.append(f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / {cell['der']:.3f} / {cell['wall']:.0f}s{_mixed(cell)}"
-                         + f" (n={cell['n']})")
+            parts.append(
+                f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / {cell['der']:.3f} / {cell['wall']:.0f}s{_mixed(cell)}"
+                + f" (n={cell['n']})"
+            )
         lines.append(f"| {name} | " + " | ".join(parts) + " |")
-    detail = ["| attack | recipe | runs (models) | CA drop, points (mean, max) | ASR after (mean, max) | CA retention (min) | "
-              "wall (share of training) |", "|---|---|---|---|---|---|---|"]
+    detail = [
+        "| attack | recipe | runs (models) | CA drop, points (mean, max) | ASR after (mean, max) | CA retention (min) | "
+        "wall (share of training) |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for key, c in cells.items():
         name, attack = key.split("/")
-        detail.append(f"| {attack} | {name} | {c['n']} ({c['models']}) | {c['ca_drop_points']:.2f}, {c['ca_drop_max']:.2f} | "
-                      f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s{_mixed(c)} ({100 * c['wall_share']:.1f}%) |")
-    per_run = ["| attack | model seed | subset seed | recipe | CA before -> after | ASR before -> after | RA after | "
-               "TAR before -> after | DER | CA retention | wall | % of training | state kept |", "|---" * 13 + "|"]
-    for r in sorted(rows, key=lambda r: (ATTACK_ORDER.index(r["attack"]) if r["attack"] in ATTACK_ORDER else 99, r["seed"],
-                                         r.get("subset_seed", r["seed"]), RECIPE_ORDER.index(r["recipe"]))):
+        detail.append(
+            f"| {attack} | {name} | {c['n']} ({c['models']}) | {c['ca_drop_points']:.2f}, {c['ca_drop_max']:.2f} | "
+            f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s{_mixed(c)} ({100 * c['wall_share']:.1f}%) |"
+        )
+    per_run = [
+        "| attack | model seed | subset seed | recipe | CA before -> after | ASR before -> after | RA after | "
+        "TAR before -> after | DER | CA retention | wall | % of training | state kept |",
+        "|---" * 13 + "|",
+    ]
+    for r in sorted(
+        rows,
+        key=lambda r: (
+            ATTACK_ORDER.index(r["attack"]) if r["attack"] in ATTACK_ORDER else 99,
+            r["seed"],
+            r.get("subset_seed", r["seed"]),
+            RECIPE_ORDER.index(r["recipe"]),
+        ),
+    ):
         b, a = r["before"], r["after"]
         tar = f"{b['tar']:.2f} -> {a['tar']:.2f}" if b.get("tar") is not None and a.get("tar") is not None else "-"
-        per_run.append(f"| {r['attack']} | {r['seed']} | {r.get('subset_seed', r['seed'])} | {r['recipe']} | "
-                       f"{_pct(b['clean_accuracy'])} -> {_pct(a['clean_accuracy'])} | "
-                       f"{_pct(b['attack_success_rate'])} -> {_pct(a['attack_success_rate'])} | {_pct(a['robust_accuracy'])} | {tar} | "
-                       f"{r['der']:.3f} | {r['ca_retention']:.4f} | {r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
-                       f"{r.get('kept') or '-'} |")
-    text = ("Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n"
-            "A wall time marked * averages runs from more than one machine, precision, thread count or calibration share: "
-            "compare its share of training (calibrated in each run) rather than its seconds.\n\n"
-            + "\n".join(lines) + "\n\n" + "\n".join(detail) + "\n\nEvery run counted above:\n\n" + "\n".join(per_run))
+        per_run.append(
+            f"| {r['attack']} | {r['seed']} | {r.get('subset_seed', r['seed'])} | {r['recipe']} | "
+            f"{_pct(b['clean_accuracy'])} -> {_pct(a['clean_accuracy'])} | "
+            f"{_pct(b['attack_success_rate'])} -> {_pct(a['attack_success_rate'])} | {_pct(a['robust_accuracy'])} | {tar} | "
+            f"{r['der']:.3f} | {r['ca_retention']:.4f} | {r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
+            f"{r.get('kept') or '-'} |"
+        )
+    text = (
+        "Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n"
+        "A wall time marked * averages runs from more than one machine, precision, thread count or calibration share: "
+        "compare its share of training (calibrated in each run) rather than its seconds.\n\n"
+        + "\n".join(lines)
+        + "\n\n"
+        + "\n".join(detail)
+        + "\n\nEvery run counted above:\n\n"
+        + "\n".join(per_run)
+    )
     print(text)
     if not write:
         return

@@ -1,4 +1,5 @@
 """cleanse: audit image classifiers for backdoors and remove them."""
+
 from __future__ import annotations
 
 from cleanse.api import evaluate, poison, train

@@ -1,4 +1,5 @@
 """A few engine functions at the top level for Python users; whole jobs (what each command does) are in cleanse.jobs."""
+
 from __future__ import annotations
 
 from typing import Any

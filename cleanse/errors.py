@@ -3,6 +3,7 @@
 0 success / no backdoor, 1 backdoor suspected (scan only), 2 bad input or
 usage, 3 internal error, 130 SIGINT, 143 SIGTERM.
 """
+
 from __future__ import annotations
 
 EXIT_OK = 0

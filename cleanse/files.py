@@ -5,6 +5,7 @@ truncated, crafted or renamed file fails with one clear line instead of a
 traceback; outputs are written to a temporary file beside the target and
 renamed, so nothing half-written is ever left behind.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -26,8 +27,23 @@ from cleanse.errors import CleanseError
 
 MAX_HEADER_BYTES = 100 * 1024 * 1024
 METADATA_KEY = "cleanse"
-_DTYPE_SIZES = {"BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "I16": 2, "U16": 2, "F16": 2,
-                "BF16": 2, "I32": 4, "U32": 4, "F32": 4, "I64": 8, "U64": 8, "F64": 8}
+_DTYPE_SIZES = {
+    "BOOL": 1,
+    "U8": 1,
+    "I8": 1,
+    "F8_E4M3": 1,
+    "F8_E5M2": 1,
+    "I16": 2,
+    "U16": 2,
+    "F16": 2,
+    "BF16": 2,
+    "I32": 4,
+    "U32": 4,
+    "F32": 4,
+    "I64": 8,
+    "U64": 8,
+    "F64": 8,
+}
 
 
 def _default_mode(directory: bool = False) -> int:
@@ -48,15 +64,19 @@ def sha256_file(path: str | os.PathLike) -> str:
 def _check_header(raw: bytes, path: Path) -> dict[str, Any]:
     size = len(raw)
     if size < 8:
-        raise CleanseError(f"{path}: file is truncated or not a safetensors file ({size} bytes); "
-                           "re-export it with safetensors")
+        raise CleanseError(
+            f"{path}: file is truncated or not a safetensors file ({size} bytes); re-export it with safetensors"
+        )
     (n,) = struct.unpack("<Q", raw[:8])
     if n > MAX_HEADER_BYTES:
-        raise CleanseError(f"{path}: not a safetensors file (header length {n} bytes is absurd); "
-                           "pass a safetensors file, e.g. one written by cleanse")
+        raise CleanseError(
+            f"{path}: not a safetensors file (header length {n} bytes is absurd); "
+            "pass a safetensors file, e.g. one written by cleanse"
+        )
     if 8 + n > size:
-        raise CleanseError(f"{path}: file is truncated (header says {n} bytes, file has {size - 8}); "
-                           "re-download or re-export it")
+        raise CleanseError(
+            f"{path}: file is truncated (header says {n} bytes, file has {size - 8}); re-download or re-export it"
+        )
     try:
         header = json.loads(raw[8 : 8 + n].decode("utf-8"))
     except (ValueError, RecursionError):  # not UTF-8, not JSON, a 5000-digit number, or nested beyond Python's stack
@@ -78,8 +98,10 @@ def _check_header(raw: bytes, path: Path) -> dict[str, Any]:
         except (KeyError, TypeError, ValueError, OverflowError):
             raise CleanseError(f"{path}: tensor {name!r} has a malformed header entry; the file is damaged") from None
         if not 0 <= begin <= end <= body or end - begin != expected:
-            raise CleanseError(f"{path}: tensor {name!r} points past the end of the file (offsets {begin}..{end}, "
-                               f"data {body} bytes); the file is truncated or damaged")
+            raise CleanseError(
+                f"{path}: tensor {name!r} points past the end of the file (offsets {begin}..{end}, "
+                f"data {body} bytes); the file is truncated or damaged"
+            )
     return header
 
 
@@ -91,8 +113,9 @@ def read_safetensors(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], 
     return parse_safetensors(path.read_bytes(), path)
 
 
-def parse_safetensors(raw: bytes,
-                      path: str | os.PathLike = "<bytes>") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def parse_safetensors(
+    raw: bytes, path: str | os.PathLike = "<bytes>"
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Tensors and string metadata from the bytes of a safetensors file; anything malformed is a CleanseError."""
     header = _check_header(raw, Path(path))
     try:
@@ -114,8 +137,9 @@ def read_cleanse_metadata(metadata: dict[str, str], path: str | os.PathLike) -> 
     try:
         doc = json.loads(text)
     except json.JSONDecodeError:
-        raise CleanseError(f"{path}: the 'cleanse' metadata is not valid JSON; "
-                           "re-create the file with cleanse") from None
+        raise CleanseError(
+            f"{path}: the 'cleanse' metadata is not valid JSON; re-create the file with cleanse"
+        ) from None
     if not isinstance(doc, dict):
         raise CleanseError(f"{path}: the 'cleanse' metadata must be a JSON object; re-create the file with cleanse")
     return doc
@@ -123,8 +147,20 @@ def read_cleanse_metadata(metadata: dict[str, str], path: str | os.PathLike) -> 
 
 NAME_MAX = 255  # bytes in one path component on every common file system
 # errno values that mean "this output cannot be written here", not a bug: they exit 2 with one line
-_WRITE_ERRNOS = {errno.EACCES, errno.EPERM, errno.EROFS, errno.ENOSPC, errno.EDQUOT, errno.ENAMETOOLONG, errno.ENOTDIR,
-                 errno.EISDIR, errno.ENOENT, errno.EEXIST, errno.ELOOP, errno.EFBIG}
+_WRITE_ERRNOS = {
+    errno.EACCES,
+    errno.EPERM,
+    errno.EROFS,
+    errno.ENOSPC,
+    errno.EDQUOT,
+    errno.ENAMETOOLONG,
+    errno.ENOTDIR,
+    errno.EISDIR,
+    errno.ENOENT,
+    errno.EEXIST,
+    errno.ELOOP,
+    errno.EFBIG,
+}
 
 
 def _parent(path: Path) -> Path:
@@ -175,8 +211,9 @@ def _check_parent(path: Path, what: str = "output folder") -> Path:
     if not parent.exists():
         raise CleanseError(f"{parent}: {what} does not exist; create it first")
     if not parent.is_dir():
-        raise CleanseError(f"{parent}: is not a folder, so {path.name} cannot be written inside it; "
-                           "choose another path with -o")
+        raise CleanseError(
+            f"{parent}: is not a folder, so {path.name} cannot be written inside it; choose another path with -o"
+        )
     if not os.access(parent, os.W_OK):
         raise CleanseError(f"{parent}: {what} is not writable; choose another path with -o")
     # os.access says yes to root everywhere, even on a read-only file system: try it before any work is done
@@ -195,8 +232,10 @@ def _check_parent(path: Path, what: str = "output folder") -> Path:
 
 def _check_name(path: Path) -> None:
     if len(os.fsencode(path.name)) > NAME_MAX:
-        raise CleanseError(f"{path.name[:40]}...: cannot write the output (file name longer than {NAME_MAX} bytes); "
-                           "choose a shorter -o")
+        raise CleanseError(
+            f"{path.name[:40]}...: cannot write the output (file name longer than {NAME_MAX} bytes); "
+            "choose a shorter -o"
+        )
 
 
 def _same_path(a: Path, b: Path) -> bool:
@@ -264,8 +303,9 @@ def _inside(inner: Path, outer: Path) -> bool:
     return inner == outer or outer in inner.parents
 
 
-def check_output_folder(path: str | os.PathLike, *, force: bool,
-                        inputs: tuple[str | os.PathLike | None, ...] = ()) -> Path:
+def check_output_folder(
+    path: str | os.PathLike, *, force: bool, inputs: tuple[str | os.PathLike | None, ...] = ()
+) -> Path:
     """Refuse a folder output that is a file, holds an input, is non-empty without --force, or cannot be written.
 
     `--force` replaces only an earlier cleanse output (a folder holding a run record) or an empty folder, and never a
@@ -282,15 +322,18 @@ def check_output_folder(path: str | os.PathLike, *, force: bool,
         if not force:
             raise CleanseError(f"{path}: output folder is not empty; pass --force to replace it or choose another -o")
         if not any(p.is_file() and (p.name == RUN_RECORD or p.name.endswith("." + RUN_RECORD)) for p in path.iterdir()):
-            raise CleanseError(f"{path}: not a cleanse output (no run record: {RUN_RECORD} or *.{RUN_RECORD}), "
-                               "so --force will not replace it; choose another -o or empty the folder yourself")
+            raise CleanseError(
+                f"{path}: not a cleanse output (no run record: {RUN_RECORD} or *.{RUN_RECORD}), "
+                "so --force will not replace it; choose another -o or empty the folder yourself"
+            )
     _check_parent(path, "output folder's parent")
     return path
 
 
 @contextlib.contextmanager
-def atomic_directory(path: str | os.PathLike, *, force: bool,
-                     inputs: tuple[str | os.PathLike | None, ...] = ()) -> Iterator[Path]:
+def atomic_directory(
+    path: str | os.PathLike, *, force: bool, inputs: tuple[str | os.PathLike | None, ...] = ()
+) -> Iterator[Path]:
     """Build a directory output in a temporary folder beside the target, then rename it into place.
 
     See check_output_folder for what may be replaced.

@@ -5,6 +5,7 @@ Every cleanse file is a safetensors file whose string metadata holds one JSON do
 layout of the rest). Each kind of file declares one FileFormat beside its own code, with the messages
 its users see; the file's own fields are checked by that code after `FileFormat.read`.
 """
+
 from __future__ import annotations
 
 import os
@@ -49,8 +50,11 @@ class FileFormat:
         version = doc.get("format_version")
         supported = (self.version, *self.readable)
         if isinstance(version, bool) or not isinstance(version, int) or version not in supported:
-            raise CleanseError(self.wrong_version.format(path=path, version=repr(version),
-                                                         supported=", ".join(str(v) for v in supported)))
+            raise CleanseError(
+                self.wrong_version.format(
+                    path=path, version=repr(version), supported=", ".join(str(v) for v in supported)
+                )
+            )
         return doc
 
     def read(self, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

@@ -1,4 +1,5 @@
 """Heatmap pictures: a perceptual colormap (inferno) and image | heatmap | overlay panels."""
+
 from __future__ import annotations
 
 import functools

@@ -1,4 +1,5 @@
 """Run records: the JSON every command that changes or measures a model writes beside its output."""
+
 from __future__ import annotations
 
 import platform
@@ -35,11 +36,21 @@ def describe_input(path: str | Path | None) -> dict[str, Any] | None:
 
 
 def versions(device: torch.device | str | None = None) -> dict[str, Any]:
-    return {"cleanse": __version__, "torch": torch.__version__, "python": sys.version.split()[0],
-            "platform": platform.platform(), "device": str(device) if device is not None else None,
-            "threads": torch.get_num_threads()}
+    return {
+        "cleanse": __version__,
+        "torch": torch.__version__,
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "device": str(device) if device is not None else None,
+        "threads": torch.get_num_threads(),
+    }
 
 
 def new_record(command: str, argv: list[str] | None = None, **fields: Any) -> dict[str, Any]:
-    return {"cleanse_run": RUN_SCHEMA, "command": command, "argv": list(argv if argv is not None else sys.argv[1:]),
-            "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), **fields}
+    return {
+        "cleanse_run": RUN_SCHEMA,
+        "command": command,
+        "argv": list(argv if argv is not None else sys.argv[1:]),
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **fields,
+    }

@@ -1,4 +1,5 @@
 """Robust statistics shared by the detectors (cleanse/scan) and the recipes (cleanse/recipes)."""
+
 from __future__ import annotations
 
 import torch

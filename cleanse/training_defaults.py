@@ -1,4 +1,5 @@
 """Defaults derived from the data when the user gives none."""
+
 from __future__ import annotations
 
 from cleanse.data.dataset import Dataset

@@ -1,4 +1,5 @@
 """Small image helpers: grids of uint8 images written as PNG."""
+
 from __future__ import annotations
 
 from pathlib import Path

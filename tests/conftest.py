@@ -3,6 +3,7 @@ hardening modules.
 
 A test that uses `badnets_setup`, `clean_model` or `badnets_files` trains a model: mark it `@pytest.mark.slow`.
 """
+
 from __future__ import annotations
 
 import functools
@@ -28,7 +29,7 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("CLEANSE_CACHE_DIR", str(tmp_path_factory.getbasetemp() / "cache"))
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def synthetic(split: str = "train"):
     return make_synthetic(split)
 
@@ -36,7 +37,9 @@ def synthetic(split: str = "train"):
 def train_small(data, test=None, trigger=None, epochs: int = 8, seed: int = 0):
     mean, std = data_normalization(data)
     model = new_model("cnn", data.num_classes, data.classes, (3, 32, 32), mean, std, {"width": SMALL_WIDTH}, seed=seed)
-    result = train_model(model, data, TrainConfig(epochs=epochs, seed=seed, precision="auto"), test=test, trigger=trigger)
+    result = train_model(
+        model, data, TrainConfig(epochs=epochs, seed=seed, precision="auto"), test=test, trigger=trigger
+    )
     return model, result
 
 
@@ -70,7 +73,6 @@ def badnets_files(badnets_setup, tmp_path_factory):
     return folder
 
 
-
 @pytest.fixture(scope="session")
 def untrained_files(tmp_path_factory):
     """The cnn of `badnets_files` (architecture, width, classes) at its initialisation, as bd.safetensors: for tests
@@ -85,7 +87,15 @@ def untrained_files(tmp_path_factory):
     return folder
 
 
-SUMMARY_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar")
+SUMMARY_KEYS = (
+    "clean_accuracy",
+    "attack_success_rate",
+    "robust_accuracy",
+    "tar",
+    "tar_median",
+    "attention_share",
+    "clean_tar",
+)
 
 
 def unlearn_removes_backdoor(folder, method: str, out, *extra: str, asr_after: float = 0.20, retention: float = 0.90):
@@ -99,17 +109,37 @@ def unlearn_removes_backdoor(folder, method: str, out, *extra: str, asr_after: f
 
     from cleanse.cli import app
 
-    result = CliRunner().invoke(app, ["unlearn", str(folder / "bd.safetensors"), "--method", method, "--data", "synthetic",
-                                      "--clean-frac", "0.05", "--test", "synthetic:test", "--trigger",
-                                      str(folder / "bd.trigger.safetensors"), "-o", str(out), "--json", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "unlearn",
+            str(folder / "bd.safetensors"),
+            "--method",
+            method,
+            "--data",
+            "synthetic",
+            "--clean-frac",
+            "0.05",
+            "--test",
+            "synthetic:test",
+            "--trigger",
+            str(folder / "bd.trigger.safetensors"),
+            "-o",
+            str(out),
+            "--json",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     for side in ("before", "after"):
         assert set(SUMMARY_KEYS) <= set(s[side])
     assert {"der", "wall_seconds", "ca_retention"} <= set(s)
     b, a = s["before"], s["after"]
-    print(f"{method} on synthetic: ASR {b['attack_success_rate']:.3f} -> {a['attack_success_rate']:.3f}, "
-          f"CA {b['clean_accuracy']:.3f} -> {a['clean_accuracy']:.3f}, TAR {b['tar']:.2f} -> {a['tar']:.2f}, kept {s['kept']['tag']}")
+    print(
+        f"{method} on synthetic: ASR {b['attack_success_rate']:.3f} -> {a['attack_success_rate']:.3f}, "
+        f"CA {b['clean_accuracy']:.3f} -> {a['clean_accuracy']:.3f}, TAR {b['tar']:.2f} -> {a['tar']:.2f}, kept {s['kept']['tag']}"
+    )
     assert b["attack_success_rate"] > 0.8 and a["attack_success_rate"] < asr_after
     assert s["ca_retention"] >= retention
     record = json.loads(out.with_name(out.name + ".run.json").read_text())
@@ -128,8 +158,9 @@ def inp(tmp_path_factory) -> dict[str, Path]:
 @pytest.fixture(scope="module")
 def small(tmp_path_factory) -> dict[str, Path]:
     """A 500-image dataset (fast epochs) and an untrained tiny model (fine-tuning it works all the same)."""
-    from cleanse.models import save_model
     from helpers import tiny_model, write_npz
+
+    from cleanse.models import save_model
 
     root = tmp_path_factory.mktemp("small")
     data = write_npz(root / "small.npz", 10, 50, seed=1)

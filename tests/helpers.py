@@ -1,5 +1,6 @@
 """Small helpers shared by the hardening modules and tests/test_unlearn_resume.py: tiny inputs, the one-error-line check,
 and `python -m cleanse` subprocesses for the signal tests. Fixtures built from these live in tests/conftest.py."""
+
 from __future__ import annotations
 
 import json
@@ -10,8 +11,9 @@ import subprocess
 import sys
 import time
 import zlib
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from hypothesis import HealthCheck, settings
@@ -23,11 +25,16 @@ REPO = Path(__file__).resolve().parents[1]
 MEAN, STD = [0.5, 0.5, 0.5], [0.25, 0.25, 0.25]
 TINY = {"width": "8,16,16"}
 # the property-based tests' settings: CLEANSE_HYPOTHESIS_EXAMPLES=5000 hunts longer; the default keeps the files fast
-FAST = settings(max_examples=int(os.environ.get("CLEANSE_HYPOTHESIS_EXAMPLES", "60")), deadline=None, suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+FAST = settings(
+    max_examples=int(os.environ.get("CLEANSE_HYPOTHESIS_EXAMPLES", "60")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 TRAIN_ARGS = ["--arch-arg", "width=8,16,16", "--batch-size", "50", "--precision", "fp32", "--device", "cpu"]
 
 
 # --- tiny inputs -----------------------------------------------------------------------------------------------------
+
 
 def tiny_model(num_classes: int):
     return new_model("cnn", num_classes, None, (3, 32, 32), MEAN, STD, dict(TINY), seed=0).eval()
@@ -66,11 +73,12 @@ class Evil:
     def __init__(self, marker: Path) -> None:
         self.marker = str(marker)
 
-    def __reduce__(self):  # noqa: ANN204
+    def __reduce__(self):
         return (open, (self.marker, "w"))
 
 
 # --- checks on a CliRunner result ------------------------------------------------------------------------------------
+
 
 def listing(*folders: Path) -> set[str]:
     return {str(p) for folder in folders for p in folder.rglob("*")}
@@ -85,14 +93,21 @@ def error_line(result: Any) -> str:
 
 # --- real subprocesses -----------------------------------------------------------------------------------------------
 
+
 def cleanse_process(args: list[Any], cache: Path) -> tuple[subprocess.Popen, list[str]]:
     """Start `python -m cleanse ARGS`; its stderr lines are collected in the returned list as they arrive."""
     import threading
 
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CLEANSE_CACHE_DIR": str(cache), "PYTHONUNBUFFERED": "1"}
-    proc = subprocess.Popen([sys.executable, "-m", "cleanse", *map(str, args)], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE, text=True,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # a background shell may ignore SIGINT
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "cleanse", *map(str, args)],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
+    )  # a background shell may ignore SIGINT
     lines: list[str] = []
     threading.Thread(target=lambda: lines.extend(proc.stderr), daemon=True).start()  # type: ignore[arg-type]
     return proc, lines

@@ -1,4 +1,5 @@
 """Each attack's output checked pixel-exactly on hand-made inputs, plus the poisoning rules."""
+
 from __future__ import annotations
 
 import math
@@ -36,7 +37,9 @@ def test_badnets_scales_with_image_size_and_takes_colour_and_position():
     expected = torch.zeros(64, 64, 3, dtype=torch.uint8)
     expected[56:62, 56:62] = 255  # 6x6 patch, 2-pixel margin
     assert torch.equal(out, expected)
-    out = make("badnets", color="10,20,30", position="top-left", size="2").apply_uint8(torch.full((1, 32, 32, 3), 7, dtype=torch.uint8))[0]
+    out = make("badnets", color="10,20,30", position="top-left", size="2").apply_uint8(
+        torch.full((1, 32, 32, 3), 7, dtype=torch.uint8)
+    )[0]
     assert out[1, 1].tolist() == [10, 20, 30] and out[2, 2].tolist() == [10, 20, 30]
     assert out[0, 0].tolist() == [7, 7, 7] and out[3, 3].tolist() == [7, 7, 7]
     assert int((out != 7).any(-1).sum()) == 4
@@ -60,7 +63,9 @@ def test_blended_alpha_blend_matches_hand_computation():
     trig = make("blended", alpha="0.2")
     pattern = trig.tensors["pattern"]
     x = torch.randint(0, 256, (2, 32, 32, 3), generator=torch.Generator().manual_seed(1), dtype=torch.uint8)
-    expected = np.clip(np.round(0.8 * x.numpy().astype(np.float64) + 0.2 * 255 * pattern.permute(1, 2, 0).numpy()), 0, 255)
+    expected = np.clip(
+        np.round(0.8 * x.numpy().astype(np.float64) + 0.2 * 255 * pattern.permute(1, 2, 0).numpy()), 0, 255
+    )
     diff = np.abs(trig.apply_uint8(x).numpy().astype(int) - expected.astype(int))
     assert diff.max() <= 1 and (diff == 0).mean() > 0.999  # float32 vs float64 only at exact .5 ties
     assert torch.equal(trig.tensors["mask"], torch.full((32, 32), 0.2))
@@ -128,7 +133,9 @@ def test_sig_is_clean_label_and_bounded_by_the_target_class_share():
 
 def test_wanet_marks_noise_rows_separately():
     data = tiny_dataset(value=128)
-    data.images = torch.randint(0, 256, data.images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    data.images = torch.randint(
+        0, 256, data.images.shape, generator=torch.Generator().manual_seed(0), dtype=torch.uint8
+    )
     poisoned, _ = poison_dataset(data, "wanet", 0, 0.1, seed=0)
     assert int(poisoned.poisoned.sum()) == 4 and int(poisoned.noise.sum()) == 8
     assert not (poisoned.poisoned & poisoned.noise).any()
@@ -183,7 +190,9 @@ def test_badnets_and_blended_take_a_user_image(tmp_path):
     Image.new("RGB", (5, 5), (10, 200, 30)).save(tmp_path / "p.png")
     patch = make("badnets", image=str(tmp_path / "p.png")).apply_uint8(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))[0]
     assert patch[28, 28].tolist() == [10, 200, 30] and patch[27, 27].tolist() == [0, 0, 0]
-    blend = make("blended", image=str(tmp_path / "p.png"), alpha="1.0").apply_uint8(torch.zeros(1, 32, 32, 3, dtype=torch.uint8))[0]
+    blend = make("blended", image=str(tmp_path / "p.png"), alpha="1.0").apply_uint8(
+        torch.zeros(1, 32, 32, 3, dtype=torch.uint8)
+    )[0]
     assert blend[0, 0].tolist() == [10, 200, 30] and blend[31, 31].tolist() == [10, 200, 30]
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(CleanseError, match="cannot read the patch image"):

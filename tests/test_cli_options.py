@@ -1,4 +1,5 @@
 """The common and model-loading flags are declared once and reach every command as one object."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -19,10 +20,31 @@ from cleanse.jobs import RunSettings
 from cleanse.models import ModelOptions
 
 COMMON = ["--device", "cpu", "--seed", "7", "--force", "--quiet", "--debug", "--json"]
-MODEL = ["--arch", "cnn", "--arch-arg", "width=8,16,16", "--num-classes", "3", "--input-size", "3,16,16",
-         "--mean", "0.5,0.5,0.5", "--std", "0.25,0.25,0.25", "--classes", "a,b,c"]
-EXPECTED_MODEL = ModelOptions(arch="cnn", num_classes=3, input_size=(3, 16, 16), mean=[0.5] * 3, std=[0.25] * 3,
-                              classes=["a", "b", "c"], arch_args={"width": "8,16,16"})
+MODEL = [
+    "--arch",
+    "cnn",
+    "--arch-arg",
+    "width=8,16,16",
+    "--num-classes",
+    "3",
+    "--input-size",
+    "3,16,16",
+    "--mean",
+    "0.5,0.5,0.5",
+    "--std",
+    "0.25,0.25,0.25",
+    "--classes",
+    "a,b,c",
+]
+EXPECTED_MODEL = ModelOptions(
+    arch="cnn",
+    num_classes=3,
+    input_size=(3, 16, 16),
+    mean=[0.5] * 3,
+    std=[0.25] * 3,
+    classes=["a", "b", "c"],
+    arch_args={"width": "8,16,16"},
+)
 # command -> (module whose job is called, job name, the command's own required arguments, takes model flags)
 COMMANDS: dict[str, tuple[Any, str, list[str], bool]] = {
     "poison": (cleanse.cli.poison, "poison", ["synthetic", "-o", "p.safetensors"], False),
@@ -66,6 +88,8 @@ def test_help_lists_every_documented_flag(name: str) -> None:
 
 def test_a_bad_model_flag_is_exit_2_before_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(cleanse.cli.scan, "scan", lambda *a: pytest.fail("the job ran"))
-    result = CliRunner().invoke(app, ["scan", "m.safetensors", "--data", "synthetic:test", "--mean", "0.5,x", "--std", "1,1"])
+    result = CliRunner().invoke(
+        app, ["scan", "m.safetensors", "--data", "synthetic:test", "--mean", "0.5,x", "--std", "1,1"]
+    )
     assert result.exit_code == 2
     assert "error: --mean '0.5,x' must be comma-separated numbers" in result.output

@@ -1,6 +1,6 @@
 """Data sources: ImageFolder (with its cache and damaged files), CIFAR batches, .npz, synthetic."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pickle
 
@@ -9,8 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from cleanse.data import load_data, make_synthetic
-from cleanse.data import sources
+from cleanse.data import load_data, make_synthetic, sources
 from cleanse.errors import CleanseError
 
 
@@ -80,7 +79,9 @@ def write_cifar(folder, n=6):
     for name in ["data_batch_1", "data_batch_2", "data_batch_3", "data_batch_4", "data_batch_5", "test_batch"]:
         batch = {b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8), b"labels": list(range(n))}
         (folder / name).write_bytes(pickle.dumps(batch, protocol=4))
-    (folder / "batches.meta").write_bytes(pickle.dumps({b"label_names": [f"n{i}".encode() for i in range(10)]}, protocol=4))
+    (folder / "batches.meta").write_bytes(
+        pickle.dumps({b"label_names": [f"n{i}".encode() for i in range(10)]}, protocol=4)
+    )
 
 
 def test_cifar_batches_train_and_test_split(tmp_path):

@@ -1,4 +1,5 @@
 """The training loop's pieces and the metrics, checked against hand computations."""
+
 from __future__ import annotations
 
 import pytest
@@ -71,8 +72,12 @@ def test_augmentation_shapes_identity_and_shift():
     # every output is a flipped and/or shifted crop of the reflect-padded input
     padded = torch.nn.functional.pad(x, (2, 2, 2, 2), mode="reflect")
     for i in range(16):
-        found = any(torch.equal(out[i], v[:, dy:dy + 8, dx:dx + 8]) for v in (padded[i], padded[i].flip(2))
-                    for dy in range(5) for dx in range(5))
+        found = any(
+            torch.equal(out[i], v[:, dy : dy + 8, dx : dx + 8])
+            for v in (padded[i], padded[i].flip(2))
+            for dy in range(5)
+            for dx in range(5)
+        )
         assert found
 
 

@@ -1,4 +1,5 @@
 """Round trips of model, dataset and trigger files; damaged and crafted files; the architecture registry."""
+
 from __future__ import annotations
 
 import json
@@ -71,12 +72,14 @@ def test_torchvision_architecture_without_weights(tmp_path):
 
 
 def write_arch_file(path, body: str = ""):
-    path.write_text(textwrap.dedent(f"""
+    path.write_text(
+        textwrap.dedent(f"""
         import torch.nn as nn
         def tiny(num_classes):
             return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
         {body}
-    """))
+    """)
+    )
 
 
 def test_user_factory_checkpoint_needs_explicit_arch_and_warns_on_change(tmp_path):
@@ -92,7 +95,10 @@ def test_user_factory_checkpoint_needs_explicit_arch_and_warns_on_change(tmp_pat
     x = torch.rand(2, 3, 32, 32)
     assert torch.equal(model(x), back(x)) and back.notes == []
     write_arch_file(arch_file, "# edited")
-    assert "changed since the checkpoint was saved" in load_model(tmp_path / "u.safetensors", ModelOptions(arch=spec)).notes[0]
+    assert (
+        "changed since the checkpoint was saved"
+        in load_model(tmp_path / "u.safetensors", ModelOptions(arch=spec)).notes[0]
+    )
 
 
 def test_raw_state_dict_needs_arch_and_num_classes(tmp_path):

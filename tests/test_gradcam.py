@@ -1,4 +1,5 @@
 """Grad-CAM against a direct autograd computation of the formula; TAR by hand; explain end to end."""
+
 from __future__ import annotations
 
 import json
@@ -12,7 +13,16 @@ from typer.testing import CliRunner
 
 from cleanse.attacks import Trigger
 from cleanse.cli import app
-from cleanse.engine.gradcam import cam_shift, default_layer, grad_cam, map_layers, resolve_layer, summarise, tar_and_share, tar_layer
+from cleanse.engine.gradcam import (
+    cam_shift,
+    default_layer,
+    grad_cam,
+    map_layers,
+    resolve_layer,
+    summarise,
+    tar_and_share,
+    tar_layer,
+)
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
 from cleanse.models import ARCHITECTURES, new_model, save_model
@@ -40,7 +50,9 @@ def reference_cam(model: Tiny, x: torch.Tensor, cls: int) -> torch.Tensor:
     logit.backward()
     weights = a.grad[0].mean(dim=(1, 2))
     cam = torch.relu((weights.view(-1, 1, 1) * a[0]).sum(0))
-    return torch.nn.functional.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[0, 0].detach()
+    return torch.nn.functional.interpolate(cam[None, None], size=x.shape[2:], mode="bilinear", align_corners=False)[
+        0, 0
+    ].detach()
 
 
 def test_grad_cam_matches_the_formula_batched_and_unbatched():
@@ -99,7 +111,9 @@ def test_tar_and_attention_share_by_hand():
 
 
 @pytest.mark.slow
-def test_backdoored_model_attends_to_the_trigger_far_more_than_a_clean_model(badnets_setup, clean_model, record_property):
+def test_backdoored_model_attends_to_the_trigger_far_more_than_a_clean_model(
+    badnets_setup, clean_model, record_property
+):
     model, trigger, _ = badnets_setup
     test = synthetic("test")
     layer = tar_layer(model, (3, 32, 32))
@@ -107,7 +121,9 @@ def test_backdoored_model_attends_to_the_trigger_far_more_than_a_clean_model(bad
     good = measure_tar(clean_model, test.images, test.labels, trigger, layer)
     record_property("tar_backdoored", bad["tar"])
     record_property("tar_clean", good["tar"])
-    print(f"set TAR on triggered images: backdoored {bad['tar']:.2f} (median {bad['tar_median']:.2f}), clean {good['tar']:.2f}")
+    print(
+        f"set TAR on triggered images: backdoored {bad['tar']:.2f} (median {bad['tar_median']:.2f}), clean {good['tar']:.2f}"
+    )
     assert layer == "layer2" and bad["n"] == 900
     assert bad["tar"] > 8.0 and bad["tar"] > 5 * good["tar"]
     assert bad["tar_median"] > 20 * good["tar_median"]  # the clean model's mean is carried by a few outliers
@@ -129,8 +145,22 @@ def saved_backdoored(badnets_setup, tmp_path_factory):
 @pytest.mark.slow
 def test_explain_writes_pngs_sheet_and_json(saved_backdoored, tmp_path):
     out = tmp_path / "heat"
-    result = runner.invoke(app, ["explain", str(saved_backdoored / "m.safetensors"), "--data", "synthetic:test", "--trigger",
-                                 str(saved_backdoored / "t.safetensors"), "--n", "6", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(saved_backdoored / "m.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--trigger",
+            str(saved_backdoored / "t.safetensors"),
+            "--n",
+            "6",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc == json.loads((out / "explain.json").read_text())
@@ -146,7 +176,9 @@ def test_explain_writes_pngs_sheet_and_json(saved_backdoored, tmp_path):
 
 def test_explain_image_files_are_resized_with_a_note(untrained_files, tmp_path):
     Image.fromarray(np.full((48, 40, 3), 200, dtype=np.uint8)).save(tmp_path / "a.png")
-    result = runner.invoke(app, ["explain", str(untrained_files / "bd.safetensors"), str(tmp_path / "a.png"), "-o", str(tmp_path / "o")])
+    result = runner.invoke(
+        app, ["explain", str(untrained_files / "bd.safetensors"), str(tmp_path / "a.png"), "-o", str(tmp_path / "o")]
+    )
     assert result.exit_code == 0, result.output
     assert "48x40 resized to 32x32" in result.stderr
     assert (tmp_path / "o" / "img-000.png").is_file()
@@ -161,13 +193,36 @@ def _usage(result, message):
 def test_explain_bad_inputs(untrained_files, tmp_path):
     model = str(untrained_files / "bd.safetensors")
     (tmp_path / "bad.png").write_bytes(b"not an image")
-    _usage(runner.invoke(app, ["explain", model, str(tmp_path / "bad.png"), "-o", str(tmp_path / "o1")]), "cannot decode this image")
+    _usage(
+        runner.invoke(app, ["explain", model, str(tmp_path / "bad.png"), "-o", str(tmp_path / "o1")]),
+        "cannot decode this image",
+    )
     big = Trigger("blend", {"mask": torch.zeros(64, 64), "pattern": torch.zeros(3, 64, 64)}, 0, (3, 64, 64))
     big.save(tmp_path / "big.safetensors")
-    _usage(runner.invoke(app, ["explain", model, "--data", "synthetic:test", "--trigger", str(tmp_path / "big.safetensors"), "-o", str(tmp_path / "o2")]),
-           "trigger was made for 3x64x64 images but the model's inputs are 3x32x32")
-    _usage(runner.invoke(app, ["explain", model, "--data", "synthetic:test", "--n", "5000", "-o", str(tmp_path / "o3")]),
-           "--n 5000 is larger than the 1000 images")
-    _usage(runner.invoke(app, ["explain", model, "--data", "synthetic:test", "--layer", "nope", "-o", str(tmp_path / "o4")]),
-           "unknown layer 'nope'")
+    _usage(
+        runner.invoke(
+            app,
+            [
+                "explain",
+                model,
+                "--data",
+                "synthetic:test",
+                "--trigger",
+                str(tmp_path / "big.safetensors"),
+                "-o",
+                str(tmp_path / "o2"),
+            ],
+        ),
+        "trigger was made for 3x64x64 images but the model's inputs are 3x32x32",
+    )
+    _usage(
+        runner.invoke(app, ["explain", model, "--data", "synthetic:test", "--n", "5000", "-o", str(tmp_path / "o3")]),
+        "--n 5000 is larger than the 1000 images",
+    )
+    _usage(
+        runner.invoke(
+            app, ["explain", model, "--data", "synthetic:test", "--layer", "nope", "-o", str(tmp_path / "o4")]
+        ),
+        "unknown layer 'nope'",
+    )
     assert not any(p.name.startswith("o") for p in tmp_path.iterdir())

@@ -3,21 +3,20 @@ would overwrite an input or cannot be written; plus --debug, the one way to see 
 
 The corpus cases live in tests/hardening_corpus.py (ARGUMENT_CASES).
 """
+
 from __future__ import annotations
 
 import importlib
-
 import os
 from pathlib import Path
 from typing import Any
 
 import pytest
+from hardening_corpus import ARGUMENT_CASES, Case, check_bad_input
+from helpers import error_line
 from typer.testing import CliRunner
 
 from cleanse.cli import app
-
-from hardening_corpus import ARGUMENT_CASES, Case, check_bad_input
-from helpers import error_line
 
 runner = CliRunner()
 
@@ -33,7 +32,9 @@ def test_unwritable_output_folder(inp: dict[str, Path], tmp_path: Path) -> None:
     folder.chmod(0o500)
     try:
         if os.access(folder, os.W_OK):
-            pytest.skip("running as root: a chmod-ed folder stays writable (the /proc and parent-is-a-file cases cover this)")
+            pytest.skip(
+                "running as root: a chmod-ed folder stays writable (the /proc and parent-is-a-file cases cover this)"
+            )
         result = runner.invoke(app, ["poison", str(inp["d10"]), "-o", str(folder / "p.safetensors")])
         assert result.exit_code == 2 and "output folder is not writable" in error_line(result)
         assert list(folder.iterdir()) == []
@@ -51,7 +52,11 @@ def test_debug_shows_a_traceback_only_for_internal_errors(inp: dict[str, Path], 
 
     monkeypatch.setattr(train_job, "load_data", boom)
     quiet = runner.invoke(app, ["train", str(inp["d10"]), "-o", str(tmp_path / "m.safetensors")])
-    assert quiet.exit_code == 3 and "Traceback" not in quiet.output and "internal error: RuntimeError: boom" in quiet.stderr
+    assert (
+        quiet.exit_code == 3
+        and "Traceback" not in quiet.output
+        and "internal error: RuntimeError: boom" in quiet.stderr
+    )
     loud = runner.invoke(app, ["train", str(inp["d10"]), "-o", str(tmp_path / "m.safetensors"), "--debug"])
     assert loud.exit_code == 3 and "Traceback" in loud.stderr
     assert list(tmp_path.iterdir()) == []

@@ -4,20 +4,20 @@ class counts and image sizes that do not fit the model), and property-based test
 The corpus cases (tests/hardening_corpus.py, DATA_CASES) repeat through the CLI cases covered at the Python level in
 tests/test_data.py, because the CLI is where exit codes and leftovers are decided.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
 import torch
+from hardening_corpus import DATA_CASES, Case, check_bad_input
+from helpers import FAST
 from hypothesis import given
 from hypothesis import strategies as st
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.errors import CleanseError
-
-from hardening_corpus import DATA_CASES, Case, check_bad_input
-from helpers import FAST
 
 
 @pytest.mark.parametrize("case", DATA_CASES, ids=[c.id for c in DATA_CASES])
@@ -69,7 +69,9 @@ def test_additive_trigger_stays_in_range(shape: tuple[int, int, int, int], scale
 def test_trigger_for_another_size_is_refused(shape: tuple[int, int, int, int], size: int) -> None:
     images = random_images(shape)
     h, w = images.shape[1:3]
-    trigger = Trigger("blend", {"mask": torch.zeros(size, size), "pattern": torch.zeros(3, size, size)}, 0, (3, size, size))
+    trigger = Trigger(
+        "blend", {"mask": torch.zeros(size, size), "pattern": torch.zeros(3, size, size)}, 0, (3, size, size)
+    )
     if (h, w) == (size, size):
         assert torch.equal(trigger.apply_uint8(images), images)
     else:

@@ -1,6 +1,7 @@
 """Hardening, signals: interrupted work in real subprocesses (SIGINT, SIGTERM), checkpoint and resume, and two runs
 from the same input at once.
 """
+
 from __future__ import annotations
 
 import json
@@ -9,24 +10,28 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import TRAIN_ARGS, cleanse_process, error_line, finish, png, tiny_model, wait_for
 from typer.testing import CliRunner
 
 from cleanse.cli import app
 from cleanse.models import save_model
-
-from helpers import TRAIN_ARGS, cleanse_process, error_line, finish, png, tiny_model, wait_for
 
 runner = CliRunner()
 
 
 @pytest.mark.slow
 def test_sigint_and_sigterm_during_train_leave_nothing(small: dict[str, Path], tmp_path: Path) -> None:
-    signals = {"int": (signal.SIGINT, 130, "interrupted (SIGINT)"), "term": (signal.SIGTERM, 143, "terminated (SIGTERM)")}
+    signals = {
+        "int": (signal.SIGINT, 130, "interrupted (SIGINT)"),
+        "term": (signal.SIGTERM, 143, "terminated (SIGTERM)"),
+    }
     runs = {}
     for key in signals:  # both at once: the start-up (importing torch) dominates
         (tmp_path / key).mkdir()
-        runs[key] = cleanse_process(["train", small["data"], "-o", tmp_path / key / "m.safetensors", "--epochs", "200", *TRAIN_ARGS],
-                                    small["cache"])
+        runs[key] = cleanse_process(
+            ["train", small["data"], "-o", tmp_path / key / "m.safetensors", "--epochs", "200", *TRAIN_ARGS],
+            small["cache"],
+        )
     for key, (sig, _, _) in signals.items():
         proc, lines = runs[key]
         wait_for(lambda: any("epoch 2/200" in line for line in lines), proc, lines)  # noqa: B023
@@ -35,7 +40,9 @@ def test_sigint_and_sigterm_during_train_leave_nothing(small: dict[str, Path], t
         rc, stderr = finish(*runs[key])
         assert rc == code, stderr
         last = stderr.strip().splitlines()[-1]
-        assert last.startswith(f"{name} during epoch ") and last.endswith("/200 of train cnn; no output was written"), stderr
+        assert last.startswith(f"{name} during epoch ") and last.endswith("/200 of train cnn; no output was written"), (
+            stderr
+        )
         assert "Traceback" not in stderr
         assert list((tmp_path / key).iterdir()) == []  # no model, no run record, no temporary file
 
@@ -43,14 +50,37 @@ def test_sigint_and_sigterm_during_train_leave_nothing(small: dict[str, Path], t
 @pytest.mark.slow
 def test_sigint_during_unlearn_leaves_nothing(small: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "c.safetensors"
-    proc, lines = cleanse_process(["unlearn", small["model"], "--method", "finetune", "--epochs", "500", "--data", small["data"],
-                                   "--clean-frac", "1", "--precision", "fp32", "--device", "cpu", "-o", out], small["cache"])
-    wait_for(lambda: any("unlearn finetune:" in line and "finetune" in line.split(":", 1)[1] for line in lines), proc, lines)
+    proc, lines = cleanse_process(
+        [
+            "unlearn",
+            small["model"],
+            "--method",
+            "finetune",
+            "--epochs",
+            "500",
+            "--data",
+            small["data"],
+            "--clean-frac",
+            "1",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "-o",
+            out,
+        ],
+        small["cache"],
+    )
+    wait_for(
+        lambda: any("unlearn finetune:" in line and "finetune" in line.split(":", 1)[1] for line in lines), proc, lines
+    )
     proc.send_signal(signal.SIGINT)
     rc, stderr = finish(proc, lines)
     assert rc == 130, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted (SIGINT) after epoch ") and last.endswith("of unlearn finetune; no output was written"), stderr
+    assert last.startswith("interrupted (SIGINT) after epoch ") and last.endswith(
+        "of unlearn finetune; no output was written"
+    ), stderr
     assert "Traceback" not in stderr
     assert list(tmp_path.iterdir()) == []
 
@@ -103,6 +133,7 @@ def test_resume_refuses_what_does_not_fit(small: dict[str, Path], tmp_path: Path
 
 # --- two runs, same inputs, different outputs ------------------------------------------------------------------------
 
+
 def test_parallel_runs_from_the_same_input_do_not_interfere(tmp_path: Path) -> None:
     data = tmp_path / "folder"
     for name in "abc":
@@ -110,8 +141,10 @@ def test_parallel_runs_from_the_same_input_do_not_interfere(tmp_path: Path) -> N
         for i in range(12):
             png(data / name / f"{i}.png", colour=(20 * i, 60, 90 + 40 * ord(name) % 100))
     cache = tmp_path / "shared-cache"  # both decode the folder and write the same cache entry
-    runs = [cleanse_process(["poison", data, "--rate", "0.2", "--target", "1", "-o", tmp_path / f"p{i}.safetensors"], cache)
-            for i in (1, 2)]
+    runs = [
+        cleanse_process(["poison", data, "--rate", "0.2", "--target", "1", "-o", tmp_path / f"p{i}.safetensors"], cache)
+        for i in (1, 2)
+    ]
     for proc, lines in runs:
         rc, stderr = finish(proc, lines)
         assert rc == 0, stderr

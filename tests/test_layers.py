@@ -1,4 +1,5 @@
 """The import layering of docs/contributing.md: each package imports only from the layers below it."""
+
 from __future__ import annotations
 
 import ast

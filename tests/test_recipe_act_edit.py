@@ -1,17 +1,23 @@
 """`act-edit`: the closed-form edit (normal equations, exact map, residual), layers as matrices, and the recipe end to end."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
+from conftest import unlearn_removes_backdoor
 from torch import nn
 
 from cleanse.errors import CleanseError
 from cleanse.models import ARCHITECTURES
-from cleanse.recipes.act_edit import (closed_form_edit, input_columns, layer_matrix, residual, residual_from_grams, resolve_layers,
-                                      set_layer_matrix)
-
-from conftest import unlearn_removes_backdoor
+from cleanse.recipes.act_edit import (
+    closed_form_edit,
+    input_columns,
+    layer_matrix,
+    residual,
+    residual_from_grams,
+    resolve_layers,
+    set_layer_matrix,
+)
 
 
 def test_closed_form_edit_by_hand_in_one_dimension():
@@ -28,14 +34,20 @@ def test_closed_form_edit_satisfies_the_normal_equations():
     g = torch.Generator().manual_seed(0)
     w = torch.randn(3, 5, generator=g, dtype=torch.float64)
     xc = torch.randn(5, 40, generator=g, dtype=torch.float64)
-    xt = xc + 0.5 * torch.randn(5, 1, generator=g, dtype=torch.float64) + 0.1 * torch.randn(5, 40, generator=g, dtype=torch.float64)
+    xt = (
+        xc
+        + 0.5 * torch.randn(5, 1, generator=g, dtype=torch.float64)
+        + 0.1 * torch.randn(5, 40, generator=g, dtype=torch.float64)
+    )
     beta, lam = 0.7, 0.3
     d = closed_form_edit(w, xc, xt, beta, lam)
     # Half the gradient of the objective at D: ((W+D) Xt - W Xc) Xt^T + beta D Xc Xc^T + lam D
     grad = ((w + d) @ xt - w @ xc) @ xt.T + beta * d @ xc @ xc.T + lam * d
     assert grad.abs().max() < 1e-9
     d_auto = d.clone().requires_grad_(True)
-    objective = ((w + d_auto) @ xt - w @ xc).pow(2).sum() + beta * (d_auto @ xc).pow(2).sum() + lam * d_auto.pow(2).sum()
+    objective = (
+        ((w + d_auto) @ xt - w @ xc).pow(2).sum() + beta * (d_auto @ xc).pow(2).sum() + lam * d_auto.pow(2).sum()
+    )
     objective.backward()
     assert d_auto.grad.abs().max() < 1e-9
     assert residual(w, d, xc, xt) < residual(w, torch.zeros_like(d), xc, xt)
@@ -63,8 +75,16 @@ def test_float32_inputs_are_solved_in_float64_and_returned_in_float32():
     assert torch.allclose(d.double(), closed_form_edit(w.double(), xc, xt, 1.0, 0.1), atol=1e-6)
 
 
-@pytest.mark.parametrize("layer", [nn.Linear(5, 3), nn.Linear(5, 3, bias=False), nn.Conv2d(4, 3, 3, padding=1),
-                                   nn.Conv2d(4, 3, 3, stride=2, padding="valid", bias=False), nn.Conv2d(4, 3, 3, padding="same")])
+@pytest.mark.parametrize(
+    "layer",
+    [
+        nn.Linear(5, 3),
+        nn.Linear(5, 3, bias=False),
+        nn.Conv2d(4, 3, 3, padding=1),
+        nn.Conv2d(4, 3, 3, stride=2, padding="valid", bias=False),
+        nn.Conv2d(4, 3, 3, padding="same"),
+    ],
+)
 def test_layers_are_linear_maps_on_their_input_columns_with_a_ones_row_for_the_bias(layer):
     torch.manual_seed(0)
     x = torch.randn(2, 5) if isinstance(layer, nn.Linear) else torch.randn(2, 4, 6, 6)

@@ -1,16 +1,16 @@
 """`grad-prune`: filter ranking across layers, persistent masks, the BatchNorm that follows a conv, and the recipe end to end."""
+
 from __future__ import annotations
 
 from collections import OrderedDict
 
 import pytest
 import torch
+from conftest import unlearn_removes_backdoor
 from torch import nn
 
 from cleanse.models import ARCHITECTURES
 from cleanse.recipes.grad_prune import FilterMasks, following_batchnorm, prunable_convs, rank_filters
-
-from conftest import unlearn_removes_backdoor
 
 
 def two_convs() -> nn.Sequential:
@@ -56,8 +56,17 @@ def test_rank_filters_averages_over_each_filters_weights_and_skips_frozen_convs(
 
 def test_masks_stay_zero_through_optimiser_steps_and_silence_the_channel():
     torch.manual_seed(0)
-    net = nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3, padding=1), pool=nn.MaxPool2d(2), bn=nn.BatchNorm2d(4),
-                                    act=nn.GELU(), gap=nn.AdaptiveAvgPool2d(1), flat=nn.Flatten(), fc=nn.Linear(4, 2)))
+    net = nn.Sequential(
+        OrderedDict(
+            conv=nn.Conv2d(3, 4, 3, padding=1),
+            pool=nn.MaxPool2d(2),
+            bn=nn.BatchNorm2d(4),
+            act=nn.GELU(),
+            gap=nn.AdaptiveAvgPool2d(1),
+            flat=nn.Flatten(),
+            fc=nn.Linear(4, 2),
+        )
+    )
     followers = following_batchnorm(net, torch.zeros(1, 3, 8, 8))
     assert followers == {"conv": "bn"}  # conv -> pool -> bn: pooling keeps the channels
     masks = FilterMasks(net, followers)
@@ -81,14 +90,24 @@ def test_masks_stay_zero_through_optimiser_steps_and_silence_the_channel():
     assert feats[:, [1, 3]].abs().max() == 0 and feats[:, 0].abs().max() > 0
 
 
-@pytest.mark.parametrize("arch, expected", [
-    ("cnn", {"layer1.conv1": "layer1.norm1", "layer1.conv2": "layer1.norm2", "layer3.conv2": "layer3.norm2"}),
-    ("vgg11-bn", {"features.0": "features.1", "features.4": "features.5"}),
-    ("resnet18", {"conv1": "bn1", "layer1.0.conv1": "layer1.0.bn1", "layer2.0.conv2": "layer2.0.bn2",
-                  "layer2.0.shortcut.0": "layer2.0.shortcut.1"}),
-    # Pre-activation: conv1's BN is the next block's; conv2 feeds a residual sum, so no BN follows it.
-    ("preact-resnet18", {"layer1.0.conv1": "layer1.0.bn2", "layer1.0.conv2": None, "layer2.0.shortcut": None}),
-])
+@pytest.mark.parametrize(
+    "arch, expected",
+    [
+        ("cnn", {"layer1.conv1": "layer1.norm1", "layer1.conv2": "layer1.norm2", "layer3.conv2": "layer3.norm2"}),
+        ("vgg11-bn", {"features.0": "features.1", "features.4": "features.5"}),
+        (
+            "resnet18",
+            {
+                "conv1": "bn1",
+                "layer1.0.conv1": "layer1.0.bn1",
+                "layer2.0.conv2": "layer2.0.bn2",
+                "layer2.0.shortcut.0": "layer2.0.shortcut.1",
+            },
+        ),
+        # Pre-activation: conv1's BN is the next block's; conv2 feeds a residual sum, so no BN follows it.
+        ("preact-resnet18", {"layer1.0.conv1": "layer1.0.bn2", "layer1.0.conv2": None, "layer2.0.shortcut": None}),
+    ],
+)
 def test_following_batchnorm_on_the_registry_architectures(arch, expected):
     net = ARCHITECTURES.get(arch)(num_classes=10)
     found = following_batchnorm(net, torch.zeros(1, 3, 32, 32))
@@ -108,7 +127,9 @@ def test_a_conv_without_batchnorm_only_has_its_filter_zeroed():
 @pytest.mark.slow
 def test_grad_prune_removes_the_backdoor_end_to_end(badnets_files, tmp_path):
     out = tmp_path / "gp.safetensors"
-    result, s, record = unlearn_removes_backdoor(badnets_files, "grad-prune", out, "--epochs", "3", "--param", "patience=3")
+    result, s, record = unlearn_removes_backdoor(
+        badnets_files, "grad-prune", out, "--epochs", "3", "--param", "patience=3"
+    )
     phases = [row["phase"] for row in record["history"]]
     assert phases[0] == "start" and "prune" in phases and "finetune" in phases
     prune_rows = [row for row in record["history"] if row["phase"] == "prune"]

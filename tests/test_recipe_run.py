@@ -3,6 +3,7 @@
 The held-back monitor is scripted here, so each test decides what the held-back images say about each state, and
 the models are tiny (an 8-channel cnn on 16x16 synthetic images): no test depends on a trained model.
 """
+
 from __future__ import annotations
 
 import copy
@@ -17,8 +18,7 @@ from cleanse.attacks.trigger import Trigger
 from cleanse.data import make_synthetic
 from cleanse.data.subset import CleanSplit, clean_subset
 from cleanse.engine.events import Event
-from cleanse.models import new_model
-from cleanse.models import ClassifierModel
+from cleanse.models import ClassifierModel, new_model
 from cleanse.recipes import RECIPES, RecipeContext, RecipeResult
 from cleanse.recipes.base import AgnosticKeeper, HeldMonitor, Param, Recipe, RecipeRun, StateKeeper
 from cleanse.recipes.resume import Checkpoints, RecipeState
@@ -85,8 +85,13 @@ def test_a_first_state_below_the_ca_floor_is_never_kept(monkeypatch: pytest.Monk
     start = copy.deepcopy(model.net.state_dict())
     scripted_monitor(monkeypatch, [START_CA, BELOW_FLOOR])
     notes: list[str] = []
-    ctx = RecipeContext(model, tiny_split(), tiny_trigger() if recipe.needs_trigger else None, recipe.resolve_params(CHEAP[name]),
-                        callback=lambda e: notes.append(e.data["message"]) if e.kind == "note" else None)
+    ctx = RecipeContext(
+        model,
+        tiny_split(),
+        tiny_trigger() if recipe.needs_trigger else None,
+        recipe.resolve_params(CHEAP[name]),
+        callback=lambda e: notes.append(e.data["message"]) if e.kind == "note" else None,
+    )
     result = recipe.run(ctx)
     assert result.kept["tag"] == "start" and result.kept["unchanged"], result.kept
     assert same_weights(model.net.state_dict(), start)
@@ -102,6 +107,7 @@ def test_the_agnostic_recipes_are_the_ones_with_agnostic_keeper(monkeypatch: pyt
 
 # --- the run object ---
 
+
 class Probe(Recipe):
     name = "probe"
     summary = "a recipe that only opens runs"
@@ -111,12 +117,23 @@ class Probe(Recipe):
         raise NotImplementedError
 
 
-def open_run(recipe: Recipe, monkeypatch: pytest.MonkeyPatch, checkpoints: Checkpoints | None = None,
-             events: list[Event] | None = None, start_row: bool = True) -> RecipeRun:
+def open_run(
+    recipe: Recipe,
+    monkeypatch: pytest.MonkeyPatch,
+    checkpoints: Checkpoints | None = None,
+    events: list[Event] | None = None,
+    start_row: bool = True,
+) -> RecipeRun:
     params = recipe.resolve_params({})
-    ctx = RecipeContext(tiny_model(), tiny_split(), tiny_trigger() if recipe.needs_trigger else None, params,
-                        callback=(events.append if events is not None else lambda e: None), seed=3,
-                        checkpoints=checkpoints or Checkpoints())
+    ctx = RecipeContext(
+        tiny_model(),
+        tiny_split(),
+        tiny_trigger() if recipe.needs_trigger else None,
+        params,
+        callback=(events.append if events is not None else lambda e: None),
+        seed=3,
+        checkpoints=checkpoints or Checkpoints(),
+    )
     return RecipeRun.begin(recipe, ctx, start_row=start_row)
 
 
@@ -145,10 +162,13 @@ class Spy:
                 return real(*args, **kwargs)
             finally:
                 self.depth -= 1
+
         return call
 
 
-def test_judge_checks_the_floor_before_offering_and_only_offers_a_state_above_it(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_judge_checks_the_floor_before_offering_and_only_offers_a_state_above_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     scripted_monitor(monkeypatch, [START_CA])
     run = open_run(Probe(), monkeypatch)
     spy = Spy(run.keeper)
@@ -179,21 +199,27 @@ def test_a_rollback_restores_the_kept_state_and_says_so(monkeypatch: pytest.Monk
     assert same_weights(run.model.net.state_dict(), kept)
     assert run.diverged(torch.tensor(2.5)) is False and run.diverged(0.1) is False
     notes = [e.data["message"] for e in events if e.kind == "note"]
-    assert notes == ["rollback: held-back CA 0.500 fell below the floor 0.900; restored the state kept so far (start)",
-                     "rollback: loss became non-finite (nan); restored the state kept so far (epoch 2)"]
+    assert notes == [
+        "rollback: held-back CA 0.500 fell below the floor 0.900; restored the state kept so far (start)",
+        "rollback: loss became non-finite (nan); restored the state kept so far (epoch 2)",
+    ]
     nudge(run.model)
     result = run.finish()
     assert result.kept["tag"] == "epoch 2" and result.kept["rollbacks"] == notes
     assert same_weights(run.model.net.state_dict(), kept)
 
 
-def test_the_keepers_never_keep_a_state_below_the_floor_even_when_offered_directly(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_keepers_never_keep_a_state_below_the_floor_even_when_offered_directly(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     scripted_monitor(monkeypatch, [START_CA])
     run = open_run(Probe(), monkeypatch)
     assert run.offer({"clean_accuracy": BELOW_FLOOR}, "epoch 1") is False
     assert run.offer({"clean_accuracy": 0.92}, "epoch 2") is True
     wrapper = type("W", (), {"net": torch.nn.Linear(2, 2)})()
-    wide = StateKeeper(wrapper, {"clean_accuracy": 0.9, "attack_success_rate": 1.0}, True, ca_margin=1.0, ca_floor_drop=0.1)
+    wide = StateKeeper(
+        wrapper, {"clean_accuracy": 0.9, "attack_success_rate": 1.0}, True, ca_margin=1.0, ca_floor_drop=0.1
+    )
     assert not wide.offer(wrapper, {"clean_accuracy": 0.5, "attack_success_rate": 0.0}, "below the floor")
     assert wide.offer(wrapper, {"clean_accuracy": 0.85, "attack_success_rate": 0.0}, "above it")
 
@@ -202,8 +228,9 @@ def test_rows_are_recorded_and_shown_and_the_start_row_is_only_shown(monkeypatch
     scripted_monitor(monkeypatch, [START_CA])
     events: list[Event] = []
     run = open_run(Probe(), monkeypatch, events=events)
-    assert [(e.kind, e.data) for e in events] == [("row", {"phase": "start", "epoch": 0, "clean_accuracy": START_CA,
-                                                          "attack_success_rate": 1.0, "elapsed": 0.0})]
+    assert [(e.kind, e.data) for e in events] == [
+        ("row", {"phase": "start", "epoch": 0, "clean_accuracy": START_CA, "attack_success_rate": 1.0, "elapsed": 0.0})
+    ]
     assert run.result.history == []
     row = run.row("finetune", 1, loss=0.25, **run.measure(), detail="d")
     assert list(row) == ["phase", "epoch", "loss", "clean_accuracy", "attack_success_rate", "detail", "elapsed"]
@@ -232,10 +259,16 @@ def test_passed_saves_every_n_passes_and_a_resumed_run_continues_from_it(monkeyp
     resumed = open_run(Probe(), monkeypatch, Checkpoints(every=2, save=saved.append, resume=state))
     assert resumed.resuming() is state and resumed.resuming("phase") is state and resumed.resuming("other") is None
     at = resumed.restore(torch.optim.SGD(resumed.model.net.parameters(), lr=0.1, momentum=0.9))
-    assert at.position == {"phase": "phase", "epoch": 4} and at.values == {"v": 4} and torch.equal(at.tensors["t"], torch.ones(2))
+    assert (
+        at.position == {"phase": "phase", "epoch": 4}
+        and at.values == {"v": 4}
+        and torch.equal(at.tensors["t"], torch.ones(2))
+    )
     assert resumed.result.history == state.doc["result"]["history"] and resumed.keeper.best["tag"] == "epoch 4"
-    assert same_weights(resumed.model.net.state_dict(), {k[len("model."):]: v for k, v in state.tensors.items()
-                                                         if k.startswith("model.")})
+    assert same_weights(
+        resumed.model.net.state_dict(),
+        {k[len("model.") :]: v for k, v in state.tensors.items() if k.startswith("model.")},
+    )
     assert torch.equal(resumed.gen.get_state(), state.tensors["rng.generator"])
     assert resumed.elapsed() >= state.doc["elapsed"]
     resumed.passed({"phase": "phase", "epoch": 5}, torch.optim.SGD(resumed.model.net.parameters(), lr=0.1))

@@ -1,4 +1,5 @@
 """`sau`: the shared PGD (bounds, direction), the frozen BatchNorm of the update, and the recipe end to end."""
+
 from __future__ import annotations
 
 import copy
@@ -6,11 +7,10 @@ import math
 
 import pytest
 import torch
+from conftest import unlearn_removes_backdoor
 from torch import nn
 
 from cleanse.recipes.sau import Sau, js_divergence, planned_passes, sau_step, shared_pgd
-
-from conftest import unlearn_removes_backdoor
 
 
 class MeanPixel(nn.Module):
@@ -28,7 +28,9 @@ class MeanPixel(nn.Module):
 
 def small_bn_net() -> nn.Module:
     torch.manual_seed(0)
-    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3))
+    net = nn.Sequential(
+        nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 3)
+    )
     with torch.no_grad():
         net[1].running_mean.uniform_(-0.5, 0.5)
         net[1].running_var.uniform_(0.5, 2.0)
@@ -116,14 +118,17 @@ def test_sau_step_unlearning_term_is_zero_when_the_frozen_model_is_not_fooled():
     assert float(figures["loss"]) == pytest.approx(float(figures["clean_ce"]))
 
 
-@pytest.mark.parametrize("n_train, batch, epochs, min_steps, passes", [
-    (2250, 64, 5, 180, 5),    # the 5% CIFAR-10 subset: 36 steps a pass, 5 passes already make 180
-    (230, 64, 5, 180, 45),    # the synthetic subset: 4 steps a pass, 45 passes for 180
-    (1800, 64, 5, 180, 7),    # 29 steps a pass: 6 passes make 174, so 7
-    (230, 64, 5, 0, 5),       # min_steps 0: exactly epochs
-    (2500, 256, 100, 180, 100),  # the published budget: 10 steps a pass, 1,000 steps
-    (10, 64, 1, 3, 3),        # fewer images than a batch: one step a pass
-])
+@pytest.mark.parametrize(
+    "n_train, batch, epochs, min_steps, passes",
+    [
+        (2250, 64, 5, 180, 5),  # the 5% CIFAR-10 subset: 36 steps a pass, 5 passes already make 180
+        (230, 64, 5, 180, 45),  # the synthetic subset: 4 steps a pass, 45 passes for 180
+        (1800, 64, 5, 180, 7),  # 29 steps a pass: 6 passes make 174, so 7
+        (230, 64, 5, 0, 5),  # min_steps 0: exactly epochs
+        (2500, 256, 100, 180, 100),  # the published budget: 10 steps a pass, 1,000 steps
+        (10, 64, 1, 3, 3),  # fewer images than a batch: one step a pass
+    ],
+)
 def test_planned_passes_meet_min_steps(n_train, batch, epochs, min_steps, passes):
     assert planned_passes(n_train, batch, epochs, min_steps) == passes
 
@@ -138,15 +143,17 @@ def test_sau_removes_the_backdoor_and_keeps_accuracy(badnets_files, tmp_path):
     rows = [row for row in record["history"] if row["phase"] == "unlearn"]
     assert rows and all(0.0 <= row["shared"] <= 1.0 and row["detail"].startswith("shared ") for row in rows)
     assert record["extra"]["passes"] == len(rows) == 15
-    assert "sau: 230 images make 4 steps a pass, so it makes 15 passes instead of 5 to reach min_steps=60" in result.stderr
+    assert (
+        "sau: 230 images make 4 steps a pass, so it makes 15 passes instead of 5 to reach min_steps=60" in result.stderr
+    )
 
 
 @pytest.mark.parametrize("value, expected", [(None, False), ("true", True)])
 @pytest.mark.slow
 def test_sau_augment_switch_reaches_the_batches(badnets_files, tmp_path, monkeypatch, value, expected):
-    import cleanse.recipes.sau as sau_module
     from typer.testing import CliRunner
 
+    import cleanse.recipes.sau as sau_module
     from cleanse.cli import app
 
     seen: list[bool] = []
@@ -158,8 +165,28 @@ def test_sau_augment_switch_reaches_the_batches(badnets_files, tmp_path, monkeyp
 
     monkeypatch.setattr(sau_module, "batches", spy)
     extra = ["--param", f"augment={value}"] if value else []
-    result = CliRunner().invoke(app, ["unlearn", str(badnets_files / "bd.safetensors"), "--method", "sau", "--data", "synthetic",
-                                      "--clean-n", "60", "--epochs", "1", "--param", "min_steps=0", "--trigger", str(badnets_files / "bd.trigger.safetensors"),
-                                      "-o", str(tmp_path / "out.safetensors"), "--json", *extra])
+    result = CliRunner().invoke(
+        app,
+        [
+            "unlearn",
+            str(badnets_files / "bd.safetensors"),
+            "--method",
+            "sau",
+            "--data",
+            "synthetic",
+            "--clean-n",
+            "60",
+            "--epochs",
+            "1",
+            "--param",
+            "min_steps=0",
+            "--trigger",
+            str(badnets_files / "bd.trigger.safetensors"),
+            "-o",
+            str(tmp_path / "out.safetensors"),
+            "--json",
+            *extra,
+        ],
+    )
     assert result.exit_code == 0, result.output
     assert seen == [expected]  # one epoch: one pass of batches, augmented only when asked

@@ -1,16 +1,15 @@
 """`ulrl`: the one-sided MAD flagging, the head finder, the re-initialisation, and the recipe end to end."""
-from __future__ import annotations
 
+from __future__ import annotations
 
 import pytest
 import torch
+from conftest import unlearn_removes_backdoor
 from torch import nn
 
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import AgnosticKeeper
 from cleanse.recipes.ulrl import flag_units, last_linear, reinit_rows
-
-from conftest import unlearn_removes_backdoor
 
 K = 1.4826
 
@@ -73,7 +72,9 @@ def test_reinit_rows_gives_fresh_directions_at_the_mean_length_of_the_other_rows
 def test_agnostic_keeper_never_keeps_the_start_and_prefers_later_states_within_the_margin():
     model = nn.Linear(2, 2)
     wrapper = type("W", (), {"net": model})()
-    keeper = AgnosticKeeper(wrapper, {"clean_accuracy": 1.0, "attack_success_rate": 0.9}, ca_margin=0.02, ca_floor_drop=0.10)
+    keeper = AgnosticKeeper(
+        wrapper, {"clean_accuracy": 1.0, "attack_success_rate": 0.9}, ca_margin=0.02, ca_floor_drop=0.10
+    )
     assert keeper.offer(wrapper, {"clean_accuracy": 0.92}, "a")  # below the start, but the start is no candidate
     assert keeper.offer(wrapper, {"clean_accuracy": 0.95}, "b")
     assert keeper.offer(wrapper, {"clean_accuracy": 0.94}, "c")  # within 0.02 of the best: later wins

@@ -1,4 +1,5 @@
 """`cleanse report`: JSON holds every figure the HTML shows, the HTML is self-contained, partial inputs still render."""
+
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import pytest
 from typer.testing import CliRunner
 
 from cleanse.cli import app
-from cleanse.models import save_model
 from cleanse.files import sha256_file
+from cleanse.models import save_model
 from cleanse.report.build import mark_cleaned_scans, overall_verdict
 from cleanse.report.collect import Record
 from cleanse.report.render import pct
@@ -40,12 +41,43 @@ def runs(badnets_setup, tmp_path_factory):
     folder = tmp_path_factory.mktemp("report")
     save_model(model, folder / "bd.safetensors")
     trigger.save(folder / "bd.trigger.safetensors")
-    scan = runner.invoke(app, ["scan", str(folder / "bd.safetensors"), "--data", "synthetic:test", "--budget", "fast", "--steps", "10",
-                               "--n-clean", "100", "-o", str(folder / "scan")])
+    scan = runner.invoke(
+        app,
+        [
+            "scan",
+            str(folder / "bd.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--budget",
+            "fast",
+            "--steps",
+            "10",
+            "--n-clean",
+            "100",
+            "-o",
+            str(folder / "scan"),
+        ],
+    )
     assert scan.exit_code in (0, 1), scan.output
-    unlearn = runner.invoke(app, ["unlearn", str(folder / "bd.safetensors"), "--method", "tar-ewc", "--data", "synthetic",
-                                  "--clean-frac", "0.05", "--trigger", str(folder / "bd.trigger.safetensors"), "--test", "synthetic:test",
-                                  "-o", str(folder / "clean.safetensors")])
+    unlearn = runner.invoke(
+        app,
+        [
+            "unlearn",
+            str(folder / "bd.safetensors"),
+            "--method",
+            "tar-ewc",
+            "--data",
+            "synthetic",
+            "--clean-frac",
+            "0.05",
+            "--trigger",
+            str(folder / "bd.trigger.safetensors"),
+            "--test",
+            "synthetic:test",
+            "-o",
+            str(folder / "clean.safetensors"),
+        ],
+    )
     assert unlearn.exit_code == 0, unlearn.output
     return folder
 
@@ -53,7 +85,10 @@ def runs(badnets_setup, tmp_path_factory):
 @pytest.mark.slow
 def test_report_json_has_every_figure_the_html_shows_and_the_html_is_self_contained(runs, tmp_path):
     out = tmp_path / "rep"
-    result = runner.invoke(app, ["report", str(runs / "scan"), str(runs / "clean.safetensors.run.json"), "-o", str(out), "--n", "4", "--json"])
+    result = runner.invoke(
+        app,
+        ["report", str(runs / "scan"), str(runs / "clean.safetensors.run.json"), "-o", str(out), "--n", "4", "--json"],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert json.loads(result.stdout) == doc
@@ -105,27 +140,50 @@ def test_a_scan_record_whose_scan_json_is_gone_still_sets_the_verdict_and_says_w
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     scanned = json.loads((runs / "scan" / "scan.json").read_text())
-    said = f"backdoor suspected, target(s) {', '.join(map(str, scanned['suspected_targets']))}" if scanned["backdoored"] else "no backdoor found"
+    said = (
+        f"backdoor suspected, target(s) {', '.join(map(str, scanned['suspected_targets']))}"
+        if scanned["backdoored"]
+        else "no backdoor found"
+    )
     assert doc["verdict"] == said and doc["backdoored"] is scanned["backdoored"]
     reasons = [m["reason"] for m in doc["missing"] if m["section"] == "scan"]
-    assert len(reasons) == 1 and reasons[0].startswith(f"scan.json is no longer beside {tmp_path / 'lost' / 'run.json'}")
+    assert len(reasons) == 1 and reasons[0].startswith(
+        f"scan.json is no longer beside {tmp_path / 'lost' / 'run.json'}"
+    )
     assert reasons[0].endswith("the verdict line uses the verdict its run record kept")
     assert f"**Verdict:** {said}" in (out / "report.md").read_text()
     # an audit-only scan (no --data) kept no verdict: the reason does not claim one is used
     record = json.loads((runs / "scan" / "run.json").read_text())
     record["verdict"] = {"backdoored": None, "suspected_targets": None}
     (tmp_path / "lost" / "run.json").write_text(json.dumps(record))
-    result = runner.invoke(app, ["report", str(tmp_path / "lost" / "run.json"), "-o", str(out), "--format", "md", "--force"])
+    result = runner.invoke(
+        app, ["report", str(tmp_path / "lost" / "run.json"), "-o", str(out), "--format", "md", "--force"]
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
-    assert doc["verdict"] is None and [m["reason"] for m in doc["missing"] if m["section"] == "scan"][0].endswith("need it")
+    assert doc["verdict"] is None and [m["reason"] for m in doc["missing"] if m["section"] == "scan"][0].endswith(
+        "need it"
+    )
 
 
 @pytest.mark.slow
 def test_report_evaluates_a_model_directly(runs, tmp_path):
     out = tmp_path / "rep"
-    result = runner.invoke(app, ["report", "--model", str(runs / "bd.safetensors"), "--data", "synthetic:test",
-                                 "--trigger", str(runs / "bd.trigger.safetensors"), "-o", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            "--model",
+            str(runs / "bd.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--trigger",
+            str(runs / "bd.trigger.safetensors"),
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     direct = json.loads(result.stdout)["direct"]
     assert direct["metrics"]["attack_success_rate"] > 0.8 and direct["metrics"]["tar"] is not None
@@ -133,8 +191,14 @@ def test_report_evaluates_a_model_directly(runs, tmp_path):
 
 
 def _scan(model, backdoored, created, role="audited", sha=None, targets=(0,)):
-    return {"model": model, "model_sha256": sha or model, "created": created, "role": role, "backdoored": backdoored,
-            "suspected_targets": list(targets) if backdoored else []}
+    return {
+        "model": model,
+        "model_sha256": sha or model,
+        "created": created,
+        "role": role,
+        "backdoored": backdoored,
+        "suspected_targets": list(targets) if backdoored else [],
+    }
 
 
 def test_verdict_is_the_audited_models_and_a_cleaned_models_scan_is_added_after_it():
@@ -142,12 +206,21 @@ def test_verdict_is_the_audited_models_and_a_cleaned_models_scan_is_added_after_
     after = _scan("clean.safetensors", False, "2026-12-03T11:00:00Z", role="cleaned by tar-ewc")
     # the cleaned model's scan is the latest, and record order must not matter either
     for scans in ([before, after], [after, before]):
-        assert overall_verdict(scans) == ("backdoor suspected, target(s) 0; after cleaning (tar-ewc): no backdoor found", True)
+        assert overall_verdict(scans) == (
+            "backdoor suspected, target(s) 0; after cleaning (tar-ewc): no backdoor found",
+            True,
+        )
     still = _scan("clean.safetensors", True, "2026-12-03T11:00:00Z", role="cleaned by ulrl", targets=(0,))
-    assert overall_verdict([before, still]) == ("backdoor suspected, target(s) 0; after cleaning (ulrl): backdoor suspected, target(s) 0", True)
+    assert overall_verdict([before, still]) == (
+        "backdoor suspected, target(s) 0; after cleaning (ulrl): backdoor suspected, target(s) 0",
+        True,
+    )
     assert overall_verdict([after]) == ("after cleaning (tar-ewc): no backdoor found", False)
     assert overall_verdict([]) == (None, None)
-    assert overall_verdict([{**before, "backdoored": None}]) == (None, None)  # no verdict recorded (e.g. an audit-only scan)
+    assert overall_verdict([{**before, "backdoored": None}]) == (
+        None,
+        None,
+    )  # no verdict recorded (e.g. an audit-only scan)
 
 
 def test_verdict_takes_the_latest_scan_of_one_model_and_names_each_of_several_models():
@@ -155,7 +228,10 @@ def test_verdict_takes_the_latest_scan_of_one_model_and_names_each_of_several_mo
     new = _scan("moved/a.safetensors", True, "2026-12-02T09:00:00Z", sha="aaa", targets=(3,))
     assert overall_verdict([new, old]) == ("backdoor suspected, target(s) 3", True)
     other = _scan("b.safetensors", False, "2026-12-01T09:00:00Z", sha="bbb")
-    assert overall_verdict([old, other]) == ("a.safetensors: no backdoor found; b.safetensors: no backdoor found", False)
+    assert overall_verdict([old, other]) == (
+        "a.safetensors: no backdoor found; b.safetensors: no backdoor found",
+        False,
+    )
     assert overall_verdict([new, other])[1] is True
 
 
@@ -166,12 +242,20 @@ def test_cleaned_scans_are_matched_by_content_not_by_where_the_path_now_points(t
     given.write_bytes(b"backdoored weights")
     cleaned.write_bytes(b"cleaned weights")
     sha_in, sha_out = sha256_file(given), sha256_file(cleaned)
-    record = lambda folder: Record(folder / "model.safetensors.run.json", {  # noqa: E731
-        "command": "unlearn", "parameters": {"method": "tar-ewc"}, "inputs": {"model": {"path": str(given), "sha256": sha_in}},
-        "outputs": {"model": str(cleaned)}})
-    scans = lambda: [{"model": str(cleaned), "model_sha256": sha_in, "role": "audited"},  # noqa: E731
-                     {"model": str(cleaned), "model_sha256": sha_out, "role": "audited"},
-                     {"model": str(cleaned), "model_sha256": None, "role": "audited"}]
+    record = lambda folder: Record(
+        folder / "model.safetensors.run.json",
+        {  # noqa: E731
+            "command": "unlearn",
+            "parameters": {"method": "tar-ewc"},
+            "inputs": {"model": {"path": str(given), "sha256": sha_in}},
+            "outputs": {"model": str(cleaned)},
+        },
+    )
+    scans = lambda: [
+        {"model": str(cleaned), "model_sha256": sha_in, "role": "audited"},  # noqa: E731
+        {"model": str(cleaned), "model_sha256": sha_out, "role": "audited"},
+        {"model": str(cleaned), "model_sha256": None, "role": "audited"},
+    ]
     # the input is gone, so the audit's model path now resolves to the cleaned file of the same name: still audited
     given.unlink()
     found = scans()
@@ -198,27 +282,62 @@ def test_cleaned_scans_are_matched_by_content_not_by_where_the_path_now_points(t
 def test_verdict_names_whole_paths_where_file_names_collide():
     a = _scan("run1/model.safetensors", False, "2026-12-01T09:00:00Z", sha="aaa")
     b = _scan("run2/model.safetensors", True, "2026-12-01T09:00:00Z", sha="bbb")
-    assert overall_verdict([a, b])[0] == "run1/model.safetensors: no backdoor found; run2/model.safetensors: backdoor suspected, target(s) 0"
+    assert (
+        overall_verdict([a, b])[0]
+        == "run1/model.safetensors: no backdoor found; run2/model.safetensors: backdoor suspected, target(s) 0"
+    )
     c1 = _scan("x/clean.safetensors", False, "2026-12-01T10:00:00Z", role="cleaned by tar-ewc", sha="c1")
     c2 = _scan("y/other.safetensors", True, "2026-12-01T10:00:00Z", role="cleaned by tar-ewc", sha="c2")
-    assert overall_verdict([a, c1, c2])[0] == ("no backdoor found; after cleaning (tar-ewc, clean.safetensors): no backdoor found; "
-                                               "after cleaning (tar-ewc, other.safetensors): backdoor suspected, target(s) 0")
+    assert overall_verdict([a, c1, c2])[0] == (
+        "no backdoor found; after cleaning (tar-ewc, clean.safetensors): no backdoor found; "
+        "after cleaning (tar-ewc, other.safetensors): backdoor suspected, target(s) 0"
+    )
 
 
 @pytest.mark.slow
 def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs, tmp_path):
-    rescan = runner.invoke(app, ["scan", str(runs / "clean.safetensors"), "--data", "synthetic:test", "--budget", "fast", "--steps", "10",
-                                 "--n-clean", "100", "-o", str(tmp_path / "rescan")])
+    rescan = runner.invoke(
+        app,
+        [
+            "scan",
+            str(runs / "clean.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--budget",
+            "fast",
+            "--steps",
+            "10",
+            "--n-clean",
+            "100",
+            "-o",
+            str(tmp_path / "rescan"),
+        ],
+    )
     assert rescan.exit_code in (0, 1), rescan.output
     out = tmp_path / "rep"
-    result = runner.invoke(app, ["report", str(runs / "scan"), str(tmp_path / "rescan"), str(runs / "clean.safetensors.run.json"),
-                                 "-o", str(out), "--n", "2"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            str(runs / "scan"),
+            str(tmp_path / "rescan"),
+            str(runs / "clean.safetensors.run.json"),
+            "-o",
+            str(out),
+            "--n",
+            "2",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "report.json").read_text())
     assert [s["role"] for s in doc["scan"]] == ["audited", "cleaned by tar-ewc"]
     first = json.loads((runs / "scan" / "scan.json").read_text())
     second = json.loads((tmp_path / "rescan" / "scan.json").read_text())
-    said = lambda r: f"backdoor suspected, target(s) {', '.join(map(str, r['suspected_targets']))}" if r["backdoored"] else "no backdoor found"  # noqa: E731
+    said = lambda r: (
+        f"backdoor suspected, target(s) {', '.join(map(str, r['suspected_targets']))}"
+        if r["backdoored"]
+        else "no backdoor found"
+    )  # noqa: E731
     assert doc["verdict"] == f"{said(first)}; after cleaning (tar-ewc): {said(second)}"
     assert doc["backdoored"] is first["backdoored"]
     page = (out / "report.html").read_text()
@@ -229,21 +348,40 @@ def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs,
     # the unlearn record stores its output's sha256, so the match survives the cleaned checkpoint being gone
     record = json.loads((runs / "clean.safetensors.run.json").read_text())
     assert record["outputs"]["model_sha256"] == sha256_file(runs / "clean.safetensors")
-    record["outputs"]["model"] = str(tmp_path / "deleted" / "clean.safetensors")  # as if the checkpoint had been deleted
+    record["outputs"]["model"] = str(
+        tmp_path / "deleted" / "clean.safetensors"
+    )  # as if the checkpoint had been deleted
     (tmp_path / "records").mkdir()
     (tmp_path / "records" / "clean.safetensors.run.json").write_text(json.dumps(record))
-    result = runner.invoke(app, ["report", str(runs / "scan"), str(tmp_path / "rescan"),
-                                 str(tmp_path / "records" / "clean.safetensors.run.json"), "-o", str(tmp_path / "rep2"), "--format", "json"])
+    result = runner.invoke(
+        app,
+        [
+            "report",
+            str(runs / "scan"),
+            str(tmp_path / "rescan"),
+            str(tmp_path / "records" / "clean.safetensors.run.json"),
+            "-o",
+            str(tmp_path / "rep2"),
+            "--format",
+            "json",
+        ],
+    )
     assert result.exit_code == 0, result.output
-    assert [s["role"] for s in json.loads((tmp_path / "rep2" / "report.json").read_text())["scan"]] == ["audited", "cleaned by tar-ewc"]
+    assert [s["role"] for s in json.loads((tmp_path / "rep2" / "report.json").read_text())["scan"]] == [
+        "audited",
+        "cleaned by tar-ewc",
+    ]
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "give run records or folders (INPUT...), or --model"),
-    (["--model", "m.safetensors"], "--model needs --data"),
-    (["{runs}/bd.safetensors"], "not a cleanse run record"),
-    (["{runs}/scan", "--format", "pdf"], "--format 'pdf': choose from html, md, json"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "give run records or folders (INPUT...), or --model"),
+        (["--model", "m.safetensors"], "--model needs --data"),
+        (["{runs}/bd.safetensors"], "not a cleanse run record"),
+        (["{runs}/scan", "--format", "pdf"], "--format 'pdf': choose from html, md, json"),
+    ],
+)
 @pytest.mark.slow
 def test_report_bad_requests_exit_2(runs, tmp_path, args, message):
     result = runner.invoke(app, ["report", *[a.format(runs=runs) for a in args], "-o", str(tmp_path / "r")])

@@ -1,4 +1,5 @@
 """`cleanse scan`: the anomaly tests (leave-one-out z, MAD), the batched reverse-engineering, the data audit, and the command end to end."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ from dataclasses import replace
 
 import pytest
 import torch
+from conftest import synthetic
 from torch import nn
 from typer.testing import CliRunner
 
@@ -19,7 +21,6 @@ from cleanse.scan.activation_clustering import clustering_scores, two_means
 from cleanse.scan.audit import percentile_rank, precision_recall
 from cleanse.scan.reverse import Budget
 from cleanse.scan.spectral import spectral_scores
-from conftest import synthetic
 
 runner = CliRunner()
 
@@ -48,7 +49,9 @@ def test_anomaly_index_on_the_log_scale():
 def test_anomaly_index_even_count_and_mad_floor():
     norms = torch.tensor([1.0, 2.0, 3.0, 4.0])  # median 2.5 (mean of the middle two), |dev| 1.5, .5, .5, 1.5 -> MAD 1.0
     assert torch.allclose(anomaly_index(norms), torch.tensor([1.5, 0.5, 0.5, 1.5]) / 1.4826, atol=1e-4)
-    same = torch.tensor([50.0, 50.0, 50.0, 50.0, 5.0])  # MAD 0: the floor is 1% of the median (0.5), never a division by 0
+    same = torch.tensor(
+        [50.0, 50.0, 50.0, 50.0, 5.0]
+    )  # MAD 0: the floor is 1% of the median (0.5), never a division by 0
     assert anomaly_index(same)[4].item() == pytest.approx(45 / 0.5)
     assert flag_small(same) == [4]
     assert flag_small(torch.full((6,), 7.0)) == []
@@ -64,12 +67,16 @@ def test_leave_one_out_z_matches_hand_computation():
     assert anomaly_index(norms, "log", "loo-z")[0].item() == pytest.approx(float(z0), rel=1e-5)
     assert float(z0) == pytest.approx(8.980, abs=1e-3)  # (4.0193 - log 4 = 1.3863) / 0.2932
     rest = torch.cat([logs[:3], logs[4:]])  # class 3 (60): above the others' mean, so never flagged however far
-    assert anomaly_index(norms, "log", "loo-z")[3].item() == pytest.approx(float((logs[3] - rest.mean()).abs() / rest.std()), rel=1e-5)
+    assert anomaly_index(norms, "log", "loo-z")[3].item() == pytest.approx(
+        float((logs[3] - rest.mean()).abs() / rest.std()), rel=1e-5
+    )
     assert flag_small(norms, threshold=3.5, scale="log", statistic="loo-z") == [0]
     # Raw norms: the others' mean 57.5 and sample std 17.078 -> (57.5 - 4) / 17.078 = 3.13.
     assert anomaly_index(norms, "linear", "loo-z")[0].item() == pytest.approx((57.5 - 4) / 17.0783, rel=1e-4)
     same = torch.tensor([50.0, 50.0, 50.0, 50.0, 5.0])  # the others' std is 0: floored at 1% of their mean log
-    assert anomaly_index(same, "log", "loo-z")[4].item() == pytest.approx(float((torch.log(torch.tensor(10.0))) / (0.01 * torch.log(torch.tensor(50.0)))), rel=1e-5)
+    assert anomaly_index(same, "log", "loo-z")[4].item() == pytest.approx(
+        float((torch.log(torch.tensor(10.0))) / (0.01 * torch.log(torch.tensor(50.0)))), rel=1e-5
+    )
     with pytest.raises(CleanseError, match="--statistic 'zscore' is unknown; choose one of: loo-z, mad"):
         anomaly_index(norms, "log", "zscore")
 
@@ -105,7 +112,12 @@ def test_batched_reverse_engineering_equals_class_by_class():
         assert torch.allclose(alone.patterns[0], together.patterns[k], atol=1e-5)
         assert alone.mask_l1[0].item() == pytest.approx(together.mask_l1[k].item(), rel=1e-5)
     assert together.masks.shape == (3, 6, 6) and together.patterns.shape == (3, 3, 6, 6)
-    assert 0 <= together.masks.min() and together.masks.max() <= 1 and 0 <= together.patterns.min() and together.patterns.max() <= 1
+    assert (
+        0 <= together.masks.min()
+        and together.masks.max() <= 1
+        and 0 <= together.patterns.min()
+        and together.patterns.max() <= 1
+    )
     assert len(together.history) == 4  # one row per round of 5 steps
 
 
@@ -126,7 +138,9 @@ def test_early_stop_retires_a_settled_class_and_changes_no_other():
     for k in stopped:
         end = int(together.steps_run[k]) // 5  # rounds the class took part in
         costs = [row["cost"][k] for row in together.history[:end]]
-        assert any(b > a for a, b in zip(costs, costs[1:])) and any(b < a for a, b in zip(costs, costs[1:]))  # raised and lowered
+        assert any(b > a for a, b in zip(costs, costs[1:])) and any(
+            b < a for a, b in zip(costs, costs[1:])
+        )  # raised and lowered
         best = [row["best_l1"][k] for row in together.history[:end]]
         assert all(best[-i] >= 0.99 * best[-i - 1] for i in range(1, budget.early_stop + 1))  # no round shrank it by 1%
         assert together.history[end - 1]["active"][k] is False and together.history[end - 2]["active"][k] is True
@@ -189,8 +203,20 @@ def scan_files(badnets_setup, clean_model, tmp_path_factory):
 @pytest.fixture(scope="module")
 def backdoored_scan(scan_files):
     out = scan_files / "bd.scan"
-    result = runner.invoke(app, ["scan", str(scan_files / "bd.safetensors"), "--data", "synthetic:test", "--budget", "fast",
-                                 "-o", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            str(scan_files / "bd.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--budget",
+            "fast",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     return result, out
 
 
@@ -202,14 +228,29 @@ def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdo
     assert doc["backdoored"] is True and doc["suspected_targets"] == [0]
     assert doc == json.loads((out / "scan.json").read_text())
     c0 = doc["classes"][0]
-    print(f"synthetic BadNets scan: L1 {[round(c['mask_l1'], 1) for c in doc['classes']]}, "
-          f"anomaly {[round(c['anomaly_index'], 2) for c in doc['classes']]}")
+    print(
+        f"synthetic BadNets scan: L1 {[round(c['mask_l1'], 1) for c in doc['classes']]}, "
+        f"anomaly {[round(c['anomaly_index'], 2) for c in doc['classes']]}"
+    )
     assert c0["flagged"] and c0["anomaly_index"] > 3 and c0["trigger_file"] == "trigger-0.safetensors"
     assert c0["attack_success_rate"] > 0.8 and c0["tar"] is not None
-    assert {"index", "name", "mask_l1", "anomaly_index", "attack_success_rate", "tar", "trigger_file", "steps_run"} <= set(c0)
-    assert doc["early_stop_rounds"] == 5 and doc["steps_run_total"] == sum(c["steps_run"] for c in doc["classes"]) <= 10 * 200
+    assert {
+        "index",
+        "name",
+        "mask_l1",
+        "anomaly_index",
+        "attack_success_rate",
+        "tar",
+        "trigger_file",
+        "steps_run",
+    } <= set(c0)
+    assert (
+        doc["early_stop_rounds"] == 5
+        and doc["steps_run_total"] == sum(c["steps_run"] for c in doc["classes"]) <= 10 * 200
+    )
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["scan.json", "run.json", "sheet.png", "trigger-0.safetensors"] + [f"class-{k}.png" for k in range(10)])
+        ["scan.json", "run.json", "sheet.png", "trigger-0.safetensors"] + [f"class-{k}.png" for k in range(10)]
+    )
     trig = load_trigger(out / "trigger-0.safetensors")
     assert trig.origin == "scan" and trig.target == 0 and trig.kind == "blend"
     assert json.loads((out / "run.json").read_text())["command"] == "scan"
@@ -218,8 +259,23 @@ def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdo
 @pytest.mark.slow
 def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path):
     out = tmp_path / "s"
-    result = runner.invoke(app, ["scan", str(scan_files / "clean.safetensors"), "--data", "synthetic:test", "--budget", "full",
-                                 "--steps", "10", "--no-early-stop", "-o", str(out), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            str(scan_files / "clean.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--budget",
+            "full",
+            "--steps",
+            "10",
+            "--no-early-stop",
+            "-o",
+            str(out),
+            "--json",
+        ],
+    )
     assert result.exit_code in (0, 1), result.output
     doc = json.loads(result.stdout)
     assert doc["early_stop_rounds"] == 0 and doc["steps_run_total"] == 10 * 10
@@ -229,8 +285,20 @@ def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path
 
 @pytest.mark.slow
 def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):
-    result = runner.invoke(app, ["scan", str(scan_files / "clean.safetensors"), "--data", "synthetic:test", "--budget", "fast",
-                                 "-o", str(tmp_path / "s"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            str(scan_files / "clean.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--budget",
+            "fast",
+            "-o",
+            str(tmp_path / "s"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     print(f"synthetic clean scan: anomaly {[round(c['anomaly_index'], 2) for c in doc['classes']]}")
@@ -241,15 +309,36 @@ def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):
 @pytest.mark.slow
 def test_reversed_trigger_drives_tar_ewc_to_lower_the_true_trigger_asr(backdoored_scan, scan_files, tmp_path):
     _, out = backdoored_scan
-    result = runner.invoke(app, ["unlearn", str(scan_files / "bd.safetensors"), "--method", "tar-ewc", "--data", "synthetic",
-                                 "--clean-frac", "0.05", "--trigger", str(out / "trigger-0.safetensors"), "--test", "synthetic:test",
-                                 "--eval-trigger", str(scan_files / "bd.trigger.safetensors"), "-o", str(tmp_path / "c.safetensors"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "unlearn",
+            str(scan_files / "bd.safetensors"),
+            "--method",
+            "tar-ewc",
+            "--data",
+            "synthetic",
+            "--clean-frac",
+            "0.05",
+            "--trigger",
+            str(out / "trigger-0.safetensors"),
+            "--test",
+            "synthetic:test",
+            "--eval-trigger",
+            str(scan_files / "bd.trigger.safetensors"),
+            "-o",
+            str(tmp_path / "c.safetensors"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     true_before = s["before"]["eval_triggers"]["bd.trigger.safetensors"]["attack_success_rate"]
     true_after = s["after"]["eval_triggers"]["bd.trigger.safetensors"]["attack_success_rate"]
-    print(f"scan -> tar-ewc with the reversed trigger: true-trigger ASR {true_before:.3f} -> {true_after:.3f}, "
-          f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}")
+    print(
+        f"scan -> tar-ewc with the reversed trigger: true-trigger ASR {true_before:.3f} -> {true_after:.3f}, "
+        f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}"
+    )
     assert true_before > 0.8 and true_after < 0.10  # 0.29 when phase 1 stopped on the reversed trigger's ASR alone
 
 
@@ -259,8 +348,18 @@ def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
     # At 10% all-to-one the poisoned rows are half of the target class and both detectors fail (docs/commands/scan.md).
     poisoned, _ = poison_dataset(synthetic("train"), "badnets", 0, 0.02, seed=0)
     save_dataset(poisoned, tmp_path / "p.safetensors")
-    result = runner.invoke(app, ["scan", str(scan_files / "bd.safetensors"), "--audit-data", str(tmp_path / "p.safetensors"),
-                                 "-o", str(tmp_path / "a"), "--json"])
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            str(scan_files / "bd.safetensors"),
+            "--audit-data",
+            str(tmp_path / "p.safetensors"),
+            "-o",
+            str(tmp_path / "a"),
+            "--json",
+        ],
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)["audit"]
     assert doc["k"] == 100 and doc["ground_truth"] is True
@@ -272,13 +371,16 @@ def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
     assert len(ranking) == 5000 and ranking[0]["rank"] == 1 and ranking[0]["suspicion"] >= ranking[-1]["suspicion"]
 
 
-@pytest.mark.parametrize("args, message", [
-    ([], "scan needs --data CLEAN_DATA"),
-    (["--data", "synthetic:test", "--budget", "huge"], "--budget 'huge' is unknown; choose one of: fast, full"),
-    (["--data", "synthetic:test", "--threshold", "0"], "--threshold 0.0 must be positive"),
-    (["--data", "synthetic:test", "--scale", "cubic"], "--scale 'cubic' is unknown; choose one of: log, linear"),
-    (["--audit-data", "synthetic", "--poison-rate", "1.5"], "--poison-rate 1.5 must lie in (0, 1)"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        ([], "scan needs --data CLEAN_DATA"),
+        (["--data", "synthetic:test", "--budget", "huge"], "--budget 'huge' is unknown; choose one of: fast, full"),
+        (["--data", "synthetic:test", "--threshold", "0"], "--threshold 0.0 must be positive"),
+        (["--data", "synthetic:test", "--scale", "cubic"], "--scale 'cubic' is unknown; choose one of: log, linear"),
+        (["--audit-data", "synthetic", "--poison-rate", "1.5"], "--poison-rate 1.5 must lie in (0, 1)"),
+    ],
+)
 def test_scan_bad_requests_exit_2(untrained_files, tmp_path, args, message):
     result = runner.invoke(app, ["scan", str(untrained_files / "bd.safetensors"), "-o", str(tmp_path / "x"), *args])
     assert result.exit_code == 2

@@ -1,4 +1,5 @@
 """The clean subset, the recipe machinery (Fisher, state rule, rollback) and `cleanse unlearn` end to end."""
+
 from __future__ import annotations
 
 import dataclasses
@@ -7,8 +8,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from torch import nn
 from safetensors.torch import load_file
+from torch import nn
 from typer.testing import CliRunner
 
 from cleanse.cli import app
@@ -42,14 +43,17 @@ def test_clean_subset_is_stratified_seeded_and_holds_back_ten_percent():
     assert len(clean_subset(data, n=30, seed=0).train) + len(clean_subset(data, n=30, seed=0).held) == 30
 
 
-@pytest.mark.parametrize("kwargs, message", [
-    ({"frac": 0.0}, "--clean-frac 0.0 must lie in (0, 1]"),
-    ({"frac": -0.5}, "--clean-frac -0.5 must lie in (0, 1]"),
-    ({"frac": 1.5}, "--clean-frac 1.5 must lie in (0, 1]"),
-    ({"frac": 0.01}, "leaves 1 image(s) of class 0 (0); at least 2 per class are needed"),
-    ({"n": 0}, "--clean-n 0 must be a positive number"),
-    ({}, "give exactly one of --clean-frac and --clean-n"),
-])
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"frac": 0.0}, "--clean-frac 0.0 must lie in (0, 1]"),
+        ({"frac": -0.5}, "--clean-frac -0.5 must lie in (0, 1]"),
+        ({"frac": 1.5}, "--clean-frac 1.5 must lie in (0, 1]"),
+        ({"frac": 0.01}, "leaves 1 image(s) of class 0 (0); at least 2 per class are needed"),
+        ({"n": 0}, "--clean-n 0 must be a positive number"),
+        ({}, "give exactly one of --clean-frac and --clean-n"),
+    ],
+)
 def test_clean_subset_bad_requests(kwargs, message):
     with pytest.raises(CleanseError) as info:
         clean_subset(labelled(100), **kwargs)
@@ -97,7 +101,9 @@ def test_repair_loss_is_clean_ce_plus_weighted_ce_of_triggered_images_on_their_t
     labels = torch.tensor([0, 1, 2, 3, 4, 0])
     cpu = torch.device("cpu")
     x, y, rows = as_batch(images[:4], cpu), labels[:4], torch.tensor([1, 5])
-    by_hand = F.cross_entropy(net(x), y) + 0.3 * F.cross_entropy(net(as_batch(triggered[rows], cpu)), torch.tensor([1, 0]))
+    by_hand = F.cross_entropy(net(x), y) + 0.3 * F.cross_entropy(
+        net(as_batch(triggered[rows], cpu)), torch.tensor([1, 0])
+    )
     torch.testing.assert_close(repair_loss(net, x, y, triggered, rows, labels, cpu, 0.3), by_hand)
     torch.testing.assert_close(repair_loss(net, x, y, None, rows[:0], labels, cpu, 0.3), F.cross_entropy(net(x), y))
 
@@ -105,15 +111,21 @@ def test_repair_loss_is_clean_ce_plus_weighted_ce_of_triggered_images_on_their_t
 def test_state_keeper_rule_prefers_low_asr_within_the_ca_margin():
     model = nn.Linear(2, 2)
     wrapper = type("W", (), {"net": model})()
-    keeper = StateKeeper(wrapper, {"clean_accuracy": 0.90, "attack_success_rate": 0.95}, use_asr=True, ca_margin=0.02, ca_floor_drop=0.10)
-    assert not keeper.offer(wrapper, {"clean_accuracy": 0.85, "attack_success_rate": 0.0}, "too costly")  # CA outside margin
+    keeper = StateKeeper(
+        wrapper, {"clean_accuracy": 0.90, "attack_success_rate": 0.95}, use_asr=True, ca_margin=0.02, ca_floor_drop=0.10
+    )
+    assert not keeper.offer(
+        wrapper, {"clean_accuracy": 0.85, "attack_success_rate": 0.0}, "too costly"
+    )  # CA outside margin
     assert keeper.offer(wrapper, {"clean_accuracy": 0.89, "attack_success_rate": 0.10}, "a")
     assert keeper.offer(wrapper, {"clean_accuracy": 0.88, "attack_success_rate": 0.01}, "b")
     assert not keeper.offer(wrapper, {"clean_accuracy": 0.87, "attack_success_rate": 0.00}, "c")
     assert keeper.best["tag"] == "b"
     good = StateKeeper(wrapper, {"clean_accuracy": 0.90, "attack_success_rate": 0.95}, True, 0.02, 0.10, asr_good=0.01)
     assert good.offer(wrapper, {"clean_accuracy": 0.88, "attack_success_rate": 0.0}, "unlearned")
-    assert good.offer(wrapper, {"clean_accuracy": 0.895, "attack_success_rate": 0.008}, "recovered")  # below asr_good: CA decides
+    assert good.offer(
+        wrapper, {"clean_accuracy": 0.895, "attack_success_rate": 0.008}, "recovered"
+    )  # below asr_good: CA decides
     assert not good.offer(wrapper, {"clean_accuracy": 0.899, "attack_success_rate": 0.02}, "relapsed")
     assert keeper.tripped({"clean_accuracy": 0.79}) == "held-back CA 0.790 fell below the floor 0.800"
     assert keeper.tripped(loss=float("nan")) == "loss became non-finite (nan)"
@@ -131,7 +143,9 @@ def test_class_changes_are_in_points_largest_first_and_skip_classes_without_imag
 def test_state_keeper_says_when_no_state_beat_the_start():
     # CIFAR-10 WaNet under act-edit: the repair removed held-back ASR but cost 2.8 points of held-back CA, so the start won.
     wrapper = type("W", (), {"net": nn.Linear(2, 2)})()
-    keeper = StateKeeper(wrapper, {"clean_accuracy": 0.968, "attack_success_rate": 0.973}, True, 0.02, 0.10, asr_good=0.01)
+    keeper = StateKeeper(
+        wrapper, {"clean_accuracy": 0.968, "attack_success_rate": 0.973}, True, 0.02, 0.10, asr_good=0.01
+    )
     assert not keeper.offer(wrapper, {"clean_accuracy": 0.94, "attack_success_rate": 0.0}, "repair epoch 1")
     kept = keeper.restore_best(wrapper)
     assert kept["tag"] == "start" and kept["unchanged"] is True
@@ -147,29 +161,55 @@ def model_files(badnets_setup, tmp_path_factory):
 
 
 def unlearn(folder, *args):
-    return runner.invoke(app, ["unlearn", str(folder / "bd.safetensors"), "--data", "synthetic", "--clean-frac", "0.05",
-                               "--test", "synthetic:test", *map(str, args)])
+    return runner.invoke(
+        app,
+        [
+            "unlearn",
+            str(folder / "bd.safetensors"),
+            "--data",
+            "synthetic",
+            "--clean-frac",
+            "0.05",
+            "--test",
+            "synthetic:test",
+            *map(str, args),
+        ],
+    )
 
 
 @pytest.mark.slow
 def test_tar_ewc_removes_the_backdoor_and_keeps_accuracy(model_files, tmp_path):
     out = tmp_path / "clean.safetensors"
-    result = unlearn(model_files, "--method", "tar-ewc", "--trigger", model_files / "bd.trigger.safetensors", "-o", out, "--json")
+    result = unlearn(
+        model_files, "--method", "tar-ewc", "--trigger", model_files / "bd.trigger.safetensors", "-o", out, "--json"
+    )
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     for side in ("before", "after"):
-        for key in ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar"):
+        for key in (
+            "clean_accuracy",
+            "attack_success_rate",
+            "robust_accuracy",
+            "tar",
+            "tar_median",
+            "attention_share",
+            "clean_tar",
+        ):
             assert key in s[side]
         assert len(s[side]["per_class_accuracy"]) == len(s["classes"]) == 10
     assert "largest per-class CA changes: " in result.stderr
     assert {"der", "wall_seconds", "ca_retention"} <= set(s)
-    print(f"tar-ewc on synthetic: ASR {s['before']['attack_success_rate']:.3f} -> {s['after']['attack_success_rate']:.3f}, "
-          f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}, TAR {s['before']['tar']:.2f} -> {s['after']['tar']:.2f}")
+    print(
+        f"tar-ewc on synthetic: ASR {s['before']['attack_success_rate']:.3f} -> {s['after']['attack_success_rate']:.3f}, "
+        f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}, TAR {s['before']['tar']:.2f} -> {s['after']['tar']:.2f}"
+    )
     assert s["before"]["attack_success_rate"] > 0.8 and s["after"]["attack_success_rate"] < 0.10
     assert s["after"]["clean_accuracy"] / s["before"]["clean_accuracy"] >= 0.95
     assert s["after"]["tar"] < s["before"]["tar"]
     record = json.loads(out.with_name("clean.safetensors.run.json").read_text())
-    assert record["command"] == "unlearn" and record["history"] and len(record["clean_subset"]["held_index"]) == 20  # round(0.1 * 25) per class
+    assert (
+        record["command"] == "unlearn" and record["history"] and len(record["clean_subset"]["held_index"]) == 20
+    )  # round(0.1 * 25) per class
     from cleanse.models import load_model
 
     prov = load_model(out).spec.provenance
@@ -181,8 +221,20 @@ def test_finetune_runs_and_rollback_happens_when_forced(model_files, tmp_path):
     result = unlearn(model_files, "--method", "finetune", "--epochs", "2", "-o", tmp_path / "ft.safetensors", "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["after"]["attack_success_rate"] is None  # no trigger given: not measured
-    result = unlearn(model_files, "--method", "tar-ewc", "--trigger", model_files / "bd.trigger.safetensors",
-                     "--param", "lr=80", "--param", "asr_stop=0", "-o", tmp_path / "boom.safetensors", "--json")
+    result = unlearn(
+        model_files,
+        "--method",
+        "tar-ewc",
+        "--trigger",
+        model_files / "bd.trigger.safetensors",
+        "--param",
+        "lr=80",
+        "--param",
+        "asr_stop=0",
+        "-o",
+        tmp_path / "boom.safetensors",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     assert "rollback:" in result.stderr
     s = json.loads(result.stdout)
@@ -196,7 +248,10 @@ def test_a_recipe_that_keeps_its_start_state_warns_that_the_output_is_the_input(
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     assert s["kept"]["tag"] == "start" and s["kept"]["unchanged"] is True
-    assert f"warning: finetune kept none of its own states, so {out} has the input model's weights" in result.stderr.replace("\n", "")
+    assert (
+        f"warning: finetune kept none of its own states, so {out} has the input model's weights"
+        in result.stderr.replace("\n", "")
+    )
     written, given = load_file(out), load_file(model_files / "bd.safetensors")
     assert written.keys() == given.keys() and all(torch.equal(written[k], given[k]) for k in given)
 
@@ -206,14 +261,32 @@ def test_missing_trigger_names_both_ways_to_get_one(untrained_files, tmp_path):
     assert result.exit_code == 2
     assert "cleanse poison" in result.stderr and "cleanse scan" in result.stderr
     result = unlearn(untrained_files, "--method", "nope", "-o", tmp_path / "x.safetensors")
-    assert result.exit_code == 2 and "unknown recipe 'nope'; choose one of: act-edit, finetune, grad-prune, sau, tar-ewc, ulrl, or all" in result.stderr
+    assert (
+        result.exit_code == 2
+        and "unknown recipe 'nope'; choose one of: act-edit, finetune, grad-prune, sau, tar-ewc, ulrl, or all"
+        in result.stderr
+    )
     assert not list(tmp_path.iterdir())
 
 
 @pytest.mark.slow
 def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_each(model_files, tmp_path):
-    result = unlearn(model_files, "--method", "all", "--trigger", model_files / "bd.trigger.safetensors", "--epochs", "1",
-                     "--param", "max_rounds=3", "--param", "min_steps=0", "-o", tmp_path / "c.safetensors", "--json")
+    result = unlearn(
+        model_files,
+        "--method",
+        "all",
+        "--trigger",
+        model_files / "bd.trigger.safetensors",
+        "--epochs",
+        "1",
+        "--param",
+        "max_rounds=3",
+        "--param",
+        "min_steps=0",
+        "-o",
+        tmp_path / "c.safetensors",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     names = ["act-edit", "finetune", "grad-prune", "sau", "tar-ewc", "ulrl"]
@@ -232,24 +305,47 @@ def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_ea
 
 @pytest.mark.slow
 def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_files, tmp_path):
-    result = unlearn(model_files, "--method", "all", "--epochs", "1", "--param", "nonsense=1", "-o", tmp_path / "c.safetensors")
+    result = unlearn(
+        model_files, "--method", "all", "--epochs", "1", "--param", "nonsense=1", "-o", tmp_path / "c.safetensors"
+    )
     assert result.exit_code == 2 and "no recipe has a parameter 'nonsense'" in result.stderr
     assert not list(tmp_path.iterdir())
-    result = unlearn(model_files, "--method", "all", "--epochs", "1", "--param", "min_steps=0", "-o", tmp_path / "c.safetensors",
-                     "--json")
+    result = unlearn(
+        model_files,
+        "--method",
+        "all",
+        "--epochs",
+        "1",
+        "--param",
+        "min_steps=0",
+        "-o",
+        tmp_path / "c.safetensors",
+        "--json",
+    )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    assert doc["skipped"] == ["act-edit", "grad-prune", "tar-ewc"] and sorted(doc["recipes"]) == ["finetune", "sau", "ulrl"]
+    assert doc["skipped"] == ["act-edit", "grad-prune", "tar-ewc"] and sorted(doc["recipes"]) == [
+        "finetune",
+        "sau",
+        "ulrl",
+    ]
     assert "skipped act-edit, grad-prune, tar-ewc: they need a trigger" in result.stderr
-    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == ["c.finetune.safetensors", "c.sau.safetensors", "c.ulrl.safetensors"]
+    assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
+        "c.finetune.safetensors",
+        "c.sau.safetensors",
+        "c.ulrl.safetensors",
+    ]
 
 
-@pytest.mark.parametrize("param, message", [
-    ("batch_size=0", "recipe finetune parameter batch_size='0' must be positive"),
-    ("lr=nan", "recipe finetune parameter lr='nan' must be a finite number >= 0"),
-    ("epochs=-3", "recipe finetune parameter epochs='-3' must be a finite number >= 0"),
-    ("lr=fast", "recipe finetune parameter lr='fast' is not a valid float"),
-])
+@pytest.mark.parametrize(
+    "param, message",
+    [
+        ("batch_size=0", "recipe finetune parameter batch_size='0' must be positive"),
+        ("lr=nan", "recipe finetune parameter lr='nan' must be a finite number >= 0"),
+        ("epochs=-3", "recipe finetune parameter epochs='-3' must be a finite number >= 0"),
+        ("lr=fast", "recipe finetune parameter lr='fast' is not a valid float"),
+    ],
+)
 def test_bad_recipe_parameters_exit_2_before_any_work(untrained_files, tmp_path, param, message):
     result = unlearn(untrained_files, "--method", "finetune", "--param", param, "-o", tmp_path / "x.safetensors")
     assert result.exit_code == 2 and message in result.stderr
@@ -280,8 +376,13 @@ def _run_tar_ewc(model, trigger, params: dict, *, origin: str | None = None, unc
 
     recipe = RECIPES.get("tar-ewc")
     trigger = trigger if origin is None else dataclasses.replace(trigger, origin=origin)
-    ctx = RecipeContext(copy.deepcopy(model), _synthetic_split(), trigger, {**recipe.resolve_params(params), **(unchecked or {})},
-                        callback=lambda e: None)
+    ctx = RecipeContext(
+        copy.deepcopy(model),
+        _synthetic_split(),
+        trigger,
+        {**recipe.resolve_params(params), **(unchecked or {})},
+        callback=lambda e: None,
+    )
     return recipe.run(ctx)
 
 
@@ -291,8 +392,10 @@ def test_tar_ewc_runs_phase_1_for_reversed_min_epochs_with_a_reversed_trigger(ba
     model, trigger, _ = badnets_setup
     steps_per_epoch = _tar_ewc_steps_per_epoch()
     # ca_margin 1: with 20 held-back images one mistake is 5 points, and the CA rule is not under test
-    true_run, reversed_run = (_run_tar_ewc(model, trigger, {"recovery_epochs": 0, "ca_margin": 1.0}, origin=origin)
-                              for origin in ("poison", "scan"))
+    true_run, reversed_run = (
+        _run_tar_ewc(model, trigger, {"recovery_epochs": 0, "ca_margin": 1.0}, origin=origin)
+        for origin in ("poison", "scan")
+    )
     assert true_run.extra["min_unlearn_steps"] == 0
     assert true_run.extra["unlearn_steps"] < steps_per_epoch  # the true trigger breaks within the first epoch here
     assert reversed_run.extra["min_unlearn_steps"] == steps_per_epoch
@@ -315,7 +418,10 @@ def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_time
         return [round(r["epoch"] * steps_per_epoch) for r in run.history if r["phase"] == "unlearn"]
 
     assert checked_steps(check_batch_asr=-1.0, checks_per_epoch=1) == [steps_per_epoch]  # schedule only
-    assert checked_steps(check_batch_asr=1.0, checks_per_epoch=1) == [1, steps_per_epoch]  # every batch qualifies; cap 1
+    assert checked_steps(check_batch_asr=1.0, checks_per_epoch=1) == [
+        1,
+        steps_per_epoch,
+    ]  # every batch qualifies; cap 1
     every = steps_per_epoch // 2  # two scheduled checks; the two extra ones take the first two unscheduled steps
     scheduled = {every, 2 * every}
     extra = [s for s in range(1, steps_per_epoch + 1) if s not in scheduled][:2]
@@ -325,13 +431,26 @@ def test_tar_ewc_checks_after_a_nearly_clean_batch_at_most_checks_per_epoch_time
 @pytest.mark.slow
 def test_tar_ewc_refuses_a_reversed_min_epochs_beyond_its_epochs(badnets_setup, model_files, tmp_path):
     model, trigger, _ = badnets_setup
-    with pytest.raises(CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"):
+    with pytest.raises(
+        CleanseError, match=r"reversed_min_epochs=2 is more than epochs=1, so phase 1 could never keep a state"
+    ):
         _run_tar_ewc(model, trigger, {"epochs": 1, "reversed_min_epochs": 2}, origin="scan")
     reversed_file = tmp_path / "trigger-0.safetensors"
     dataclasses.replace(trigger, origin="scan").save(reversed_file)
     # --method all refuses before loading any data, not after running the recipes sorted before tar-ewc
-    result = unlearn(model_files, "--method", "all", "--trigger", reversed_file, "--epochs", "1", "--param", "reversed_min_epochs=2",
-                     "-o", tmp_path / "c.safetensors")
+    result = unlearn(
+        model_files,
+        "--method",
+        "all",
+        "--trigger",
+        reversed_file,
+        "--epochs",
+        "1",
+        "--param",
+        "reversed_min_epochs=2",
+        "-o",
+        tmp_path / "c.safetensors",
+    )
     assert result.exit_code == 2 and "error: tar-ewc: reversed_min_epochs=2 is more than epochs=1" in result.stderr
     assert "clean subset:" not in result.stderr and "Traceback" not in result.output
     assert sorted(p.name for p in tmp_path.iterdir()) == ["trigger-0.safetensors"]

@@ -6,6 +6,7 @@ on a fresh copy of the start model, and compare the weights bit for bit and the 
 figure for figure with a run that was never stopped. The CLI tests interrupt a real
 subprocess with SIGINT.
 """
+
 from __future__ import annotations
 
 import copy
@@ -16,6 +17,8 @@ from typing import Any
 
 import pytest
 import torch
+from conftest import synthetic
+from helpers import cleanse_process, error_line, finish, wait_for
 from typer.testing import CliRunner
 
 from cleanse.cli import app
@@ -24,9 +27,6 @@ from cleanse.engine.gradcam import tar_layer
 from cleanse.files import read_safetensors
 from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
-
-from conftest import synthetic
-from helpers import cleanse_process, error_line, finish, wait_for
 
 runner = CliRunner()
 
@@ -46,8 +46,17 @@ def run_recipe(name: str, params: dict[str, Any], model, trigger, checkpoints: C
     split = clean_subset(synthetic("train"), n=200, seed=4)
     recipe = RECIPES.get(name)
     resolved = {**recipe.resolve_params(params), **NEVER.get(name, {})}
-    ctx = RecipeContext(net, split, trigger, resolved, callback=lambda e: None, precision="fp32", seed=7,
-                        tar_layer=tar_layer(net, net.spec.input_size), checkpoints=checkpoints)
+    ctx = RecipeContext(
+        net,
+        split,
+        trigger,
+        resolved,
+        callback=lambda e: None,
+        precision="fp32",
+        seed=7,
+        tar_layer=tar_layer(net, net.spec.input_size),
+        checkpoints=checkpoints,
+    )
     return net, recipe.run(ctx)
 
 
@@ -57,19 +66,33 @@ def without_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 CASES = [
     ("finetune", {"epochs": 3}, 1, {"epoch": 1, "step": 2}),
-    ("tar-ewc", {"epochs": 2, "recovery_epochs": 2, "lr": 1e-4, "fisher_samples": 64}, 1, {"phase": "unlearn", "epoch": 1}),
-    ("tar-ewc", {"epochs": 2, "recovery_epochs": 2, "lr": 1e-4, "fisher_samples": 64}, 3, {"phase": "recover", "epoch": 1}),
+    (
+        "tar-ewc",
+        {"epochs": 2, "recovery_epochs": 2, "lr": 1e-4, "fisher_samples": 64},
+        1,
+        {"phase": "unlearn", "epoch": 1},
+    ),
+    (
+        "tar-ewc",
+        {"epochs": 2, "recovery_epochs": 2, "lr": 1e-4, "fisher_samples": 64},
+        3,
+        {"phase": "recover", "epoch": 1},
+    ),
     ("ulrl", {"unlearn_epochs": 3, "epochs": 2, "unlearn_acc": 0.0}, 2, {"phase": "unlearn", "epoch": 2}),
     ("ulrl", {"unlearn_epochs": 3, "epochs": 2, "unlearn_acc": 0.0}, 4, {"phase": "relearn", "epoch": 1}),
     ("sau", {"epochs": 2, "pgd_steps": 2, "min_steps": 0}, 1, {"epoch": 1}),
 ]
 
 
-@pytest.mark.parametrize(("name", "params", "stop_after", "where"), CASES,
-                         ids=[f"{c[0]}-{c[3].get('phase', 'epoch')}{c[3]['epoch']}" for c in CASES])
+@pytest.mark.parametrize(
+    ("name", "params", "stop_after", "where"),
+    CASES,
+    ids=[f"{c[0]}-{c[3].get('phase', 'epoch')}{c[3]['epoch']}" for c in CASES],
+)
 @pytest.mark.slow
-def test_a_resumed_recipe_ends_where_the_uninterrupted_one_does(badnets_setup, tmp_path: Path, name: str, params: dict[str, Any],
-                                                                stop_after: int, where: dict[str, Any]) -> None:
+def test_a_resumed_recipe_ends_where_the_uninterrupted_one_does(
+    badnets_setup, tmp_path: Path, name: str, params: dict[str, Any], stop_after: int, where: dict[str, Any]
+) -> None:
     model, trigger, _ = badnets_setup
     straight, straight_result = run_recipe(name, params, model, trigger, Checkpoints())
 
@@ -86,12 +109,17 @@ def test_a_resumed_recipe_ends_where_the_uninterrupted_one_does(badnets_setup, t
     assert state.passes == stop_after and {k: state.position[k] for k in where} == where
     save_recipe_state(tmp_path / "r.resume.safetensors", state)
     loaded = load_recipe_state(tmp_path / "r.resume.safetensors")
-    resumed, resumed_result = run_recipe(name, params, model, trigger, Checkpoints(every=1, save=lambda s: None, resume=loaded))
+    resumed, resumed_result = run_recipe(
+        name, params, model, trigger, Checkpoints(every=1, save=lambda s: None, resume=loaded)
+    )
 
     a, b = straight.net.state_dict(), resumed.net.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), name
     assert without_time(resumed_result.history) == without_time(straight_result.history)
-    assert resumed_result.kept["tag"] == straight_result.kept["tag"] and resumed_result.extra.keys() == straight_result.extra.keys()
+    assert (
+        resumed_result.kept["tag"] == straight_result.kept["tag"]
+        and resumed_result.extra.keys() == straight_result.extra.keys()
+    )
     assert resumed_result.history[-1]["elapsed"] >= state.doc["elapsed"]  # the clock continues from the checkpoint
 
 
@@ -110,7 +138,9 @@ def test_sigint_then_resume_gives_the_uninterrupted_checkpoint(small: dict[str, 
     rc, stderr = finish(proc, lines)
     assert rc == 130, stderr
     last = stderr.strip().splitlines()[-1]
-    assert last.startswith("interrupted (SIGINT)") and "rerun the same command with --resume to continue" in last, stderr
+    assert last.startswith("interrupted (SIGINT)") and "rerun the same command with --resume to continue" in last, (
+        stderr
+    )
     assert "Traceback" not in stderr
     assert state.is_file() and not resumed.exists() and not Path(f"{resumed}.run.json").exists()
     assert finish(reference, ref_lines)[0] == 0
@@ -137,30 +167,71 @@ def test_sigint_then_resume_gives_the_uninterrupted_checkpoint(small: dict[str, 
     assert json.loads(done.stdout)["after"] == straight_record["after"]
 
 
-@pytest.mark.parametrize(("extra", "message"), [
-    (["--method", "all", "--checkpoint-every", "1"],
-     "--checkpoint-every takes one recipe, not --method all; run the recipes one at a time with --method NAME"),
-    (["--method", "act-edit", "--checkpoint-every", "1"],
-     "act-edit cannot be checkpointed (its work is not a series of passes over the clean subset); drop --checkpoint-every, "
-     "or use one of: "),
-    (["--method", "finetune", "--checkpoint-every", "0"],
-     "--checkpoint-every 0 must be at least 1 (passes over the clean subset between checkpoints)"),
-    (["--method", "finetune", "--resume"], "m.resume.safetensors: no checkpoint to resume from; run without --resume"),
-])
-def test_checkpoint_options_refused_where_they_cannot_work(small: dict[str, Path], tmp_path: Path, extra: list[str],
-                                                           message: str) -> None:
-    result = runner.invoke(app, ["unlearn", str(small["model"]), "--data", str(small["data"]), "--clean-frac", "1",
-                                 "-o", str(tmp_path / "m.safetensors"), *extra])
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (
+            ["--method", "all", "--checkpoint-every", "1"],
+            "--checkpoint-every takes one recipe, not --method all; run the recipes one at a time with --method NAME",
+        ),
+        (
+            ["--method", "act-edit", "--checkpoint-every", "1"],
+            "act-edit cannot be checkpointed (its work is not a series of passes over the clean subset); drop --checkpoint-every, "
+            "or use one of: ",
+        ),
+        (
+            ["--method", "finetune", "--checkpoint-every", "0"],
+            "--checkpoint-every 0 must be at least 1 (passes over the clean subset between checkpoints)",
+        ),
+        (
+            ["--method", "finetune", "--resume"],
+            "m.resume.safetensors: no checkpoint to resume from; run without --resume",
+        ),
+    ],
+)
+def test_checkpoint_options_refused_where_they_cannot_work(
+    small: dict[str, Path], tmp_path: Path, extra: list[str], message: str
+) -> None:
+    result = runner.invoke(
+        app,
+        [
+            "unlearn",
+            str(small["model"]),
+            "--data",
+            str(small["data"]),
+            "--clean-frac",
+            "1",
+            "-o",
+            str(tmp_path / "m.safetensors"),
+            *extra,
+        ],
+    )
     assert result.exit_code == 2 and message in error_line(result) and "Traceback" not in result.output
     assert list(tmp_path.iterdir()) == []
 
 
 def test_resume_refuses_a_foreign_or_stale_checkpoint(small: dict[str, Path], tmp_path: Path) -> None:
     out = tmp_path / "m.safetensors"
-    args = ["unlearn", str(small["model"]), "--data", str(small["data"]), "--clean-frac", "1", "--method", "finetune", "-o", str(out)]
-    (tmp_path / "m.resume.safetensors").write_bytes((small["model"]).read_bytes())  # a model, not an unlearning checkpoint
+    args = [
+        "unlearn",
+        str(small["model"]),
+        "--data",
+        str(small["data"]),
+        "--clean-frac",
+        "1",
+        "--method",
+        "finetune",
+        "-o",
+        str(out),
+    ]
+    (tmp_path / "m.resume.safetensors").write_bytes(
+        (small["model"]).read_bytes()
+    )  # a model, not an unlearning checkpoint
     foreign = runner.invoke(app, [*args, "--resume"])
-    assert foreign.exit_code == 2 and "not an unlearning checkpoint written by cleanse unlearn --checkpoint-every" in error_line(foreign)
+    assert (
+        foreign.exit_code == 2
+        and "not an unlearning checkpoint written by cleanse unlearn --checkpoint-every" in error_line(foreign)
+    )
     stale = runner.invoke(app, [*args, "--checkpoint-every", "1"])
     assert stale.exit_code == 2 and "pass --resume to continue it, or --force to start over" in error_line(stale)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.resume.safetensors"]

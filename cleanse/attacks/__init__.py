@@ -1,4 +1,5 @@
 """Backdoor attacks: one module each, one registry (ATTACKS)."""
+
 from cleanse.attacks import badnets, blended, sig, wanet  # noqa: F401  (registration)
 from cleanse.attacks.base import ATTACKS, Attack
 from cleanse.attacks.poison import poison_dataset

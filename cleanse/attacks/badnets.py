@@ -1,4 +1,5 @@
 """BadNets (Gu et al., 2017): a small solid patch, by default 3x3 white in the bottom-right corner."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -31,7 +32,9 @@ class BadNets(Attack):
         "image": "a PNG/JPEG to use as the patch (resized to size x size)",
     }
 
-    def make_trigger(self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator) -> Trigger:
+    def make_trigger(
+        self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator
+    ) -> Trigger:
         size, margin = patch_geometry(height, params["size"], params["margin"])
         row, col = self._position(params["position"], size, margin, height, width)
         if params["image"]:
@@ -42,8 +45,14 @@ class BadNets(Attack):
         pattern = torch.zeros(channels, height, width)
         mask[row : row + size, col : col + size] = 1
         pattern[:, row : row + size, col : col + size] = colour
-        return Trigger("blend", {"mask": mask, "pattern": pattern}, 0, (channels, height, width), self.name,
-                       {**params, "size": size, "margin": margin, "row": row, "col": col})
+        return Trigger(
+            "blend",
+            {"mask": mask, "pattern": pattern},
+            0,
+            (channels, height, width),
+            self.name,
+            {**params, "size": size, "margin": margin, "row": row, "col": col},
+        )
 
     @staticmethod
     def _position(position: str, size: int, margin: int, height: int, width: int) -> tuple[int, int]:
@@ -54,9 +63,13 @@ class BadNets(Attack):
             try:
                 row, col = (int(v) for v in position.split(","))
             except ValueError:
-                raise CleanseError(f"badnets position {position!r} must be one of {', '.join(CORNERS)} or ROW,COL") from None
+                raise CleanseError(
+                    f"badnets position {position!r} must be one of {', '.join(CORNERS)} or ROW,COL"
+                ) from None
         if row < 0 or col < 0 or row + size > height or col + size > width:
-            raise CleanseError(f"badnets patch of size {size} at ({row},{col}) does not fit a {height}x{width} image; change size/position")
+            raise CleanseError(
+                f"badnets patch of size {size} at ({row},{col}) does not fit a {height}x{width} image; change size/position"
+            )
         return row, col
 
     @staticmethod

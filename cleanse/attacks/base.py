@@ -4,6 +4,7 @@ An attack turns typed parameters into a Trigger; `poison_dataset` (in
 cleanse.attacks.poison) decides which rows carry it. Attacks that need more
 (SIG's clean-label selection, WaNet's noise rows) say so through the hooks here.
 """
+
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
@@ -41,11 +42,15 @@ class Attack(ABC):
                 else:
                     params[key] = value
             except ValueError:
-                raise CleanseError(f"attack {self.name} parameter {key}={value!r} is not a valid {type(default).__name__}") from None
+                raise CleanseError(
+                    f"attack {self.name} parameter {key}={value!r} is not a valid {type(default).__name__}"
+                ) from None
         return params
 
     @abstractmethod
-    def make_trigger(self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator) -> Trigger:
+    def make_trigger(
+        self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator
+    ) -> Trigger:
         """Build the trigger (its target is filled in by poison_dataset)."""
 
     def noise_rows(self, images: torch.Tensor, trigger: Trigger, generator: torch.Generator) -> torch.Tensor:

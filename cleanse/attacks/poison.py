@@ -1,4 +1,5 @@
 """Poison a dataset: replace a seeded share of rows with triggered copies (N unchanged)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -11,12 +12,15 @@ from cleanse.data.dataset import Dataset
 from cleanse.errors import CleanseError
 
 
-def poison_dataset(dataset: Dataset, attack: str, target: int | str, rate: float, seed: int = 0,
-                   params: dict[str, str] | None = None) -> tuple[Dataset, Trigger]:
+def poison_dataset(
+    dataset: Dataset, attack: str, target: int | str, rate: float, seed: int = 0, params: dict[str, str] | None = None
+) -> tuple[Dataset, Trigger]:
     """Return the poisoned dataset and its trigger. The same seed gives identical tensors."""
     if dataset.num_classes < 2:
-        raise CleanseError(f"{dataset.source}: the data has only one class ({dataset.classes[0] if dataset.classes else '-'}); "
-                           "a backdoor maps images of other classes to a target, so pass data with at least 2 classes")
+        raise CleanseError(
+            f"{dataset.source}: the data has only one class ({dataset.classes[0] if dataset.classes else '-'}); "
+            "a backdoor maps images of other classes to a target, so pass data with at least 2 classes"
+        )
     spec = ATTACKS.get(attack)
     parsed = spec.parse_params(params or {})
     goal = parse_target(target, dataset.num_classes)
@@ -32,7 +36,9 @@ def poison_dataset(dataset: Dataset, attack: str, target: int | str, rate: float
     labels = dataset.labels
     if spec.clean_label:
         if isinstance(goal, dict):
-            raise CleanseError(f"{attack} is clean-label and poisons only target-class images; pass one --target class, not 'all'")
+            raise CleanseError(
+                f"{attack} is clean-label and poisons only target-class images; pass one --target class, not 'all'"
+            )
         candidates = torch.nonzero(labels == goal).flatten()
     elif isinstance(goal, dict):
         candidates = torch.arange(len(labels))
@@ -44,7 +50,9 @@ def poison_dataset(dataset: Dataset, attack: str, target: int | str, rate: float
     if count > len(candidates):
         share = len(candidates) / len(dataset)
         where = "target-class" if spec.clean_label else "eligible"
-        raise CleanseError(f"--rate {rate} needs {count} {where} images but only {len(candidates)} exist ({share:.4f} of the data); lower --rate to at most {share:.4f}")
+        raise CleanseError(
+            f"--rate {rate} needs {count} {where} images but only {len(candidates)} exist ({share:.4f} of the data); lower --rate to at most {share:.4f}"
+        )
     chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]].sort().values
 
     images, new_labels = dataset.images.clone(), labels.clone()
@@ -67,8 +75,16 @@ def poison_dataset(dataset: Dataset, attack: str, target: int | str, rate: float
 
     meta: dict[str, Any] = {
         "source": dataset.meta.get("source", dataset.source),
-        "attack": {"name": attack, "params": trigger.params, "target": goal, "rate": rate, "clean_label": spec.clean_label},
-        "seed": seed, "poisoned_count": count, "noise_count": noise_count,
+        "attack": {
+            "name": attack,
+            "params": trigger.params,
+            "target": goal,
+            "rate": rate,
+            "clean_label": spec.clean_label,
+        },
+        "seed": seed,
+        "poisoned_count": count,
+        "noise_count": noise_count,
     }
     out = Dataset(images, new_labels, list(dataset.classes), dataset.source, poisoned, labels.clone(), noise, meta)
     return out, trigger

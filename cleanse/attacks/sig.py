@@ -1,4 +1,5 @@
 """SIG (Barni et al., 2019): a horizontal sinusoidal signal added to target-class images (clean-label)."""
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,14 @@ class Sig(Attack):
     summary = "sinusoidal signal delta*sin(2*pi*j*f/W) added to target-class images, labels kept (clean-label)"
     clean_label = True
     defaults = {"delta": 40.0, "freq": 6.0}
-    help = {"delta": "amplitude on the 0-255 scale (BackdoorBench default 40)", "freq": "periods across the image width (6)"}
+    help = {
+        "delta": "amplitude on the 0-255 scale (BackdoorBench default 40)",
+        "freq": "periods across the image width (6)",
+    }
 
-    def make_trigger(self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator) -> Trigger:
+    def make_trigger(
+        self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator
+    ) -> Trigger:
         if not 0 < params["delta"] <= 255:
             raise CleanseError(f"sig delta {params['delta']} must lie in (0, 255]")
         cols = torch.arange(width, dtype=torch.float32)

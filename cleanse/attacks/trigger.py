@@ -9,6 +9,7 @@ Triggered evaluation images come from the same uint8 -> uint8 application that
 `poison` uses (computed in float on the 0..255 scale, rounded half to even), so
 evaluation matches the poisoned training data exactly.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -24,10 +25,12 @@ from cleanse.formats import FileFormat
 
 _GET_ONE = "pass the .trigger.safetensors from cleanse poison or a trigger-<class>.safetensors from cleanse scan"
 TRIGGER_FILE = FileFormat(
-    "cleanse.trigger", 1,
+    "cleanse.trigger",
+    1,
     wrong_format="{path}: not a trigger file (a {found} file); " + _GET_ONE,
     wrong_version="{path}: trigger format version {version} is not supported; re-create it",
-    no_metadata="{path}: not a trigger file (no 'cleanse' metadata); " + _GET_ONE)
+    no_metadata="{path}: not a trigger file (no 'cleanse' metadata); " + _GET_ONE,
+)
 KIND_TENSORS = {"blend": ("mask", "pattern"), "additive": ("delta",), "warp": ("grid",)}
 ALL_TO_ALL = {"all_to_all": {"shift": 1}}
 _CHUNK = 4096
@@ -80,7 +83,9 @@ class Trigger:
 
     def check_classes(self, num_classes: int) -> None:
         if isinstance(self.target, int) and not 0 <= self.target < num_classes:
-            raise CleanseError(f"the trigger targets class {self.target} but the model has classes 0..{num_classes - 1}; use a trigger made for this model")
+            raise CleanseError(
+                f"the trigger targets class {self.target} but the model has classes 0..{num_classes - 1}; use a trigger made for this model"
+            )
 
     def apply(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
         """Apply to float images (N,C,H,W) in [0, scale]; differentiable in the trigger tensors."""
@@ -115,8 +120,16 @@ class Trigger:
 
     # -- files -------------------------------------------------------------
     def metadata(self) -> dict[str, Any]:
-        doc = {**TRIGGER_FILE.header(), "kind": self.kind, "attack": self.attack, "params": self.params,
-               "target": self.target, "input_size": list(self.input_size), "origin": self.origin, **self.extra}
+        doc = {
+            **TRIGGER_FILE.header(),
+            "kind": self.kind,
+            "attack": self.attack,
+            "params": self.params,
+            "target": self.target,
+            "input_size": list(self.input_size),
+            "origin": self.origin,
+            **self.extra,
+        }
         if self.kind == "warp":
             doc["align_corners"] = self.align_corners
         return doc
@@ -141,7 +154,7 @@ def parse_target(value: Any, num_classes: int | None = None) -> int | dict:
     if isinstance(value, dict):
         try:
             shift = value["all_to_all"]["shift"]
-            if isinstance(shift, bool) or not isinstance(shift, int) or not -2**31 <= shift < 2**31:
+            if isinstance(shift, bool) or not isinstance(shift, int) or not -(2**31) <= shift < 2**31:
                 raise TypeError
         except (KeyError, TypeError, ValueError):
             raise CleanseError(f"trigger target {value!r} is malformed; expected an int or {ALL_TO_ALL}") from None
@@ -172,7 +185,11 @@ def trigger_from_contents(tensors: dict[str, torch.Tensor], doc: dict[str, Any] 
     if not isinstance(kind, str) or kind not in KIND_TENSORS:
         raise CleanseError(f"{path}: trigger kind {kind!r} is unknown; expected one of {', '.join(KIND_TENSORS)}")
     size = doc.get("input_size")
-    if not (isinstance(size, list) and len(size) == 3 and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)):
+    if not (
+        isinstance(size, list)
+        and len(size) == 3
+        and all(isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in size)
+    ):
         raise CleanseError(f"{path}: trigger metadata 'input_size' must be [C, H, W]; re-create the file")
     c, h, w = size
     expected = {"mask": (h, w), "pattern": (c, h, w), "delta": (c, h, w), "grid": (h, w, 2)}
@@ -181,7 +198,9 @@ def trigger_from_contents(tensors: dict[str, torch.Tensor], doc: dict[str, Any] 
             raise CleanseError(f"{path}: a {kind} trigger needs a {name!r} tensor; the file is incomplete")
         t = tensors[name]
         if tuple(t.shape) != expected[name]:
-            raise CleanseError(f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]} for input_size {size}")
+            raise CleanseError(
+                f"{path}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]} for input_size {size}"
+            )
         if not t.is_floating_point() or not torch.isfinite(t).all():
             raise CleanseError(f"{path}: tensor {name!r} must be finite floats; the file is damaged")
         if name in ("mask", "pattern") and (t.min() < 0 or t.max() > 1):

@@ -7,6 +7,7 @@ Noise mode adds cross_ratio times as many rows warped with an extra random
 per-image field (uniform in [-1, 1] / H), keeping their true labels; those
 rows are marked in the dataset's `noise` column and never used at evaluation.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -29,10 +30,16 @@ class WaNet(Attack):
     name = "wanet"
     summary = "smooth warping field (k control points, strength s) with noise-mode rows"
     defaults = {"k": 4, "s": 0.5, "grid_rescale": 1.0, "cross_ratio": 2.0}
-    help = {"k": "control grid size (4)", "s": "warp strength (0.5)", "grid_rescale": "grid rescale (1)",
-            "cross_ratio": "noise rows per poisoned row (2; 0 disables noise mode)"}
+    help = {
+        "k": "control grid size (4)",
+        "s": "warp strength (0.5)",
+        "grid_rescale": "grid rescale (1)",
+        "cross_ratio": "noise rows per poisoned row (2; 0 disables noise mode)",
+    }
 
-    def make_trigger(self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator) -> Trigger:
+    def make_trigger(
+        self, params: dict[str, Any], channels: int, height: int, width: int, generator: torch.Generator
+    ) -> Trigger:
         k, s = params["k"], params["s"]
         if k < 2 or k > min(height, width) or s <= 0 or params["cross_ratio"] < 0:
             raise CleanseError("wanet needs 2 <= k <= image size, s > 0 and cross_ratio >= 0")
@@ -40,8 +47,16 @@ class WaNet(Attack):
         ins = ins / ins.abs().mean()
         noise = F.interpolate(ins, size=(height, width), mode="bicubic", align_corners=True).permute(0, 2, 3, 1)[0]
         grid = ((identity_grid(height, width) + s * noise / height) * params["grid_rescale"]).clamp(-1, 1)
-        return Trigger("warp", {"grid": grid}, 0, (channels, height, width), self.name, dict(params), align_corners=True,
-                       extra={"noise_mode": {"cross_ratio": params["cross_ratio"], "applied": "training only"}})
+        return Trigger(
+            "warp",
+            {"grid": grid},
+            0,
+            (channels, height, width),
+            self.name,
+            dict(params),
+            align_corners=True,
+            extra={"noise_mode": {"cross_ratio": params["cross_ratio"], "applied": "training only"}},
+        )
 
     def noise_rows(self, images: torch.Tensor, trigger: Trigger, generator: torch.Generator) -> torch.Tensor:
         n, height = len(images), images.shape[1]

@@ -1,4 +1,5 @@
 """The command line interface (thin: parse, call the engine, print)."""
+
 from cleanse.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -1,4 +1,5 @@
 """The `cleanse` command line: one typer app, one top-level handler that owns the exit codes."""
+
 from __future__ import annotations
 
 import signal
@@ -7,8 +8,8 @@ import traceback
 from typing import Any
 
 import typer
-from typer.exceptions import Abort, Exit, TyperException
 from typer.core import TyperGroup
+from typer.exceptions import Abort, Exit, TyperException
 
 from cleanse import __version__
 from cleanse.cli.common import SESSION, console
@@ -31,7 +32,11 @@ def _stopped(what: str) -> str:
     """One line: what stopped the run, where it was, and that no output was written."""
     where = f" {SESSION.progress}" if SESSION.progress else ""
     resume = SESSION.resume_file
-    note = f"; the last checkpoint is in {resume}: rerun the same command with --resume to continue" if resume and resume.is_file() else ""
+    note = (
+        f"; the last checkpoint is in {resume}: rerun the same command with --resume to continue"
+        if resume and resume.is_file()
+        else ""
+    )
     return f"{what}{where}; no output was written{note}"
 
 
@@ -42,7 +47,14 @@ class Interrupted(BaseException):
 class CleanseGroup(TyperGroup):
     """Runs click without its own exception handling and maps every outcome to a documented exit code."""
 
-    def main(self, args: Any = None, prog_name: Any = None, complete_var: Any = None, standalone_mode: bool = True, **extra: Any) -> Any:
+    def main(
+        self,
+        args: Any = None,
+        prog_name: Any = None,
+        complete_var: Any = None,
+        standalone_mode: bool = True,
+        **extra: Any,
+    ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
         previous = signal.getsignal(signal.SIGTERM)
         try:
@@ -80,7 +92,12 @@ class CleanseGroup(TyperGroup):
             else:
                 ctx = getattr(exc, "ctx", None)
                 where = ctx.command_path if ctx is not None else "cleanse"
-                console.print(f"error: {exc.format_message()} (see '{where} --help')", markup=False, highlight=False, soft_wrap=True)
+                console.print(
+                    f"error: {exc.format_message()} (see '{where} --help')",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
             return EXIT_USAGE
         except (Interrupted, KeyboardInterrupt, Abort):
             console.print(_stopped("interrupted (SIGINT)"), markup=False, highlight=False, soft_wrap=True)
@@ -88,15 +105,23 @@ class CleanseGroup(TyperGroup):
         except Terminated:
             console.print(_stopped("terminated (SIGTERM)"), markup=False, highlight=False, soft_wrap=True)
             return EXIT_SIGTERM
-        except Exception as exc:  # noqa: BLE001  (the one place that turns bugs into exit 3)
+        except Exception as exc:
             if is_write_error(exc):  # the file system refused (read-only, full, name too long): bad input, not a bug
                 where = getattr(exc, "filename", None) or "a file"
-                console.print(f"error: {where}: {exc.strerror} (the file system refused; check the path, permissions and free space)",  # type: ignore[attr-defined]
-                              markup=False, highlight=False, soft_wrap=True)
+                console.print(
+                    f"error: {where}: {exc.strerror} (the file system refused; check the path, permissions and free space)",  # type: ignore[attr-defined]
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
                 return EXIT_USAGE
             if debug or SESSION.debug:
                 traceback.print_exc()
-            console.print(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", markup=False, soft_wrap=True)
+            console.print(
+                f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+                markup=False,
+                soft_wrap=True,
+            )
             return EXIT_INTERNAL
 
 
@@ -104,7 +129,7 @@ app = typer.Typer(
     cls=CleanseGroup,
     name="cleanse",
     help="Audit image classifiers for backdoors and remove them.\n\nExit codes: 0 ok / no backdoor found, 1 backdoor suspected (scan), "
-         "2 bad input or usage, 3 internal error, 130 interrupted, 143 terminated.",
+    "2 bad input or usage, 3 internal error, 130 interrupted, 143 terminated.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -119,7 +144,9 @@ def _version(value: bool) -> None:
 
 
 @app.callback()
-def root(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version.")) -> None:
+def root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
     """Audit image classifiers for backdoors and remove them."""
 
 

@@ -1,11 +1,12 @@
 """Options every subcommand accepts, the stderr console, and small output helpers."""
+
 from __future__ import annotations
 
 import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
@@ -14,16 +15,35 @@ from cleanse.errors import CleanseError
 
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto | cpu | cuda[:N] | mps.", rich_help_panel="Common")]
 MAX_SEED = 2**32 - 1  # seeds are combined arithmetically (seed + 1, seed * 1000 + class) and must stay in 64 bits
-SeedOpt = Annotated[int, typer.Option("--seed", min=0, max=MAX_SEED, help="Random seed (0..4294967295); the same seed gives the same result.",
-                                      rich_help_panel="Common")]
+SeedOpt = Annotated[
+    int,
+    typer.Option(
+        "--seed",
+        min=0,
+        max=MAX_SEED,
+        help="Random seed (0..4294967295); the same seed gives the same result.",
+        rich_help_panel="Common",
+    ),
+]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Overwrite existing outputs.", rich_help_panel="Common")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json).", rich_help_panel="Common")]
-DebugOpt = Annotated[bool, typer.Option("--debug", help="Show tracebacks for internal errors.", rich_help_panel="Common")]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout; human output goes to stderr.", rich_help_panel="Common")]
+QuietOpt = Annotated[
+    bool, typer.Option("--quiet", "-q", help="Print nothing but errors (and --json).", rich_help_panel="Common")
+]
+DebugOpt = Annotated[
+    bool, typer.Option("--debug", help="Show tracebacks for internal errors.", rich_help_panel="Common")
+]
+JsonOpt = Annotated[
+    bool,
+    typer.Option(
+        "--json", help="Print one JSON document on stdout; human output goes to stderr.", rich_help_panel="Common"
+    ),
+]
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Decode image folders afresh instead of using the cache.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="train | test, for CIFAR python-batch folders.")]
-PrecisionOpt = Annotated[str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast).")]
-ParamOpt = Annotated[Optional[list[str]], typer.Option("--param", help="NAME=VALUE, repeatable.")]
+PrecisionOpt = Annotated[
+    str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast).")
+]
+ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="NAME=VALUE, repeatable.")]
 
 
 @dataclass
@@ -33,8 +53,12 @@ class Session:
     debug: bool = False
     quiet: bool = False
     json: bool = False
-    progress: str | None = None  # where a long loop is, e.g. "during epoch 3/50 of train cnn", for the interrupt message
-    resume_file: Path | None = None  # the checkpoint an interrupted run leaves for --resume, named in the message if it exists
+    progress: str | None = (
+        None  # where a long loop is, e.g. "during epoch 3/50 of train cnn", for the interrupt message
+    )
+    resume_file: Path | None = (
+        None  # the checkpoint an interrupted run leaves for --resume, named in the message if it exists
+    )
 
 
 SESSION = Session()

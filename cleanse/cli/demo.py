@@ -1,4 +1,5 @@
 """`cleanse demo`: the whole story on built-in data: poison -> train -> scan -> unlearn -> explain -> report."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,13 +17,19 @@ from cleanse.jobs import DemoOptions, demo
 def demo_command(
     common: Common,
     output: Annotated[Path, typer.Option("--output", "-o", help="Folder for the demo's files.")] = Path("cleanse-demo"),
-    quick: Annotated[bool, typer.Option("--quick", help="A smaller model, fewer epochs and scan steps (used by the tests).")] = False,
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A smaller model, fewer epochs and scan steps (used by the tests).")
+    ] = False,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (default 8, 6 with --quick).")] = 0,
 ) -> None:
     """Poison the synthetic set with BadNets, train a cnn, scan it, clean it with tar-ewc, explain before/after, and report."""
     result = demo(DemoOptions(output, quick, epochs), common.settings(), PROGRESS)
-    show(metrics_table("tar-ewc on synthetic:test: before -> after", [("before", result.row["before"]),
-                                                                       ("after", result.row["after"])]))
+    show(
+        metrics_table(
+            "tar-ewc on synthetic:test: before -> after",
+            [("before", result.row["before"]), ("after", result.row["after"])],
+        )
+    )
     say(f"scan verdict: {result.verdict}; report: {result.report_file} ({result.wall_seconds:.0f}s in all)")
     if common.json_out:
         emit_json(result.to_json())

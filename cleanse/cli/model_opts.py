@@ -1,9 +1,10 @@
 """Options that describe a model file lacking cleanse metadata (a raw state dict)."""
+
 from __future__ import annotations
 
 import math
 import re
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 
@@ -11,18 +12,41 @@ from cleanse.errors import CleanseError
 from cleanse.models import ARCHITECTURES, MAX_CHANNELS, MAX_INPUT_PIXELS, PRESETS, ModelOptions, check_arch_args
 
 PANEL = "Model file without cleanse metadata"
-ArchOpt = Annotated[Optional[str], typer.Option(
-    "--arch", help=f"Architecture: {', '.join(ARCHITECTURES.names())}, torchvision:NAME, or path/file.py:factory "
-                   "(train's default: cnn).", rich_help_panel=PANEL)]
-NumClassesOpt = Annotated[Optional[int], typer.Option("--num-classes", help="Number of classes of the model's head.", rich_help_panel=PANEL)]
-InputSizeOpt = Annotated[Optional[str], typer.Option("--input-size", help="C,H,W or H,W (e.g. 3,32,32).", rich_help_panel=PANEL)]
-PresetOpt = Annotated[Optional[str], typer.Option("--preset", help=f"Normalisation preset: {' | '.join(PRESETS)}.", rich_help_panel=PANEL)]
-MeanOpt = Annotated[Optional[str], typer.Option("--mean", help="Per-channel mean in [0,1] units, e.g. 0.49,0.48,0.45.", rich_help_panel=PANEL)]
-StdOpt = Annotated[Optional[str], typer.Option("--std", help="Per-channel std in [0,1] units.", rich_help_panel=PANEL)]
-ClassesOpt = Annotated[Optional[str], typer.Option("--classes", help="Comma-separated class names.", rich_help_panel=PANEL)]
-ArchArgOpt = Annotated[Optional[list[str]], typer.Option(
-    "--arch-arg", metavar="NAME=VALUE", help="Architecture argument, repeatable (e.g. width=32,64,64); stored in written checkpoints.",
-    rich_help_panel=PANEL)]
+ArchOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--arch",
+        help=f"Architecture: {', '.join(ARCHITECTURES.names())}, torchvision:NAME, or path/file.py:factory "
+        "(train's default: cnn).",
+        rich_help_panel=PANEL,
+    ),
+]
+NumClassesOpt = Annotated[
+    int | None, typer.Option("--num-classes", help="Number of classes of the model's head.", rich_help_panel=PANEL)
+]
+InputSizeOpt = Annotated[
+    str | None, typer.Option("--input-size", help="C,H,W or H,W (e.g. 3,32,32).", rich_help_panel=PANEL)
+]
+PresetOpt = Annotated[
+    str | None, typer.Option("--preset", help=f"Normalisation preset: {' | '.join(PRESETS)}.", rich_help_panel=PANEL)
+]
+MeanOpt = Annotated[
+    str | None,
+    typer.Option("--mean", help="Per-channel mean in [0,1] units, e.g. 0.49,0.48,0.45.", rich_help_panel=PANEL),
+]
+StdOpt = Annotated[str | None, typer.Option("--std", help="Per-channel std in [0,1] units.", rich_help_panel=PANEL)]
+ClassesOpt = Annotated[
+    str | None, typer.Option("--classes", help="Comma-separated class names.", rich_help_panel=PANEL)
+]
+ArchArgOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--arch-arg",
+        metavar="NAME=VALUE",
+        help="Architecture argument, repeatable (e.g. width=32,64,64); stored in written checkpoints.",
+        rich_help_panel=PANEL,
+    ),
+]
 
 _INT = re.compile(r"[-+]?\d+")
 _FLOAT = re.compile(r"[-+]?(\d+\.\d*|\.\d+|\d+)([eE][-+]?\d+)?")
@@ -78,11 +102,15 @@ def parse_input_size(text: str | None) -> tuple[int, int, int] | None:
     if len(values) != 3 or min(values) < 1:
         raise CleanseError(f"--input-size {text!r} must be C,H,W or H,W with positive integers")
     if values[0] > MAX_CHANNELS or values[1] * values[2] > MAX_INPUT_PIXELS:
-        raise CleanseError(f"--input-size {text!r} is too large (at most {MAX_CHANNELS} channels and {MAX_INPUT_PIXELS} pixels)")
+        raise CleanseError(
+            f"--input-size {text!r} is too large (at most {MAX_CHANNELS} channels and {MAX_INPUT_PIXELS} pixels)"
+        )
     return (values[0], values[1], values[2])
 
 
-def normalization(preset: str | None, mean: str | None, std: str | None) -> tuple[list[float] | None, list[float] | None]:
+def normalization(
+    preset: str | None, mean: str | None, std: str | None
+) -> tuple[list[float] | None, list[float] | None]:
     if preset is not None:
         if preset not in PRESETS:
             raise CleanseError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
@@ -98,8 +126,16 @@ def normalization(preset: str | None, mean: str | None, std: str | None) -> tupl
     return m, s
 
 
-def model_options(arch: str | None, num_classes: int | None, input_size: str | None, preset: str | None,
-                  mean: str | None, std: str | None, classes: str | None, arch_args: list[str] | None = None) -> ModelOptions:
+def model_options(
+    arch: str | None,
+    num_classes: int | None,
+    input_size: str | None,
+    preset: str | None,
+    mean: str | None,
+    std: str | None,
+    classes: str | None,
+    arch_args: list[str] | None = None,
+) -> ModelOptions:
     """What the command line says about MODEL, checked and typed."""
     m, s = normalization(preset, mean, std)
     size = parse_input_size(input_size)
@@ -111,4 +147,3 @@ def model_options(arch: str | None, num_classes: int | None, input_size: str | N
         raise CleanseError("--num-classes must be at least 1")
     names = [c.strip() for c in classes.split(",")] if classes else None
     return ModelOptions(arch, num_classes, size, m, s, names, parse_arch_args(arch_args, arch) or None)
-

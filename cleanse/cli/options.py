@@ -6,19 +6,28 @@ also appends the model flags (--arch --arch-arg --num-classes --input-size --pre
 --classes) as one `ModelFlags`. Typer reads the signature the decorator builds, so the flags,
 their spelling and their help live only here.
 """
+
 from __future__ import annotations
 
 import copy
 import functools
 import inspect
+from collections.abc import Callable
 from dataclasses import dataclass, fields
-from typing import Annotated, Any, Callable, Optional, TypeVar, cast, get_args
-
-import typer
+from typing import Annotated, Any, TypeVar, cast, get_args
 
 from cleanse.cli.common import DebugOpt, DeviceOpt, ForceOpt, JsonOpt, QuietOpt, SeedOpt, start
-from cleanse.cli.model_opts import (ArchArgOpt, ArchOpt, ClassesOpt, InputSizeOpt, MeanOpt, NumClassesOpt, PresetOpt, StdOpt,
-                                    model_options)
+from cleanse.cli.model_opts import (
+    ArchArgOpt,
+    ArchOpt,
+    ClassesOpt,
+    InputSizeOpt,
+    MeanOpt,
+    NumClassesOpt,
+    PresetOpt,
+    StdOpt,
+    model_options,
+)
 from cleanse.jobs import RunSettings
 from cleanse.models import ModelOptions
 
@@ -46,25 +55,39 @@ class ModelFlags:
     """What the command line says about a model: --arch, --arch-arg, --num-classes, --input-size, --preset, --mean,
     --std, --classes (raw text; `options()` checks and types them)."""
 
-    arch: Optional[str] = None
-    arch_arg: Optional[list[str]] = None
-    num_classes: Optional[int] = None
-    input_size: Optional[str] = None
-    preset: Optional[str] = None
-    mean: Optional[str] = None
-    std: Optional[str] = None
-    classes: Optional[str] = None
+    arch: str | None = None
+    arch_arg: list[str] | None = None
+    num_classes: int | None = None
+    input_size: str | None = None
+    preset: str | None = None
+    mean: str | None = None
+    std: str | None = None
+    classes: str | None = None
 
     def options(self) -> ModelOptions:
-        return model_options(self.arch, self.num_classes, self.input_size, self.preset, self.mean, self.std, self.classes,
-                             self.arch_arg)
+        return model_options(
+            self.arch, self.num_classes, self.input_size, self.preset, self.mean, self.std, self.classes, self.arch_arg
+        )
 
 
-COMMON_FLAGS: dict[str, Any] = {"device": DeviceOpt, "seed": SeedOpt, "force": ForceOpt, "quiet": QuietOpt, "debug": DebugOpt,
-                                "json_out": JsonOpt}
-MODEL_FLAGS: dict[str, Any] = {"arch": ArchOpt, "arch_arg": ArchArgOpt, "num_classes": NumClassesOpt,
-                               "input_size": InputSizeOpt, "preset": PresetOpt, "mean": MeanOpt, "std": StdOpt,
-                               "classes": ClassesOpt}
+COMMON_FLAGS: dict[str, Any] = {
+    "device": DeviceOpt,
+    "seed": SeedOpt,
+    "force": ForceOpt,
+    "quiet": QuietOpt,
+    "debug": DebugOpt,
+    "json_out": JsonOpt,
+}
+MODEL_FLAGS: dict[str, Any] = {
+    "arch": ArchOpt,
+    "arch_arg": ArchArgOpt,
+    "num_classes": NumClassesOpt,
+    "input_size": InputSizeOpt,
+    "preset": PresetOpt,
+    "mean": MeanOpt,
+    "std": StdOpt,
+    "classes": ClassesOpt,
+}
 
 
 def _in_panel(annotation: Any, panel: str) -> Any:
@@ -77,9 +100,15 @@ def _in_panel(annotation: Any, panel: str) -> Any:
 
 def _parameters(flags: dict[str, Any], cls: type, panel: str | None = None) -> list[inspect.Parameter]:
     defaults = {f.name: f.default for f in fields(cls)}
-    return [inspect.Parameter(name, inspect.Parameter.KEYWORD_ONLY, default=defaults[name],
-                              annotation=_in_panel(annotation, panel) if panel else annotation)
-            for name, annotation in flags.items()]
+    return [
+        inspect.Parameter(
+            name,
+            inspect.Parameter.KEYWORD_ONLY,
+            default=defaults[name],
+            annotation=_in_panel(annotation, panel) if panel else annotation,
+        )
+        for name, annotation in flags.items()
+    ]
 
 
 def with_options(model: str | None = None) -> Callable[[F], F]:
@@ -99,7 +128,7 @@ def with_options(model: str | None = None) -> Callable[[F], F]:
                 kwargs["model_flags"] = ModelFlags(**{name: kwargs.pop(name) for name in MODEL_FLAGS})
             return command(**kwargs, common=common)
 
-        setattr(wrapper, "__signature__", signature.replace(parameters=own + shared))  # what typer reads
+        wrapper.__signature__ = signature.replace(parameters=own + shared)  # what typer reads
         return cast(F, wrapper)
 
     return decorate

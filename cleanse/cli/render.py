@@ -1,9 +1,11 @@
 """Render engine events: a rich Live table on a terminal, plain lines otherwise, nothing with --quiet."""
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from rich.live import Live
 from rich.table import Table
@@ -28,9 +30,13 @@ def seconds_cell(v: Any) -> str:
 
 
 TRAIN_COLUMNS: list[Column] = [
-    ("epoch", "epoch", float_cell), ("loss", "loss", float_cell), ("lr", "lr", float_cell),
-    ("train_accuracy", "train acc", rate_cell), ("clean_accuracy", "CA", rate_cell),
-    ("attack_success_rate", "ASR", rate_cell), ("elapsed", "elapsed", seconds_cell),
+    ("epoch", "epoch", float_cell),
+    ("loss", "loss", float_cell),
+    ("lr", "lr", float_cell),
+    ("train_accuracy", "train acc", rate_cell),
+    ("clean_accuracy", "CA", rate_cell),
+    ("attack_success_rate", "ASR", rate_cell),
+    ("elapsed", "elapsed", seconds_cell),
 ]
 
 
@@ -44,7 +50,7 @@ class Monitor:
         self.rows: list[dict[str, Any]] = []
         self.live: Live | None = None
 
-    def __enter__(self) -> "Monitor":
+    def __enter__(self) -> Monitor:
         if not SESSION.quiet and console.is_terminal:
             self.live = Live(self._table(), console=console, refresh_per_second=4, transient=False)
             self.live.__enter__()
@@ -117,7 +123,12 @@ def metrics_table(title: str, rows: list[tuple[str, dict[str, Any]]]) -> Table:
     for header in ("", "CA", "ASR", "RA"):
         table.add_column(header, justify="right" if header else "left")
     for name, m in rows:
-        table.add_row(name, fmt_rate(m.get("clean_accuracy")), fmt_rate(m.get("attack_success_rate")), fmt_rate(m.get("robust_accuracy")))
+        table.add_row(
+            name,
+            fmt_rate(m.get("clean_accuracy")),
+            fmt_rate(m.get("attack_success_rate")),
+            fmt_rate(m.get("robust_accuracy")),
+        )
     return table
 
 

@@ -1,8 +1,9 @@
 """`cleanse report`: run records -> report.json, report.md and one self-contained report.html."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -16,20 +17,28 @@ from cleanse.jobs import ReportOptions, ReportResult, report
 def report_command(
     common: Common,
     model_flags: ModelFlags,
-    inputs: Annotated[Optional[list[str]], typer.Argument(metavar="[INPUT]...",
-                                                          help="Run records (*.run.json, run.json) or folders of them.")] = None,
-    output: Annotated[Path, typer.Option("--output", "-o", help="Folder for report.json, report.md, report.html and the "
-                                                                "PNGs.")] = Path("report"),
-    formats: Annotated[str, typer.Option("--format", help="Comma-separated: html, md, json (report.json is always "
-                                                          "written).")] = "html,md,json",
-    model: Annotated[Optional[str], typer.Option("--model", help="Evaluate this model directly (no run record needed).")] = None,
-    data: Annotated[Optional[str], typer.Option("--data", help="Clean DATA for --model's evaluation.")] = None,
-    trigger: Annotated[Optional[Path], typer.Option("--trigger", help="Trigger file for --model's ASR/RA/TAR.")] = None,
+    inputs: Annotated[
+        list[str] | None,
+        typer.Argument(metavar="[INPUT]...", help="Run records (*.run.json, run.json) or folders of them."),
+    ] = None,
+    output: Annotated[
+        Path, typer.Option("--output", "-o", help="Folder for report.json, report.md, report.html and the PNGs.")
+    ] = Path("report"),
+    formats: Annotated[
+        str, typer.Option("--format", help="Comma-separated: html, md, json (report.json is always written).")
+    ] = "html,md,json",
+    model: Annotated[
+        str | None, typer.Option("--model", help="Evaluate this model directly (no run record needed).")
+    ] = None,
+    data: Annotated[str | None, typer.Option("--data", help="Clean DATA for --model's evaluation.")] = None,
+    trigger: Annotated[Path | None, typer.Option("--trigger", help="Trigger file for --model's ASR/RA/TAR.")] = None,
     n: Annotated[int, typer.Option("--n", help="Images per Grad-CAM before/after sheet.")] = 8,
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Build one report from run records (train, scan, unlearn, explain), or evaluate --model directly."""
-    options = ReportOptions(list(inputs or []), output, formats, model, model_flags.options(), data, trigger, n, no_cache)
+    options = ReportOptions(
+        list(inputs or []), output, formats, model, model_flags.options(), data, trigger, n, no_cache
+    )
     result = report(options, common.settings(), PROGRESS)
     show_report(result)
     if common.json_out:
@@ -40,6 +49,8 @@ def report_command(
 def show_report(result: ReportResult) -> None:
     doc = result.doc
     missing = ", ".join(m["section"] for m in doc["missing"]) or "none"
-    say(f"report from {result.records} run record(s): verdict {doc['verdict'] or 'not scanned'}; "
-        f"{len(doc['summary'])} unlearning run(s); missing sections: {missing}")
+    say(
+        f"report from {result.records} run record(s): verdict {doc['verdict'] or 'not scanned'}; "
+        f"{len(doc['summary'])} unlearning run(s); missing sections: {missing}"
+    )
     say(f"wrote {result.main_file}")

@@ -1,8 +1,9 @@
 """`cleanse scan`: is this model backdoored, which class, and what is the trigger? Exit 0 clean, 1 suspected, 2 bad input."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -15,43 +16,82 @@ from cleanse.jobs import ScanOptions, ScanResult, scan
 from cleanse.scan import BUDGETS
 
 EXIT_SUSPECTED = 1
-SCAN_COLUMNS = [("step", "step", float_cell), ("reached", "classes reversed", str), ("active", "still optimising", str),
-                ("smallest", "smallest mask (class: L1)", str), ("median_l1", "median L1", float_cell),
-                ("elapsed", "elapsed", seconds_cell)]
-BUDGET_HELP = "fast | full: " + ", ".join(f"{k} = {b.steps} steps x {b.batch} images per class" for k, b in BUDGETS.items())
+SCAN_COLUMNS = [
+    ("step", "step", float_cell),
+    ("reached", "classes reversed", str),
+    ("active", "still optimising", str),
+    ("smallest", "smallest mask (class: L1)", str),
+    ("median_l1", "median L1", float_cell),
+    ("elapsed", "elapsed", seconds_cell),
+]
+BUDGET_HELP = "fast | full: " + ", ".join(
+    f"{k} = {b.steps} steps x {b.batch} images per class" for k, b in BUDGETS.items()
+)
 
 
 @with_options(model=MODEL_FILE_PANEL)
 def scan_command(
     common: Common,
     model_flags: ModelFlags,
-    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="Model to scan (.safetensors, or a raw state dict with "
-                                                                    "--arch ...).")],
-    data: Annotated[Optional[str], typer.Option("--data", help="Clean DATA to reverse triggers from (rows marked poisoned are "
-                                                               "dropped).")] = None,
-    n_clean: Annotated[int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed "
-                                                           "triggers).")] = 500,
+    model_path: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Model to scan (.safetensors, or a raw state dict with --arch ...).")
+    ],
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="Clean DATA to reverse triggers from (rows marked poisoned are dropped)."),
+    ] = None,
+    n_clean: Annotated[
+        int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")
+    ] = 500,
     budget: Annotated[str, typer.Option("--budget", help=BUDGET_HELP)] = "full",
-    steps: Annotated[Optional[int], typer.Option("--steps", help="Override the budget's optimisation steps.")] = None,
-    early_stop: Annotated[bool, typer.Option("--early-stop/--no-early-stop", help="Let each class stop once its mask has stopped "
-                                             "shrinking (Neural Cleanse's rule, docs/commands/scan.md); --no-early-stop runs "
-                                             "every class for every step.")] = True,
-    statistic: Annotated[str, typer.Option("--statistic", help="loo-z | mad: each class's mask size against the other classes' "
-                                           "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly "
-                                           "index.")] = "loo-z",
-    threshold: Annotated[Optional[float], typer.Option("--threshold", help="Flag a class whose anomaly index exceeds this on the "
-                                                       "small side (default 3.5 for loo-z, 3 for mad; Neural Cleanse: mad, "
-                                                       "linear, 2).")] = None,
-    scale: Annotated[str, typer.Option("--scale", help="log | linear: the statistic on log mask norms (default) or raw ones "
-                                                       "(Neural Cleanse's).")] = "log",
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Layer for the reversed triggers' TAR (default: the TAR "
-                                                                 "layer).")] = None,
-    audit_data: Annotated[Optional[str], typer.Option("--audit-data", help="Also rank this training DATA's samples by "
-                                                                           "suspicion.")] = None,
-    poison_rate: Annotated[Optional[float], typer.Option("--poison-rate", help="Expected poison rate for precision/recall "
-                                                                               "(default: the file's own).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Folder for scan.json, PNGs, trigger files (default "
-                                                                          "<model stem>.scan).")] = None,
+    steps: Annotated[int | None, typer.Option("--steps", help="Override the budget's optimisation steps.")] = None,
+    early_stop: Annotated[
+        bool,
+        typer.Option(
+            "--early-stop/--no-early-stop",
+            help="Let each class stop once its mask has stopped "
+            "shrinking (Neural Cleanse's rule, docs/commands/scan.md); --no-early-stop runs "
+            "every class for every step.",
+        ),
+    ] = True,
+    statistic: Annotated[
+        str,
+        typer.Option(
+            "--statistic",
+            help="loo-z | mad: each class's mask size against the other classes' "
+            "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly "
+            "index.",
+        ),
+    ] = "loo-z",
+    threshold: Annotated[
+        float | None,
+        typer.Option(
+            "--threshold",
+            help="Flag a class whose anomaly index exceeds this on the "
+            "small side (default 3.5 for loo-z, 3 for mad; Neural Cleanse: mad, "
+            "linear, 2).",
+        ),
+    ] = None,
+    scale: Annotated[
+        str,
+        typer.Option(
+            "--scale", help="log | linear: the statistic on log mask norms (default) or raw ones (Neural Cleanse's)."
+        ),
+    ] = "log",
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Layer for the reversed triggers' TAR (default: the TAR layer).")
+    ] = None,
+    audit_data: Annotated[
+        str | None, typer.Option("--audit-data", help="Also rank this training DATA's samples by suspicion.")
+    ] = None,
+    poison_rate: Annotated[
+        float | None,
+        typer.Option("--poison-rate", help="Expected poison rate for precision/recall (default: the file's own)."),
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Folder for scan.json, PNGs, trigger files (default <model stem>.scan)."),
+    ] = None,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
 ) -> None:
@@ -59,8 +99,24 @@ def scan_command(
 
     Exit codes: 0 no backdoor found, 1 backdoor suspected, 2 bad input or usage. With --audit-data only, exit 0 when it finishes.
     """
-    options = ScanOptions(model_path, model_flags.options(), data, n_clean, budget, steps, early_stop, statistic, threshold,
-                          scale, layer, audit_data, poison_rate, output, precision, no_cache)
+    options = ScanOptions(
+        model_path,
+        model_flags.options(),
+        data,
+        n_clean,
+        budget,
+        steps,
+        early_stop,
+        statistic,
+        threshold,
+        scale,
+        layer,
+        audit_data,
+        poison_rate,
+        output,
+        precision,
+        no_cache,
+    )
     result = scan(options, common.settings(), PROGRESS)
     show_scan(result)
     if common.json_out:
@@ -77,9 +133,17 @@ def _scan_row(event: Event) -> Event:
     smallest = f"{min(finite)[1]}: {min(finite)[0]:.1f}" if finite else "-"
     ordered = sorted(d["mask_l1"])
     median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
-    return Event("row", {"step": f"{d['step']}/{d['steps']}", "reached": f"{len(finite)}/{len(best)}",
-                         "active": f"{sum(d['active'])}/{len(best)}", "smallest": smallest,
-                         "median_l1": median, "elapsed": d["elapsed"]})
+    return Event(
+        "row",
+        {
+            "step": f"{d['step']}/{d['steps']}",
+            "reached": f"{len(finite)}/{len(best)}",
+            "active": f"{sum(d['active'])}/{len(best)}",
+            "smallest": smallest,
+            "median_l1": median,
+            "elapsed": d["elapsed"],
+        },
+    )
 
 
 LOOP_VIEWS["scan"] = (SCAN_COLUMNS, _scan_row)
@@ -94,12 +158,22 @@ def show_scan(result: ScanResult) -> None:
         a = doc["audit"]
         pr = a.get("precision_recall")
         if pr:
-            say(f"data audit at the expected poison count k={a['k']}: " + "; ".join(
-                f"{name} precision {fmt_rate(v['precision'])} recall {fmt_rate(v['recall'])}" for name, v in pr.items()))
+            say(
+                f"data audit at the expected poison count k={a['k']}: "
+                + "; ".join(
+                    f"{name} precision {fmt_rate(v['precision'])} recall {fmt_rate(v['recall'])}"
+                    for name, v in pr.items()
+                )
+            )
         else:
-            say(f"data audit: {a['n']} samples ranked in audit.json" + ("" if a["ground_truth"] else " (no ground truth in the file)"))
+            say(
+                f"data audit: {a['n']} samples ranked in audit.json"
+                + ("" if a["ground_truth"] else " (no ground truth in the file)")
+            )
     pictures = ", class-*.png, sheet.png" if result.reversed_triggers else ""
-    say(f"wrote scan.json{pictures}{', audit.json' if result.audited else ''} to {result.output}/ ({doc['wall_seconds']:.0f}s)")
+    say(
+        f"wrote scan.json{pictures}{', audit.json' if result.audited else ''} to {result.output}/ ({doc['wall_seconds']:.0f}s)"
+    )
 
 
 def _show_classes(doc: dict[str, Any]) -> None:
@@ -108,9 +182,14 @@ def _show_classes(doc: dict[str, Any]) -> None:
     for header in ("class", "mask L1", "anomaly index", "ASR (held out)", "TAR", "flagged"):
         table.add_column(header, justify="left" if header == "class" else "right")
     for c in doc["classes"]:
-        table.add_row(f"{c['index']} {c['name']}", f"{c['mask_l1']:.1f}", f"{c['anomaly_index']:.2f}",
-                      fmt_rate(c["attack_success_rate"]), "-" if c["tar"] is None else f"{c['tar']:.2f}",
-                      "yes" if c["flagged"] else "")
+        table.add_row(
+            f"{c['index']} {c['name']}",
+            f"{c['mask_l1']:.1f}",
+            f"{c['anomaly_index']:.2f}",
+            fmt_rate(c["attack_success_rate"]),
+            "-" if c["tar"] is None else f"{c['tar']:.2f}",
+            "yes" if c["flagged"] else "",
+        )
     show(table)
     if doc["backdoored"]:
         names = ", ".join(f"{k} ({doc['classes'][k]['name']})" for k in doc["suspected_targets"])

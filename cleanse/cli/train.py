@@ -1,8 +1,9 @@
 """`cleanse train`: train a classifier (optionally on poisoned data) and evaluate CA/ASR/RA."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated
 
 import typer
 
@@ -18,27 +19,62 @@ MODEL_PANEL = "Model (a fresh model, or a raw --init file)"
 def train_command(
     common: Common,
     model_flags: ModelFlags,
-    data: Annotated[str, typer.Argument(help="Training DATA (a poisoned dataset from `cleanse poison`, a folder, .npz or "
-                                             "'synthetic').")],
+    data: Annotated[
+        str,
+        typer.Argument(help="Training DATA (a poisoned dataset from `cleanse poison`, a folder, .npz or 'synthetic')."),
+    ],
     output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint .safetensors to write.")],
     epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 10,
-    batch_size: Annotated[Optional[int], typer.Option("--batch-size", help="Default: 512 for 20,000+ images, else 256.")] = None,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default depends on the architecture).")] = None,
-    test: Annotated[Optional[str], typer.Option("--test", help="Held-out clean DATA for CA (and ASR/RA with --trigger).")] = None,
-    trigger: Annotated[Optional[Path], typer.Option("--trigger", help="Trigger file for ASR/RA on --test.")] = None,
-    init: Annotated[Optional[Path], typer.Option("--init", help="Continue from this model's weights instead of a fresh model.")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(
-        "--checkpoint-every", metavar="N",
-        help="Every N epochs save a resumable checkpoint to MODEL.resume.safetensors (removed at the end).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from MODEL.resume.safetensors "
-                                                          "(same DATA and options; the result equals an uninterrupted run).")] = False,
+    batch_size: Annotated[
+        int | None, typer.Option("--batch-size", help="Default: 512 for 20,000+ images, else 256.")
+    ] = None,
+    lr: Annotated[
+        float | None, typer.Option("--lr", help="Peak learning rate (default depends on the architecture).")
+    ] = None,
+    test: Annotated[
+        str | None, typer.Option("--test", help="Held-out clean DATA for CA (and ASR/RA with --trigger).")
+    ] = None,
+    trigger: Annotated[Path | None, typer.Option("--trigger", help="Trigger file for ASR/RA on --test.")] = None,
+    init: Annotated[
+        Path | None, typer.Option("--init", help="Continue from this model's weights instead of a fresh model.")
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint-every",
+            metavar="N",
+            help="Every N epochs save a resumable checkpoint to MODEL.resume.safetensors (removed at the end).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run from MODEL.resume.safetensors "
+            "(same DATA and options; the result equals an uninterrupted run).",
+        ),
+    ] = False,
     precision: PrecisionOpt = "auto",
     split: SplitOpt = "train",
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Train a model; evaluate CA (and ASR/RA with --trigger) on --test every epoch."""
-    options = TrainOptions(data, output, model_flags.options(), epochs, batch_size, lr, test, trigger, init, checkpoint_every,
-                           resume, precision, split, no_cache)
+    options = TrainOptions(
+        data,
+        output,
+        model_flags.options(),
+        epochs,
+        batch_size,
+        lr,
+        test,
+        trigger,
+        init,
+        checkpoint_every,
+        resume,
+        precision,
+        split,
+        no_cache,
+    )
     result = train(options, common.settings(), PROGRESS)
     show_train(result)
     if common.json_out:
@@ -48,6 +84,10 @@ def train_command(
 @view(TrainResult)
 def show_train(result: TrainResult) -> None:
     if result.test is not None:
-        show(metrics_table(f"{result.arch} after {result.epochs} epochs on {result.test} ({result.test_images} images)",
-                           [("final", result.metrics)]))
+        show(
+            metrics_table(
+                f"{result.arch} after {result.epochs} epochs on {result.test} ({result.test_images} images)",
+                [("final", result.metrics)],
+            )
+        )
     say(f"wrote {result.output} ({result.wall_seconds:.0f}s)")

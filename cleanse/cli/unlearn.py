@@ -1,8 +1,9 @@
 """`cleanse unlearn`: remove a backdoor with a small clean sample, showing CA, ASR and TAR live."""
+
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
@@ -14,13 +15,24 @@ from cleanse.engine.measure import class_changes
 from cleanse.jobs import RecipeOutcome, UnlearnOptions, UnlearnResult, unlearn
 from cleanse.recipes import RECIPES
 
-METHOD_HELP = ("Recipe: " + "; ".join(f"{n} ({RECIPES.get(n).summary})" for n in RECIPES.names())
-               + "; all (every recipe on the same clean subset, one checkpoint each, one comparison table)")
-UNLEARN_COLUMNS = [("phase", "phase", str), ("epoch", "epoch", float_cell), ("loss", "loss", float_cell),
-                   ("clean_ce", "clean CE", float_cell), ("ascent", "ascent", float_cell), ("ewc", "EWC", float_cell),
-                   ("clean_accuracy", "held CA", rate_cell), ("attack_success_rate", "held ASR", rate_cell),
-                   ("tar", "held TAR", float_cell), ("detail", "recipe figures", str),
-                   ("elapsed", "elapsed", seconds_cell)]
+METHOD_HELP = (
+    "Recipe: "
+    + "; ".join(f"{n} ({RECIPES.get(n).summary})" for n in RECIPES.names())
+    + "; all (every recipe on the same clean subset, one checkpoint each, one comparison table)"
+)
+UNLEARN_COLUMNS = [
+    ("phase", "phase", str),
+    ("epoch", "epoch", float_cell),
+    ("loss", "loss", float_cell),
+    ("clean_ce", "clean CE", float_cell),
+    ("ascent", "ascent", float_cell),
+    ("ewc", "EWC", float_cell),
+    ("clean_accuracy", "held CA", rate_cell),
+    ("attack_success_rate", "held ASR", rate_cell),
+    ("tar", "held TAR", float_cell),
+    ("detail", "recipe figures", str),
+    ("elapsed", "elapsed", seconds_cell),
+]
 LOOP_VIEWS["unlearn"] = (UNLEARN_COLUMNS, None)
 SHOWN_CLASS_CHANGES = 3  # the summary names the classes whose clean accuracy changed most
 
@@ -29,32 +41,60 @@ SHOWN_CLASS_CHANGES = 3  # the summary names the classes whose clean accuracy ch
 def unlearn_command(
     common: Common,
     model_flags: ModelFlags,
-    model_path: Annotated[str, typer.Argument(metavar="MODEL", help="Model to clean (.safetensors, or a raw state dict with "
-                                                                    "--arch ...).")],
+    model_path: Annotated[
+        str, typer.Argument(metavar="MODEL", help="Model to clean (.safetensors, or a raw state dict with --arch ...).")
+    ],
     method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "tar-ewc",
-    data: Annotated[Optional[str], typer.Option("--data", help="DATA to draw the clean subset from (rows marked poisoned are "
-                                                               "dropped).")] = None,
-    clean_frac: Annotated[Optional[float], typer.Option("--clean-frac", help="Fraction of DATA's clean rows to use, "
-                                                                             "e.g. 0.05.")] = None,
-    clean_n: Annotated[Optional[int], typer.Option("--clean-n", help="Number of clean images to use in all.")] = None,
-    trigger: Annotated[Optional[Path], typer.Option("--trigger", help="Trigger file (true from `poison`, or reversed by "
-                                                                      "`scan`).")] = None,
-    test: Annotated[Optional[str], typer.Option("--test", help="Held-out DATA for the before/after report (never used for "
-                                                               "decisions).")] = None,
-    eval_trigger: Annotated[Optional[list[Path]], typer.Option(
-        "--eval-trigger", help="Extra trigger file for reporting-only ASR/RA (repeatable), e.g. the true trigger when cleaning "
-                               "with a reversed one.")] = None,
-    epochs: Annotated[Optional[int], typer.Option("--epochs", help="The recipe's main budget (see docs/recipes/).")] = None,
+    data: Annotated[
+        str | None,
+        typer.Option("--data", help="DATA to draw the clean subset from (rows marked poisoned are dropped)."),
+    ] = None,
+    clean_frac: Annotated[
+        float | None, typer.Option("--clean-frac", help="Fraction of DATA's clean rows to use, e.g. 0.05.")
+    ] = None,
+    clean_n: Annotated[int | None, typer.Option("--clean-n", help="Number of clean images to use in all.")] = None,
+    trigger: Annotated[
+        Path | None, typer.Option("--trigger", help="Trigger file (true from `poison`, or reversed by `scan`).")
+    ] = None,
+    test: Annotated[
+        str | None, typer.Option("--test", help="Held-out DATA for the before/after report (never used for decisions).")
+    ] = None,
+    eval_trigger: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--eval-trigger",
+            help="Extra trigger file for reporting-only ASR/RA (repeatable), e.g. the true trigger when cleaning "
+            "with a reversed one.",
+        ),
+    ] = None,
+    epochs: Annotated[
+        int | None, typer.Option("--epochs", help="The recipe's main budget (see docs/recipes/).")
+    ] = None,
     param: ParamOpt = None,
-    layer: Annotated[Optional[str], typer.Option("--layer", help="Layer for TAR (default: deepest block output >= "
-                                                                 "input/8).")] = None,
-    output: Annotated[Optional[Path], typer.Option("--output", "-o", help="Cleaned checkpoint (default <model "
-                                                                          "stem>.<method>.safetensors).")] = None,
-    checkpoint_every: Annotated[Optional[int], typer.Option(
-        "--checkpoint-every", metavar="N", help="Every N passes over the clean subset save a resumable checkpoint to "
-                                                "OUT.resume.safetensors (removed at the end; finetune, tar-ewc, ulrl, sau).")] = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the interrupted run from OUT.resume.safetensors; "
-                                                          "the rest of the command line must be the interrupted run's.")] = False,
+    layer: Annotated[
+        str | None, typer.Option("--layer", help="Layer for TAR (default: deepest block output >= input/8).")
+    ] = None,
+    output: Annotated[
+        Path | None,
+        typer.Option("--output", "-o", help="Cleaned checkpoint (default <model stem>.<method>.safetensors)."),
+    ] = None,
+    checkpoint_every: Annotated[
+        int | None,
+        typer.Option(
+            "--checkpoint-every",
+            metavar="N",
+            help="Every N passes over the clean subset save a resumable checkpoint to "
+            "OUT.resume.safetensors (removed at the end; finetune, tar-ewc, ulrl, sau).",
+        ),
+    ] = None,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the interrupted run from OUT.resume.safetensors; "
+            "the rest of the command line must be the interrupted run's.",
+        ),
+    ] = False,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
 ) -> None:
@@ -63,9 +103,25 @@ def unlearn_command(
     --method all runs every recipe on the same clean subset, writes OUT.<method>.safetensors for each and prints one
     comparison table ({"recipes": {name: summary}} with --json).
     """
-    options = UnlearnOptions(model_path, data, method, model_flags.options(), clean_frac, clean_n, trigger, test,
-                             list(eval_trigger or []), epochs, parse_params(param), layer, output, checkpoint_every, resume,
-                             precision, no_cache)
+    options = UnlearnOptions(
+        model_path,
+        data,
+        method,
+        model_flags.options(),
+        clean_frac,
+        clean_n,
+        trigger,
+        test,
+        list(eval_trigger or []),
+        epochs,
+        parse_params(param),
+        layer,
+        output,
+        checkpoint_every,
+        resume,
+        precision,
+        no_cache,
+    )
     result = unlearn(options, common.settings(), PROGRESS)
     show_unlearn(result)
     if common.json_out:
@@ -77,8 +133,10 @@ def show_unlearn(result: UnlearnResult) -> None:
     wall = result.wall_seconds
     if result.run_all:
         _show_comparison(result.summaries, result.before, result.measured_on)
-        say(f"wrote {len(result.summaries)} checkpoints ({', '.join(str(result.outputs[n]) for n in result.summaries)}) "
-            f"in {wall:.0f}s")
+        say(
+            f"wrote {len(result.summaries)} checkpoints ({', '.join(str(result.outputs[n]) for n in result.summaries)}) "
+            f"in {wall:.0f}s"
+        )
     else:
         say(f"wrote {next(iter(result.outputs.values()))} ({wall:.0f}s)")
 
@@ -91,12 +149,26 @@ def _show_comparison(summaries: dict[str, dict[str, Any]], before: dict[str, Any
     table = Table(title=f"all recipes, same clean subset, on {measured_on}", title_justify="left")
     for header in ("recipe", "CA", "ASR", "RA", "TAR", "DER", "wall"):
         table.add_column(header, justify="left" if header == "recipe" else "right")
-    table.add_row("(before)", fmt_rate(before["clean_accuracy"]), fmt_rate(before["attack_success_rate"]),
-                  fmt_rate(before["robust_accuracy"]), _num(before["tar"]), "", "")
+    table.add_row(
+        "(before)",
+        fmt_rate(before["clean_accuracy"]),
+        fmt_rate(before["attack_success_rate"]),
+        fmt_rate(before["robust_accuracy"]),
+        _num(before["tar"]),
+        "",
+        "",
+    )
     for name, s in summaries.items():
         a = s["after"]
-        table.add_row(name, fmt_rate(a["clean_accuracy"]), fmt_rate(a["attack_success_rate"]), fmt_rate(a["robust_accuracy"]),
-                      _num(a["tar"]), _num(s["der"]), f"{s['wall_seconds']:.0f}s")
+        table.add_row(
+            name,
+            fmt_rate(a["clean_accuracy"]),
+            fmt_rate(a["attack_success_rate"]),
+            fmt_rate(a["robust_accuracy"]),
+            _num(a["tar"]),
+            _num(s["der"]),
+            f"{s['wall_seconds']:.0f}s",
+        )
     show(table)
 
 
@@ -109,22 +181,35 @@ def show_recipe(outcome: RecipeOutcome) -> None:
         table.add_column(header, justify="right" if header else "left")
     for name in ("before", "after"):
         m = s[name]
-        table.add_row(name, fmt_rate(m["clean_accuracy"]), fmt_rate(m["attack_success_rate"]), fmt_rate(m["robust_accuracy"]),
-                      _num(m["tar"]), _num(m["clean_tar"]))
+        table.add_row(
+            name,
+            fmt_rate(m["clean_accuracy"]),
+            fmt_rate(m["attack_success_rate"]),
+            fmt_rate(m["robust_accuracy"]),
+            _num(m["tar"]),
+            _num(m["clean_tar"]),
+        )
     show(table)
     for name in s["before"].get("eval_triggers", {}):
         b, a = s["before"]["eval_triggers"][name], s["after"]["eval_triggers"][name]
-        say(f"--eval-trigger {name}: ASR {fmt_rate(b['attack_success_rate'])} -> {fmt_rate(a['attack_success_rate'])}, "
-            f"RA {fmt_rate(b['robust_accuracy'])} -> {fmt_rate(a['robust_accuracy'])}")
+        say(
+            f"--eval-trigger {name}: ASR {fmt_rate(b['attack_success_rate'])} -> {fmt_rate(a['attack_success_rate'])}, "
+            f"RA {fmt_rate(b['robust_accuracy'])} -> {fmt_rate(a['robust_accuracy'])}"
+        )
     say(f"DER {_num(s['der'])}, CA retention {_num(s['ca_retention'])}, {s['wall_seconds']:.0f}s")
     changes = class_changes(s["before"]["per_class_accuracy"], s["after"]["per_class_accuracy"], s["classes"])
     if changes:
-        say("largest per-class CA changes: "
-            + ", ".join(f"{name} {points:+.1f}" for name, points in changes[:SHOWN_CLASS_CHANGES]) + " points")
+        say(
+            "largest per-class CA changes: "
+            + ", ".join(f"{name} {points:+.1f}" for name, points in changes[:SHOWN_CLASS_CHANGES])
+            + " points"
+        )
     kept = s["kept"]
     say(f"kept: {kept['tag']} ({kept['rule']})")
     if kept.get("unchanged"):
-        say(f"warning: {s['method']} kept none of its own states, so {s['output']} has the input model's weights: no state it "
+        say(
+            f"warning: {s['method']} kept none of its own states, so {s['output']} has the input model's weights: no state it "
             f"reached met its rule ({kept['rule']}); its rows above show what each state cost. Loosen the rule "
-            "(--param ca_margin=0.05) or try another recipe (--method all compares them)", style="yellow")
-
+            "(--param ca_margin=0.05) or try another recipe (--method all compares them)",
+            style="yellow",
+        )

@@ -1,4 +1,5 @@
 """The clean subset every recipe uses: stratified, seeded, with a held-back part for decisions."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -20,8 +21,9 @@ class CleanSplit:
     filtered: int  # rows dropped first because they were marked poisoned or noise
 
 
-def clean_subset(data: Dataset, frac: float | None = None, n: int | None = None, seed: int = 0,
-                 hold_back: float = HOLD_BACK) -> CleanSplit:
+def clean_subset(
+    data: Dataset, frac: float | None = None, n: int | None = None, seed: int = 0, hold_back: float = HOLD_BACK
+) -> CleanSplit:
     """Drop rows marked poisoned/noise, then draw `frac` of the rest (or `n` in all) per class by seed.
 
     `hold_back` of each class's draw (at least 1) is held back; fewer than 2 per class is refused.
@@ -42,7 +44,9 @@ def clean_subset(data: Dataset, frac: float | None = None, n: int | None = None,
     else:  # largest-remainder allocation, so the class counts add up to exactly n
         quotas = [n * int(c) / total for c in counts]  # type: ignore[operator]
         wants = [int(q) for q in quotas]
-        for cls in sorted(range(len(quotas)), key=lambda i: quotas[i] - wants[i], reverse=True)[: min(n, total) - sum(wants)]:  # type: ignore[type-var]
+        for cls in sorted(range(len(quotas)), key=lambda i: quotas[i] - wants[i], reverse=True)[
+            : min(n, total) - sum(wants)
+        ]:  # type: ignore[type-var]
             wants[cls] += 1
     train_parts, held_parts = [], []
     for cls in range(clean.num_classes):
@@ -50,7 +54,9 @@ def clean_subset(data: Dataset, frac: float | None = None, n: int | None = None,
         want = min(wants[cls], len(rows))
         if want < 2:
             what = f"--clean-frac {frac}" if frac is not None else f"--clean-n {n}"
-            raise CleanseError(f"{what} leaves {want} image(s) of class {cls} ({clean.classes[cls]}); at least 2 per class are needed, raise it")
+            raise CleanseError(
+                f"{what} leaves {want} image(s) of class {cls} ({clean.classes[cls]}); at least 2 per class are needed, raise it"
+            )
         pick = rows[torch.randperm(len(rows), generator=gen)[:want]]
         hold = max(1, round(hold_back * want))
         held_parts.append(pick[:hold])

@@ -7,6 +7,7 @@ and a random distractor blob, so colour or position alone does not give it
 away and a model needs real training; a small corner patch stays learnable
 without being the only strong signal in the image.
 """
+
 from __future__ import annotations
 
 import math
@@ -22,18 +23,20 @@ SPLITS = {"train": (5000, 20261), "test": (1000, 20262)}
 def _shape_masks(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, label: torch.Tensor) -> torch.Tensor:
     d = torch.sqrt(u * u + v * v)
     au, av = u.abs(), v.abs()
-    shapes = torch.stack([
-        d < r,
-        torch.maximum(au, av) < 0.8 * r,
-        (d - 0.75 * r).abs() < 0.22 * r,
-        ((au < 0.28 * r) & (av < r)) | ((av < 0.28 * r) & (au < r)),
-        (v < 0.6 * r) & (v > -r) & (au < (v + r) * 0.58),
-        (d < r) & (torch.sin(u * (2 * math.pi) / (0.55 * r)) > 0),
-        (torch.maximum(au, av) < 0.8 * r) & ((torch.floor(u / (0.4 * r)) + torch.floor(v / (0.4 * r))) % 2 == 0),
-        (torch.sqrt((au - 0.6 * r) ** 2 + v * v) < 0.42 * r),
-        (d < 0.3 * r) | ((d - 0.8 * r).abs() < 0.15 * r),
-        (d < r) & (torch.sqrt((u - 0.55 * r) ** 2 + v * v) > 0.85 * r),
-    ])  # (10, N, H, W)
+    shapes = torch.stack(
+        [
+            d < r,
+            torch.maximum(au, av) < 0.8 * r,
+            (d - 0.75 * r).abs() < 0.22 * r,
+            ((au < 0.28 * r) & (av < r)) | ((av < 0.28 * r) & (au < r)),
+            (v < 0.6 * r) & (v > -r) & (au < (v + r) * 0.58),
+            (d < r) & (torch.sin(u * (2 * math.pi) / (0.55 * r)) > 0),
+            (torch.maximum(au, av) < 0.8 * r) & ((torch.floor(u / (0.4 * r)) + torch.floor(v / (0.4 * r))) % 2 == 0),
+            (torch.sqrt((au - 0.6 * r) ** 2 + v * v) < 0.42 * r),
+            (d < 0.3 * r) | ((d - 0.8 * r).abs() < 0.15 * r),
+            (d < r) & (torch.sqrt((u - 0.55 * r) ** 2 + v * v) > 0.85 * r),
+        ]
+    )  # (10, N, H, W)
     return shapes[label, torch.arange(len(label))]
 
 
@@ -45,7 +48,9 @@ def make_synthetic(split: str = "train", n: int | None = None, size: int = 32) -
     label = torch.arange(count) % len(CLASSES)
     label = label[torch.randperm(count, generator=g)]
 
-    ys, xs = torch.meshgrid(torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij")
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
     s = size / 32
     cx = (9 + 14 * rand(count)) * s
     cy = (9 + 14 * rand(count)) * s

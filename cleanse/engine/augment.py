@@ -1,11 +1,14 @@
 """Batched tensor augmentation on the model's device: random flips and translations."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 
-def flip_translate(x: torch.Tensor, translate: int, flip: bool, generator: torch.Generator | None = None) -> torch.Tensor:
+def flip_translate(
+    x: torch.Tensor, translate: int, flip: bool, generator: torch.Generator | None = None
+) -> torch.Tensor:
     """Per-image horizontal flip and shift by up to `translate` pixels (reflect padding), (N,C,H,W)."""
     n, _, h, w = x.shape
     device = x.device

@@ -1,8 +1,9 @@
 """Device and precision selection: never hard-coded, everything runs on CPU."""
+
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator
+from collections.abc import Iterator
 
 import torch
 
@@ -36,7 +37,10 @@ def bf16_supported(device: torch.device) -> bool:
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
         try:  # fast bf16 matmuls need AVX512-BF16/AMX; elsewhere bf16 autocast is slower than fp32
-            return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()) and "AVX512" in torch.backends.cpu.get_cpu_capability()
+            return (
+                bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+                and "AVX512" in torch.backends.cpu.get_cpu_capability()
+            )
         except (AttributeError, RuntimeError):
             return False
     return False

@@ -1,4 +1,5 @@
 """Evaluation: CA, ASR and RA (DESIGN section 4), one eval-mode forward per image, no TTA."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -15,8 +16,13 @@ EVAL_BATCH = 1024
 
 
 @torch.no_grad()
-def predict(model: nn.Module, images: torch.Tensor, batch_size: int = EVAL_BATCH, precision: str = "fp32",
-            return_logits: bool = False) -> torch.Tensor:
+def predict(
+    model: nn.Module,
+    images: torch.Tensor,
+    batch_size: int = EVAL_BATCH,
+    precision: str = "fp32",
+    return_logits: bool = False,
+) -> torch.Tensor:
     """Predicted classes (or logits) for uint8 (N,H,W,C) images, computed on the model's device."""
     device = next(model.parameters()).device
     was_training = model.training
@@ -40,28 +46,40 @@ class TriggeredSet:
     target_labels: torch.Tensor
 
     @classmethod
-    def build(cls, dataset: Dataset, trigger: Trigger) -> "TriggeredSet":
+    def build(cls, dataset: Dataset, trigger: Trigger) -> TriggeredSet:
         height, width = dataset.image_size
         trigger.check_size(dataset.channels, height, width, what=f"the images of {dataset.source}")
         trigger.check_classes(dataset.num_classes)
         keep = trigger.eligible(dataset.labels)
         labels = dataset.labels[keep]
-        return cls(trigger.apply_uint8(dataset.images[keep]), labels, trigger.target_labels(labels, dataset.num_classes))
+        return cls(
+            trigger.apply_uint8(dataset.images[keep]), labels, trigger.target_labels(labels, dataset.num_classes)
+        )
 
 
 def rate(hits: torch.Tensor) -> float | None:
     return int(hits.sum()) / len(hits) if len(hits) else None
 
 
-def evaluate(model: nn.Module, dataset: Dataset, trigger: Trigger | None = None, precision: str = "fp32",
-             triggered: TriggeredSet | None = None) -> dict[str, Any]:
+def evaluate(
+    model: nn.Module,
+    dataset: Dataset,
+    trigger: Trigger | None = None,
+    precision: str = "fp32",
+    triggered: TriggeredSet | None = None,
+) -> dict[str, Any]:
     """CA on `dataset` (overall and per class, None for a class without images); with a trigger also ASR and RA
     on its eligible triggered copies."""
     preds = predict(model, dataset.images, precision=precision)
     per_class = [rate(preds[dataset.labels == c] == c) for c in range(dataset.num_classes)]
-    result: dict[str, Any] = {"clean_accuracy": rate(preds == dataset.labels), "attack_success_rate": None,
-                              "robust_accuracy": None, "n_clean": len(dataset), "n_triggered": 0,
-                              "per_class_accuracy": per_class}
+    result: dict[str, Any] = {
+        "clean_accuracy": rate(preds == dataset.labels),
+        "attack_success_rate": None,
+        "robust_accuracy": None,
+        "n_clean": len(dataset),
+        "n_triggered": 0,
+        "per_class_accuracy": per_class,
+    }
     if trigger is not None or triggered is not None:
         triggered = triggered or TriggeredSet.build(dataset, trigger)  # type: ignore[arg-type]
         tpreds = predict(model, triggered.images, precision=precision)

@@ -1,8 +1,10 @@
 """Progress events: the engine never prints, it calls a callback that the CLI renders."""
+
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 
 @dataclass

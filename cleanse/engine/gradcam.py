@@ -10,11 +10,12 @@ BatchNorm statistics are never touched; the whole batch stays on the device.
 TAR for a triggered image with trigger region M and map A:
     TAR = mean(A over M) / (mean(A outside M) + eps),  attention share = sum(A*M) / (sum(A) + eps).
 """
+
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -48,11 +49,15 @@ def map_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
             calls[name] = calls.get(name, 0) + 1
             if isinstance(out, torch.Tensor) and out.dim() == 4:
                 order.append(LayerInfo(name, tuple(out.shape[1:])))
+
         return hook
 
     device = next(model.parameters()).device
-    trace_forward(model, torch.zeros(1, *input_size, device=device),
-                  [(module, hook_for(name)) for name, module in inner.named_modules() if name])
+    trace_forward(
+        model,
+        torch.zeros(1, *input_size, device=device),
+        [(module, hook_for(name)) for name, module in inner.named_modules() if name],
+    )
     return [info for info in order if calls[info.name] == 1]
 
 
@@ -131,7 +136,9 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor
         with capture(module, start_grad=True) as store, torch.no_grad():
             logits = model(x.contiguous(memory_format=torch.channels_last))
             if len(store) != 1:
-                raise CleanseError(f"layer {layer!r} runs {len(store)} times per forward; choose a layer that runs once")
+                raise CleanseError(
+                    f"layer {layer!r} runs {len(store)} times per forward; choose a layer that runs once"
+                )
             activation = store[0]
             classes = logits.argmax(1) if target is None else target.to(logits.device)
             score = logits.gather(1, classes.view(-1, 1)).sum()
@@ -153,7 +160,9 @@ def normalise(cams: torch.Tensor, shared: bool = False) -> torch.Tensor:
         lo, hi = flat.min(1).values.view(-1, 1, 1), flat.max(1).values.view(-1, 1, 1)
     span = hi - lo
     # scale-free: a map whose values are all tiny still spans [0, 1]; a constant map is all zeros
-    return torch.where(span > 0, (cams - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(cams))
+    return torch.where(
+        span > 0, (cams - lo) / torch.where(span > 0, span, torch.ones_like(span)), torch.zeros_like(cams)
+    )
 
 
 def tar_and_share(cams: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,5 +195,9 @@ def summarise(values: torch.Tensor) -> dict[str, float | int | None]:
     """Mean and median over defined values; NaNs are excluded and counted."""
     values = values.detach().float().cpu()
     ok = values[~torch.isnan(values)]
-    return {"mean": float(ok.mean()) if len(ok) else None, "median": float(ok.median()) if len(ok) else None,
-            "count": int(len(ok)), "nulls": int(len(values) - len(ok))}
+    return {
+        "mean": float(ok.mean()) if len(ok) else None,
+        "median": float(ok.median()) if len(ok) else None,
+        "count": int(len(ok)),
+        "nulls": int(len(values) - len(ok)),
+    }

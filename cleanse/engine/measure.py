@@ -1,4 +1,5 @@
 """The before/after figures of a model on a clean set: CA/ASR/RA, TAR and reporting-only ASR/RA of extra triggers."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -9,12 +10,25 @@ from cleanse.engine.evaluate import evaluate
 from cleanse.engine.tar import measure_tar
 from cleanse.models import ClassifierModel
 
-SUMMARY_KEYS = ("clean_accuracy", "attack_success_rate", "robust_accuracy", "tar", "tar_median", "attention_share", "clean_tar",
-                "per_class_accuracy")
+SUMMARY_KEYS = (
+    "clean_accuracy",
+    "attack_success_rate",
+    "robust_accuracy",
+    "tar",
+    "tar_median",
+    "attention_share",
+    "clean_tar",
+    "per_class_accuracy",
+)
 
 
-def measure(model: ClassifierModel, data: Dataset, trigger: Trigger | None, layer: str,
-            eval_triggers: dict[str, Trigger] | None = None) -> dict[str, Any]:
+def measure(
+    model: ClassifierModel,
+    data: Dataset,
+    trigger: Trigger | None,
+    layer: str,
+    eval_triggers: dict[str, Trigger] | None = None,
+) -> dict[str, Any]:
     """CA/ASR/RA and TAR figures (all keys present, null when undefined), plus reporting-only ASR/RA per --eval-trigger."""
     m = evaluate(model, data, trigger)
     out = {k: m.get(k) for k in SUMMARY_KEYS}
@@ -22,11 +36,21 @@ def measure(model: ClassifierModel, data: Dataset, trigger: Trigger | None, laye
         out["eval_triggers"] = {}
         for name, extra in eval_triggers.items():
             e = evaluate(model, data, extra)
-            out["eval_triggers"][name] = {"attack_success_rate": e["attack_success_rate"], "robust_accuracy": e["robust_accuracy"]}
+            out["eval_triggers"][name] = {
+                "attack_success_rate": e["attack_success_rate"],
+                "robust_accuracy": e["robust_accuracy"],
+            }
     if trigger is not None:
         t = measure_tar(model, data.images, data.labels, trigger, layer)
-        out.update({"tar": t["tar"], "tar_median": t["tar_median"], "attention_share": t["attention_share"],
-                    "clean_tar": t["clean_tar"], "cam_shift": t["cam_shift"]})
+        out.update(
+            {
+                "tar": t["tar"],
+                "tar_median": t["tar_median"],
+                "attention_share": t["attention_share"],
+                "clean_tar": t["clean_tar"],
+                "cam_shift": t["cam_shift"],
+            }
+        )
     return out
 
 

@@ -3,6 +3,7 @@
 `train --checkpoint-every` and `unlearn --checkpoint-every` both store their state this way in a
 safetensors file: tensors under prefixed names, everything else in the file's JSON metadata.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -10,7 +11,9 @@ from typing import Any
 import torch
 
 
-def pack_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "optimizer") -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+def pack_optimizer(
+    optimizer: torch.optim.Optimizer, prefix: str = "optimizer"
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Tensors `<prefix>.<param index>.<name>` and a JSON part: param_groups and the non-tensor per-parameter state."""
     saved = optimizer.state_dict()
     tensors: dict[str, torch.Tensor] = {}
@@ -24,13 +27,14 @@ def pack_optimizer(optimizer: torch.optim.Optimizer, prefix: str = "optimizer") 
     return tensors, {"param_groups": saved["param_groups"], "scalars": scalars}
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], doc: dict[str, Any],
-                      prefix: str = "optimizer") -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, tensors: dict[str, torch.Tensor], doc: dict[str, Any], prefix: str = "optimizer"
+) -> None:
     """Load what pack_optimizer wrote; raises KeyError/ValueError when it does not fit the optimiser."""
     per_param: dict[int, dict[str, Any]] = {}
     for key, value in tensors.items():
         if key.startswith(prefix + "."):
-            index, name = key[len(prefix) + 1:].split(".", 1)
+            index, name = key[len(prefix) + 1 :].split(".", 1)
             per_param.setdefault(int(index), {})[name] = value
     for key, value in doc["scalars"].items():
         index, name = key.split(".", 1)

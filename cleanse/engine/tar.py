@@ -1,4 +1,5 @@
 """Set-level Trigger Attention Ratio: what `explain`, `unlearn`'s monitor and run records report."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -25,8 +26,15 @@ class CamPair:
     triggered_class: torch.Tensor
 
 
-def cam_pair(model: nn.Module, images: torch.Tensor, trigger: Trigger, layer: str, batch_size: int = CAM_BATCH,
-             target: torch.Tensor | None = None, with_clean: bool = True) -> CamPair:
+def cam_pair(
+    model: nn.Module,
+    images: torch.Tensor,
+    trigger: Trigger,
+    layer: str,
+    batch_size: int = CAM_BATCH,
+    target: torch.Tensor | None = None,
+    with_clean: bool = True,
+) -> CamPair:
     """Maps for uint8 (N,H,W,C) images and their triggered copies (uint8 trigger application, as `poison`).
 
     Without `with_clean` only the triggered copies are explained (the clean fields are empty):
@@ -52,8 +60,14 @@ def cam_pair(model: nn.Module, images: torch.Tensor, trigger: Trigger, layer: st
 def tar_metrics(pair: CamPair, trigger: Trigger) -> dict[str, Any]:
     """TAR, its median, attention share and clean TAR (or cam_shift for full-image triggers)."""
     region = trigger.region_mask()
-    out: dict[str, Any] = {"tar": None, "tar_median": None, "attention_share": None, "clean_tar": None,
-                           "tar_nulls": None, "cam_shift": None}
+    out: dict[str, Any] = {
+        "tar": None,
+        "tar_median": None,
+        "attention_share": None,
+        "clean_tar": None,
+        "tar_nulls": None,
+        "cam_shift": None,
+    }
     usable = region is not None and 0 < int(region.sum()) <= region.numel() / 2
     has_clean = len(pair.clean) > 0
     if usable:
@@ -67,8 +81,9 @@ def tar_metrics(pair: CamPair, trigger: Trigger) -> dict[str, Any]:
     return out
 
 
-def measure_tar(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, layer: str,
-                with_clean: bool = True) -> dict[str, Any]:
+def measure_tar(
+    model: nn.Module, images: torch.Tensor, labels: torch.Tensor, trigger: Trigger, layer: str, with_clean: bool = True
+) -> dict[str, Any]:
     """Set TAR over triggered images whose true class is not the target (predicted class, raw logit)."""
     keep = trigger.eligible(labels)
     result = tar_metrics(cam_pair(model, images[keep], trigger, layer, with_clean=with_clean), trigger)

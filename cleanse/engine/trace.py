@@ -1,8 +1,10 @@
 """One traced forward pass: what the architecture-discovery helpers (Grad-CAM layers, act-edit's call order,
 grad-prune's conv -> BatchNorm pairs) all need."""
+
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 import torch
 from torch import nn

@@ -6,13 +6,15 @@ biases, a frozen whitening layer whose bias trains for the first 3 epochs, and
 lookahead weight averaging every 5 steps). Other architectures get a
 conventional setting (momentum 0.9, weight decay 5e-4, label smoothing 0.1).
 """
+
 from __future__ import annotations
 
 import copy
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -31,11 +33,21 @@ from cleanse.models import ClassifierModel
 
 _NOT_RESUME = "{path}: not a training checkpoint written by cleanse train --checkpoint-every; rerun without --resume"
 RESUME_FILE = FileFormat(
-    "cleanse.train-resume", 1, wrong_format=_NOT_RESUME, no_metadata=_NOT_RESUME,
-    wrong_version="{path}: checkpoint format version {version} is not supported; rerun without --resume")
+    "cleanse.train-resume",
+    1,
+    wrong_format=_NOT_RESUME,
+    no_metadata=_NOT_RESUME,
+    wrong_version="{path}: checkpoint format version {version} is not supported; rerun without --resume",
+)
 # TrainConfig fields a user sets on the command line, for naming a disagreement with a resume file
-_CONFIG_FLAGS = {"epochs": "--epochs", "batch_size": "--batch-size", "lr": "--lr", "precision": "--precision", "seed": "--seed",
-                 "init_whitening": "--init"}
+_CONFIG_FLAGS = {
+    "epochs": "--epochs",
+    "batch_size": "--batch-size",
+    "lr": "--lr",
+    "precision": "--precision",
+    "seed": "--seed",
+    "init_whitening": "--init",
+}
 
 
 @dataclass
@@ -58,15 +70,27 @@ class TrainConfig:
     monitor_size: int = 2000  # per-epoch CA/ASR on a fixed sample of --test; the final figures use all of it
     init_whitening: bool = True  # set the cnn's whitening filters from the data (off when continuing from weights)
 
-    def resolved(self, airbench: bool, n: int) -> "TrainConfig":
+    def resolved(self, airbench: bool, n: int) -> TrainConfig:
         """Fill data- and architecture-dependent defaults (airbench-style for `cnn`)."""
         batch_size = self.batch_size or (512 if n >= 20000 else 256)
         if airbench:
-            defaults = dict(lr=1.5 * batch_size / 1024, momentum=0.85, weight_decay=1.33e-3, label_smoothing=0.2,
-                            bias_lr_scale=64.0, lookahead=True)
+            defaults = dict(
+                lr=1.5 * batch_size / 1024,
+                momentum=0.85,
+                weight_decay=1.33e-3,
+                label_smoothing=0.2,
+                bias_lr_scale=64.0,
+                lookahead=True,
+            )
         else:
-            defaults = dict(lr=0.1 * batch_size / 256, momentum=0.9, weight_decay=5e-4, label_smoothing=0.1,
-                            bias_lr_scale=1.0, lookahead=False)
+            defaults = dict(
+                lr=0.1 * batch_size / 256,
+                momentum=0.9,
+                weight_decay=5e-4,
+                label_smoothing=0.1,
+                bias_lr_scale=1.0,
+                lookahead=False,
+            )
         values = asdict(self)
         values["batch_size"] = batch_size
         values.update({k: v for k, v in defaults.items() if values[k] is None})
@@ -107,12 +131,20 @@ def _param_groups(model: ClassifierModel, cfg: TrainConfig) -> list[dict[str, An
     groups = [{"params": others, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if norm_biases:
         scaled = cfg.lr * cfg.bias_lr_scale  # type: ignore[operator]
-        groups.append({"params": norm_biases, "lr": scaled, "base_lr": scaled, "weight_decay": cfg.weight_decay / cfg.bias_lr_scale})  # type: ignore[operator]
+        groups.append(
+            {
+                "params": norm_biases,
+                "lr": scaled,
+                "base_lr": scaled,
+                "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
+            }
+        )  # type: ignore[operator]
     return groups
 
 
-def _monitor_sample(test: Dataset | None, triggered: TriggeredSet | None, size: int,
-                    seed: int) -> tuple[Dataset | None, TriggeredSet | None]:
+def _monitor_sample(
+    test: Dataset | None, triggered: TriggeredSet | None, size: int, seed: int
+) -> tuple[Dataset | None, TriggeredSet | None]:
     """A fixed random sample of the test set (and its triggered copies) for the per-epoch table."""
     if test is None or len(test) <= size:
         return test, triggered
@@ -135,11 +167,22 @@ class TrainState:
     tensors: dict[str, torch.Tensor]  # model.*, optimizer.<param index>.<name>, lookahead.*, rng.*
     optimizer: dict[str, Any]  # param_groups and the non-tensor per-parameter state
     elapsed: float  # training seconds before the checkpoint
-    extra: dict[str, Any] = field(default_factory=dict)  # the caller's own facts (data, architecture), checked on resume
+    extra: dict[str, Any] = field(
+        default_factory=dict
+    )  # the caller's own facts (data, architecture), checked on resume
 
 
-def _capture(model: ClassifierModel, optimizer: torch.optim.Optimizer, lookahead: "Lookahead | None", gen: torch.Generator,
-             epoch: int, step: int, history: list[dict[str, Any]], cfg: TrainConfig, elapsed: float) -> TrainState:
+def _capture(
+    model: ClassifierModel,
+    optimizer: torch.optim.Optimizer,
+    lookahead: Lookahead | None,
+    gen: torch.Generator,
+    epoch: int,
+    step: int,
+    history: list[dict[str, Any]],
+    cfg: TrainConfig,
+    elapsed: float,
+) -> TrainState:
     tensors = {f"model.{k}": v.detach().clone() for k, v in model.net.state_dict().items()}
     optimizer_tensors, optimizer_doc = pack_optimizer(optimizer)
     tensors.update(optimizer_tensors)
@@ -149,22 +192,31 @@ def _capture(model: ClassifierModel, optimizer: torch.optim.Optimizer, lookahead
     return TrainState(epoch, step, copy.deepcopy(history), asdict(cfg), tensors, optimizer_doc, elapsed)
 
 
-def _restore(state: TrainState, model: ClassifierModel, optimizer: torch.optim.Optimizer, lookahead: "Lookahead | None",
-             gen: torch.Generator) -> None:
+def _restore(
+    state: TrainState,
+    model: ClassifierModel,
+    optimizer: torch.optim.Optimizer,
+    lookahead: Lookahead | None,
+    gen: torch.Generator,
+) -> None:
     """Put the checkpointed weights, optimiser, lookahead and random states back; a file that does not fit exits 2."""
     try:
-        model.net.load_state_dict({k[len("model."):]: v for k, v in state.tensors.items() if k.startswith("model.")}, strict=True)
+        model.net.load_state_dict(
+            {k[len("model.") :]: v for k, v in state.tensors.items() if k.startswith("model.")}, strict=True
+        )
         restore_optimizer(optimizer, state.tensors, state.optimizer)
         if lookahead is not None:
-            ema = {k[len("lookahead."):]: v for k, v in state.tensors.items() if k.startswith("lookahead.")}
+            ema = {k[len("lookahead.") :]: v for k, v in state.tensors.items() if k.startswith("lookahead.")}
             if set(ema) != set(lookahead.ema):
                 raise KeyError("lookahead")
             lookahead.ema = {k: ema[k].to(lookahead.ema[k].device, lookahead.ema[k].dtype) for k in lookahead.ema}
         restore_rng(state.tensors, gen, model.device)
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         reason = " ".join(str(exc).split())[:160]
-        raise CleanseError(f"the resume checkpoint does not fit this model or optimiser ({type(exc).__name__}: {reason}); "
-                           "rerun without --resume (or with --force) to start over") from None
+        raise CleanseError(
+            f"the resume checkpoint does not fit this model or optimiser ({type(exc).__name__}: {reason}); "
+            "rerun without --resume (or with --force) to start over"
+        ) from None
 
 
 def check_resume_config(state: TrainState, cfg: TrainConfig) -> None:
@@ -173,15 +225,24 @@ def check_resume_config(state: TrainState, cfg: TrainConfig) -> None:
     for key in sorted(set(current) | set(state.config)):
         if current.get(key) != state.config.get(key):
             flag = _CONFIG_FLAGS.get(key, key)
-            raise CleanseError(f"the resume checkpoint was written with {flag} {state.config.get(key)!r}, this run has "
-                               f"{current.get(key)!r}; rerun with the same options as the interrupted run, or without --resume")
+            raise CleanseError(
+                f"the resume checkpoint was written with {flag} {state.config.get(key)!r}, this run has "
+                f"{current.get(key)!r}; rerun with the same options as the interrupted run, or without --resume"
+            )
 
 
 def save_train_state(path: str | Path, state: TrainState) -> None:
     """A resumable checkpoint: tensors + JSON metadata in safetensors (never pickle), written atomically."""
-    doc = {**RESUME_FILE.header(), "epoch": state.epoch, "step": state.step,
-           "history": state.history, "config": state.config, "optimizer": state.optimizer, "elapsed": state.elapsed,
-           "extra": state.extra}
+    doc = {
+        **RESUME_FILE.header(),
+        "epoch": state.epoch,
+        "step": state.step,
+        "history": state.history,
+        "config": state.config,
+        "optimizer": state.optimizer,
+        "elapsed": state.elapsed,
+        "extra": state.extra,
+    }
     write_safetensors(path, state.tensors, doc)
 
 
@@ -189,27 +250,57 @@ def load_train_state(path: str | Path) -> TrainState:
     """Read and check a resume checkpoint written by save_train_state."""
     tensors, doc = RESUME_FILE.read(path)
     epoch, step, elapsed = doc.get("epoch"), doc.get("step"), doc.get("elapsed")
-    optimizer, history, config, extra = doc.get("optimizer"), doc.get("history"), doc.get("config"), doc.get("extra", {})
-    ok = (isinstance(epoch, int) and not isinstance(epoch, bool) and epoch >= 1 and isinstance(step, int) and step >= 0
-          and isinstance(elapsed, (int, float)) and isinstance(history, list) and all(isinstance(r, dict) for r in history)
-          and len(history) == epoch and isinstance(config, dict) and isinstance(extra, dict) and isinstance(optimizer, dict)
-          and isinstance(optimizer.get("param_groups"), list) and isinstance(optimizer.get("scalars"), dict)
-          and "rng.generator" in tensors and "rng.torch" in tensors)
+    optimizer, history, config, extra = (
+        doc.get("optimizer"),
+        doc.get("history"),
+        doc.get("config"),
+        doc.get("extra", {}),
+    )
+    ok = (
+        isinstance(epoch, int)
+        and not isinstance(epoch, bool)
+        and epoch >= 1
+        and isinstance(step, int)
+        and step >= 0
+        and isinstance(elapsed, (int, float))
+        and isinstance(history, list)
+        and all(isinstance(r, dict) for r in history)
+        and len(history) == epoch
+        and isinstance(config, dict)
+        and isinstance(extra, dict)
+        and isinstance(optimizer, dict)
+        and isinstance(optimizer.get("param_groups"), list)
+        and isinstance(optimizer.get("scalars"), dict)
+        and "rng.generator" in tensors
+        and "rng.torch" in tensors
+    )
     if not ok:
-        raise CleanseError(f"{path}: the training checkpoint is damaged (malformed metadata); rerun without --resume to start over")
+        raise CleanseError(
+            f"{path}: the training checkpoint is damaged (malformed metadata); rerun without --resume to start over"
+        )
     return TrainState(epoch, step, history, config, tensors, optimizer, float(elapsed), extra)
 
 
-def train_model(model: ClassifierModel, data: Dataset, config: TrainConfig, test: Dataset | None = None,
-                trigger: Trigger | None = None, callback: Callback = silent, resume: TrainState | None = None,
-                checkpoint_every: int = 0, on_checkpoint: Callable[[TrainState], None] | None = None) -> dict[str, Any]:
+def train_model(
+    model: ClassifierModel,
+    data: Dataset,
+    config: TrainConfig,
+    test: Dataset | None = None,
+    trigger: Trigger | None = None,
+    callback: Callback = silent,
+    resume: TrainState | None = None,
+    checkpoint_every: int = 0,
+    on_checkpoint: Callable[[TrainState], None] | None = None,
+) -> dict[str, Any]:
     """Train `model` in place on `data`; evaluate on `test` each epoch. Returns the history and final metrics.
 
     Every `checkpoint_every` epochs (not after the last) `on_checkpoint` receives a TrainState; passing it back as
     `resume` with the same data and config continues to the same weights as an uninterrupted run.
     """
     if data.num_classes != model.spec.num_classes:
-        raise CleanseError(f"the data has {data.num_classes} classes but the model has {model.spec.num_classes}; use matching data or --num-classes")
+        raise CleanseError(
+            f"the data has {data.num_classes} classes but the model has {model.spec.num_classes}; use matching data or --num-classes"
+        )
     device = model.device
     airbench = hasattr(model.net, "init_from_data")
     cfg = config.resolved(airbench, len(data))
@@ -225,7 +316,9 @@ def train_model(model: ClassifierModel, data: Dataset, config: TrainConfig, test
     if resume is not None:
         check_resume_config(resume, cfg)
         if resume.epoch >= cfg.epochs:
-            raise CleanseError(f"the resume checkpoint is after epoch {resume.epoch} of {cfg.epochs}; nothing is left to train")
+            raise CleanseError(
+                f"the resume checkpoint is after epoch {resume.epoch} of {cfg.epochs}; nothing is left to train"
+            )
     if airbench and cfg.init_whitening and resume is None:
         sample = images[torch.randperm(n, generator=gen)[:5000].to(device)].permute(0, 3, 1, 2).float().div(255)
         model.net.init_from_data((sample - model.mean) / model.std)  # type: ignore[operator]
@@ -241,8 +334,18 @@ def train_model(model: ClassifierModel, data: Dataset, config: TrainConfig, test
     if resume is not None:
         _restore(resume, model, optimizer, lookahead, gen)
         step, first, before, history = resume.step, resume.epoch + 1, resume.elapsed, copy.deepcopy(resume.history)
-    callback(Event("start", {"what": "train", "epochs": cfg.epochs, "first_epoch": first, "steps_per_epoch": steps_per_epoch,
-                             "config": asdict(cfg)}))
+    callback(
+        Event(
+            "start",
+            {
+                "what": "train",
+                "epochs": cfg.epochs,
+                "first_epoch": first,
+                "steps_per_epoch": steps_per_epoch,
+                "config": asdict(cfg),
+            },
+        )
+    )
     started = time.perf_counter() - before
     for epoch in range(first, cfg.epochs + 1):
         if whiten_bias is not None:
@@ -274,8 +377,13 @@ def train_model(model: ClassifierModel, data: Dataset, config: TrainConfig, test
             seen += len(y)
         if lookahead is not None and epoch == cfg.epochs:
             lookahead.update(model.net, decay=1.0)
-        row: dict[str, Any] = {"epoch": epoch, "loss": loss_sum / seen, "train_accuracy": correct / seen,
-                               "lr": optimizer.param_groups[0]["lr"], "elapsed": time.perf_counter() - started}
+        row: dict[str, Any] = {
+            "epoch": epoch,
+            "loss": loss_sum / seen,
+            "train_accuracy": correct / seen,
+            "lr": optimizer.param_groups[0]["lr"],
+            "elapsed": time.perf_counter() - started,
+        }
         if epoch == cfg.epochs and test is not None:  # reported figures: fp32, like every other command
             metrics = evaluate(model, test, triggered=triggered)
             row.update({k: metrics[k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")})
@@ -288,7 +396,9 @@ def train_model(model: ClassifierModel, data: Dataset, config: TrainConfig, test
         history.append(row)
         callback(Event("row", row))
         if checkpoint_every and on_checkpoint is not None and epoch % checkpoint_every == 0 and epoch < cfg.epochs:
-            on_checkpoint(_capture(model, optimizer, lookahead, gen, epoch, step, history, cfg, time.perf_counter() - started))
+            on_checkpoint(
+                _capture(model, optimizer, lookahead, gen, epoch, step, history, cfg, time.perf_counter() - started)
+            )
     model.eval()
     train_seconds = time.perf_counter() - started
     final: dict[str, Any] = {"clean_accuracy": None, "attack_success_rate": None, "robust_accuracy": None}

@@ -4,6 +4,7 @@ The CLI only parses flags into these options, calls the job with a Progress that
 prints the result; `cleanse demo`, `cleanse report` and the benchmarks call the same functions.
 See docs/python-api.md.
 """
+
 from cleanse.jobs.demo import DemoOptions, DemoResult, demo
 from cleanse.jobs.explain import ExplainOptions, ExplainResult, explain
 from cleanse.jobs.inputs import RunSettings
@@ -14,7 +15,31 @@ from cleanse.jobs.scan import ScanOptions, ScanResult, scan
 from cleanse.jobs.train import TrainOptions, TrainResult, train
 from cleanse.jobs.unlearn import RecipeOutcome, UnlearnOptions, UnlearnResult, unlearn
 
-__all__ = ["SILENT", "DemoOptions", "DemoResult", "ExplainOptions", "ExplainResult", "Figures", "PoisonOptions", "PoisonResult",
-           "Progress", "RecipeOutcome", "ReportOptions", "ReportResult", "RunSettings", "ScanOptions", "ScanResult",
-           "TrainOptions", "TrainResult", "UnlearnOptions", "UnlearnResult", "demo", "explain", "poison", "report", "scan",
-           "train", "unlearn"]
+__all__ = [
+    "SILENT",
+    "DemoOptions",
+    "DemoResult",
+    "ExplainOptions",
+    "ExplainResult",
+    "Figures",
+    "PoisonOptions",
+    "PoisonResult",
+    "Progress",
+    "RecipeOutcome",
+    "ReportOptions",
+    "ReportResult",
+    "RunSettings",
+    "ScanOptions",
+    "ScanResult",
+    "TrainOptions",
+    "TrainResult",
+    "UnlearnOptions",
+    "UnlearnResult",
+    "demo",
+    "explain",
+    "poison",
+    "report",
+    "scan",
+    "train",
+    "unlearn",
+]

@@ -1,4 +1,5 @@
 """The demo job: the whole story on built-in data: poison -> train -> scan -> unlearn -> explain -> report."""
+
 from __future__ import annotations
 
 import time
@@ -46,9 +47,16 @@ class DemoResult:
         return self.output / "report" / "report.html"
 
     def to_json(self) -> dict[str, Any]:
-        return {"verdict": self.verdict, "suspected_targets": self.suspected_targets, "before": self.row["before"],
-                "after": self.row["after"], "der": self.row["der"], "report": str(self.report_file),
-                "output": str(self.output), "wall_seconds": self.wall_seconds}
+        return {
+            "verdict": self.verdict,
+            "suspected_targets": self.suspected_targets,
+            "before": self.row["before"],
+            "after": self.row["after"],
+            "der": self.row["der"],
+            "report": str(self.report_file),
+            "output": str(self.output),
+            "wall_seconds": self.wall_seconds,
+        }
 
 
 def demo(options: DemoOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> DemoResult:
@@ -59,15 +67,19 @@ def demo(options: DemoOptions, settings: RunSettings | None = None, progress: Pr
     with atomic_directory(o.output, force=s.force) as folder:
         train = make_synthetic("train")
         test = make_synthetic("test")
-        progress.note(f"1/{STEPS} poison: BadNets 3x3 white patch, target 0 ({train.classes[0]}), 10% of {len(train)} "
-                      "synthetic images")
+        progress.note(
+            f"1/{STEPS} poison: BadNets 3x3 white patch, target 0 ({train.classes[0]}), 10% of {len(train)} "
+            "synthetic images"
+        )
         poisoned, trigger = poison_dataset(train, "badnets", 0, 0.1, seed=s.seed)
         trigger_path = folder / "poisoned.trigger.safetensors"
         save_dataset(poisoned, folder / "poisoned.safetensors")
         trigger.save(trigger_path)
         n_epochs = o.epochs or (int(QUICK["epochs"]) if o.quick else 8)
         arch_args = {"width": QUICK["width"]} if o.quick else {}
-        progress.note(f"2/{STEPS} train: cnn{' (quick width ' + str(QUICK['width']) + ')' if o.quick else ''}, {n_epochs} epochs")
+        progress.note(
+            f"2/{STEPS} train: cnn{' (quick width ' + str(QUICK['width']) + ')' if o.quick else ''}, {n_epochs} epochs"
+        )
         mean, std = data_normalization(poisoned)
         model = new_model("cnn", 10, poisoned.classes, (3, 32, 32), mean, std, arch_args, seed=s.seed).to(dev)
         config = TrainConfig(epochs=n_epochs, precision=resolve_precision("auto", dev), seed=s.seed)
@@ -77,28 +89,59 @@ def demo(options: DemoOptions, settings: RunSettings | None = None, progress: Pr
         progress.finished(Figures("backdoored model on synthetic:test", [("cnn", metrics)]))
         model_path = folder / "model.safetensors"
         save_model(model, model_path, {"command": "demo", "seed": s.seed, "epochs": n_epochs})
-        write_json_atomic(folder / "model.safetensors.run.json", new_record(
-            "train", inputs={"data": {"path": str(folder / "poisoned.safetensors")}},
-            parameters={"attack": "badnets", "target": 0, "rate": 0.1, "quick": o.quick, **result["config"]}, metrics=metrics,
-            history=result["history"], versions=versions(dev), outputs={"model": str(model_path)},
-            timings={"train_seconds": result["train_seconds"], "wall_seconds": time.perf_counter() - started}))
+        write_json_atomic(
+            folder / "model.safetensors.run.json",
+            new_record(
+                "train",
+                inputs={"data": {"path": str(folder / "poisoned.safetensors")}},
+                parameters={"attack": "badnets", "target": 0, "rate": 0.1, "quick": o.quick, **result["config"]},
+                metrics=metrics,
+                history=result["history"],
+                versions=versions(dev),
+                outputs={"model": str(model_path)},
+                timings={"train_seconds": result["train_seconds"], "wall_seconds": time.perf_counter() - started},
+            ),
+        )
 
         progress.note(f"3/{STEPS} scan: reverse a trigger for every class (Neural Cleanse, batched) and test the sizes")
-        scanned = scan(ScanOptions(str(model_path), data="synthetic:test", budget="fast", output=folder / "scan"), inner, progress)
+        scanned = scan(
+            ScanOptions(str(model_path), data="synthetic:test", budget="fast", output=folder / "scan"), inner, progress
+        )
         progress.finished(scanned)
         found = list(scanned.doc["suspected_targets"])
 
-        progress.note(f"4/{STEPS} unlearn: tar-ewc on 5% of the training images, with the true trigger"
-                      + (f" (scan also flagged class {found[0]} and wrote its reversed trigger)" if found else ""))
+        progress.note(
+            f"4/{STEPS} unlearn: tar-ewc on 5% of the training images, with the true trigger"
+            + (f" (scan also flagged class {found[0]} and wrote its reversed trigger)" if found else "")
+        )
         cleaned = folder / "model.tar-ewc.safetensors"
-        progress.finished(unlearn(UnlearnOptions(str(model_path), str(folder / "poisoned.safetensors"), "tar-ewc",
-                                                 clean_frac=0.05, trigger=trigger_path, test="synthetic:test", output=cleaned),
-                                  inner, progress))
+        progress.finished(
+            unlearn(
+                UnlearnOptions(
+                    str(model_path),
+                    str(folder / "poisoned.safetensors"),
+                    "tar-ewc",
+                    clean_frac=0.05,
+                    trigger=trigger_path,
+                    test="synthetic:test",
+                    output=cleaned,
+                ),
+                inner,
+                progress,
+            )
+        )
 
         progress.note(f"5/{STEPS} explain: Grad-CAM of the same 8 test images before and after, clean and triggered")
         for name, path in (("before", model_path), ("after", cleaned)):
-            progress.finished(explain(ExplainOptions(str(path), data="synthetic:test", trigger=trigger_path, n=8,
-                                                     output=folder / f"explain-{name}"), inner, progress))
+            progress.finished(
+                explain(
+                    ExplainOptions(
+                        str(path), data="synthetic:test", trigger=trigger_path, n=8, output=folder / f"explain-{name}"
+                    ),
+                    inner,
+                    progress,
+                )
+            )
 
     progress.note(f"6/{STEPS} report: one HTML file with the verdict, before/after, plots and provenance")
     # after the rename, so the report names the final paths

@@ -1,4 +1,5 @@
 """The explain job: Grad-CAM heatmaps (PNG) of clean and triggered images, with the Trigger Attention Ratio."""
+
 from __future__ import annotations
 
 import time
@@ -9,10 +10,18 @@ from typing import Any
 import torch
 
 from cleanse.attacks import Trigger, load_trigger
-from cleanse.engine.gradcam import CamResult, default_layer, grad_cam, normalise, resolve_layer, tar_and_share, tar_layer
+from cleanse.data import load_image_files
+from cleanse.engine.gradcam import (
+    CamResult,
+    default_layer,
+    grad_cam,
+    normalise,
+    resolve_layer,
+    tar_and_share,
+    tar_layer,
+)
 from cleanse.engine.tar import CamPair, cam_pair, tar_metrics
 from cleanse.errors import CleanseError
-from cleanse.data import load_image_files
 from cleanse.files import atomic_directory, check_output_folder, write_json_atomic
 from cleanse.heatmap import colorize, overlay, panel
 from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model, note_data
@@ -54,7 +63,9 @@ def _target_classes(target: str, labels: torch.Tensor | None, num_classes: int, 
         return None
     if target == "label":
         if labels is None:
-            raise CleanseError("--target label needs labelled images; use --data, or --target predicted|INT for image files")
+            raise CleanseError(
+                "--target label needs labelled images; use --data, or --target predicted|INT for image files"
+            )
         return labels
     try:
         cls = int(target)
@@ -65,7 +76,9 @@ def _target_classes(target: str, labels: torch.Tensor | None, num_classes: int, 
     return torch.full((n,), cls, dtype=torch.long)
 
 
-def _pick_images(o: ExplainOptions, model: ClassifierModel, trig: Trigger | None, seed: int, progress: Progress) -> _Images:
+def _pick_images(
+    o: ExplainOptions, model: ClassifierModel, trig: Trigger | None, seed: int, progress: Progress
+) -> _Images:
     """--n seeded images of --data (whose class is not the trigger's target), or the image files."""
     _, height, width = model.spec.input_size
     if not o.data:
@@ -121,7 +134,9 @@ def explain(options: ExplainOptions, settings: RunSettings | None = None, progre
     else:
         pair = cam_pair(model, images, trig, picture_layer, target=cam_target)
         clean = CamResult(pair.clean, pair.clean_logits, pair.clean_class)  # the pair already explains the clean images
-        measured = pair if measure_layer == picture_layer else cam_pair(model, images, trig, measure_layer, target=cam_target)
+        measured = (
+            pair if measure_layer == picture_layer else cam_pair(model, images, trig, measure_layer, target=cam_target)
+        )
         set_metrics = tar_metrics(measured, trig)
         region = trig.region_mask()
         tar, share = tar_and_share(measured.triggered, region) if region is not None else (None, None)
@@ -131,29 +146,58 @@ def explain(options: ExplainOptions, settings: RunSettings | None = None, progre
     doc_images: list[dict[str, Any]] = []
     for i in range(len(images)):
         predicted = int(probs[i].argmax())
-        entry: dict[str, Any] = {"source": picked.names[i], "label": None if labels is None else int(labels[i]),
-                                 "label_name": None if labels is None else model.spec.classes[int(labels[i])],
-                                 "predicted": predicted, "predicted_name": model.spec.classes[predicted],
-                                 "confidence": float(probs[i].max()), "cam_class": int(clean.classes[i])}
+        entry: dict[str, Any] = {
+            "source": picked.names[i],
+            "label": None if labels is None else int(labels[i]),
+            "label_name": None if labels is None else model.spec.classes[int(labels[i])],
+            "predicted": predicted,
+            "predicted_name": model.spec.classes[predicted],
+            "confidence": float(probs[i].max()),
+            "cam_class": int(clean.classes[i]),
+        }
         if pair is not None:
             tp = int(tprobs[i].argmax())
-            entry["triggered"] = {"predicted": tp, "predicted_name": model.spec.classes[tp], "confidence": float(tprobs[i].max()),
-                                  "cam_class": int(pair.triggered_class[i]),
-                                  "tar": _num(tar[i]) if tar is not None else None,
-                                  "attention_share": _num(share[i]) if share is not None else None}
+            entry["triggered"] = {
+                "predicted": tp,
+                "predicted_name": model.spec.classes[tp],
+                "confidence": float(tprobs[i].max()),
+                "cam_class": int(pair.triggered_class[i]),
+                "tar": _num(tar[i]) if tar is not None else None,
+                "attention_share": _num(share[i]) if share is not None else None,
+            }
             entry["clean_tar"] = _num(clean_tar[i]) if clean_tar is not None else None
         doc_images.append(entry)
 
-    doc = {"model": o.model_path, "model_sha256": model.source_sha256, "layer": picture_layer, "tar_layer": measure_layer,
-           "target": o.target, "trigger": str(o.trigger) if o.trigger else None, "images": doc_images,
-           "set": dict(set_metrics) if trig is not None else None}
-    record = new_record("explain", inputs={"model": describe_input(o.model_path), "data": describe_input(o.data),
-                                           "trigger": describe_input(o.trigger),
-                                           "images": [describe_input(p) for p in o.image_files]},
-                        parameters={"n": len(images), "layer": picture_layer, "tar_layer": measure_layer, "target": o.target,
-                                    "seed": s.seed},
-                        metrics=set_metrics or None, result="explain.json", versions=versions(dev),
-                        timings={"wall_seconds": time.perf_counter() - started})
+    doc = {
+        "model": o.model_path,
+        "model_sha256": model.source_sha256,
+        "layer": picture_layer,
+        "tar_layer": measure_layer,
+        "target": o.target,
+        "trigger": str(o.trigger) if o.trigger else None,
+        "images": doc_images,
+        "set": dict(set_metrics) if trig is not None else None,
+    }
+    record = new_record(
+        "explain",
+        inputs={
+            "model": describe_input(o.model_path),
+            "data": describe_input(o.data),
+            "trigger": describe_input(o.trigger),
+            "images": [describe_input(p) for p in o.image_files],
+        },
+        parameters={
+            "n": len(images),
+            "layer": picture_layer,
+            "tar_layer": measure_layer,
+            "target": o.target,
+            "seed": s.seed,
+        },
+        metrics=set_metrics or None,
+        result="explain.json",
+        versions=versions(dev),
+        timings={"wall_seconds": time.perf_counter() - started},
+    )
     triggered_images = trig.apply_uint8(images) if trig is not None else None
     maps = [clean.cams] + ([pair.triggered] if pair is not None else [])
     with atomic_directory(o.output, force=s.force, inputs=inputs) as folder:
@@ -163,7 +207,9 @@ def explain(options: ExplainOptions, settings: RunSettings | None = None, progre
     return ExplainResult(doc, o.output)
 
 
-def _write_pictures(folder: Path, images: torch.Tensor, triggered: torch.Tensor | None, maps: list[torch.Tensor]) -> None:
+def _write_pictures(
+    folder: Path, images: torch.Tensor, triggered: torch.Tensor | None, maps: list[torch.Tensor]
+) -> None:
     """img-NNN.png (and -triggered) with per-image scales, and sheet.png on one scale shared by the run."""
     per_image = [normalise(m) for m in maps]
     shared = normalise(torch.cat(maps), shared=True).split(len(images))
@@ -173,6 +219,10 @@ def _write_pictures(folder: Path, images: torch.Tensor, triggered: torch.Tensor 
         row = [images[i], colorize(shared[0][i : i + 1])[0], overlay(images[i : i + 1], shared[0][i : i + 1])[0]]
         if triggered is not None:
             save_png(panel(triggered[i], per_image[1][i]), folder / f"img-{i:03d}-triggered.png")
-            row += [triggered[i], colorize(shared[1][i : i + 1])[0], overlay(triggered[i : i + 1], shared[1][i : i + 1])[0]]
+            row += [
+                triggered[i],
+                colorize(shared[1][i : i + 1])[0],
+                overlay(triggered[i : i + 1], shared[1][i : i + 1])[0],
+            ]
         rows.append(torch.stack(row))
     save_png(image_grid(rows, scale=4), folder / "sheet.png")

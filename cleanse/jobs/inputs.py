@@ -1,4 +1,5 @@
 """What every job does with its inputs: run settings, loading a model or clean data, and checking they fit."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ class RunSettings:
         return resolve_device(self.device)
 
 
-def load_job_model(path: str, options: ModelOptions | None, device: torch.device, progress: Progress) -> ClassifierModel:
+def load_job_model(
+    path: str, options: ModelOptions | None, device: torch.device, progress: Progress
+) -> ClassifierModel:
     """MODEL as every job loads it: a cleanse checkpoint, or a raw state dict plus `options`; loading notes are passed on."""
     model = load_model(path, options, device)
     for note in model.notes:
@@ -46,11 +49,15 @@ def load_clean(spec: str, split: str, no_cache: bool, size: tuple[int, int] | No
 def check_classes(model: ClassifierModel, data: Dataset, what: str) -> None:
     """DATA fits the model: the same class count and channel count (image sizes are checked or resized by the caller)."""
     if data.num_classes != model.spec.num_classes:
-        raise CleanseError(f"{what} has {data.num_classes} classes but the model has {model.spec.num_classes}; "
-                           "use data with the model's classes")
+        raise CleanseError(
+            f"{what} has {data.num_classes} classes but the model has {model.spec.num_classes}; "
+            "use data with the model's classes"
+        )
     if data.channels != model.spec.input_size[0]:
-        raise CleanseError(f"{what} has {data.channels}-channel images but the model takes {model.spec.input_size[0]} channels; "
-                           "use data with the model's channels")
+        raise CleanseError(
+            f"{what} has {data.channels}-channel images but the model takes {model.spec.input_size[0]} channels; "
+            "use data with the model's channels"
+        )
 
 
 def check_trainable(data: Dataset, what: str) -> None:
@@ -61,8 +68,10 @@ def check_trainable(data: Dataset, what: str) -> None:
     empty = [i for i, c in enumerate(counts.tolist()) if c == 0]
     if empty:
         more = f" and {len(empty) - 1} more classes" if len(empty) > 1 else ""
-        raise CleanseError(f"{what} has no images of class {empty[0]} ({data.classes[empty[0]]}){more}; "
-                           "add images of it or remove its class folder")
+        raise CleanseError(
+            f"{what} has no images of class {empty[0]} ({data.classes[empty[0]]}){more}; "
+            "add images of it or remove its class folder"
+        )
 
 
 def note_data(data: Dataset, progress: Progress) -> None:
@@ -76,12 +85,16 @@ def resume_path(output: Path) -> Path:
     return output.with_name(f"{stem}.resume.safetensors")
 
 
-def check_same_run(saved: dict[str, Any], facts: dict[str, Any], flags: tuple[tuple[str, str], ...], path: Path) -> None:
+def check_same_run(
+    saved: dict[str, Any], facts: dict[str, Any], flags: tuple[tuple[str, str], ...], path: Path
+) -> None:
     """The checkpoint belongs to this command line: the same inputs (by sha256) and options, named by `flags`."""
     for key, flag in flags:
         if saved.get(key) != facts[key]:
-            raise CleanseError(f"{path}: the checkpoint was written for another {flag} ({_describe(saved.get(key))} vs "
-                               f"{_describe(facts[key])}); rerun with the interrupted run's options, or without --resume")
+            raise CleanseError(
+                f"{path}: the checkpoint was written for another {flag} ({_describe(saved.get(key))} vs "
+                f"{_describe(facts[key])}); rerun with the interrupted run's options, or without --resume"
+            )
 
 
 def _describe(value: Any) -> str:
@@ -93,7 +106,11 @@ def _describe(value: Any) -> str:
 def check_resume_file(state_path: Path, checkpoint_every: int | None, resume: bool, force: bool) -> None:
     """--resume needs the checkpoint; --checkpoint-every must not silently replace one of an interrupted run."""
     if resume and not state_path.is_file():
-        raise CleanseError(f"{state_path}: no checkpoint to resume from; run without --resume (with --checkpoint-every N to write one)")
+        raise CleanseError(
+            f"{state_path}: no checkpoint to resume from; run without --resume (with --checkpoint-every N to write one)"
+        )
     if not resume and checkpoint_every is not None and state_path.exists() and not force:
-        raise CleanseError(f"{state_path}: a checkpoint of an interrupted run exists; pass --resume to continue it, "
-                           "or --force to start over")
+        raise CleanseError(
+            f"{state_path}: a checkpoint of an interrupted run exists; pass --resume to continue it, "
+            "or --force to start over"
+        )

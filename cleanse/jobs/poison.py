@@ -1,4 +1,5 @@
 """The poison job: write a poisoned dataset, its trigger file, an optional preview and a run record."""
+
 from __future__ import annotations
 
 import time
@@ -56,15 +57,37 @@ def poison(options: PoisonOptions, settings: RunSettings | None = None, progress
     note_data(data, progress)
     poisoned, trigger = poison_dataset(data, o.attack, o.target, o.rate, seed=s.seed, params=o.params)
     assert poisoned.poisoned is not None  # a poisoned set always marks its rows
-    counts = {"rows": len(poisoned), "poisoned": int(poisoned.poisoned.sum()),
-              "noise": int(poisoned.noise.sum()) if poisoned.noise is not None else 0}
-    summary = {"output": str(o.output), "trigger": str(trigger_path), "attack": o.attack, "target": trigger.target,
-               "rate": o.rate, "seed": s.seed, **counts, "params": trigger.params}
-    record = new_record("poison", inputs={"data": describe_input(o.source)},
-                        parameters={"attack": o.attack, "target": trigger.target, "rate": o.rate, "seed": s.seed,
-                                    "params": trigger.params, "split": o.split},
-                        outputs={"dataset": str(o.output), "trigger": str(trigger_path)}, counts=counts,
-                        timings={"wall_seconds": time.perf_counter() - started}, versions=versions())
+    counts = {
+        "rows": len(poisoned),
+        "poisoned": int(poisoned.poisoned.sum()),
+        "noise": int(poisoned.noise.sum()) if poisoned.noise is not None else 0,
+    }
+    summary = {
+        "output": str(o.output),
+        "trigger": str(trigger_path),
+        "attack": o.attack,
+        "target": trigger.target,
+        "rate": o.rate,
+        "seed": s.seed,
+        **counts,
+        "params": trigger.params,
+    }
+    record = new_record(
+        "poison",
+        inputs={"data": describe_input(o.source)},
+        parameters={
+            "attack": o.attack,
+            "target": trigger.target,
+            "rate": o.rate,
+            "seed": s.seed,
+            "params": trigger.params,
+            "split": o.split,
+        },
+        outputs={"dataset": str(o.output), "trigger": str(trigger_path)},
+        counts=counts,
+        timings={"wall_seconds": time.perf_counter() - started},
+        versions=versions(),
+    )
     with output_set() as out:
         save_dataset(poisoned, out.reserve(o.output))
         trigger.save(out.reserve(trigger_path))

@@ -3,6 +3,7 @@
 Jobs never print. The CLI passes a Progress that renders (a rich Live table on a terminal, plain
 lines otherwise, nothing with --quiet); Python callers get `SILENT` unless they pass their own.
 """
+
 from __future__ import annotations
 
 from contextlib import AbstractContextManager, nullcontext

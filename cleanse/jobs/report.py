@@ -1,4 +1,5 @@
 """The report job: run records -> report.json, report.md and one self-contained report.html."""
+
 from __future__ import annotations
 
 import time
@@ -55,7 +56,9 @@ def _formats(o: ReportOptions) -> set[str]:
     if not wanted or wanted - set(FORMATS):
         raise CleanseError(f"--format {o.formats!r}: choose from {', '.join(FORMATS)}, comma-separated")
     if not o.inputs and o.model_path is None:
-        raise CleanseError("give run records or folders (INPUT...), or --model M --data D [--trigger T] to evaluate a model directly")
+        raise CleanseError(
+            "give run records or folders (INPUT...), or --model M --data D [--trigger T] to evaluate a model directly"
+        )
     if o.model_path is not None and o.data is None:
         raise CleanseError("--model needs --data: the clean images to evaluate it on")
     if o.n < 1:
@@ -69,7 +72,9 @@ def report(options: ReportOptions, settings: RunSettings | None = None, progress
     wanted = _formats(o)
     records = find_records(list(o.inputs))
     if o.inputs and not records:
-        raise CleanseError(f"no run records in {', '.join(o.inputs)}; pass the .run.json or run.json files that cleanse commands wrote")
+        raise CleanseError(
+            f"no run records in {', '.join(o.inputs)}; pass the .run.json or run.json files that cleanse commands wrote"
+        )
     guarded = (*o.inputs, o.model_path, o.data, str(o.trigger) if o.trigger else None)
     check_output_folder(o.output, force=s.force, inputs=guarded)
     dev = s.torch_device()
@@ -90,10 +95,14 @@ def report(options: ReportOptions, settings: RunSettings | None = None, progress
             write_bytes_atomic(folder / "report.md", to_markdown(doc).encode())
         if "html" in wanted:
             write_bytes_atomic(folder / "report.html", to_html(doc, folder).encode())
-        record = new_record("report", inputs={"records": [describe_input(r.path) for r in records],
-                                              "model": describe_input(o.model_path)},
-                            parameters={"formats": sorted(wanted), "n": o.n}, result="report.json", versions=versions(dev),
-                            timings={"wall_seconds": time.perf_counter() - started})
+        record = new_record(
+            "report",
+            inputs={"records": [describe_input(r.path) for r in records], "model": describe_input(o.model_path)},
+            parameters={"formats": sorted(wanted), "n": o.n},
+            result="report.json",
+            versions=versions(dev),
+            timings={"wall_seconds": time.perf_counter() - started},
+        )
         write_json_atomic(folder / "run.json", record)
     return ReportResult(doc, o.output, len(records), wanted)
 
@@ -113,15 +122,24 @@ def _copy_scan_and_explain_pictures(doc: dict[str, Any], folder: Path, pictures:
             pictures[f"explain-{i}"] = f"explain-{i}.png"
 
 
-def _gradcam_sheets(records: list[Record], doc: dict[str, Any], folder: Path, pictures: dict[str, Any], o: ReportOptions,
-                    dev: torch.device, seed: int) -> dict[str, Any]:
+def _gradcam_sheets(
+    records: list[Record],
+    doc: dict[str, Any],
+    folder: Path,
+    pictures: dict[str, Any],
+    o: ReportOptions,
+    dev: torch.device,
+    seed: int,
+) -> dict[str, Any]:
     """A before/after Grad-CAM sheet per unlearn record whose models and data still exist; the rest listed as missing."""
     sheets: dict[str, Any] = {}
     for r in [r for r in records if r.command == "unlearn"]:
         src = resolve_sources(r)
         key = f"gradcam-{(r.doc.get('parameters') or {}).get('method')}"
         if src["parent"] is None or src["cleaned"] is None or src["data"] is None:
-            doc["missing"].append({"section": key, "reason": f"the parent or cleaned model named in {r.path} no longer exists"})
+            doc["missing"].append(
+                {"section": key, "reason": f"the parent or cleaned model named in {r.path} no longer exists"}
+            )
             continue
         try:
             before_model = load_model(src["parent"], device=dev)
@@ -147,6 +165,12 @@ def _direct(o: ReportOptions, model_path: str, data: str, dev: torch.device, pro
     if trig is not None:
         trig.check_size(*model.spec.input_size, what="the model's inputs")
     layer = tar_layer(model, model.spec.input_size)
-    return {"model": model_path, "model_sha256": model.source_sha256, "data": data,
-            "trigger": str(o.trigger) if o.trigger else None, "rows_dropped_as_poisoned": dropped, "tar_layer": layer,
-            "metrics": measure(model, clean, trig, layer)}
+    return {
+        "model": model_path,
+        "model_sha256": model.source_sha256,
+        "data": data,
+        "trigger": str(o.trigger) if o.trigger else None,
+        "rows_dropped_as_poisoned": dropped,
+        "tar_layer": layer,
+        "metrics": measure(model, clean, trig, layer),
+    }

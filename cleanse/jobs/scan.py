@@ -1,4 +1,5 @@
 """The scan job: reverse a trigger per class and flag outliers, and/or rank training samples by suspicion."""
+
 from __future__ import annotations
 
 import time
@@ -56,8 +57,10 @@ class ScanResult:
 def _plan(o: ScanOptions) -> tuple[Budget, float]:
     """The checked budget and threshold: usage errors before any file is read."""
     if o.data is None and o.audit_data is None:
-        raise CleanseError("scan needs --data CLEAN_DATA (trigger reverse-engineering) and/or --audit-data TRAINING_DATA "
-                           "(sample ranking)")
+        raise CleanseError(
+            "scan needs --data CLEAN_DATA (trigger reverse-engineering) and/or --audit-data TRAINING_DATA "
+            "(sample ranking)"
+        )
     if o.budget not in BUDGETS:
         raise CleanseError(f"--budget {o.budget!r} is unknown; choose one of: {', '.join(BUDGETS)}")
     plan = BUDGETS[o.budget] if o.steps is None else replace(BUDGETS[o.budget], steps=o.steps)
@@ -72,8 +75,10 @@ def _plan(o: ScanOptions) -> tuple[Budget, float]:
         raise CleanseError(f"--statistic {o.statistic!r} is unknown; choose one of: {', '.join(STATISTICS)}")
     threshold = DEFAULT_THRESHOLDS[o.statistic] if o.threshold is None else o.threshold
     if not threshold > 0 or threshold == float("inf"):
-        raise CleanseError(f"--threshold {threshold} must be positive (default 3.5 for loo-z, 3 for mad; "
-                           "Neural Cleanse uses mad, linear, 2)")
+        raise CleanseError(
+            f"--threshold {threshold} must be positive (default 3.5 for loo-z, 3 for mad; "
+            "Neural Cleanse uses mad, linear, 2)"
+        )
     if o.poison_rate is not None and not 0 < o.poison_rate < 1:
         raise CleanseError(f"--poison-rate {o.poison_rate} must lie in (0, 1)")
     return plan, threshold
@@ -100,11 +105,25 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             raise CleanseError(f"the model has {model.spec.num_classes} classes; the anomaly test needs at least 3")
         clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width))
         check_classes(model, clean, o.data)
-        progress.note(f"reversing a trigger for each of {model.spec.num_classes} classes at once ({o.budget}: "
-                      f"{plan.steps} steps) from {min(o.n_clean, len(clean))} clean images of {o.data}")
+        progress.note(
+            f"reversing a trigger for each of {model.spec.num_classes} classes at once ({o.budget}: "
+            f"{plan.steps} steps) from {min(o.n_clean, len(clean))} clean images of {o.data}"
+        )
         with progress.loop("scan", f"scan {o.budget}") as callback:
-            result = scan_model(model, clean, o.n_clean, o.budget, plan, threshold, s.seed, prec, measure_layer,
-                                callback=callback, scale=o.scale, statistic=o.statistic)
+            result = scan_model(
+                model,
+                clean,
+                o.n_clean,
+                o.budget,
+                plan,
+                threshold,
+                s.seed,
+                prec,
+                measure_layer,
+                callback=callback,
+                scale=o.scale,
+                statistic=o.statistic,
+            )
         doc.update(result.doc)
         doc["rows_dropped_as_poisoned"] = dropped
         for k in result.doc["suspected_targets"]:
@@ -116,19 +135,38 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         rate = o.poison_rate if o.poison_rate is not None else (suspect.meta.get("attack") or {}).get("rate")
         progress.note(f"auditing {len(suspect)} samples of {o.audit_data} (spectral signature + activation clustering)")
         audit = audit_data(model, suspect, rate, prec)
-        doc["audit"] = {k: v for k, v in audit.items() if k != "ranking"} | {"file": "audit.json", "top": audit["ranking"][:20]}
+        doc["audit"] = {k: v for k, v in audit.items() if k != "ranking"} | {
+            "file": "audit.json",
+            "top": audit["ranking"][:20],
+        }
     wall = time.perf_counter() - started
     doc["wall_seconds"] = wall
-    record = new_record("scan", inputs={"model": describe_input(o.model_path), "data": describe_input(o.data),
-                                        "audit_data": describe_input(o.audit_data)},
-                        parameters={"n_clean": o.n_clean, "budget": o.budget, "steps": plan.steps,
-                                    "early_stop_rounds": plan.early_stop, "statistic": o.statistic, "threshold": threshold,
-                                    "scale": o.scale, "seed": s.seed, "tar_layer": measure_layer, "precision": prec,
-                                    "poison_rate": o.poison_rate},
-                        result="scan.json",
-                        verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
-                        history=result.reversed.history if result else [], versions=versions(dev),
-                        timings={"wall_seconds": wall})
+    record = new_record(
+        "scan",
+        inputs={
+            "model": describe_input(o.model_path),
+            "data": describe_input(o.data),
+            "audit_data": describe_input(o.audit_data),
+        },
+        parameters={
+            "n_clean": o.n_clean,
+            "budget": o.budget,
+            "steps": plan.steps,
+            "early_stop_rounds": plan.early_stop,
+            "statistic": o.statistic,
+            "threshold": threshold,
+            "scale": o.scale,
+            "seed": s.seed,
+            "tar_layer": measure_layer,
+            "precision": prec,
+            "poison_rate": o.poison_rate,
+        },
+        result="scan.json",
+        verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
+        history=result.reversed.history if result else [],
+        versions=versions(dev),
+        timings={"wall_seconds": wall},
+    )
     with atomic_directory(output, force=s.force, inputs=inputs) as folder:
         if result is not None:
             pictures = mask_pictures(result.reversed)

@@ -1,4 +1,5 @@
 """The train job: train a classifier (optionally on poisoned data), evaluate CA/ASR/RA, write the checkpoint and record."""
+
 from __future__ import annotations
 
 import math
@@ -15,8 +16,17 @@ from cleanse.engine.device import resolve_precision
 from cleanse.engine.train import TrainConfig, TrainState, load_train_state, save_train_state, train_model
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, write_json_atomic
-from cleanse.jobs.inputs import (RunSettings, check_classes, check_resume_file, check_same_run, check_trainable, load_clean,
-                                 load_job_model, note_data, resume_path)
+from cleanse.jobs.inputs import (
+    RunSettings,
+    check_classes,
+    check_resume_file,
+    check_same_run,
+    check_trainable,
+    load_clean,
+    load_job_model,
+    note_data,
+    resume_path,
+)
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ClassifierModel, ModelOptions, new_model, save_model
 from cleanse.record import describe_input, new_record, record_path, versions
@@ -29,7 +39,9 @@ TRAIN_RUN_FACTS = (("data", "DATA"), ("init", "--init"), ("arch", "--arch"), ("a
 class TrainOptions:
     data: str
     output: Path
-    model: ModelOptions | None = None  # the architecture and preprocessing of a fresh model, or what a raw --init file lacks
+    model: ModelOptions | None = (
+        None  # the architecture and preprocessing of a fresh model, or what a raw --init file lacks
+    )
     epochs: int = 10
     batch_size: int | None = None  # default: 512 for 20,000+ images, else 256
     lr: float | None = None  # default depends on the architecture
@@ -55,8 +67,13 @@ class TrainResult:
     precision: str
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.metrics, "model": str(self.output), "epochs": self.epochs, "wall_seconds": self.wall_seconds,
-                "precision": self.precision}
+        return {
+            **self.metrics,
+            "model": str(self.output),
+            "epochs": self.epochs,
+            "wall_seconds": self.wall_seconds,
+            "precision": self.precision,
+        }
 
 
 def _check_numbers(o: TrainOptions) -> None:
@@ -97,8 +114,10 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
     check_trainable(train_data, o.data)
     size = (model.spec.input_size[1], model.spec.input_size[2])
     if train_data.image_size != size:
-        raise CleanseError(f"{o.data} has {train_data.image_size[0]}x{train_data.image_size[1]} images but the model takes "
-                           f"{size[0]}x{size[1]}; resize the data")
+        raise CleanseError(
+            f"{o.data} has {train_data.image_size[0]}x{train_data.image_size[1]} images but the model takes "
+            f"{size[0]}x{size[1]}; resize the data"
+        )
     test_data, dropped = load_clean(o.test, "test", o.no_cache, size) if o.test else (None, 0)
     if test_data is not None and o.test is not None:
         check_classes(model, test_data, o.test)
@@ -107,10 +126,16 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
         trig.check_size(model.spec.input_size[0], size[0], size[1], what="the model's inputs")
         if test_data is None:
             progress.note("note: --trigger without --test: ASR/RA are not measured")
-    config = TrainConfig(epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, precision=prec, seed=s.seed,
-                         init_whitening=o.init is None)
-    facts = {"data": describe_input(o.data), "init": describe_input(o.init), "arch": model.spec.arch,
-             "arch_args": model.spec.arch_args, "checkpoint_every": checkpoint_every}
+    config = TrainConfig(
+        epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, precision=prec, seed=s.seed, init_whitening=o.init is None
+    )
+    facts = {
+        "data": describe_input(o.data),
+        "init": describe_input(o.init),
+        "arch": model.spec.arch,
+        "arch_args": model.spec.arch_args,
+        "checkpoint_every": checkpoint_every,
+    }
     if state is not None:
         check_same_run(state.extra, facts, TRAIN_RUN_FACTS, state_path)
         progress.note(f"resuming from {state_path} after epoch {state.epoch}/{o.epochs}")
@@ -122,47 +147,99 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
     resumable = bool(checkpoint_every) or state is not None
     if resumable:
         if state is None:
-            state_path.unlink(missing_ok=True)  # --force: a stale checkpoint of another run must not be offered for --resume
+            state_path.unlink(
+                missing_ok=True
+            )  # --force: a stale checkpoint of another run must not be offered for --resume
         progress.resumable(state_path)
     with progress.loop("train", f"train {model.spec.arch}", o.epochs) as callback:
-        result = train_model(model, train_data, config, test=test_data, trigger=trig, callback=callback, resume=state,
-                             checkpoint_every=checkpoint_every or 0, on_checkpoint=checkpoint)
+        result = train_model(
+            model,
+            train_data,
+            config,
+            test=test_data,
+            trigger=trig,
+            callback=callback,
+            resume=state,
+            checkpoint_every=checkpoint_every or 0,
+            on_checkpoint=checkpoint,
+        )
     metrics: dict[str, Any] = dict(result["metrics"])
     wall = time.perf_counter() - started
-    provenance = {"command": "train", "data": facts["data"], "seed": s.seed, "epochs": o.epochs,
-                  "parent_sha256": parent, "version": versions()["cleanse"]}
+    provenance = {
+        "command": "train",
+        "data": facts["data"],
+        "seed": s.seed,
+        "epochs": o.epochs,
+        "parent_sha256": parent,
+        "version": versions()["cleanse"],
+    }
     if model.spec.provenance.get("source_sha256") and parent is not None:
         provenance["imported_from"] = model.spec.provenance
-    record = new_record("train", inputs={"data": facts["data"], "test": describe_input(o.test),
-                                         "trigger": describe_input(o.trigger), "init": describe_input(o.init)},
-                        parameters={"arch": model.spec.arch, "arch_args": model.spec.arch_args, **result["config"],
-                                    "checkpoint_every": checkpoint_every,
-                                    "resumed_after_epoch": state.epoch if state else None},
-                        metrics=metrics, filtered={"test_rows_dropped_as_poisoned": dropped}, history=result["history"],
-                        timings={"train_seconds": result["train_seconds"], "wall_seconds": wall},
-                        versions=versions(dev), outputs={"model": str(o.output)})
+    record = new_record(
+        "train",
+        inputs={
+            "data": facts["data"],
+            "test": describe_input(o.test),
+            "trigger": describe_input(o.trigger),
+            "init": describe_input(o.init),
+        },
+        parameters={
+            "arch": model.spec.arch,
+            "arch_args": model.spec.arch_args,
+            **result["config"],
+            "checkpoint_every": checkpoint_every,
+            "resumed_after_epoch": state.epoch if state else None,
+        },
+        metrics=metrics,
+        filtered={"test_rows_dropped_as_poisoned": dropped},
+        history=result["history"],
+        timings={"train_seconds": result["train_seconds"], "wall_seconds": wall},
+        versions=versions(dev),
+        outputs={"model": str(o.output)},
+    )
     with output_set() as out:
         save_model(model, out.reserve(o.output), provenance)
         write_json_atomic(out.reserve(run_path), record)
     if resumable:
         progress.resumable(None)
         state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
-    return TrainResult(metrics, o.output, model.spec.arch, o.epochs, o.test, len(test_data) if test_data is not None else None,
-                       wall, prec)
+    return TrainResult(
+        metrics,
+        o.output,
+        model.spec.arch,
+        o.epochs,
+        o.test,
+        len(test_data) if test_data is not None else None,
+        wall,
+        prec,
+    )
 
 
-def _model_to_train(o: TrainOptions, m: ModelOptions, data: Dataset, dev: torch.device, seed: int,
-                    progress: Progress) -> tuple[ClassifierModel, str | None]:
+def _model_to_train(
+    o: TrainOptions, m: ModelOptions, data: Dataset, dev: torch.device, seed: int, progress: Progress
+) -> tuple[ClassifierModel, str | None]:
     """The --init model (and its sha256, the parent), or a fresh one shaped by the data and the model options."""
     if o.init is not None:
         model = load_job_model(str(o.init), m, dev, progress)
         return model, model.source_sha256
     if m.input_size is not None or m.classes is not None:
-        raise CleanseError("--input-size and --classes describe a raw --init file; a fresh model takes them from the data")
+        raise CleanseError(
+            "--input-size and --classes describe a raw --init file; a fresh model takes them from the data"
+        )
     if m.num_classes is not None and m.num_classes != data.num_classes:
-        raise CleanseError(f"--num-classes {m.num_classes} but {o.data} has {data.num_classes} classes; drop --num-classes")
+        raise CleanseError(
+            f"--num-classes {m.num_classes} but {o.data} has {data.num_classes} classes; drop --num-classes"
+        )
     mean, std = (m.mean, m.std) if m.mean is not None else data_normalization(data)
     height, width = data.image_size
-    model = new_model(m.arch or "cnn", data.num_classes, data.classes, (data.channels, height, width), mean, std,
-                      m.arch_args or {}, seed=seed).to(dev)
+    model = new_model(
+        m.arch or "cnn",
+        data.num_classes,
+        data.classes,
+        (data.channels, height, width),
+        mean,
+        std,
+        m.arch_args or {},
+        seed=seed,
+    ).to(dev)
     return model, None

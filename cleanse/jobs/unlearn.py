@@ -1,4 +1,5 @@
 """The unlearn job: remove a backdoor with a small clean subset, one recipe or all of them on the same subset."""
+
 from __future__ import annotations
 
 import copy
@@ -19,8 +20,15 @@ from cleanse.engine.gradcam import resolve_layer, tar_layer
 from cleanse.engine.measure import measure
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
-from cleanse.jobs.inputs import (RunSettings, check_classes, check_resume_file, check_same_run, load_clean, load_job_model,
-                                 resume_path)
+from cleanse.jobs.inputs import (
+    RunSettings,
+    check_classes,
+    check_resume_file,
+    check_same_run,
+    load_clean,
+    load_job_model,
+    resume_path,
+)
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ClassifierModel, ModelOptions, save_model
 from cleanse.recipes import RECIPES, RecipeContext
@@ -28,9 +36,19 @@ from cleanse.recipes.base import NEEDS_TRIGGER
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
 from cleanse.record import describe_input, new_record, record_path, versions
 
-UNLEARN_RUN_FACTS = (("model", "MODEL"), ("data", "--data"), ("trigger", "--trigger"), ("method", "--method"),
-                     ("params", "--param/--epochs"), ("clean_frac", "--clean-frac"), ("clean_n", "--clean-n"), ("seed", "--seed"),
-                     ("precision", "--precision"), ("tar_layer", "--layer"), ("subset", "clean subset (DATA changed)"))
+UNLEARN_RUN_FACTS = (
+    ("model", "MODEL"),
+    ("data", "--data"),
+    ("trigger", "--trigger"),
+    ("method", "--method"),
+    ("params", "--param/--epochs"),
+    ("clean_frac", "--clean-frac"),
+    ("clean_n", "--clean-n"),
+    ("seed", "--seed"),
+    ("precision", "--precision"),
+    ("tar_layer", "--layer"),
+    ("subset", "clean subset (DATA changed)"),
+)
 
 
 @dataclass
@@ -151,21 +169,46 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         check_classes(model, test_data, o.test)
     measure_layer = o.layer or tar_layer(model, model.spec.input_size)
     resolve_layer(model, measure_layer)
-    report_on, report_name = (test_data, f"--test {o.test}") if test_data is not None else (split.held, "the held-back clean images")
-    progress.note(f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
-                  f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}")
+    report_on, report_name = (
+        (test_data, f"--test {o.test}") if test_data is not None else (split.held, "the held-back clean images")
+    )
+    progress.note(
+        f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
+        f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}"
+    )
     if plan.skipped:
-        progress.note(f"skipped {', '.join(plan.skipped)}: they need a trigger (--trigger from `cleanse poison`, "
-                      "or reversed by `cleanse scan`)")
+        progress.note(
+            f"skipped {', '.join(plan.skipped)}: they need a trigger (--trigger from `cleanse poison`, "
+            "or reversed by `cleanse scan`)"
+        )
     before = measure(model, report_on, trig, measure_layer, extra_triggers)
     start_state = copy.deepcopy(model.net.state_dict())
-    inputs = {"model": describe_input(o.model_path), "data": describe_input(o.data), "trigger": describe_input(o.trigger),
-              "test": describe_input(o.test), "eval_triggers": [describe_input(p) for p in o.eval_triggers]}
-    subset = {"train_index": split.train_index.tolist(), "held_index": split.held_index.tolist(),
-              "filtered_with_ground_truth": split.filtered, "test_rows_dropped": test_dropped}
-    facts = {"model": inputs["model"], "data": inputs["data"], "trigger": inputs["trigger"], "method": names[0],
-             "params": plan.params[names[0]], "clean_frac": o.clean_frac, "clean_n": o.clean_n, "seed": s.seed,
-             "precision": prec, "tar_layer": measure_layer, "subset": _subset_digest(split)}
+    inputs = {
+        "model": describe_input(o.model_path),
+        "data": describe_input(o.data),
+        "trigger": describe_input(o.trigger),
+        "test": describe_input(o.test),
+        "eval_triggers": [describe_input(p) for p in o.eval_triggers],
+    }
+    subset = {
+        "train_index": split.train_index.tolist(),
+        "held_index": split.held_index.tolist(),
+        "filtered_with_ground_truth": split.filtered,
+        "test_rows_dropped": test_dropped,
+    }
+    facts = {
+        "model": inputs["model"],
+        "data": inputs["data"],
+        "trigger": inputs["trigger"],
+        "method": names[0],
+        "params": plan.params[names[0]],
+        "clean_frac": o.clean_frac,
+        "clean_n": o.clean_n,
+        "seed": s.seed,
+        "precision": prec,
+        "tar_layer": measure_layer,
+        "subset": _subset_digest(split),
+    }
     if state is not None:
         check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
         progress.note(f"resuming {names[0]} from {state_path} after pass {state.passes} over the clean subset")
@@ -178,15 +221,26 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
     resumable = bool(checkpoint_every) or state is not None
     if resumable:
         if state is None:
-            state_path.unlink(missing_ok=True)  # --force: a stale checkpoint of another run must not be offered for --resume
+            state_path.unlink(
+                missing_ok=True
+            )  # --force: a stale checkpoint of another run must not be offered for --resume
         progress.resumable(state_path)
     summaries: dict[str, dict[str, Any]] = {}
     finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
     for name in names:
         model.net.load_state_dict(start_state)
         recipe_started = time.perf_counter()
-        ctx = RecipeContext(model, split, trig, plan.params[name], callback=lambda e: None, precision=prec, seed=s.seed,
-                            tar_layer=measure_layer, checkpoints=checkpoints if not run_all else Checkpoints())
+        ctx = RecipeContext(
+            model,
+            split,
+            trig,
+            plan.params[name],
+            callback=lambda e: None,
+            precision=prec,
+            seed=s.seed,
+            tar_layer=measure_layer,
+            checkpoints=checkpoints if not run_all else Checkpoints(),
+        )
         with progress.loop("unlearn", f"unlearn {name}") as callback:
             ctx.callback = callback
             result = RECIPES.get(name).run(ctx)
@@ -194,20 +248,56 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         after = measure(model, report_on, trig, measure_layer, extra_triggers)
         wall = time.perf_counter() - (started if not run_all else recipe_started)
         retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
-        summary = {"method": name, "classes": model.spec.classes, "before": before, "after": after, "der": der(before, after),
-                   "ca_retention": retention, "wall_seconds": wall, "measured_on": report_name,
-                   "output": str(plan.outputs[name]), "kept": result.kept, "extra": result.extra}
-        provenance = {"command": "unlearn", "recipe": name, "params": plan.params[name], "seed": s.seed,
-                      "parent_sha256": model.source_sha256, "parent": o.model_path, "version": versions()["cleanse"]}
-        record = new_record("unlearn", inputs=inputs,
-                            parameters={"method": name, "params": plan.params[name], "clean_frac": o.clean_frac,
-                                        "clean_n": o.clean_n, "seed": s.seed, "tar_layer": measure_layer, "precision": prec,
-                                        "all": run_all, "checkpoint_every": checkpoint_every,
-                                        "resumed_after_pass": state.passes if state else None},
-                            clean_subset=subset, before=before, after=after, der=summary["der"], ca_retention=retention,
-                            kept=result.kept, history=result.history, notes=result.notes, extra=result.extra,
-                            timings={"wall_seconds": wall}, versions=versions(dev),
-                            outputs={"model": str(plan.outputs[name])})
+        summary = {
+            "method": name,
+            "classes": model.spec.classes,
+            "before": before,
+            "after": after,
+            "der": der(before, after),
+            "ca_retention": retention,
+            "wall_seconds": wall,
+            "measured_on": report_name,
+            "output": str(plan.outputs[name]),
+            "kept": result.kept,
+            "extra": result.extra,
+        }
+        provenance = {
+            "command": "unlearn",
+            "recipe": name,
+            "params": plan.params[name],
+            "seed": s.seed,
+            "parent_sha256": model.source_sha256,
+            "parent": o.model_path,
+            "version": versions()["cleanse"],
+        }
+        record = new_record(
+            "unlearn",
+            inputs=inputs,
+            parameters={
+                "method": name,
+                "params": plan.params[name],
+                "clean_frac": o.clean_frac,
+                "clean_n": o.clean_n,
+                "seed": s.seed,
+                "tar_layer": measure_layer,
+                "precision": prec,
+                "all": run_all,
+                "checkpoint_every": checkpoint_every,
+                "resumed_after_pass": state.passes if state else None,
+            },
+            clean_subset=subset,
+            before=before,
+            after=after,
+            der=summary["der"],
+            ca_retention=retention,
+            kept=result.kept,
+            history=result.history,
+            notes=result.notes,
+            extra=result.extra,
+            timings={"wall_seconds": wall},
+            versions=versions(dev),
+            outputs={"model": str(plan.outputs[name])},
+        )
         summaries[name] = summary
         finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
         progress.finished(RecipeOutcome(summary))
@@ -215,17 +305,23 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
     if resumable:
         progress.resumable(None)
         state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
-    return UnlearnResult(summaries, before, report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started)
+    return UnlearnResult(
+        summaries, before, report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started
+    )
 
 
-def _write(model: ClassifierModel, finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]]) -> None:
+def _write(
+    model: ClassifierModel, finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]]
+) -> None:
     """Every recipe's checkpoint and run record, all or none."""
     with output_set() as out:
         for path, provenance, record, weights in finished:
             model.net.load_state_dict(weights)
             written = out.reserve(path)
             save_model(model, written, provenance)
-            record["outputs"]["model_sha256"] = sha256_file(written)  # lets `report` recognise scans of it after the file is gone
+            record["outputs"]["model_sha256"] = sha256_file(
+                written
+            )  # lets `report` recognise scans of it after the file is gone
             write_json_atomic(out.reserve(record_path(path)), record)
 
 
@@ -235,14 +331,20 @@ def _check_resume_options(method: str, checkpoint_every: int | None, resume: boo
         return
     flag = "--resume" if resume else "--checkpoint-every"
     if checkpoint_every is not None and checkpoint_every < 1:
-        raise CleanseError(f"--checkpoint-every {checkpoint_every} must be at least 1 (passes over the clean subset between "
-                           "checkpoints)")
+        raise CleanseError(
+            f"--checkpoint-every {checkpoint_every} must be at least 1 (passes over the clean subset between "
+            "checkpoints)"
+        )
     if method == "all":
-        raise CleanseError(f"{flag} takes one recipe, not --method all; run the recipes one at a time with --method NAME")
+        raise CleanseError(
+            f"{flag} takes one recipe, not --method all; run the recipes one at a time with --method NAME"
+        )
     if not RECIPES.get(method).resumable:
         able = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).resumable)
-        raise CleanseError(f"{method} cannot be checkpointed (its work is not a series of passes over the clean subset); "
-                           f"drop {flag}, or use one of: {able}")
+        raise CleanseError(
+            f"{method} cannot be checkpointed (its work is not a series of passes over the clean subset); "
+            f"drop {flag}, or use one of: {able}"
+        )
 
 
 def _resume_state(names: list[str], o: UnlearnOptions, force: bool, state_path: Path) -> RecipeState | None:
@@ -252,18 +354,21 @@ def _resume_state(names: list[str], o: UnlearnOptions, force: bool, state_path: 
         return None
     state = load_recipe_state(state_path)
     if state.recipe != names[0]:
-        raise CleanseError(f"{state_path}: the checkpoint is of recipe {state.recipe}, this run is {names[0]}; "
-                           f"rerun with --method {state.recipe}, or without --resume")
+        raise CleanseError(
+            f"{state_path}: the checkpoint is of recipe {state.recipe}, this run is {names[0]}; "
+            f"rerun with --method {state.recipe}, or without --resume"
+        )
     return state
 
 
 def _subset_digest(split: CleanSplit) -> str:
     """Names the clean subset: a DATA folder whose contents changed gives another digest."""
-    return hashlib.sha256(split.train_index.numpy().tobytes() + b"|" + split.held_index.numpy().tobytes()).hexdigest()[:16]
+    return hashlib.sha256(split.train_index.numpy().tobytes() + b"|" + split.held_index.numpy().tobytes()).hexdigest()[
+        :16
+    ]
 
 
 def _params_for(name: str, raw: dict[str, str], run_all: bool) -> dict[str, Any]:
     """The recipe's parameters; with --method all each recipe takes the --param names it knows."""
     recipe = RECIPES.get(name)
     return recipe.resolve_params({k: v for k, v in raw.items() if k in recipe.params} if run_all else raw)
-

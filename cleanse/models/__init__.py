@@ -11,6 +11,7 @@ Import rule: this package reaches only `cleanse.errors`, `cleanse.files`, `clean
 and `cleanse.version` outside itself; never the package face (`cleanse`) or anything above (engine, recipes,
 scan, cli, api).
 """
+
 from cleanse.models import cnn, resnet, vgg  # noqa: F401  (registration)
 from cleanse.models.build import build_net, check_arch_args, new_model
 from cleanse.models.diagnose import describe_mismatch
@@ -19,6 +20,19 @@ from cleanse.models.registry import ARCHITECTURES
 from cleanse.models.spec import MAX_CHANNELS, MAX_INPUT_PIXELS, PRESETS, ModelOptions, ModelSpec, parse_model_metadata
 from cleanse.models.wrapper import ClassifierModel
 
-__all__ = ["ARCHITECTURES", "MAX_CHANNELS", "MAX_INPUT_PIXELS", "PRESETS", "ClassifierModel", "ModelOptions",
-           "ModelSpec", "build_net", "check_arch_args", "describe_mismatch", "load_model", "new_model",
-           "parse_model_metadata", "save_model"]
+__all__ = [
+    "ARCHITECTURES",
+    "MAX_CHANNELS",
+    "MAX_INPUT_PIXELS",
+    "PRESETS",
+    "ClassifierModel",
+    "ModelOptions",
+    "ModelSpec",
+    "build_net",
+    "check_arch_args",
+    "describe_mismatch",
+    "load_model",
+    "new_model",
+    "parse_model_metadata",
+    "save_model",
+]

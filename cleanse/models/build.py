@@ -3,6 +3,7 @@
 Arguments are checked before anything is built: names that would fetch or point at weights are refused
 for every architecture, torchvision builders take only an allow-list, and all values are plain.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -26,9 +27,21 @@ TORCHVISION_PREFIX = "torchvision:"
 # Argument names that would fetch or point at weights: refused for every architecture (MODEL holds the weights).
 FORBIDDEN_ARCH_ARGS = frozenset({"weights", "pretrained", "progress", "weights_backbone", "pretrained_backbone"})
 # torchvision builders take only these extra keyword arguments (plain numbers, booleans or strings).
-TORCHVISION_ARGS = frozenset({"dropout", "attention_dropout", "image_size", "width_mult", "stochastic_depth_prob",
-                              "zero_init_residual", "aux_logits", "transform_input", "init_weights", "memory_efficient",
-                              "drop_rate"})
+TORCHVISION_ARGS = frozenset(
+    {
+        "dropout",
+        "attention_dropout",
+        "image_size",
+        "width_mult",
+        "stochastic_depth_prob",
+        "zero_init_residual",
+        "aux_logits",
+        "transform_input",
+        "init_weights",
+        "memory_efficient",
+        "drop_rate",
+    }
+)
 SIMPLE_ARG_TYPES = (str, int, float, bool)
 
 
@@ -61,8 +74,9 @@ def _load_factory(arch: str) -> tuple[Callable[..., Any], str]:
     try:
         spec.loader.exec_module(module)
     except Exception as exc:
-        raise CleanseError(f"architecture file {path} failed to import ({type(exc).__name__}: {exc}); "
-                           "fix the file") from None
+        raise CleanseError(
+            f"architecture file {path} failed to import ({type(exc).__name__}: {exc}); fix the file"
+        ) from None
     fn = getattr(module, factory, None)
     if not callable(fn):
         raise CleanseError(f"architecture file {path} has no callable {factory!r}; name the factory after the colon")
@@ -73,39 +87,50 @@ def check_arch_args(arch: str, arch_args: dict[str, Any]) -> None:
     """Refuse weight-fetching names and anything but plain values, whoever supplied the arguments."""
     for name, value in arch_args.items():
         if name in FORBIDDEN_ARCH_ARGS:
-            raise CleanseError(f"--arch-arg {name}=... is refused: cleanse never downloads or loads weights through "
-                               "the architecture builder; the weights come from MODEL")
+            raise CleanseError(
+                f"--arch-arg {name}=... is refused: cleanse never downloads or loads weights through "
+                "the architecture builder; the weights come from MODEL"
+            )
         if name == "num_classes":
             raise CleanseError("pass the class count as --num-classes, not as --arch-arg num_classes=...")
         if not isinstance(name, str) or not name.isidentifier() or not isinstance(value, SIMPLE_ARG_TYPES):
-            raise CleanseError(f"architecture {arch}: argument {name!r} must be a name with a plain value "
-                               f"(int, float, bool or str), got {type(value).__name__}")
+            raise CleanseError(
+                f"architecture {arch}: argument {name!r} must be a name with a plain value "
+                f"(int, float, bool or str), got {type(value).__name__}"
+            )
 
 
 def _unknown_arch(arch: str) -> CleanseError:
     if arch.endswith(".py") or (arch.partition(":")[0].endswith(".py")):
         return CleanseError(f"--arch {arch!r} must name the factory function too: --arch path/to/file.py:factory")
-    return CleanseError(f"unknown architecture {arch!r}; --arch takes a registry name "
-                        f"({', '.join(ARCHITECTURES.names())}), torchvision:NAME or path/file.py:factory")
+    return CleanseError(
+        f"unknown architecture {arch!r}; --arch takes a registry name "
+        f"({', '.join(ARCHITECTURES.names())}), torchvision:NAME or path/file.py:factory"
+    )
 
 
 def _build_torchvision(arch: str, num_classes: int, arch_args: dict[str, Any]) -> nn.Module:
     import torchvision
 
-    name = arch[len(TORCHVISION_PREFIX):]
+    name = arch[len(TORCHVISION_PREFIX) :]
     known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
-        raise CleanseError(f"unknown torchvision classification model {name!r}; "
-                           "e.g. torchvision:resnet18, torchvision:mobilenet_v3_small")
+        raise CleanseError(
+            f"unknown torchvision classification model {name!r}; "
+            "e.g. torchvision:resnet18, torchvision:mobilenet_v3_small"
+        )
     bad = sorted(set(arch_args) - TORCHVISION_ARGS)
     if bad:
-        raise CleanseError(f"torchvision architectures do not take --arch-arg {bad[0]!r}; "
-                           f"allowed: {', '.join(sorted(TORCHVISION_ARGS))} (weights are never downloaded)")
+        raise CleanseError(
+            f"torchvision architectures do not take --arch-arg {bad[0]!r}; "
+            f"allowed: {', '.join(sorted(TORCHVISION_ARGS))} (weights are never downloaded)"
+        )
     try:
         return torchvision.models.get_model(name, weights=None, num_classes=num_classes, **arch_args)
     except (TypeError, ValueError) as exc:
-        raise CleanseError(f"{arch} failed to build with {arch_args} ({type(exc).__name__}: {exc}); "
-                           "check --arch-arg") from None
+        raise CleanseError(
+            f"{arch} failed to build with {arch_args} ({type(exc).__name__}: {exc}); check --arch-arg"
+        ) from None
 
 
 def _build_from_file(arch: str, num_classes: int, arch_args: dict[str, Any]) -> tuple[nn.Module, str]:
@@ -113,8 +138,10 @@ def _build_from_file(arch: str, num_classes: int, arch_args: dict[str, Any]) -> 
     try:
         net = factory(num_classes=num_classes, **arch_args)
     except Exception as exc:
-        raise CleanseError(f"{arch} failed to build the model ({type(exc).__name__}: {exc}); the factory must accept "
-                           f"num_classes{' and the --arch-arg names' if arch_args else ''}") from None
+        raise CleanseError(
+            f"{arch} failed to build the model ({type(exc).__name__}: {exc}); the factory must accept "
+            f"num_classes{' and the --arch-arg names' if arch_args else ''}"
+        ) from None
     if not isinstance(net, nn.Module):
         raise CleanseError(f"{arch} returned {type(net).__name__}, not a torch.nn.Module")
     return net, file_sha
@@ -127,8 +154,9 @@ def _build_registered(arch: str, num_classes: int, arch_args: dict[str, Any]) ->
     allowed = set(inspect.signature(factory).parameters) - {"num_classes"}
     bad = [k for k in arch_args if k not in allowed]
     if bad:
-        raise CleanseError(f"architecture {arch} does not take argument {bad[0]!r}; "
-                           f"it takes: {', '.join(sorted(allowed)) or 'none'}")
+        raise CleanseError(
+            f"architecture {arch} does not take argument {bad[0]!r}; it takes: {', '.join(sorted(allowed)) or 'none'}"
+        )
     try:
         return factory(num_classes=num_classes, **arch_args)
     except ValueError as exc:
@@ -146,10 +174,16 @@ def build_net(arch: str, num_classes: int, arch_args: dict[str, Any] | None = No
     return _build_registered(arch, num_classes, arch_args), None
 
 
-def new_model(arch: str, num_classes: int, classes: list[str] | None = None,
-              input_size: tuple[int, int, int] = (3, 32, 32), mean: list[float] | None = None,
-              std: list[float] | None = None, arch_args: dict[str, Any] | None = None,
-              seed: int | None = None) -> ClassifierModel:
+def new_model(
+    arch: str,
+    num_classes: int,
+    classes: list[str] | None = None,
+    input_size: tuple[int, int, int] = (3, 32, 32),
+    mean: list[float] | None = None,
+    std: list[float] | None = None,
+    arch_args: dict[str, Any] | None = None,
+    seed: int | None = None,
+) -> ClassifierModel:
     """A freshly initialised model; with `seed`, its initial weights are reproducible."""
     if seed is None:
         net, file_sha = build_net(arch, num_classes, arch_args)
@@ -159,6 +193,14 @@ def new_model(arch: str, num_classes: int, classes: list[str] | None = None,
             net, file_sha = build_net(arch, num_classes, arch_args)
     mean = list(mean if mean is not None else PRESETS["cifar10"][0])
     std = list(std if std is not None else PRESETS["cifar10"][1])
-    spec = ModelSpec(arch, num_classes, list(classes or [str(i) for i in range(num_classes)]),
-                     (input_size[0], input_size[1], input_size[2]), mean, std, dict(arch_args or {}), file_sha)
+    spec = ModelSpec(
+        arch,
+        num_classes,
+        list(classes or [str(i) for i in range(num_classes)]),
+        (input_size[0], input_size[1], input_size[2]),
+        mean,
+        std,
+        dict(arch_args or {}),
+        file_sha,
+    )
     return ClassifierModel(net, spec)

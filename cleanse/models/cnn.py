@@ -5,6 +5,7 @@ three conv blocks with BatchNorm and GELU, global max pooling and a scaled
 linear head. About 2M parameters at the default widths. The design follows
 Keller Jordan's airbench (CIFAR-10 speedruns); the code here is our own.
 """
+
 from __future__ import annotations
 
 import torch

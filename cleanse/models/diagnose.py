@@ -1,4 +1,5 @@
 """Saying why weights do not fit a network: the first missing, unexpected and mis-shaped keys, and the likely cause."""
+
 from __future__ import annotations
 
 import torch
@@ -40,9 +41,18 @@ def describe_mismatch(net: nn.Module, state: dict[str, torch.Tensor], spec: Mode
     if mismatched:
         shapes = [f"{k} {tuple(state[k].shape)} vs {tuple(expected[k].shape)}" for k in mismatched]
         parts.append(f"shape mismatches {'; '.join(shapes[:3])}{' ...' if len(shapes) > 3 else ''} ({len(shapes)})")
-    head_only = not missing and not unexpected and all(
-        expected[k].dim() >= 1 and state[k].dim() == expected[k].dim() and expected[k].shape[0] == spec.num_classes
-        and state[k].shape[0] != spec.num_classes and state[k].shape[1:] == expected[k].shape[1:] for k in mismatched)
+    head_only = (
+        not missing
+        and not unexpected
+        and all(
+            expected[k].dim() >= 1
+            and state[k].dim() == expected[k].dim()
+            and expected[k].shape[0] == spec.num_classes
+            and state[k].shape[0] != spec.num_classes
+            and state[k].shape[1:] == expected[k].shape[1:]
+            for k in mismatched
+        )
+    )
     if head_only:
         counts = sorted({int(state[k].shape[0]) for k in mismatched})
         cause = f"wrong class count (--num-classes {spec.num_classes})"
@@ -50,8 +60,10 @@ def describe_mismatch(net: nn.Module, state: dict[str, torch.Tensor], spec: Mode
             cause += f"; the weights have {counts[0]} classes: pass --num-classes {counts[0]}"
     elif not missing and not unexpected:
         given = ",".join(f"{k}={v}" for k, v in spec.arch_args.items()) or "none"
-        cause = (f"wrong architecture arguments (--arch-arg, given: {given}): the layer names fit {spec.arch} "
-                 "but their sizes do not; or a different --arch")
+        cause = (
+            f"wrong architecture arguments (--arch-arg, given: {given}): the layer names fit {spec.arch} "
+            "but their sizes do not; or a different --arch"
+        )
     else:
         first = ", ".join(sorted(state, key=natural_key)[:2])
         cause = f"wrong architecture (--arch {spec.arch}); the file's first keys are {first}"

@@ -5,6 +5,7 @@ itself from its metadata, and options the user also gave must agree with it. A r
 (safetensors without metadata, or `.pt`/`.pth`) needs `--arch` and `--num-classes`. Either way the
 weights must fit the network exactly; when they do not, the error names the likely cause.
 """
+
 from __future__ import annotations
 
 import os
@@ -30,41 +31,61 @@ def save_model(model: ClassifierModel, path: str | os.PathLike, provenance: dict
     write_safetensors(path, state, model.spec.to_metadata())
 
 
-def _spec_from_options(options: ModelOptions, path: Path,
-                       state: dict[str, torch.Tensor]) -> tuple[ModelSpec, list[str]]:
+def _spec_from_options(
+    options: ModelOptions, path: Path, state: dict[str, torch.Tensor]
+) -> tuple[ModelSpec, list[str]]:
     """The spec of a raw state dict, from the command line; also notes naming the defaults it assumed."""
-    missing = [flag for flag, value in (("--arch", options.arch), ("--num-classes", options.num_classes))
-               if value is None]
+    missing = [
+        flag for flag, value in (("--arch", options.arch), ("--num-classes", options.num_classes)) if value is None
+    ]
     if missing:
-        forms = {"--arch": "--arch NAME|torchvision:NAME|path/file.py:factory",
-                 "--num-classes": f"--num-classes N{head_hint(state)}"}
-        raise CleanseError(f"{path}: raw state dict without cleanse metadata; add {' and '.join(missing)} "
-                           f"({', '.join(forms[flag] for flag in missing)}), and --input-size C,H,W and --preset "
-                           "cifar10|imagenet|none or --mean/--std when not 3,32,32 with CIFAR-10 normalisation")
+        forms = {
+            "--arch": "--arch NAME|torchvision:NAME|path/file.py:factory",
+            "--num-classes": f"--num-classes N{head_hint(state)}",
+        }
+        raise CleanseError(
+            f"{path}: raw state dict without cleanse metadata; add {' and '.join(missing)} "
+            f"({', '.join(forms[flag] for flag in missing)}), and --input-size C,H,W and --preset "
+            "cifar10|imagenet|none or --mean/--std when not 3,32,32 with CIFAR-10 normalisation"
+        )
     assert options.arch is not None and options.num_classes is not None
     notes = []
     size = options.input_size or (3, 32, 32)
     if options.mean is None or options.std is None:
         if size[0] != 3:
-            raise CleanseError(f"{path}: raw state dict for {size[0]}-channel inputs; "
-                               f"add --mean and --std with {size[0]} values each")
+            raise CleanseError(
+                f"{path}: raw state dict for {size[0]}-channel inputs; add --mean and --std with {size[0]} values each"
+            )
         mean, std = list(PRESETS["cifar10"][0]), list(PRESETS["cifar10"][1])
     else:
         mean, std = list(options.mean), list(options.std)
     if len(mean) != size[0] or len(std) != size[0]:
-        raise CleanseError(f"--mean/--std have {len(mean)}/{len(std)} values but the inputs have {size[0]} channels; "
-                           "give one per channel")
+        raise CleanseError(
+            f"--mean/--std have {len(mean)}/{len(std)} values but the inputs have {size[0]} channels; "
+            "give one per channel"
+        )
     defaults = (("--input-size 3,32,32", options.input_size), ("--preset cifar10", options.mean))
     assumed = [text for text, given in defaults if given is None]
     if assumed:
-        notes.append(f"note: {path.name} is a raw state dict: assuming {' and '.join(assumed)} (give the option"
-                     f"{'s' if len(assumed) > 1 else ''} if the model expects otherwise)")
+        notes.append(
+            f"note: {path.name} is a raw state dict: assuming {' and '.join(assumed)} (give the option"
+            f"{'s' if len(assumed) > 1 else ''} if the model expects otherwise)"
+        )
     classes = options.classes or [str(i) for i in range(options.num_classes)]
     if len(classes) != options.num_classes:
-        raise CleanseError(f"--classes names {len(classes)} classes but --num-classes is {options.num_classes}; "
-                           "give one name per class")
-    spec = ModelSpec(options.arch, options.num_classes, list(classes), (size[0], size[1], size[2]), mean, std,
-                     dict(options.arch_args or {}))
+        raise CleanseError(
+            f"--classes names {len(classes)} classes but --num-classes is {options.num_classes}; "
+            "give one name per class"
+        )
+    spec = ModelSpec(
+        options.arch,
+        options.num_classes,
+        list(classes),
+        (size[0], size[1], size[2]),
+        mean,
+        std,
+        dict(options.arch_args or {}),
+    )
     return spec, notes
 
 
@@ -76,30 +97,39 @@ def _disagrees(given: Any, stored: Any) -> bool:
     """An option's value differs from the metadata's (lists of floats: in length or beyond float32 rounding)."""
     if not isinstance(stored, list):
         return bool(given != stored)
-    return len(given) != len(stored) or not torch.allclose(torch.tensor(given, dtype=torch.float32),
-                                                           torch.tensor(stored, dtype=torch.float32))
+    return len(given) != len(stored) or not torch.allclose(
+        torch.tensor(given, dtype=torch.float32), torch.tensor(stored, dtype=torch.float32)
+    )
 
 
 def _reconcile(spec: ModelSpec, options: ModelOptions, path: Path) -> None:
     """Explicit options must agree with the checkpoint's metadata; `--classes` may rename the classes."""
-    checks = (("--arch", options.arch, spec.arch), ("--num-classes", options.num_classes, spec.num_classes),
-              ("--input-size", options.input_size and tuple(options.input_size), tuple(spec.input_size)),
-              ("--mean", options.mean, spec.mean), ("--std", options.std, spec.std))
+    checks = (
+        ("--arch", options.arch, spec.arch),
+        ("--num-classes", options.num_classes, spec.num_classes),
+        ("--input-size", options.input_size and tuple(options.input_size), tuple(spec.input_size)),
+        ("--mean", options.mean, spec.mean),
+        ("--std", options.std, spec.std),
+    )
     for flag, given, stored in checks:
         if given is not None and _disagrees(given, stored):
-            raise CleanseError(f"{path}: {flag} {given} disagrees with the checkpoint's metadata ({stored}); "
-                               f"drop {flag}")
+            raise CleanseError(
+                f"{path}: {flag} {given} disagrees with the checkpoint's metadata ({stored}); drop {flag}"
+            )
     if options.arch_args and not _same_args(options.arch_args, spec.arch_args):
-        raise CleanseError(f"{path}: --arch-arg {options.arch_args} disagrees with the checkpoint's metadata "
-                           f"({spec.arch_args}); drop --arch-arg")
+        raise CleanseError(
+            f"{path}: --arch-arg {options.arch_args} disagrees with the checkpoint's metadata "
+            f"({spec.arch_args}); drop --arch-arg"
+        )
     if options.classes is not None:
         if len(options.classes) != spec.num_classes:
             raise CleanseError(f"--classes names {len(options.classes)} classes but the model has {spec.num_classes}")
         spec.classes = list(options.classes)
 
 
-def load_model(path: str | os.PathLike, options: ModelOptions | None = None,
-               device: torch.device | str = "cpu") -> ClassifierModel:
+def load_model(
+    path: str | os.PathLike, options: ModelOptions | None = None, device: torch.device | str = "cpu"
+) -> ClassifierModel:
     """Load a cleanse checkpoint or a raw state dict (.safetensors/.pt/.pth), strictly."""
     path = Path(path)
     options = options or ModelOptions()
@@ -115,8 +145,10 @@ def load_model(path: str | os.PathLike, options: ModelOptions | None = None,
         spec = parse_model_metadata(doc, path)
         if is_file_arch(spec.arch):
             if options.arch is None or not same_file_arch(options.arch, spec.arch):
-                raise CleanseError(f"{path}: the model's architecture is defined in {spec.arch}; "
-                                   f"pass --arch {spec.arch} to allow running that file")
+                raise CleanseError(
+                    f"{path}: the model's architecture is defined in {spec.arch}; "
+                    f"pass --arch {spec.arch} to allow running that file"
+                )
             spec.arch = options.arch  # the user's spelling of the same file
         _reconcile(spec, options, path)
     else:
@@ -136,8 +168,9 @@ def load_model(path: str | os.PathLike, options: ModelOptions | None = None,
             raise CleanseError(f"{path}: {problem}")
     net, file_sha = build_net(spec.arch, spec.num_classes, spec.arch_args)
     if spec.arch_file_sha256 and file_sha and file_sha != spec.arch_file_sha256:
-        notes.append(f"warning: {spec.arch} changed since the checkpoint was saved (sha256 differs); "
-                     "predictions may differ")
+        notes.append(
+            f"warning: {spec.arch} changed since the checkpoint was saved (sha256 differs); predictions may differ"
+        )
     spec.arch_file_sha256 = file_sha or spec.arch_file_sha256
     state, prefix = align_prefix(state, set(net.state_dict()))
     if prefix:

@@ -1,4 +1,5 @@
 """The architecture registry: name -> factory(num_classes, **args) -> nn.Module."""
+
 from __future__ import annotations
 
 from collections.abc import Callable

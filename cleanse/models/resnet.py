@@ -1,4 +1,5 @@
 """`resnet18` and `preact-resnet18` with the CIFAR stem (3x3 conv, stride 1, no max-pool)."""
+
 from __future__ import annotations
 
 import torch

@@ -4,6 +4,7 @@ ModelSpec is the metadata document (architecture and its arguments, classes, inp
 provenance); `parse_model_metadata` validates a document from a file; ModelOptions holds the command
 line's view of a model, used for raw state dicts and checked against metadata.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,9 +18,11 @@ from cleanse.formats import FileFormat
 from cleanse.version import __version__
 
 MODEL_FILE = FileFormat(
-    "cleanse.model", 1,
+    "cleanse.model",
+    1,
     wrong_format="{path}: this is a {found} file, not a model checkpoint; pass a model file",
-    wrong_version="{path}: checkpoint format version {version} is not supported (this cleanse reads {supported})")
+    wrong_version="{path}: checkpoint format version {version} is not supported (this cleanse reads {supported})",
+)
 PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "cifar10": ((0.4914, 0.4822, 0.4465), (0.2470, 0.2435, 0.2616)),
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
@@ -48,10 +51,14 @@ class ModelSpec:
         if self.arch_file_sha256:
             arch["file_sha256"] = self.arch_file_sha256
         return {
-            **MODEL_FILE.header(), "cleanse_version": __version__,
-            "arch": arch, "num_classes": self.num_classes,
-            "classes": self.classes, "input_size": list(self.input_size),
-            "normalization": {"mean": self.mean, "std": self.std}, "provenance": self.provenance,
+            **MODEL_FILE.header(),
+            "cleanse_version": __version__,
+            "arch": arch,
+            "num_classes": self.num_classes,
+            "classes": self.classes,
+            "input_size": list(self.input_size),
+            "normalization": {"mean": self.mean, "std": self.std},
+            "provenance": self.provenance,
         }
 
 
@@ -69,8 +76,11 @@ class ModelOptions:
 
 
 def _check_list(value: Any, kind: type | tuple[type, ...], length: int | None, what: str, path: Path) -> list:
-    if (not isinstance(value, list) or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
-            or (length is not None and len(value) != length)):
+    if (
+        not isinstance(value, list)
+        or not all(isinstance(v, kind) and not isinstance(v, bool) for v in value)
+        or (length is not None and len(value) != length)
+    ):
         raise CleanseError(f"{path}: metadata {what} is malformed; re-create the checkpoint with cleanse")
     if kind != str and not all(math.isfinite(v) for v in value):
         raise CleanseError(f"{path}: metadata {what} is malformed (not finite); re-create the checkpoint with cleanse")
@@ -80,8 +90,10 @@ def _check_list(value: Any, kind: type | tuple[type, ...], length: int | None, w
 def _check_input_size(size: list[int], path: Path) -> None:
     c, h, w = size
     if not (1 <= c <= MAX_CHANNELS and h >= 1 and w >= 1 and h * w <= MAX_INPUT_PIXELS):
-        raise CleanseError(f"{path}: metadata 'input_size' is malformed ({size}: C,H,W must be positive with at most "
-                           f"{MAX_INPUT_PIXELS} pixels); re-create the checkpoint with cleanse")
+        raise CleanseError(
+            f"{path}: metadata 'input_size' is malformed ({size}: C,H,W must be positive with at most "
+            f"{MAX_INPUT_PIXELS} pixels); re-create the checkpoint with cleanse"
+        )
 
 
 def parse_model_metadata(doc: dict[str, Any], path: str | os.PathLike) -> ModelSpec:
@@ -89,14 +101,19 @@ def parse_model_metadata(doc: dict[str, Any], path: str | os.PathLike) -> ModelS
     path = Path(path)
     MODEL_FILE.check(doc, path)
     arch = doc.get("arch")
-    if (not isinstance(arch, dict) or not isinstance(arch.get("name"), str)
-            or not isinstance(arch.get("args", {}), dict)):
-        raise CleanseError(f"{path}: metadata 'arch' must be {{'name': str, 'args': {{...}}}}; "
-                           "re-create the checkpoint with cleanse")
+    if (
+        not isinstance(arch, dict)
+        or not isinstance(arch.get("name"), str)
+        or not isinstance(arch.get("args", {}), dict)
+    ):
+        raise CleanseError(
+            f"{path}: metadata 'arch' must be {{'name': str, 'args': {{...}}}}; re-create the checkpoint with cleanse"
+        )
     num_classes = doc.get("num_classes")
     if not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 1:
-        raise CleanseError(f"{path}: metadata 'num_classes' must be a positive integer; "
-                           "re-create the checkpoint with cleanse")
+        raise CleanseError(
+            f"{path}: metadata 'num_classes' must be a positive integer; re-create the checkpoint with cleanse"
+        )
     size = _check_list(doc.get("input_size"), int, 3, "'input_size'", path)
     _check_input_size(size, path)
     norm = doc.get("normalization")
@@ -109,5 +126,14 @@ def parse_model_metadata(doc: dict[str, Any], path: str | os.PathLike) -> ModelS
     classes = _check_list(doc.get("classes"), str, num_classes, "'classes'", path)
     given = doc.get("provenance")
     provenance = given if isinstance(given, dict) else {}
-    return ModelSpec(arch["name"], num_classes, classes, (size[0], size[1], size[2]), mean, std,
-                     dict(arch.get("args", {})), arch.get("file_sha256"), provenance)
+    return ModelSpec(
+        arch["name"],
+        num_classes,
+        classes,
+        (size[0], size[1], size[2]),
+        mean,
+        std,
+        dict(arch.get("args", {})),
+        arch.get("file_sha256"),
+        provenance,
+    )

@@ -5,6 +5,7 @@ a training checkpoint's nested state dict is found by its usual key. Keys may ca
 (`module.` from DataParallel, `_orig_mod.` from torch.compile, or one shared leading name such as
 `model.`), which is removed when that makes them fit the network.
 """
+
 from __future__ import annotations
 
 import re
@@ -23,7 +24,7 @@ def strip_prefixes(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Without the `module.` / `_orig_mod.` prefix that every key carries, if one does."""
     for prefix in ("module.", "_orig_mod."):
         if state and all(k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state
 
 
@@ -32,14 +33,17 @@ def align_prefix(state: dict[str, torch.Tensor], expected: set[str]) -> tuple[di
     if set(state) == expected or not state:
         return state, None
     first = next(iter(state)).split(".", 1)[0] + "."
-    if all(k.startswith(first) for k in state) and {k[len(first):] for k in state} == expected:
-        return {k[len(first):]: v for k, v in state.items()}, first
+    if all(k.startswith(first) for k in state) and {k[len(first) :] for k in state} == expected:
+        return {k[len(first) :]: v for k, v in state.items()}, first
     return state, None
 
 
 def _is_state_dict(obj: Any) -> bool:
-    return (isinstance(obj, dict) and bool(obj)
-            and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items()))
+    return (
+        isinstance(obj, dict)
+        and bool(obj)
+        and all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in obj.items())
+    )
 
 
 def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
@@ -54,13 +58,18 @@ def _find_state_dict(obj: Any, path: Path) -> dict[str, torch.Tensor]:
         if len(nested) == 1:
             return obj[nested[0]]
         if nested:
-            raise CleanseError(f"{path}: holds several state dicts ({', '.join(nested[:4])}); save the one to audit on "
-                               "its own, e.g. torch.save(ckpt[KEY], PATH)")
+            raise CleanseError(
+                f"{path}: holds several state dicts ({', '.join(nested[:4])}); save the one to audit on "
+                "its own, e.g. torch.save(ckpt[KEY], PATH)"
+            )
         keys = ", ".join(str(k) for k in list(obj)[:6])
-        raise CleanseError(f"{path}: no state dict of tensors found (top-level keys: {keys or 'none'}; looked for "
-                           f"{', '.join(STATE_DICT_KEYS)}); save model.state_dict() with torch.save")
-    raise CleanseError(f"{path}: holds a {type(obj).__name__}, not a state dict of tensors; "
-                       "save model.state_dict() with torch.save")
+        raise CleanseError(
+            f"{path}: no state dict of tensors found (top-level keys: {keys or 'none'}; looked for "
+            f"{', '.join(STATE_DICT_KEYS)}); save model.state_dict() with torch.save"
+        )
+    raise CleanseError(
+        f"{path}: holds a {type(obj).__name__}, not a state dict of tensors; save model.state_dict() with torch.save"
+    )
 
 
 def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
@@ -71,12 +80,16 @@ def read_torch_file(path: Path) -> dict[str, torch.Tensor]:
         text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc))
         found = re.search(r"Unsupported global: GLOBAL (\S+)", text)
         if found:
-            raise CleanseError(f"{path}: refused to load: not a plain state dict of tensors (it pickles "
-                               f"{found.group(1)}, which is never run; weights_only); save model.state_dict() with "
-                               "torch.save, or convert to safetensors") from None
+            raise CleanseError(
+                f"{path}: refused to load: not a plain state dict of tensors (it pickles "
+                f"{found.group(1)}, which is never run; weights_only); save model.state_dict() with "
+                "torch.save, or convert to safetensors"
+            ) from None
         found = re.search(r"WeightsUnpickler error: ([^\n]+)", text)
         reason = found.group(1) if found else (text.strip().splitlines() or [type(exc).__name__])[0]
-        raise CleanseError(f"{path}: refused to load: not a plain state dict of tensors, or not a torch file "
-                           f"(weights_only: {reason[:160]}); save model.state_dict() with torch.save, "
-                           "or convert to safetensors") from None
+        raise CleanseError(
+            f"{path}: refused to load: not a plain state dict of tensors, or not a torch file "
+            f"(weights_only: {reason[:160]}); save model.state_dict() with torch.save, "
+            "or convert to safetensors"
+        ) from None
     return _find_state_dict(obj, path)

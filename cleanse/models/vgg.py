@@ -1,4 +1,5 @@
 """`vgg11-bn` for small inputs: VGG-11 features with BatchNorm and one linear head."""
+
 from __future__ import annotations
 
 import torch

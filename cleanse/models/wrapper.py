@@ -4,6 +4,7 @@ The wrapper applies the checkpoint's mean/std inside `forward`, so triggers, PGD
 Grad-CAM all live in pixel space. Saved state_dicts are the bare network's (`net`), without the
 wrapper prefix.
 """
+
 from __future__ import annotations
 
 import torch
@@ -23,10 +24,12 @@ class ClassifierModel(nn.Module):
         self.net = net
         self.spec = spec
         channels = spec.input_size[0]
-        self.register_buffer("mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1),
-                             persistent=False)
-        self.register_buffer("std", torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1),
-                             persistent=False)
+        self.register_buffer(
+            "mean", torch.tensor(spec.mean, dtype=torch.float32).view(1, channels, 1, 1), persistent=False
+        )
+        self.register_buffer(
+            "std", torch.tensor(spec.std, dtype=torch.float32).view(1, channels, 1, 1), persistent=False
+        )
         self.notes: list[str] = []  # warnings from loading, shown by the CLI
         self.source_sha256: str | None = None  # sha256 of the file it was loaded from
 

@@ -15,6 +15,7 @@ A layer with a bias gets a ones row appended to X, so the bias is edited too.
 The edit can cost the target class (its clean features may share the trigger's
 direction), so a repair step fine-tunes the edited layers only on the clean subset.
 """
+
 from __future__ import annotations
 
 from typing import Any
@@ -26,12 +27,23 @@ from torch import nn
 from cleanse.engine.device import autocast
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, cosine_lr, register,
-                                  repair_loss, steps_per_pass)
+from cleanse.recipes.base import (
+    Param,
+    Recipe,
+    RecipeContext,
+    RecipeResult,
+    RecipeRun,
+    batches,
+    cosine_lr,
+    register,
+    repair_loss,
+    steps_per_pass,
+)
 
 
-def edit_from_grams(W: torch.Tensor, g_tt: torch.Tensor, g_cc: torch.Tensor, g_ct: torch.Tensor, beta: float,
-                    lam: float) -> torch.Tensor:
+def edit_from_grams(
+    W: torch.Tensor, g_tt: torch.Tensor, g_cc: torch.Tensor, g_ct: torch.Tensor, beta: float, lam: float
+) -> torch.Tensor:
     """D = W (X_c - X_t) X_t^T (X_t X_t^T + beta X_c X_c^T + lam I)^-1 from the Gram matrices
     g_tt = X_t X_t^T, g_cc = X_c X_c^T, g_ct = X_c X_t^T; solved in float64, returned in W's dtype."""
     w = W.double()
@@ -52,7 +64,9 @@ def residual(W: torch.Tensor, D: torch.Tensor, Xc: torch.Tensor, Xt: torch.Tenso
     return float(torch.linalg.norm((w + d) @ xt - w @ xc) / torch.linalg.norm(w @ xc).clamp_min(1e-30))
 
 
-def residual_from_grams(W: torch.Tensor, D: torch.Tensor, g_tt: torch.Tensor, g_cc: torch.Tensor, g_ct: torch.Tensor) -> float:
+def residual_from_grams(
+    W: torch.Tensor, D: torch.Tensor, g_tt: torch.Tensor, g_cc: torch.Tensor, g_ct: torch.Tensor
+) -> float:
     """The same residual from the Gram matrices: with V = W + D,
     ||V Xt - W Xc||^2 = tr(V g_tt V^T) - 2 tr(V g_ct^T W^T) + tr(W g_cc W^T)."""
     w, v = W.double(), W.double() + D.double()
@@ -82,7 +96,9 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
         return (0, 0)
     if conv.padding == "same":
         if any(k % 2 == 0 for k in conv.kernel_size) or any(s != 1 for s in conv.stride):
-            raise CleanseError("act-edit cannot edit a conv with padding='same' and an even kernel; choose another layer")
+            raise CleanseError(
+                "act-edit cannot edit a conv with padding='same' and an even kernel; choose another layer"
+            )
         return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))  # type: ignore[return-value]
     return conv.padding  # type: ignore[return-value]
 
@@ -109,8 +125,15 @@ def _check_editable(name: str, module: nn.Module) -> None:
 def call_order(net: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the Linear and Conv2d modules in the order a forward pass calls them."""
     order: list[str] = []
-    trace_forward(net, example, [(m, lambda _m, _a, _o, n=n: order.append(n)) for n, m in net.named_modules()
-                                 if isinstance(m, (nn.Linear, nn.Conv2d))])
+    trace_forward(
+        net,
+        example,
+        [
+            (m, lambda _m, _a, _o, n=n: order.append(n))
+            for n, m in net.named_modules()
+            if isinstance(m, (nn.Linear, nn.Conv2d))
+        ],
+    )
     return list(dict.fromkeys(order))
 
 
@@ -125,11 +148,15 @@ def resolve_layers(net: nn.Module, spec: str, example: torch.Tensor, num_classes
             continue
         if token == "head":
             if not heads:
-                raise CleanseError(f"act-edit found no Linear layer with {num_classes} outputs; name the layers with --param layers=NAME,...")
+                raise CleanseError(
+                    f"act-edit found no Linear layer with {num_classes} outputs; name the layers with --param layers=NAME,..."
+                )
             token = heads[-1]
         if token not in modules:
             known = ", ".join(order[-6:])
-            raise CleanseError(f"act-edit: the model has no module {token!r}; the last Linear/Conv2d layers are: {known}")
+            raise CleanseError(
+                f"act-edit: the model has no module {token!r}; the last Linear/Conv2d layers are: {known}"
+            )
         _check_editable(token, modules[token])
         if token not in order:
             raise CleanseError(f"act-edit: module {token!r} is not used in the forward pass")
@@ -146,12 +173,20 @@ class ActEdit(Recipe):
     needs_trigger = True
     params = {
         "epochs": Param(2, "repair budget: passes over the clean subset, fine-tuning the edited layers only"),
-        "layers": Param("head", "comma-separated modules to edit, in forward order ('head' = the classifier head; e.g. layer3.conv2,head)"),
-        "samples": Param(512, "clean training images (classes other than the target) whose activations, and their triggered copies', set the edit"),
+        "layers": Param(
+            "head",
+            "comma-separated modules to edit, in forward order ('head' = the classifier head; e.g. layer3.conv2,head)",
+        ),
+        "samples": Param(
+            512,
+            "clean training images (classes other than the target) whose activations, and their triggered copies', set the edit",
+        ),
         "beta": Param(4.0, "weight of ||D X_c||^2: keep the outputs on clean inputs unchanged"),
         "lam": Param(1e-3, "ridge on ||D||^2, relative to the mean diagonal of X_t X_t^T (scale-free)"),
         "lr": Param(0.05, "repair SGD learning rate (momentum 0.9, cosine schedule)"),
-        "repair_triggered": Param(1.0, "weight of CE(f(T(x)), y) on the batch's triggered copies in the repair (0: clean CE only)"),
+        "repair_triggered": Param(
+            1.0, "weight of CE(f(T(x)), y) on the batch's triggered copies in the repair (0: clean CE only)"
+        ),
         "weight_decay": Param(5e-4, "repair SGD weight decay"),
         "batch_size": Param(64, "batch size"),
         "asr_good": Param(0.01, "kept state: any held-back ASR at or below this counts as equal (then higher CA wins)"),
@@ -169,8 +204,9 @@ class ActEdit(Recipe):
         names = resolve_layers(model.net, str(p["layers"]), example, model.spec.num_classes)
         rows = trigger.eligible(train.labels).nonzero().flatten()
         if len(rows) == 0:
-            raise CleanseError("act-edit needs clean images of classes other than the trigger's target; "
-                               "raise --clean-frac")
+            raise CleanseError(
+                "act-edit needs clean images of classes other than the trigger's target; raise --clean-frac"
+            )
         rows = rows[torch.randperm(len(rows), generator=run.gen)[: max(1, p["samples"])]].sort().values
         metrics = self._edit(run, names, train.images[rows])
         if metrics is None:
@@ -210,9 +246,17 @@ class ActEdit(Recipe):
             before = residual_from_grams(wm, torch.zeros_like(d), g_tt, g_cc, g_ct)
             after = residual_from_grams(wm, d, g_tt, g_cc, g_ct)
             set_layer_matrix(module, (wm + d).to(module.weight.device))
-            edits.append({"layer": name, "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
-                          "dim": int(wm.shape[1]), "columns": columns, "residual_before": before, "residual_after": after,
-                          "relative_change": float(torch.linalg.norm(d) / torch.linalg.norm(wm).clamp_min(1e-30))})
+            edits.append(
+                {
+                    "layer": name,
+                    "kind": "conv" if isinstance(module, nn.Conv2d) else "linear",
+                    "dim": int(wm.shape[1]),
+                    "columns": columns,
+                    "residual_before": before,
+                    "residual_after": after,
+                    "relative_change": float(torch.linalg.norm(d) / torch.linalg.norm(wm).clamp_min(1e-30)),
+                }
+            )
             details.append(f"{name}: residual {before:.2f} -> {after:.2f}")
         metrics = run.measure()
         run.row("edit", 0, **metrics, detail="edited " + "; ".join(details))
@@ -242,8 +286,9 @@ class ActEdit(Recipe):
                     cosine_lr(optimizer, p["lr"], step, total)
                     rows = idx[eligible[idx]] if triggered_all is not None else idx[:0]
                     with autocast(ctx.device, ctx.precision):
-                        loss = repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device,
-                                           p["repair_triggered"])
+                        loss = repair_loss(
+                            model, x, y, triggered_all, rows, train.labels, ctx.device, p["repair_triggered"]
+                        )
                     if run.diverged(loss):
                         return
                     optimizer.zero_grad(set_to_none=True)
@@ -261,8 +306,14 @@ class ActEdit(Recipe):
 
     @staticmethod
     @torch.no_grad()
-    def _grams(model: nn.Module, module: nn.Module, clean: torch.Tensor, triggered: torch.Tensor, batch_size: int,
-               ctx: RecipeContext) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    def _grams(
+        model: nn.Module,
+        module: nn.Module,
+        clean: torch.Tensor,
+        triggered: torch.Tensor,
+        batch_size: int,
+        ctx: RecipeContext,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
         """X_t X_t^T, X_c X_c^T, X_c X_t^T of the layer's input columns (float64 where the device has it; eval mode), and the column count."""
         model.eval()
         dtype = torch.float32 if ctx.device.type == "mps" else torch.float64

@@ -7,14 +7,16 @@ recipe's loops share: the held-back monitor (CA, ASR and TAR on the held-back
 images), the state rule (StateKeeper or AgnosticKeeper) applied in its
 documented order, history rows, rollbacks, checkpoints and resume.
 """
+
 from __future__ import annotations
 
 import copy
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Iterator
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -32,8 +34,10 @@ from cleanse.recipes.resume import Checkpoints, RecipeState, capture
 from cleanse.recipes.resume import restore as restore_state
 from cleanse.registry import Registry
 
-NEEDS_TRIGGER = ("{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by "
-                 "`cleanse poison`, or a trigger-<class>.safetensors reversed by `cleanse scan`")
+NEEDS_TRIGGER = (
+    "{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by "
+    "`cleanse poison`, or a trigger-<class>.safetensors reversed by `cleanse scan`"
+)
 
 
 @dataclass
@@ -84,8 +88,9 @@ class Recipe(ABC):
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
         unknown = sorted(set(raw) - set(self.params))
         if unknown:
-            raise CleanseError(f"recipe {self.name} has no parameter {unknown[0]!r}; "
-                               f"its parameters are: {', '.join(self.params)}")
+            raise CleanseError(
+                f"recipe {self.name} has no parameter {unknown[0]!r}; its parameters are: {', '.join(self.params)}"
+            )
         out = {k: p.default for k, p in self.params.items()}
         for key, value in raw.items():
             default = self.params[key].default
@@ -93,8 +98,9 @@ class Recipe(ABC):
                 is_true = str(value).lower() in ("1", "true", "yes")
                 out[key] = is_true if isinstance(default, bool) else type(default)(value)
             except (TypeError, ValueError):
-                raise CleanseError(f"recipe {self.name} parameter {key}={value!r} is not a valid "
-                                   f"{type(default).__name__}") from None
+                raise CleanseError(
+                    f"recipe {self.name} parameter {key}={value!r} is not a valid {type(default).__name__}"
+                ) from None
             number = out[key]
             if isinstance(number, (int, float)) and not isinstance(number, bool):
                 if not math.isfinite(number) or number < 0:
@@ -122,6 +128,7 @@ def register(cls: type[Recipe]) -> type[Recipe]:
 
 # --- shared machinery ---------------------------------------------------------
 
+
 class HeldMonitor:
     """CA, ASR/RA and TAR on the held-back images: the figures recipes decide on and show live."""
 
@@ -148,8 +155,15 @@ class StateKeeper:
     AgnosticKeeper instead.
     """
 
-    def __init__(self, model: ClassifierModel, start: dict[str, Any], use_asr: bool, ca_margin: float,
-                 ca_floor_drop: float, asr_good: float = 0.0) -> None:
+    def __init__(
+        self,
+        model: ClassifierModel,
+        start: dict[str, Any],
+        use_asr: bool,
+        ca_margin: float,
+        ca_floor_drop: float,
+        asr_good: float = 0.0,
+    ) -> None:
         self.asr_good = asr_good
         self.use_asr = use_asr and start.get("attack_success_rate") is not None
         self.start_ca = start["clean_accuracy"]
@@ -187,10 +201,19 @@ class StateKeeper:
 
     def restore_best(self, model: ClassifierModel) -> dict[str, Any]:
         model.net.load_state_dict(self.best_state)
-        rule = (f"lowest held-back ASR (any <= {self.asr_good:.3f} counts as equal, then higher CA) with held-back CA "
-                f"within {self.ca_margin:.2f} of the start" if self.use_asr else "highest held-back CA")
-        return {"tag": self.best["tag"], "rule": rule, "held_back": {k: v for k, v in self.best.items() if k != "tag"},
-                "rollbacks": self.rollbacks, "unchanged": self.best["tag"] == "start"}
+        rule = (
+            f"lowest held-back ASR (any <= {self.asr_good:.3f} counts as equal, then higher CA) with held-back CA "
+            f"within {self.ca_margin:.2f} of the start"
+            if self.use_asr
+            else "highest held-back CA"
+        )
+        return {
+            "tag": self.best["tag"],
+            "rule": rule,
+            "held_back": {k: v for k, v in self.best.items() if k != "tag"},
+            "rollbacks": self.rollbacks,
+            "unchanged": self.best["tag"] == "start",
+        }
 
 
 class AgnosticKeeper(StateKeeper):
@@ -220,8 +243,10 @@ class AgnosticKeeper(StateKeeper):
 
     def restore_best(self, model: ClassifierModel) -> dict[str, Any]:
         kept = super().restore_best(model)
-        kept["rule"] = (f"latest of the recipe's states with held-back CA within {self.ca_margin:.2f} of the best "
-                        "among them (the start state only as a rollback fallback)")
+        kept["rule"] = (
+            f"latest of the recipe's states with held-back CA within {self.ca_margin:.2f} of the best "
+            "among them (the start state only as a rollback fallback)"
+        )
         return kept
 
 
@@ -252,8 +277,15 @@ class RecipeRun:
     - `finish()` last: the kept state goes back into the model and the result, `kept` set, is returned.
     """
 
-    def __init__(self, name: str, ctx: RecipeContext, monitor: HeldMonitor, start: dict[str, Any], keeper: StateKeeper,
-                 began: float | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        ctx: RecipeContext,
+        monitor: HeldMonitor,
+        start: dict[str, Any],
+        keeper: StateKeeper,
+        began: float | None = None,
+    ) -> None:
         self.name, self.ctx, self.model = name, ctx, ctx.model
         self.monitor, self.start, self.keeper = monitor, start, keeper
         self.result = RecipeResult()
@@ -275,8 +307,14 @@ class RecipeRun:
         start = monitor(model)
         keeper: StateKeeper
         if recipe.needs_trigger:
-            keeper = StateKeeper(model, start, use_asr=True, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"],
-                                 asr_good=asr_good)
+            keeper = StateKeeper(
+                model,
+                start,
+                use_asr=True,
+                ca_margin=p["ca_margin"],
+                ca_floor_drop=p["ca_floor_drop"],
+                asr_good=asr_good,
+            )
         else:
             keeper = AgnosticKeeper(model, start, ca_margin=p["ca_margin"], ca_floor_drop=p["ca_floor_drop"])
         run = cls(recipe.name, ctx, monitor, start, keeper, began)
@@ -337,13 +375,30 @@ class RecipeRun:
 
     # --- checkpoints and resume ---
 
-    def passed(self, position: dict[str, Any], optimizer: torch.optim.Optimizer,
-               tensors: dict[str, torch.Tensor] | None = None, values: dict[str, Any] | None = None) -> None:
+    def passed(
+        self,
+        position: dict[str, Any],
+        optimizer: torch.optim.Optimizer,
+        tensors: dict[str, torch.Tensor] | None = None,
+        values: dict[str, Any] | None = None,
+    ) -> None:
         """The end of a pass over the clean subset at `position` (the recipe's loop counters): saves a checkpoint every
         `--checkpoint-every` passes, with the recipe's own `tensors` and JSON `values`."""
+
         def state(passes: int) -> RecipeState:
-            return capture(self.name, passes, position, self.model, optimizer, self.gen, self.keeper, self.result,
-                           self.elapsed(), tensors, values)
+            return capture(
+                self.name,
+                passes,
+                position,
+                self.model,
+                optimizer,
+                self.gen,
+                self.keeper,
+                self.result,
+                self.elapsed(),
+                tensors,
+                values,
+            )
 
         self.ctx.checkpoints.passed(state)
 
@@ -371,8 +426,9 @@ def steps_per_pass(n_train: int, batch_size: int) -> int:
     return max(1, -(-n_train // batch_size))
 
 
-def batches(data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device,
-            augment: bool = True) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+def batches(
+    data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device, augment: bool = True
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Shuffled [0,1] image batches (N,C,H,W) with labels and row indices, flips and 2-pixel shifts."""
     order = torch.randperm(len(data), generator=gen)
     for start in range(0, len(order), batch_size):
@@ -388,8 +444,9 @@ def as_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     return images.to(device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
 
 
-def joint_logits(model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tensor | None, rows: torch.Tensor,
-                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_logits(
+    model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tensor | None, rows: torch.Tensor, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Float logits of the clean batch `x` and of the triggered images `triggered[rows]`, from one forward pass.
 
     One pass is cheaper than two and, in train mode, lets BatchNorm normalise clean and triggered images together
@@ -403,8 +460,16 @@ def joint_logits(model: torch.nn.Module, x: torch.Tensor, triggered: torch.Tenso
     return logits[:n], logits[n:]
 
 
-def repair_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor | None,
-                rows: torch.Tensor, labels: torch.Tensor, device: torch.device, weight: float = 1.0) -> torch.Tensor:
+def repair_loss(
+    model: torch.nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    triggered: torch.Tensor | None,
+    rows: torch.Tensor,
+    labels: torch.Tensor,
+    device: torch.device,
+    weight: float = 1.0,
+) -> torch.Tensor:
     """CE(f(x), y) + weight * CE(f(T(x_rows)), true labels of the rows): clean fine-tuning that also teaches the
     model to give triggered images their own class. `labels` are the true labels of the whole set `rows` index."""
     clean_logits, trig_logits = joint_logits(model, x, triggered, rows, device)

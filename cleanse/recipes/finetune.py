@@ -1,12 +1,23 @@
 """`finetune`: plain fine-tuning on the clean subset, the baseline every method must beat."""
+
 from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
 
 from cleanse.engine.device import autocast
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, cosine_lr, register,
-                                  steps_per_pass, trainable)
+from cleanse.recipes.base import (
+    Param,
+    Recipe,
+    RecipeContext,
+    RecipeResult,
+    RecipeRun,
+    batches,
+    cosine_lr,
+    register,
+    steps_per_pass,
+    trainable,
+)
 
 
 @register
@@ -26,8 +37,9 @@ class FineTune(Recipe):
     def run(self, ctx: RecipeContext) -> RecipeResult:
         run = RecipeRun.begin(self, ctx)
         p, model = ctx.params, ctx.model
-        optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"],
-                                    nesterov=True)
+        optimizer = torch.optim.SGD(
+            trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True
+        )
         total = p["epochs"] * steps_per_pass(len(ctx.split.train), p["batch_size"])
         step, first = 0, 1
         if run.resuming():

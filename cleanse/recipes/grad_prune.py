@@ -18,6 +18,7 @@ lowest loss, or at `max_rounds`. Then fine-tuning on CE(f(x), y) + CE(f(T(x)), y
 default, since batches of the small subset made them drift) with early stopping on
 the held-back value of that loss.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,12 +33,41 @@ from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
 from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, as_batch, batches, register,
-                                  repair_loss, trainable)
+from cleanse.recipes.base import (
+    Param,
+    Recipe,
+    RecipeContext,
+    RecipeResult,
+    RecipeRun,
+    as_batch,
+    batches,
+    register,
+    repair_loss,
+    trainable,
+)
 
 # Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
-_CHANNELWISE = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.ReLU, nn.ReLU6, nn.GELU,
-                nn.SiLU, nn.LeakyReLU, nn.ELU, nn.Mish, nn.Hardswish, nn.Sigmoid, nn.Tanh, nn.Identity, nn.Dropout, nn.Dropout2d)
+_CHANNELWISE = (
+    nn.MaxPool1d,
+    nn.MaxPool2d,
+    nn.MaxPool3d,
+    nn.AvgPool1d,
+    nn.AvgPool2d,
+    nn.AvgPool3d,
+    nn.ReLU,
+    nn.ReLU6,
+    nn.GELU,
+    nn.SiLU,
+    nn.LeakyReLU,
+    nn.ELU,
+    nn.Mish,
+    nn.Hardswish,
+    nn.Sigmoid,
+    nn.Tanh,
+    nn.Identity,
+    nn.Dropout,
+    nn.Dropout2d,
+)
 
 Filter = tuple[str, int]
 
@@ -52,7 +82,9 @@ def filter_scores(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     return {name: g.abs().flatten(1).mean(1) for name, g in grads.items()}
 
 
-def rank_from_grads(grads: dict[str, torch.Tensor], exclude: set[Filter] | frozenset = frozenset()) -> list[tuple[str, int, float]]:
+def rank_from_grads(
+    grads: dict[str, torch.Tensor], exclude: set[Filter] | frozenset = frozenset()
+) -> list[tuple[str, int, float]]:
     """All filters of all layers, highest score first, leaving out `exclude`."""
     scores = filter_scores(grads)
     names = list(scores)
@@ -63,11 +95,15 @@ def rank_from_grads(grads: dict[str, torch.Tensor], exclude: set[Filter] | froze
     return [(owner[i][0], owner[i][1], values[i]) for i in order if owner[i] not in exclude]
 
 
-def rank_filters(model: nn.Module, loss: torch.Tensor, exclude: set[Filter] | frozenset = frozenset()) -> list[tuple[str, int, float]]:
+def rank_filters(
+    model: nn.Module, loss: torch.Tensor, exclude: set[Filter] | frozenset = frozenset()
+) -> list[tuple[str, int, float]]:
     """Rank every learned conv filter of `model` by mean |d loss / dW|, across all layers at once."""
     convs = prunable_convs(model)
     grads = torch.autograd.grad(loss, [m.weight for m in convs.values()], allow_unused=True)
-    return rank_from_grads({n: torch.zeros_like(m.weight) if g is None else g for (n, m), g in zip(convs.items(), grads)}, exclude)
+    return rank_from_grads(
+        {n: torch.zeros_like(m.weight) if g is None else g for (n, m), g in zip(convs.items(), grads)}, exclude
+    )
 
 
 def following_batchnorm(net: nn.Module, example: torch.Tensor) -> dict[str, str | None]:
@@ -91,10 +127,16 @@ def following_batchnorm(net: nn.Module, example: torch.Tensor) -> dict[str, str 
                 found.setdefault(name, None)
                 produced[id(out)] = name
             elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if source is not None and found.get(source) is None and module.num_features == out.shape[1] and module.affine:
+                if (
+                    source is not None
+                    and found.get(source) is None
+                    and module.num_features == out.shape[1]
+                    and module.affine
+                ):
                     found[source] = name
             elif isinstance(module, _CHANNELWISE) and source is not None:
                 produced[id(out)] = source
+
         return fn
 
     trace_forward(net, example, [(m, hook(n, m)) for n, m in net.named_modules() if not list(m.children())])
@@ -134,10 +176,15 @@ class FilterMasks:
 @register
 class GradPrune(Recipe):
     name = "grad-prune"
-    summary = "prune the conv filters with the largest unlearning-loss gradient (trigger at true labels), then fine-tune"
+    summary = (
+        "prune the conv filters with the largest unlearning-loss gradient (trigger at true labels), then fine-tune"
+    )
     needs_trigger = True
     params = {
-        "epochs": Param(10, "fine-tuning budget: at most this many passes over the clean subset (early stopping usually ends it sooner)"),
+        "epochs": Param(
+            10,
+            "fine-tuning budget: at most this many passes over the clean subset (early stopping usually ends it sooner)",
+        ),
         "max_rounds": Param(40, "pruning rounds at most"),
         "per_round": Param(1, "filters pruned per round (published: 1; more is faster on big nets)"),
         "patience": Param(10, "stop pruning after this many rounds without a lower held-back unlearning loss"),
@@ -167,11 +214,14 @@ class GradPrune(Recipe):
             rows = rows[torch.randperm(len(rows), generator=run.gen)[: p["grad_samples"]]].sort().values
         grad_set = Dataset(triggered_all[rows], train.labels[rows], train.classes, train.source)
         held_rows = trigger.eligible(held.labels)
-        held_trig = Dataset(trigger.apply_uint8(held.images[held_rows]), held.labels[held_rows], held.classes,
-                            held.source)
+        held_trig = Dataset(
+            trigger.apply_uint8(held.images[held_rows]), held.labels[held_rows], held.classes, held.source
+        )
         if len(grad_set) == 0 or len(held_trig) == 0:
-            raise CleanseError("grad-prune needs clean images of classes other than the trigger's target in the subset; "
-                               "raise --clean-frac")
+            raise CleanseError(
+                "grad-prune needs clean images of classes other than the trigger's target in the subset; "
+                "raise --clean-frac"
+            )
         u_start = self._held_loss(model, held_trig, None, ctx)
         run.row("start", 0, loss=u_start, **run.start, elapsed=0.0)
 
@@ -188,8 +238,15 @@ class GradPrune(Recipe):
         result.extra["pruned_in_kept_state"] = [] if result.kept["tag"] == "start" else result.extra["pruned"]
         return result
 
-    def _prune(self, run: RecipeRun, convs: dict[str, nn.Conv2d], masks: FilterMasks, grad_set: Dataset,
-               held_trig: Dataset, u_start: float) -> None:
+    def _prune(
+        self,
+        run: RecipeRun,
+        convs: dict[str, nn.Conv2d],
+        masks: FilterMasks,
+        grad_set: Dataset,
+        held_trig: Dataset,
+        u_start: float,
+    ) -> None:
         """Pruning rounds from the start's held-back unlearning loss `u_start`; leaves the model (and `masks`) at the
         round with the lowest held-back unlearning loss."""
         ctx, p, model, start = run.ctx, run.ctx.params, run.model, run.start
@@ -205,8 +262,15 @@ class GradPrune(Recipe):
             masks.add(picked)
             metrics = run.measure()
             u = self._held_loss(model, held_trig, None, ctx)
-            rounds.append({"round": rnd, "filters": [f"{n}:{ch}" for n, ch in picked],
-                           "scores": [s for _, _, s in ranked[: len(picked)]], "held_unlearning_loss": u, **metrics})
+            rounds.append(
+                {
+                    "round": rnd,
+                    "filters": [f"{n}:{ch}" for n, ch in picked],
+                    "scores": [s for _, _, s in ranked[: len(picked)]],
+                    "held_unlearning_loss": u,
+                    **metrics,
+                }
+            )
             shown = ", ".join(f"{n}:{ch}" for n, ch in picked[:3]) + (", ..." if len(picked) > 3 else "")
             run.row("prune", rnd, loss=u, **metrics, detail=f"pruned {len(masks.pruned)} ({shown})")
             fell = metrics["clean_accuracy"] <= start["clean_accuracy"] - p["ca_drop"] + 1e-12
@@ -216,8 +280,10 @@ class GradPrune(Recipe):
             else:
                 stale += 1
             if fell:
-                ctx.note(f"held-back CA {metrics['clean_accuracy']:.3f} fell {p['ca_drop']:.2f} from the start: "
-                         f"pruning stops at round {rnd}")
+                ctx.note(
+                    f"held-back CA {metrics['clean_accuracy']:.3f} fell {p['ca_drop']:.2f} from the start: "
+                    f"pruning stops at round {rnd}"
+                )
                 break
             if stale >= p["patience"]:
                 ctx.note(f"{stale} rounds without a lower held-back unlearning loss: pruning stops at round {rnd}")
@@ -226,16 +292,30 @@ class GradPrune(Recipe):
         # No round helped: back to the start, nothing pruned.
         model.net.load_state_dict(best_state if best_state is not None else run.keeper.best_state)
         masks.apply()
-        ctx.note(f"kept pruning round {best_round} ({best_pruned} filters), held-back unlearning loss "
-                 f"{u_start:.3f} -> {best_u:.3f}")
-        run.result.extra.update({"rounds": rounds, "kept_round": best_round,
-                                 "pruned": [f"{n}:{ch}" for n, ch in masks.pruned], "batchnorm_after": masks.followers})
+        ctx.note(
+            f"kept pruning round {best_round} ({best_pruned} filters), held-back unlearning loss "
+            f"{u_start:.3f} -> {best_u:.3f}"
+        )
+        run.result.extra.update(
+            {
+                "rounds": rounds,
+                "kept_round": best_round,
+                "pruned": [f"{n}:{ch}" for n, ch in masks.pruned],
+                "batchnorm_after": masks.followers,
+            }
+        )
         # Fine-tuning is part of the recipe: the bare pruned state is a candidate only without it.
         if best_round and p["epochs"] <= 0:
             run.offer({k: v for k, v in rounds[best_round - 1].items() if k in start}, f"pruned round {best_round}")
 
-    def _finetune(self, run: RecipeRun, masks: FilterMasks, triggered_all: torch.Tensor, eligible: torch.Tensor,
-                  held_trig: Dataset) -> None:
+    def _finetune(
+        self,
+        run: RecipeRun,
+        masks: FilterMasks,
+        triggered_all: torch.Tensor,
+        eligible: torch.Tensor,
+        held_trig: Dataset,
+    ) -> None:
         """Fine-tuning on clean CE + triggered-true-label CE, pruned channels kept at zero, early stopping on the
         held-back loss."""
         ctx, p, model, train, held = run.ctx, run.ctx.params, run.model, run.ctx.split.train, run.ctx.split.held
@@ -257,8 +337,13 @@ class GradPrune(Recipe):
                 loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
             metrics = run.measure()
             held_loss = self._held_loss(model, held_trig, held, ctx)
-            run.row("finetune", epoch, loss=loss_sum / max(1, seen), **metrics,
-                    detail=f"held loss {held_loss:.3f} (pruned state {start_loss:.3f})")
+            run.row(
+                "finetune",
+                epoch,
+                loss=loss_sum / max(1, seen),
+                **metrics,
+                detail=f"held loss {held_loss:.3f} (pruned state {start_loss:.3f})",
+            )
             if run.judge(metrics, f"finetune epoch {epoch}"):
                 return
             if held_loss < best_loss:
@@ -270,8 +355,9 @@ class GradPrune(Recipe):
                     return
 
     @staticmethod
-    def _unlearning_grads(model: nn.Module, convs: dict[str, nn.Conv2d], data: Dataset, batch_size: int,
-                          ctx: RecipeContext) -> dict[str, torch.Tensor]:
+    def _unlearning_grads(
+        model: nn.Module, convs: dict[str, nn.Conv2d], data: Dataset, batch_size: int, ctx: RecipeContext
+    ) -> dict[str, torch.Tensor]:
         """d L_u / dW for every learned conv, L_u the mean CE over `data` (eval mode: BatchNorm statistics stay put)."""
         model.eval()
         weights = [m.weight for m in convs.values()]
@@ -298,6 +384,8 @@ class GradPrune(Recipe):
             for start in range(0, len(data), 256):
                 x = as_batch(data.images[start : start + 256], ctx.device)
                 with autocast(ctx.device, ctx.precision):
-                    part += F.cross_entropy(model(x).float(), data.labels[start : start + 256].to(ctx.device), reduction="sum")
+                    part += F.cross_entropy(
+                        model(x).float(), data.labels[start : start + 256].to(ctx.device), reduction="sum"
+                    )
             total += part / max(1, len(data))
         return float(total)

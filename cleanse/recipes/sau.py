@@ -22,6 +22,7 @@ f_bd is a frozen copy of the start model, f_theta the model being cleaned. Per b
    differs from f_bd's prediction on x_i. f_theta stays in eval mode throughout, so BatchNorm
    uses and keeps the start model's running statistics.
 """
+
 from __future__ import annotations
 
 import copy
@@ -32,8 +33,17 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, register,
-                                  steps_per_pass, trainable)
+from cleanse.recipes.base import (
+    Param,
+    Recipe,
+    RecipeContext,
+    RecipeResult,
+    RecipeRun,
+    batches,
+    register,
+    steps_per_pass,
+    trainable,
+)
 
 
 def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tensor:
@@ -44,9 +54,17 @@ def js_divergence(logits_a: torch.Tensor, logits_b: torch.Tensor) -> torch.Tenso
     return 0.5 * ((p * (p.log() - m.log())).sum(1) + (q * (q.log() - m.log())).sum(1))
 
 
-def shared_pgd(model: nn.Module, frozen: nn.Module, x: torch.Tensor, y: torch.Tensor, eps: float = 0.2,
-               step: float = 0.2, steps: int = 5, beta: float = 0.01,
-               precision: str = "fp32") -> tuple[torch.Tensor, torch.Tensor]:
+def shared_pgd(
+    model: nn.Module,
+    frozen: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    eps: float = 0.2,
+    step: float = 0.2,
+    steps: int = 5,
+    beta: float = 0.01,
+    precision: str = "fp32",
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Shared adversarial examples for a batch of [0,1] images; returns (x_adv, shared mask at x_adv).
 
     Both models should be in eval mode; only delta gets gradients (parameters' .grad are untouched).
@@ -77,8 +95,15 @@ def shared_pgd(model: nn.Module, frozen: nn.Module, x: torch.Tensor, y: torch.Te
     return (x + delta).detach(), shared.detach()
 
 
-def sau_step(model: nn.Module, frozen: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor,
-             p: dict[str, Any], precision: str = "fp32") -> dict[str, torch.Tensor]:
+def sau_step(
+    model: nn.Module,
+    frozen: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    p: dict[str, Any],
+    precision: str = "fp32",
+) -> dict[str, torch.Tensor]:
     """One SAU update on a batch: shared PGD, then one step on clean CE + the shared-adversarial unlearning term.
 
     Puts `model` in eval mode (BatchNorm frozen). Returns detached figures: loss, clean CE, the
@@ -101,8 +126,13 @@ def sau_step(model: nn.Module, frozen: nn.Module, optimizer: torch.optim.Optimiz
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
-    return {"loss": loss.detach(), "clean_ce": ce.detach(), "sar": sar.detach(), "shared": shared.float().mean(),
-            "fooled": fooled.float().mean()}
+    return {
+        "loss": loss.detach(),
+        "clean_ce": ce.detach(),
+        "sar": sar.detach(),
+        "shared": shared.float().mean(),
+        "fooled": fooled.float().mean(),
+    }
 
 
 def planned_passes(n_train: int, batch_size: int, epochs: int, min_steps: int) -> int:
@@ -113,13 +143,16 @@ def planned_passes(n_train: int, batch_size: int, epochs: int, min_steps: int) -
 @register
 class Sau(Recipe):
     name = "sau"
-    summary = ("shared adversarial unlearning: unlearn the adversarial examples the model and its frozen copy share "
-               "(trigger-agnostic)")
+    summary = (
+        "shared adversarial unlearning: unlearn the adversarial examples the model and its frozen copy share "
+        "(trigger-agnostic)"
+    )
     resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(5, "passes over the clean subset (published: 100); more when min_steps asks for them"),
-        "min_steps": Param(180, "at least this many Adam steps in all: a small subset gets more passes "
-                                "(0: exactly `epochs`)"),
+        "min_steps": Param(
+            180, "at least this many Adam steps in all: a small subset gets more passes (0: exactly `epochs`)"
+        ),
         "lr": Param(1e-4, "Adam learning rate, constant (published)"),
         "batch_size": Param(64, "batch size (published: 256)"),
         "eps": Param(0.2, "L-inf radius of the shared perturbation, in [0,1] pixel units"),
@@ -141,9 +174,11 @@ class Sau(Recipe):
         n_train = len(ctx.split.train)
         passes = planned_passes(n_train, p["batch_size"], p["epochs"], p["min_steps"])
         if passes > p["epochs"]:
-            ctx.note(f"sau: {n_train} images make {steps_per_pass(n_train, p['batch_size'])} steps a pass, so it makes "
-                     f"{passes} passes instead of {p['epochs']} to reach min_steps={p['min_steps']} "
-                     "(--param min_steps=0 keeps exactly --epochs)")
+            ctx.note(
+                f"sau: {n_train} images make {steps_per_pass(n_train, p['batch_size'])} steps a pass, so it makes "
+                f"{passes} passes instead of {p['epochs']} to reach min_steps={p['min_steps']} "
+                "(--param min_steps=0 keeps exactly --epochs)"
+            )
         run.result.extra["passes"] = passes
         first = run.restore(optimizer).position["epoch"] + 1 if run.resuming() else 1
         for epoch in range(first, passes + 1):
@@ -151,8 +186,13 @@ class Sau(Recipe):
             if means is None:
                 break
             metrics = run.measure()
-            run.row("unlearn", epoch, **means, **metrics,
-                    detail=f"shared {means['shared']:.0%}, fooled {means['fooled']:.0%}, SAR {means['sar']:.3f}")
+            run.row(
+                "unlearn",
+                epoch,
+                **means,
+                **metrics,
+                detail=f"shared {means['shared']:.0%}, fooled {means['fooled']:.0%}, SAR {means['sar']:.3f}",
+            )
             if run.judge(metrics, f"epoch {epoch}"):
                 break
             run.passed({"epoch": epoch}, optimizer)

@@ -15,6 +15,7 @@ keeping the bounded ascent (weight `recovery_ascent`) but not the EWC anchor,
 which points at the backdoored weights. Held-back CA, ASR and TAR are measured and shown
 after every phase-1 check and every phase-2 epoch.
 """
+
 from __future__ import annotations
 
 import math
@@ -29,11 +30,25 @@ from torch.func import functional_call, grad, vmap
 from cleanse.attacks.trigger import Trigger
 from cleanse.engine.device import autocast
 from cleanse.errors import CleanseError
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, as_batch, batches, cosine_lr,
-                                  joint_logits, register, steps_per_pass, trainable)
+from cleanse.recipes.base import (
+    Param,
+    Recipe,
+    RecipeContext,
+    RecipeResult,
+    RecipeRun,
+    as_batch,
+    batches,
+    cosine_lr,
+    joint_logits,
+    register,
+    steps_per_pass,
+    trainable,
+)
 
 
-def empirical_fisher(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32) -> dict[str, torch.Tensor]:
+def empirical_fisher(
+    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32
+) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher: mean of squared per-sample gradients of log p(y|x), normalised by its mean."""
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
@@ -70,7 +85,9 @@ class _Ascent:
 @register
 class TarEwc(Recipe):
     name = "tar-ewc"
-    summary = "bounded gradient ascent on the trigger + clean CE + EWC anchor, early stop on held-back ASR, then recovery"
+    summary = (
+        "bounded gradient ascent on the trigger + clean CE + EWC anchor, early stop on held-back ASR, then recovery"
+    )
     needs_trigger = True
     resumable = True
     params = {
@@ -79,13 +96,19 @@ class TarEwc(Recipe):
         "tau": Param(3.0, "bound on each triggered sample's ascended loss (3.0: target probability below 5%)"),
         "ewc_lambda": Param(1.0, "EWC strength on the mean-normalised Fisher"),
         "asr_stop": Param(0.01, "stop phase 1 once held-back ASR is at or below this"),
-        "reversed_min_epochs": Param(1.0, "with a trigger reversed by `cleanse scan`: phase 1 runs at least this many passes "
-                                          "before the asr_stop rule applies or a state is kept (a reversed trigger stops "
-                                          "working well before the true one does)"),
+        "reversed_min_epochs": Param(
+            1.0,
+            "with a trigger reversed by `cleanse scan`: phase 1 runs at least this many passes "
+            "before the asr_stop rule applies or a state is kept (a reversed trigger stops "
+            "working well before the true one does)",
+        ),
         "checks_per_epoch": Param(4, "held-back checks (and live-table rows) per phase-1 epoch"),
-        "check_batch_asr": Param(0.05, "also check right after a step whose batch of triggered images reaches the target at "
-                                       "most this often (at most checks_per_epoch such checks per epoch)",
-                                 changed_default_when_added=True),
+        "check_batch_asr": Param(
+            0.05,
+            "also check right after a step whose batch of triggered images reaches the target at "
+            "most this often (at most checks_per_epoch such checks per epoch)",
+            changed_default_when_added=True,
+        ),
         "recovery_epochs": Param(2, "phase 2: clean fine-tuning epochs"),
         "recovery_lr": Param(0.001, "phase 2 SGD learning rate (cosine schedule)"),
         "recovery_ascent": Param(1.0, "weight of the bounded ascent kept during phase 2 (0: plain fine-tuning)"),
@@ -97,8 +120,17 @@ class TarEwc(Recipe):
     }
 
     @staticmethod
-    def _losses(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, triggered: torch.Tensor, targets: torch.Tensor,
-                rows: torch.Tensor, tau: float, ctx: RecipeContext, together: bool) -> tuple[torch.Tensor, torch.Tensor, float]:
+    def _losses(
+        model: torch.nn.Module,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        triggered: torch.Tensor,
+        targets: torch.Tensor,
+        rows: torch.Tensor,
+        tau: float,
+        ctx: RecipeContext,
+        together: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, float]:
         """CE(f(x), y), the bounded ascent mean over `rows` of min(CE(f(T(x)), y_t), tau) (zero without eligible rows), and
         the share of the batch's triggered images still sent to the target (1.0 without eligible rows).
 
@@ -119,9 +151,11 @@ class TarEwc(Recipe):
 
     def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
         if trigger is not None and trigger.origin == "scan" and params["reversed_min_epochs"] > params["epochs"]:
-            raise CleanseError(f"tar-ewc: reversed_min_epochs={params['reversed_min_epochs']:g} is more than "
-                               f"epochs={params['epochs']}, so phase 1 could never keep a state with this reversed trigger; "
-                               "raise --epochs or lower --param reversed_min_epochs")
+            raise CleanseError(
+                f"tar-ewc: reversed_min_epochs={params['reversed_min_epochs']:g} is more than "
+                f"epochs={params['epochs']}, so phase 1 could never keep a state with this reversed trigger; "
+                "raise --epochs or lower --param reversed_min_epochs"
+            )
 
     def run(self, ctx: RecipeContext) -> RecipeResult:
         p = ctx.params
@@ -131,8 +165,11 @@ class TarEwc(Recipe):
         assert trigger is not None  # begin() refused a missing one
         ewc = self._ewc(run)
         run.result.extra["fisher_seconds"] = run.elapsed()
-        data = _Ascent(trigger.apply_uint8(train.images), trigger.eligible(train.labels),
-                       trigger.target_labels(train.labels, train.num_classes))
+        data = _Ascent(
+            trigger.apply_uint8(train.images),
+            trigger.eligible(train.labels),
+            trigger.target_labels(train.labels, train.num_classes),
+        )
         step = self._unlearn(run, data, ewc)
         run.result.extra["unlearn_steps"] = step
         self._recover(run, data, step)
@@ -186,9 +223,17 @@ class TarEwc(Recipe):
             for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                 model.train(not p["freeze_bn"])
                 with autocast(ctx.device, ctx.precision):
-                    clean_ce, ascent, batch_asr = self._losses(model, x, y, data.triggered, data.targets,
-                                                               idx[data.eligible[idx]], p["tau"], ctx,
-                                                               together=p["freeze_bn"])
+                    clean_ce, ascent, batch_asr = self._losses(
+                        model,
+                        x,
+                        y,
+                        data.triggered,
+                        data.targets,
+                        idx[data.eligible[idx]],
+                        p["tau"],
+                        ctx,
+                        together=p["freeze_bn"],
+                    )
                 penalty = ewc()
                 loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
                 if run.diverged(loss):
@@ -204,20 +249,33 @@ class TarEwc(Recipe):
                 # `check_batch_asr`). Before min_steps (reversed triggers) no state counts.
                 settled = step >= min_steps
                 scheduled = step % check_every == 0 or step == min_steps
-                by_batch = (not scheduled and settled and batch_asr <= p["check_batch_asr"]
-                            and batch_checks < p["checks_per_epoch"])
+                by_batch = (
+                    not scheduled
+                    and settled
+                    and batch_asr <= p["check_batch_asr"]
+                    and batch_checks < p["checks_per_epoch"]
+                )
                 if not (scheduled or by_batch):
                     continue
                 batch_checks += int(by_batch)
                 metrics = run.measure()
-                run.row("unlearn", round(step / steps_per_epoch, 2), loss=float(loss.detach()),
-                        clean_ce=float(clean_ce.detach()), ascent=float(ascent.detach()), ewc=float(penalty.detach()),
-                        batch_asr=batch_asr, **metrics)
+                run.row(
+                    "unlearn",
+                    round(step / steps_per_epoch, 2),
+                    loss=float(loss.detach()),
+                    clean_ce=float(clean_ce.detach()),
+                    ascent=float(ascent.detach()),
+                    ewc=float(penalty.detach()),
+                    batch_asr=batch_asr,
+                    **metrics,
+                )
                 if run.judge(metrics, f"unlearn step {step}" if settled else None):
                     return step
                 if settled and metrics["attack_success_rate"] <= p["asr_stop"]:
-                    ctx.note(f"held-back ASR {metrics['attack_success_rate']:.3f} <= {p['asr_stop']}: "
-                             f"phase 1 stops at step {step}")
+                    ctx.note(
+                        f"held-back ASR {metrics['attack_success_rate']:.3f} <= {p['asr_stop']}: "
+                        f"phase 1 stops at step {step}"
+                    )
                     return step
             run.passed({"phase": "unlearn", "epoch": epoch, "step": step, "rstep": 0}, optimizer)
         return step
@@ -225,8 +283,9 @@ class TarEwc(Recipe):
     def _recover(self, run: RecipeRun, data: _Ascent, step: int) -> None:
         """Phase 2: recovery on the clean subset, from where phase 1 stopped (or the state a rollback restored)."""
         ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
-        optimizer = torch.optim.SGD(trainable(model), lr=p["recovery_lr"], momentum=0.9, nesterov=True,
-                                    weight_decay=5e-4)
+        optimizer = torch.optim.SGD(
+            trainable(model), lr=p["recovery_lr"], momentum=0.9, nesterov=True, weight_decay=5e-4
+        )
         total = p["recovery_epochs"] * steps_per_pass(len(train), p["batch_size"])
         rstep, first = 0, 1
         if run.resuming("recover"):
@@ -238,9 +297,17 @@ class TarEwc(Recipe):
                 cosine_lr(optimizer, p["recovery_lr"], rstep, total)
                 with autocast(ctx.device, ctx.precision):
                     if p["recovery_ascent"]:
-                        clean_ce, ascent, _ = self._losses(model, x, y, data.triggered, data.targets,
-                                                           idx[data.eligible[idx]], p["tau"], ctx,
-                                                           together=p["freeze_bn"])
+                        clean_ce, ascent, _ = self._losses(
+                            model,
+                            x,
+                            y,
+                            data.triggered,
+                            data.targets,
+                            idx[data.eligible[idx]],
+                            p["tau"],
+                            ctx,
+                            together=p["freeze_bn"],
+                        )
                     else:
                         clean_ce, ascent = F.cross_entropy(model(x).float(), y), torch.zeros((), device=ctx.device)
                 # No EWC here: it anchors to the backdoored start weights and would pull the backdoor back. The
@@ -252,7 +319,13 @@ class TarEwc(Recipe):
                 optimizer.step()
                 rstep += 1
             metrics = run.measure()
-            run.row("recover", epoch, loss=float(loss.detach()), clean_ce=float(clean_ce.detach()),
-                    ascent=float(ascent.detach()), **metrics)
+            run.row(
+                "recover",
+                epoch,
+                loss=float(loss.detach()),
+                clean_ce=float(clean_ce.detach()),
+                ascent=float(ascent.detach()),
+                **metrics,
+            )
             run.offer(metrics, f"recover epoch {epoch}")
             run.passed({"phase": "recover", "epoch": epoch, "step": step, "rstep": rstep}, optimizer)

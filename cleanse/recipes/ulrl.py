@@ -14,6 +14,7 @@
 For an all-to-all attack no single unit stands out, nothing is flagged, and step 3 is plain
 fine-tuning.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,8 +27,18 @@ from torch import nn
 
 from cleanse.engine.device import autocast
 from cleanse.models.layers import class_head
-from cleanse.recipes.base import (Param, Recipe, RecipeContext, RecipeResult, RecipeRun, batches, cosine_lr, register,
-                                  steps_per_pass, trainable)
+from cleanse.recipes.base import (
+    Param,
+    Recipe,
+    RecipeContext,
+    RecipeResult,
+    RecipeRun,
+    batches,
+    cosine_lr,
+    register,
+    steps_per_pass,
+    trainable,
+)
 from cleanse.stats import median_and_mad
 
 
@@ -72,8 +83,10 @@ def reinit_rows(weight: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) 
 @register
 class Ulrl(Recipe):
     name = "ulrl"
-    summary = ("gradient ascent on clean data flags the head units that move most, re-initialise them and relearn "
-               "(trigger-agnostic)")
+    summary = (
+        "gradient ascent on clean data flags the head units that move most, re-initialise them and relearn "
+        "(trigger-agnostic)"
+    )
     resumable = True
     params: ClassVar[dict[str, Param]] = {
         "epochs": Param(20, "relearning passes over the clean subset"),
@@ -87,8 +100,9 @@ class Ulrl(Recipe):
         "threshold": Param(3.5, "flag a unit whose robust z-score of weight change exceeds this"),
         "max_flags": Param(2, "flag at most this many units (the largest changes)"),
         "batch_size": Param(64, "batch size"),
-        "ca_margin": Param(0.02, "kept state: the latest relearning epoch with held-back CA within this of the best "
-                                 "epoch"),
+        "ca_margin": Param(
+            0.02, "kept state: the latest relearning epoch with held-back CA within this of the best epoch"
+        ),
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start"),
     }
 
@@ -111,8 +125,9 @@ class Ulrl(Recipe):
     def _unlearn(self, run: RecipeRun) -> tuple[int, float]:
         """1. Gradient ascent on clean CE; returns the epochs it ran and the last one's running train accuracy."""
         ctx, p, model = run.ctx, run.ctx.params, run.model
-        optimizer = torch.optim.SGD(trainable(model), lr=p["unlearn_lr"], momentum=0.9,
-                                    weight_decay=p["unlearn_weight_decay"])
+        optimizer = torch.optim.SGD(
+            trainable(model), lr=p["unlearn_lr"], momentum=0.9, weight_decay=p["unlearn_weight_decay"]
+        )
         schedule = torch.optim.lr_scheduler.MultiStepLR(optimizer, milestones=[10, 20], gamma=0.1)
         ascent_epochs, accuracy, diverged = 0, 1.0, False
         if run.resuming("unlearn"):
@@ -145,8 +160,15 @@ class Ulrl(Recipe):
                 break
             ascent_epochs, accuracy = epoch, float(correct) / seen
             metrics = run.measure()
-            run.row("unlearn", epoch, loss=-float(ce_sum) / seen, clean_ce=float(ce_sum) / seen,
-                    train_accuracy=accuracy, **metrics, detail=f"train acc {accuracy:.2f}")
+            run.row(
+                "unlearn",
+                epoch,
+                loss=-float(ce_sum) / seen,
+                clean_ce=float(ce_sum) / seen,
+                train_accuracy=accuracy,
+                **metrics,
+                detail=f"train acc {accuracy:.2f}",
+            )
             if diverged or accuracy <= p["unlearn_acc"]:
                 break
             run.passed({"phase": "unlearn", "epoch": epoch}, optimizer, values={"accuracy": accuracy})
@@ -157,25 +179,38 @@ class Ulrl(Recipe):
         """2. The head units whose weights the ascent moved most (robust z-score of the L1 change of their rows)."""
         ctx, p, result = run.ctx, run.ctx.params, run.result
         if accuracy > p["unlearn_acc"]:
-            ctx.note(f"ulrl: train accuracy still {accuracy:.2f} after {ascent_epochs} ascent epochs "
-                     f"(stop at <= {p['unlearn_acc']})")
+            ctx.note(
+                f"ulrl: train accuracy still {accuracy:.2f} after {ascent_epochs} ascent epochs "
+                f"(stop at <= {p['unlearn_acc']})"
+            )
         scores = (head.weight.detach().float() - w_orig.float()).abs().sum(1)
         if not torch.isfinite(scores).all():
             scores = torch.nan_to_num(scores, nan=0.0, posinf=0.0, neginf=0.0)
         units, z = flag_units(scores, p["threshold"], p["max_flags"])
         flagged = units.tolist()
-        detail = (", ".join(f"unit {j} (z {float(z[j]):.1f})" for j in flagged) if flagged
-                  else f"none (largest z {float(z.max()):.1f})")
+        detail = (
+            ", ".join(f"unit {j} (z {float(z[j]):.1f})" for j in flagged)
+            if flagged
+            else f"none (largest z {float(z.max()):.1f})"
+        )
         run.row("flag", ascent_epochs, detail=f"flagged {detail}")
         if not flagged:
-            message = ("ulrl: no head unit stands out (as expected for an all-to-all attack): "
-                       "relearning is plain fine-tuning")
+            message = (
+                "ulrl: no head unit stands out (as expected for an all-to-all attack): relearning is plain fine-tuning"
+            )
             ctx.note(message)
             result.notes.append(message)
-        result.extra.update({"flagged_units": flagged, "scores": scores.tolist(), "z_scores": z.tolist(),
-                             "flagged_scores": [float(scores[j]) for j in flagged],
-                             "flagged_z_scores": [float(z[j]) for j in flagged],
-                             "ascent_epochs": ascent_epochs, "ascent_train_accuracy": accuracy})
+        result.extra.update(
+            {
+                "flagged_units": flagged,
+                "scores": scores.tolist(),
+                "z_scores": z.tolist(),
+                "flagged_scores": [float(scores[j]) for j in flagged],
+                "flagged_z_scores": [float(z[j]) for j in flagged],
+                "ascent_epochs": ascent_epochs,
+                "ascent_train_accuracy": accuracy,
+            }
+        )
         return flagged
 
     @staticmethod
@@ -202,8 +237,11 @@ class Ulrl(Recipe):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     ce = F.cross_entropy(model(x).float(), y)
-                cos = (F.cosine_similarity(head.weight[rows].float(), w_ref.float(), dim=1).mean() if flagged
-                       else torch.zeros((), device=ctx.device))
+                cos = (
+                    F.cosine_similarity(head.weight[rows].float(), w_ref.float(), dim=1).mean()
+                    if flagged
+                    else torch.zeros((), device=ctx.device)
+                )
                 loss = ce + p["alpha"] * cos
                 if run.diverged(loss):
                     return
@@ -216,8 +254,14 @@ class Ulrl(Recipe):
                 seen += len(y)
             metrics = run.measure()
             cos_mean = float(cos_sum) / max(1, seen)
-            run.row("relearn", epoch, loss=float(loss_sum) / max(1, seen), cosine=cos_mean, **metrics,
-                    detail=f"cos {cos_mean:.2f}" if flagged else "fine-tuning")
+            run.row(
+                "relearn",
+                epoch,
+                loss=float(loss_sum) / max(1, seen),
+                cosine=cos_mean,
+                **metrics,
+                detail=f"cos {cos_mean:.2f}" if flagged else "fine-tuning",
+            )
             if run.judge(metrics, f"relearn epoch {epoch}"):
                 return
             run.passed({"phase": "relearn", "epoch": epoch, "step": step}, optimizer)

@@ -4,6 +4,7 @@ Images are written as PNG files beside the report and referenced by name in the
 document (`images`); the HTML inlines them. A section that the records cannot
 fill is listed under `missing` with the reason, never silently dropped.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -25,7 +26,11 @@ def _model_entry(record: Record) -> dict[str, Any] | None:
     item = (record.doc.get("inputs") or {}).get("model")
     if isinstance(item, dict):
         found = locate(record, item.get("path"))  # where the file is now, when its folder was moved
-        return {"path": str(found) if found else item.get("path"), "sha256": item.get("sha256"), "seen_by": record.command}
+        return {
+            "path": str(found) if found else item.get("path"),
+            "sha256": item.get("sha256"),
+            "seen_by": record.command,
+        }
     return None
 
 
@@ -34,12 +39,20 @@ def summary_rows(unlearn: list[Record]) -> list[dict[str, Any]]:
     for r in unlearn:
         d = r.doc
         method = (d.get("parameters") or {}).get("method")
-        rows.append({"method": method, "model": _input(d, "model", "path"), "output": (d.get("outputs") or {}).get("model"),
-                     "before": {k: (d.get("before") or {}).get(k) for k in METRICS},
-                     "after": {k: (d.get("after") or {}).get(k) for k in METRICS},
-                     "der": d.get("der"), "ca_retention": d.get("ca_retention"),
-                     "wall_seconds": (d.get("timings") or {}).get("wall_seconds"),
-                     "kept": (d.get("kept") or {}).get("tag"), "record": str(r.path)})
+        rows.append(
+            {
+                "method": method,
+                "model": _input(d, "model", "path"),
+                "output": (d.get("outputs") or {}).get("model"),
+                "before": {k: (d.get("before") or {}).get(k) for k in METRICS},
+                "after": {k: (d.get("after") or {}).get(k) for k in METRICS},
+                "der": d.get("der"),
+                "ca_retention": d.get("ca_retention"),
+                "wall_seconds": (d.get("timings") or {}).get("wall_seconds"),
+                "kept": (d.get("kept") or {}).get("tag"),
+                "record": str(r.path),
+            }
+        )
     return rows
 
 
@@ -49,17 +62,32 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
         result = r.result()
         given = _input(r.doc, "model", "path")
         found = locate(r, given)
-        entry: dict[str, Any] = {"record": str(r.path), "model": str(found) if found else given, "verdict": r.doc.get("verdict"),
-                                 "model_sha256": _input(r.doc, "model", "sha256"),
-                                 "created": r.doc.get("created"), "role": "audited", "result_file": str(r.folder / "scan.json")}
+        entry: dict[str, Any] = {
+            "record": str(r.path),
+            "model": str(found) if found else given,
+            "verdict": r.doc.get("verdict"),
+            "model_sha256": _input(r.doc, "model", "sha256"),
+            "created": r.doc.get("created"),
+            "role": "audited",
+            "result_file": str(r.folder / "scan.json"),
+        }
         if result is None:
             entry["missing"] = f"scan.json is no longer beside {r.path}"
-            kept = r.doc.get("verdict")  # the run record keeps the verdict, so the report's verdict line still counts it
+            kept = r.doc.get(
+                "verdict"
+            )  # the run record keeps the verdict, so the report's verdict line still counts it
             verdict = kept if isinstance(kept, dict) else {}
         else:
             verdict = result
-            entry.update({"threshold": result.get("threshold"), "budget": result.get("budget"), "classes": result.get("classes"),
-                          "audit": result.get("audit"), "wall_seconds": result.get("wall_seconds")})
+            entry.update(
+                {
+                    "threshold": result.get("threshold"),
+                    "budget": result.get("budget"),
+                    "classes": result.get("classes"),
+                    "audit": result.get("audit"),
+                    "wall_seconds": result.get("wall_seconds"),
+                }
+            )
             sheet = r.folder / "sheet.png"
             entry["sheet"] = str(sheet) if sheet.is_file() else None
         entry.update({"backdoored": verdict.get("backdoored"), "suspected_targets": verdict.get("suspected_targets")})
@@ -105,7 +133,11 @@ def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> No
 def scan_verdict(scan: dict[str, Any]) -> str | None:
     if scan.get("backdoored") is None:
         return None
-    return ("backdoor suspected, target(s) " + ", ".join(map(str, scan["suspected_targets"]))) if scan["backdoored"] else "no backdoor found"
+    return (
+        ("backdoor suspected, target(s) " + ", ".join(map(str, scan["suspected_targets"])))
+        if scan["backdoored"]
+        else "no backdoor found"
+    )
 
 
 def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | None]:
@@ -128,11 +160,17 @@ def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | Non
     cleaned = [s for (role, _), s in latest.items() if role != "audited"]
     if not audited and not cleaned:
         return None, None
-    parts = [scan_verdict(audited[0])] if len(audited) == 1 else [f"{n}: {scan_verdict(s)}" for n, s in zip(_names(audited), audited)]
+    parts = (
+        [scan_verdict(audited[0])]
+        if len(audited) == 1
+        else [f"{n}: {scan_verdict(s)}" for n, s in zip(_names(audited), audited)]
+    )
     methods = [s["role"].removeprefix("cleaned by ") for s in cleaned]
     names = _names(cleaned)
-    parts += [f"after cleaning ({m}{'' if methods.count(m) == 1 else ', ' + n}): {scan_verdict(s)}"
-              for m, n, s in zip(methods, names, cleaned)]
+    parts += [
+        f"after cleaning ({m}{'' if methods.count(m) == 1 else ', ' + n}): {scan_verdict(s)}"
+        for m, n, s in zip(methods, names, cleaned)
+    ]
     return "; ".join(str(p) for p in parts), any(bool(s["backdoored"]) for s in (audited or cleaned))
 
 
@@ -147,9 +185,16 @@ def history_series(unlearn: list[Record]) -> dict[str, list[dict[str, Any]]]:
     series = {}
     for r in unlearn:
         method = str((r.doc.get("parameters") or {}).get("method"))
-        rows = [{"elapsed": h.get("elapsed"), "phase": h.get("phase"), "epoch": h.get("epoch"),
-                 **{k: h.get(k) for k in ("clean_accuracy", "attack_success_rate", "tar")}}
-                for h in r.doc.get("history") or [] if isinstance(h, dict)]
+        rows = [
+            {
+                "elapsed": h.get("elapsed"),
+                "phase": h.get("phase"),
+                "epoch": h.get("epoch"),
+                **{k: h.get(k) for k in ("clean_accuracy", "attack_success_rate", "tar")},
+            }
+            for h in r.doc.get("history") or []
+            if isinstance(h, dict)
+        ]
         series[method if method not in series else f"{method} ({r.path.name})"] = rows
     return series
 
@@ -158,10 +203,19 @@ def provenance(records: list[Record]) -> list[dict[str, Any]]:
     out = []
     for r in records:
         d = r.doc
-        out.append({"record": str(r.path), "command": r.command, "argv": d.get("argv"), "created": d.get("created"),
-                    "inputs": {k: v for k, v in (d.get("inputs") or {}).items() if v},
-                    "parameters": d.get("parameters"), "versions": d.get("versions"), "timings": d.get("timings"),
-                    "outputs": d.get("outputs")})
+        out.append(
+            {
+                "record": str(r.path),
+                "command": r.command,
+                "argv": d.get("argv"),
+                "created": d.get("created"),
+                "inputs": {k: v for k, v in (d.get("inputs") or {}).items() if v},
+                "parameters": d.get("parameters"),
+                "versions": d.get("versions"),
+                "timings": d.get("timings"),
+                "outputs": d.get("outputs"),
+            }
+        )
     return out
 
 
@@ -181,28 +235,58 @@ def build(records: list[Record]) -> dict[str, Any]:
         "backdoored": backdoored,
         "methods": [row["method"] for row in summary_rows(by["unlearn"])],
         "summary": summary_rows(by["unlearn"]),
-        "training": [{"record": str(r.path), "output": (r.doc.get("outputs") or {}).get("model"), "metrics": r.doc.get("metrics"),
-                      "wall_seconds": (r.doc.get("timings") or {}).get("wall_seconds")} for r in by["train"] + by["demo"]],
+        "training": [
+            {
+                "record": str(r.path),
+                "output": (r.doc.get("outputs") or {}).get("model"),
+                "metrics": r.doc.get("metrics"),
+                "wall_seconds": (r.doc.get("timings") or {}).get("wall_seconds"),
+            }
+            for r in by["train"] + by["demo"]
+        ],
         "scan": scans,
         "history": history_series(by["unlearn"]),
-        "explain": [{"record": str(r.path), "set": (r.result() or {}).get("set"), "layer": (r.result() or {}).get("layer"),
-                     "model": _input(r.doc, "model", "path"),
-                     "sheet": str(r.folder / "sheet.png") if (r.folder / "sheet.png").is_file() else None} for r in by["explain"]],
+        "explain": [
+            {
+                "record": str(r.path),
+                "set": (r.result() or {}).get("set"),
+                "layer": (r.result() or {}).get("layer"),
+                "model": _input(r.doc, "model", "path"),
+                "sheet": str(r.folder / "sheet.png") if (r.folder / "sheet.png").is_file() else None,
+            }
+            for r in by["explain"]
+        ],
         "provenance": provenance(records),
         "images": {},
         "missing": [],
     }
     if not by["scan"]:
-        doc["missing"].append({"section": "scan", "reason": "no scan record given: the verdict and anomaly plot need `cleanse scan`"})
+        doc["missing"].append(
+            {"section": "scan", "reason": "no scan record given: the verdict and anomaly plot need `cleanse scan`"}
+        )
     for scan in scans:
         if scan.get("missing"):
-            used = "; the verdict line uses the verdict its run record kept" if scan.get("backdoored") is not None else ""
-            doc["missing"].append({"section": "scan", "reason": f"{scan['missing']}: the per-class table and plots of the scan of "
-                                   f"{scan['model']} need it{used}"})
+            used = (
+                "; the verdict line uses the verdict its run record kept" if scan.get("backdoored") is not None else ""
+            )
+            doc["missing"].append(
+                {
+                    "section": "scan",
+                    "reason": f"{scan['missing']}: the per-class table and plots of the scan of "
+                    f"{scan['model']} need it{used}",
+                }
+            )
     if not by["unlearn"]:
-        doc["missing"].append({"section": "unlearning", "reason": "no unlearn record given: before/after figures and history need `cleanse unlearn`"})
+        doc["missing"].append(
+            {
+                "section": "unlearning",
+                "reason": "no unlearn record given: before/after figures and history need `cleanse unlearn`",
+            }
+        )
     if not by["explain"] and not by["unlearn"]:
-        doc["missing"].append({"section": "gradcam", "reason": "no explain or unlearn record: Grad-CAM sheets need one"})
+        doc["missing"].append(
+            {"section": "gradcam", "reason": "no explain or unlearn record: Grad-CAM sheets need one"}
+        )
     return doc
 
 
@@ -223,5 +307,9 @@ def resolve_sources(record: Record) -> dict[str, Path | str | None]:
     """The files an unlearn record names (parent model, cleaned model, trigger, evaluation data)."""
     d = record.doc
     data = _input(d, "test", "path") or _input(d, "data", "path")
-    return {"parent": locate(record, _input(d, "model", "path")), "cleaned": locate(record, (d.get("outputs") or {}).get("model")),
-            "trigger": locate(record, _input(d, "trigger", "path")), "data": (locate(record, data) or data) if data else None}
+    return {
+        "parent": locate(record, _input(d, "model", "path")),
+        "cleaned": locate(record, (d.get("outputs") or {}).get("model")),
+        "trigger": locate(record, _input(d, "trigger", "path")),
+        "data": (locate(record, data) or data) if data else None,
+    }

@@ -1,4 +1,5 @@
 """Find the run records a report is built from: JSON files with a top-level `cleanse_run` key."""
+
 from __future__ import annotations
 
 import json
@@ -50,7 +51,9 @@ def find_records(inputs: list[str]) -> list[Record]:
     for item in inputs:
         path = Path(item)
         if not path.exists():
-            raise CleanseError(f"{path}: no such file or folder; pass run records (*.run.json, run.json) or folders holding them")
+            raise CleanseError(
+                f"{path}: no such file or folder; pass run records (*.run.json, run.json) or folders holding them"
+            )
         candidates = sorted(path.rglob("*.json")) if path.is_dir() else [path]
         hits = 0
         for candidate in candidates:
@@ -59,6 +62,15 @@ def find_records(inputs: list[str]) -> list[Record]:
                 found[candidate.resolve()] = Record(candidate, doc)
                 hits += 1
         if path.is_file() and not hits:
-            raise CleanseError(f"{path}: not a cleanse run record (no top-level 'cleanse_run' key); pass the .run.json a command wrote")
-    records = sorted(found.values(), key=lambda r: (KNOWN.index(r.command) if r.command in KNOWN else len(KNOWN), str(r.doc.get("created")), str(r.path)))
+            raise CleanseError(
+                f"{path}: not a cleanse run record (no top-level 'cleanse_run' key); pass the .run.json a command wrote"
+            )
+    records = sorted(
+        found.values(),
+        key=lambda r: (
+            KNOWN.index(r.command) if r.command in KNOWN else len(KNOWN),
+            str(r.doc.get("created")),
+            str(r.path),
+        ),
+    )
     return records

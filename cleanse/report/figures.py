@@ -1,4 +1,5 @@
 """The report's pictures: history plots, the scan's anomaly bars, and before/after Grad-CAM sheets."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -30,7 +31,9 @@ def history_plot(series: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(axes, ("clean_accuracy", "attack_success_rate", "tar"), ("held-back CA", "held-back ASR", "held-back TAR")):
+    for ax, key, title in zip(
+        axes, ("clean_accuracy", "attack_success_rate", "tar"), ("held-back CA", "held-back ASR", "held-back TAR")
+    ):
         for name, rows in series.items():
             pts = [(r["elapsed"], r[key]) for r in rows if r.get(key) is not None and r.get("elapsed") is not None]
             if pts:
@@ -59,7 +62,10 @@ def anomaly_plot(classes: list[dict[str, Any]], threshold: float, path: Path) ->
     ax.axhline(-threshold, color="#2c3e50", linestyle="--", linewidth=1, label=f"flag below -{threshold:g}")
     ax.axhline(0, color="#2c3e50", linewidth=0.6)
     ax.set_ylabel("anomaly index (signed)")
-    ax.set_title("scan: anomaly index of each class's reversed-trigger size (negative = smaller than median; red = flagged)", fontsize=9)
+    ax.set_title(
+        "scan: anomaly index of each class's reversed-trigger size (negative = smaller than median; red = flagged)",
+        fontsize=9,
+    )
     ax.tick_params(axis="x", rotation=45, labelsize=8)
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -67,8 +73,15 @@ def anomaly_plot(classes: list[dict[str, Any]], threshold: float, path: Path) ->
     plt.close(fig)
 
 
-def before_after_sheet(before: ClassifierModel, after: ClassifierModel, data: Dataset, trigger: Trigger | None, n: int,
-                       path: Path, seed: int = 0) -> dict[str, Any]:
+def before_after_sheet(
+    before: ClassifierModel,
+    after: ClassifierModel,
+    data: Dataset,
+    trigger: Trigger | None,
+    n: int,
+    path: Path,
+    seed: int = 0,
+) -> dict[str, Any]:
     """Grad-CAM of the same images under both models, one colour scale for the whole sheet.
 
     Rows: image | before | after, then (with a trigger) triggered image | before | after.
@@ -84,7 +97,10 @@ def before_after_sheet(before: ClassifierModel, after: ClassifierModel, data: Da
         if trigger is not None:
             pair = cam_pair(model, images, trigger, layer)
             maps += [pair.clean, pair.triggered]
-            preds[tag] = {"clean": pair.clean_logits.argmax(1).tolist(), "triggered": pair.triggered_logits.argmax(1).tolist()}
+            preds[tag] = {
+                "clean": pair.clean_logits.argmax(1).tolist(),
+                "triggered": pair.triggered_logits.argmax(1).tolist(),
+            }
             triggered_images = trigger.apply_uint8(images)
         else:
             from cleanse.engine.gradcam import grad_cam
@@ -97,15 +113,28 @@ def before_after_sheet(before: ClassifierModel, after: ClassifierModel, data: Da
     for i in range(len(images)):
         if trigger is not None:
             b_clean, b_trig, a_clean, a_trig = (s[i : i + 1] for s in shared)
-            row = [images[i], overlay(images[i : i + 1], b_clean)[0], overlay(images[i : i + 1], a_clean)[0],
-                   triggered_images[i], overlay(triggered_images[i : i + 1], b_trig)[0], overlay(triggered_images[i : i + 1], a_trig)[0]]  # type: ignore[index]
+            row = [
+                images[i],
+                overlay(images[i : i + 1], b_clean)[0],
+                overlay(images[i : i + 1], a_clean)[0],
+                triggered_images[i],
+                overlay(triggered_images[i : i + 1], b_trig)[0],
+                overlay(triggered_images[i : i + 1], a_trig)[0],
+            ]  # type: ignore[index]
         else:
             b_clean, a_clean = (s[i : i + 1] for s in shared)
             row = [images[i], colorize(b_clean)[0], colorize(a_clean)[0]]
         rows.append(torch.stack(row))
     save_png(image_grid(rows, scale=4), path)
     labels = data.labels[pick].tolist()
-    return {"rows": [{"row": int(r), "label": labels[i], **{tag: {k: v[i] for k, v in p.items()} for tag, p in preds.items()}}
-                     for i, r in enumerate(pick.tolist())],
-            "columns": (["image", "before", "after", "triggered image", "before (triggered)", "after (triggered)"] if trigger is not None
-                        else ["image", "before", "after"])}
+    return {
+        "rows": [
+            {"row": int(r), "label": labels[i], **{tag: {k: v[i] for k, v in p.items()} for tag, p in preds.items()}}
+            for i, r in enumerate(pick.tolist())
+        ],
+        "columns": (
+            ["image", "before", "after", "triggered image", "before (triggered)", "after (triggered)"]
+            if trigger is not None
+            else ["image", "before", "after"]
+        ),
+    }

@@ -1,4 +1,5 @@
 """report.json -> report.md and a single self-contained report.html (images inlined, no external resource)."""
+
 from __future__ import annotations
 
 import base64
@@ -29,13 +30,35 @@ def num(v: Any) -> str:
 
 
 def summary_table(doc: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["method", "CA before", "CA after", "ASR before", "ASR after", "RA after", "TAR before", "TAR after", "DER", "wall"]
+    header = [
+        "method",
+        "CA before",
+        "CA after",
+        "ASR before",
+        "ASR after",
+        "RA after",
+        "TAR before",
+        "TAR after",
+        "DER",
+        "wall",
+    ]
     rows = []
     for r in doc["summary"]:
         b, a = r["before"], r["after"]
-        rows.append([str(r["method"]), pct(b["clean_accuracy"]), pct(a["clean_accuracy"]), pct(b["attack_success_rate"]),
-                     pct(a["attack_success_rate"]), pct(a["robust_accuracy"]), num(b["tar"]), num(a["tar"]), num(r["der"]),
-                     "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s"])
+        rows.append(
+            [
+                str(r["method"]),
+                pct(b["clean_accuracy"]),
+                pct(a["clean_accuracy"]),
+                pct(b["attack_success_rate"]),
+                pct(a["attack_success_rate"]),
+                pct(a["robust_accuracy"]),
+                num(b["tar"]),
+                num(a["tar"]),
+                num(r["der"]),
+                "-" if r["wall_seconds"] is None else f"{r['wall_seconds']:.0f}s",
+            ]
+        )
     return header, rows
 
 
@@ -45,8 +68,17 @@ def _role(scan: dict[str, Any]) -> str:
 
 def scan_table(scan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     header = ["class", "mask L1", "anomaly index", "ASR of reversed trigger", "TAR", "flagged"]
-    rows = [[f"{c['index']} {c['name']}", f"{c['mask_l1']:.1f}", f"{c['anomaly_index']:.2f}", pct(c.get("attack_success_rate")),
-             num(c.get("tar")), "yes" if c.get("flagged") else ""] for c in scan.get("classes") or []]
+    rows = [
+        [
+            f"{c['index']} {c['name']}",
+            f"{c['mask_l1']:.1f}",
+            f"{c['anomaly_index']:.2f}",
+            pct(c.get("attack_success_rate")),
+            num(c.get("tar")),
+            "yes" if c.get("flagged") else "",
+        ]
+        for c in scan.get("classes") or []
+    ]
     return header, rows
 
 
@@ -59,7 +91,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
 def to_markdown(doc: dict[str, Any]) -> str:
     out = ["# cleanse report", ""]
     out.append(f"**Verdict:** {doc['verdict'] or 'not scanned'}  ")
-    out.append("**Models:** " + (", ".join(f"`{m['path']}` (sha256 {str(m['sha256'])[:12]}...)" for m in doc["models"]) or "-") + "  ")
+    out.append(
+        "**Models:** "
+        + (", ".join(f"`{m['path']}` (sha256 {str(m['sha256'])[:12]}...)" for m in doc["models"]) or "-")
+        + "  "
+    )
     out.append("**Methods:** " + (", ".join(map(str, doc["methods"])) or "-"))
     out.append("")
     if doc["summary"]:
@@ -73,8 +109,14 @@ def to_markdown(doc: dict[str, Any]) -> str:
         out += [f"## {caption}", "", f"![{caption}]({doc['images']['history']})", ""]
     for scan in doc["scan"]:
         if scan.get("classes"):
-            out += [f"## Scan of `{scan['model']}`{_role(scan)}", "", f"Verdict of this scan: {scan_verdict(scan)}", "",
-                    _md_table(*scan_table(scan)), ""]
+            out += [
+                f"## Scan of `{scan['model']}`{_role(scan)}",
+                "",
+                f"Verdict of this scan: {scan_verdict(scan)}",
+                "",
+                _md_table(*scan_table(scan)),
+                "",
+            ]
             for key, caption in (("anomaly_image", "scan anomaly indices"), ("sheet_image", "reversed triggers")):
                 if scan.get(key):
                     out += [f"![{caption}]({scan[key]})", ""]
@@ -86,15 +128,26 @@ def to_markdown(doc: dict[str, Any]) -> str:
             out += [f"## {key}", "", f"![{key}]({value})", ""]
     if doc.get("direct"):
         d = doc["direct"]
-        out += ["## Direct evaluation", "", f"`{d['model']}` on `{d['data']}`: CA {pct(d['metrics']['clean_accuracy'])}, "
-                f"ASR {pct(d['metrics']['attack_success_rate'])}, RA {pct(d['metrics']['robust_accuracy'])}, TAR {num(d['metrics']['tar'])}", ""]
+        out += [
+            "## Direct evaluation",
+            "",
+            f"`{d['model']}` on `{d['data']}`: CA {pct(d['metrics']['clean_accuracy'])}, "
+            f"ASR {pct(d['metrics']['attack_success_rate'])}, RA {pct(d['metrics']['robust_accuracy'])}, TAR {num(d['metrics']['tar'])}",
+            "",
+        ]
     out += ["## Provenance", ""]
     for p in doc["provenance"]:
-        files = ", ".join(f"{k}: `{v.get('path')}` ({str(v.get('sha256', ''))[:12]})" for k, v in p["inputs"].items() if isinstance(v, dict))
+        files = ", ".join(
+            f"{k}: `{v.get('path')}` ({str(v.get('sha256', ''))[:12]})"
+            for k, v in p["inputs"].items()
+            if isinstance(v, dict)
+        )
         versions = p.get("versions") or {}
         wall = (p.get("timings") or {}).get("wall_seconds")
-        out.append(f"- **{p['command']}** ({p['created']}): {files or 'no file inputs'}; torch {versions.get('torch')}, "
-                   f"device {versions.get('device')}, wall {num(wall)}s; record `{p['record']}`")
+        out.append(
+            f"- **{p['command']}** ({p['created']}): {files or 'no file inputs'}; torch {versions.get('torch')}, "
+            f"device {versions.get('device')}, wall {num(wall)}s; record `{p['record']}`"
+        )
     out.append("")
     return "\n".join(out)
 
@@ -114,40 +167,77 @@ def to_html(doc: dict[str, Any], folder: Path) -> str:
     e = html.escape
     verdict = doc["verdict"]
     cls = "none" if verdict is None else ("bad" if doc.get("backdoored") else "good")
-    parts = ["<!DOCTYPE html><html lang=\"en\"><head><meta charset=\"utf-8\"><title>cleanse report</title>",
-             f"<style>{CSS}</style></head><body><h1>cleanse report</h1>",
-             f"<p class=\"verdict {cls}\">Verdict: {e(verdict or 'not scanned')}</p>",
-             "<p><b>Models:</b> " + (", ".join(f"<code>{e(str(m['path']))}</code> (sha256 {e(str(m['sha256'])[:12])}&hellip;)" for m in doc["models"]) or "-")
-             + "<br><b>Methods:</b> " + (e(", ".join(map(str, doc["methods"]))) or "-") + "</p>"]
+    parts = [
+        '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>cleanse report</title>',
+        f"<style>{CSS}</style></head><body><h1>cleanse report</h1>",
+        f'<p class="verdict {cls}">Verdict: {e(verdict or "not scanned")}</p>',
+        "<p><b>Models:</b> "
+        + (
+            ", ".join(
+                f"<code>{e(str(m['path']))}</code> (sha256 {e(str(m['sha256'])[:12])}&hellip;)" for m in doc["models"]
+            )
+            or "-"
+        )
+        + "<br><b>Methods:</b> "
+        + (e(", ".join(map(str, doc["methods"]))) or "-")
+        + "</p>",
+    ]
     if doc["summary"]:
         parts += ["<h2>Before &rarr; after</h2>", _html_table(*summary_table(doc))]
     for item in doc["missing"]:
-        parts.append(f"<p class=\"missing\">Missing: <b>{e(item['section'])}</b>: {e(item['reason'])}</p>")
+        parts.append(f'<p class="missing">Missing: <b>{e(item["section"])}</b>: {e(item["reason"])}</p>')
     if "history" in doc["images"]:
-        parts += ["<h2>Unlearning history</h2>", _img(folder, doc["images"]["history"], "CA, ASR and TAR over the unlearning history")]
+        parts += [
+            "<h2>Unlearning history</h2>",
+            _img(folder, doc["images"]["history"], "CA, ASR and TAR over the unlearning history"),
+        ]
     for scan in doc["scan"]:
         if scan.get("classes"):
-            parts += [f"<h2>Scan of <code>{e(str(scan['model']))}</code>{e(_role(scan))}</h2>",
-                      f"<p>Verdict of this scan: {e(str(scan_verdict(scan)))}</p>", _html_table(*scan_table(scan))]
+            parts += [
+                f"<h2>Scan of <code>{e(str(scan['model']))}</code>{e(_role(scan))}</h2>",
+                f"<p>Verdict of this scan: {e(str(scan_verdict(scan)))}</p>",
+                _html_table(*scan_table(scan)),
+            ]
             if scan.get("anomaly_image"):
                 parts.append(_img(folder, scan["anomaly_image"], "scan anomaly indices"))
             if scan.get("sheet_image"):
-                parts += ["<h3>Reversed triggers (mask, pattern, mask &times; pattern per class)</h3>", _img(folder, scan["sheet_image"], "reversed triggers")]
+                parts += [
+                    "<h3>Reversed triggers (mask, pattern, mask &times; pattern per class)</h3>",
+                    _img(folder, scan["sheet_image"], "reversed triggers"),
+                ]
     for key, value in doc["images"].items():
         if key.startswith("gradcam"):
-            parts += [f"<h2>Grad-CAM before/after: {e(key.removeprefix('gradcam-'))}</h2>",
-                      "<p>Columns: image, before, after; then the triggered image, before, after. One colour scale for the sheet.</p>",
-                      _img(folder, value, key)]
+            parts += [
+                f"<h2>Grad-CAM before/after: {e(key.removeprefix('gradcam-'))}</h2>",
+                "<p>Columns: image, before, after; then the triggered image, before, after. One colour scale for the sheet.</p>",
+                _img(folder, value, key),
+            ]
         elif key.startswith("explain"):
             parts += [f"<h2>{e(key)}</h2>", _img(folder, value, key)]
     if doc.get("direct"):
         d = doc["direct"]
         m = d["metrics"]
-        parts += ["<h2>Direct evaluation</h2>", _html_table(["model", "data", "CA", "ASR", "RA", "TAR"],
-                  [[str(d["model"]), str(d["data"]), pct(m["clean_accuracy"]), pct(m["attack_success_rate"]), pct(m["robust_accuracy"]), num(m["tar"])]])]
+        parts += [
+            "<h2>Direct evaluation</h2>",
+            _html_table(
+                ["model", "data", "CA", "ASR", "RA", "TAR"],
+                [
+                    [
+                        str(d["model"]),
+                        str(d["data"]),
+                        pct(m["clean_accuracy"]),
+                        pct(m["attack_success_rate"]),
+                        pct(m["robust_accuracy"]),
+                        num(m["tar"]),
+                    ]
+                ],
+            ),
+        ]
     parts.append("<h2>Provenance</h2>")
     for p in doc["provenance"]:
-        parts.append(f"<details><summary><b>{e(p['command'])}</b> &mdash; {e(str(p['created']))} &mdash; <code>{e(p['record'])}</code></summary>"
-                     f"<pre>{e(json.dumps(p, indent=1, default=str))}</pre></details>")
+        parts.append(
+            f"<details><summary><b>{e(p['command'])}</b> &mdash; {e(str(p['created']))} &mdash; <code>{e(p['record'])}</code></summary>"
+            f"<pre>{e(json.dumps(p, indent=1, default=str))}</pre></details>"
+        )
     parts.append("</body></html>")
     return "\n".join(parts)

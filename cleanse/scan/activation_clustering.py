@@ -8,6 +8,7 @@ its share is below `max_share` (0.35 in the paper). The score of a sample is
 much closer it sits to its own centroid than to the other (so the ranking is
 continuous), and 0 otherwise.
 """
+
 from __future__ import annotations
 
 import torch
@@ -29,7 +30,9 @@ def two_means(points: torch.Tensor, iterations: int = 50, seed: int = 0) -> torc
     return assign
 
 
-def clustering_scores(features: torch.Tensor, labels: torch.Tensor, dims: int = 10, max_share: float = 0.35) -> tuple[torch.Tensor, dict[int, float]]:
+def clustering_scores(
+    features: torch.Tensor, labels: torch.Tensor, dims: int = 10, max_share: float = 0.35
+) -> tuple[torch.Tensor, dict[int, float]]:
     """Per-sample suspicion scores and, per class, the share of its smaller cluster."""
     scores = torch.zeros(len(features))
     shares: dict[int, float] = {}
@@ -50,7 +53,9 @@ def clustering_scores(features: torch.Tensor, labels: torch.Tensor, dims: int = 
             continue
         centres = torch.stack([points[assign == j].mean(0) for j in range(2)])
         dist = torch.cdist(points, centres)
-        margin = (dist[:, 1 - small] - dist[:, small]) / (dist.sum(1) + 1e-12)  # in (-1, 1): >0 closer to the small cluster
+        margin = (dist[:, 1 - small] - dist[:, small]) / (
+            dist.sum(1) + 1e-12
+        )  # in (-1, 1): >0 closer to the small cluster
         in_small = assign == small
         scores[rows[in_small]] = ((1 - share) * (1 + margin[in_small]) / 2).float()
     return scores, shares

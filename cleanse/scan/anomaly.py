@@ -13,6 +13,7 @@ or on the raw norms (`scale="linear"`, Neural Cleanse's):
 
 A class is flagged when its index exceeds the threshold on the small side.
 """
+
 from __future__ import annotations
 
 import torch
@@ -21,7 +22,9 @@ from cleanse.errors import CleanseError
 from cleanse.stats import MAD_SCALE as MAD_SCALE  # re-exported: scan/spectral.py imports it from here
 from cleanse.stats import median_and_mad
 
-SPREAD_FLOOR = 0.01  # when the spread (MAD or std) is 0 or tiny, divide by 1% of |centre| instead: never a division by 0
+SPREAD_FLOOR = (
+    0.01  # when the spread (MAD or std) is 0 or tiny, divide by 1% of |centre| instead: never a division by 0
+)
 SCALES = ("log", "linear")
 STATISTICS = ("loo-z", "mad")
 DEFAULT_THRESHOLDS = {"loo-z": 3.5, "mad": 3.0}
@@ -55,7 +58,9 @@ def _centres_and_spreads(values: torch.Tensor, statistic: str) -> tuple[torch.Te
 def anomaly_index(norms: torch.Tensor, scale: str = "linear", statistic: str = "mad") -> torch.Tensor:
     """Per class, |v_c - centre_c| / spread_c (see the module docstring), the spread floored at 1% of |centre|."""
     if len(norms) < 3:
-        raise CleanseError(f"the anomaly test needs at least 3 classes; this model has {len(norms)}, so scan cannot rank them")
+        raise CleanseError(
+            f"the anomaly test needs at least 3 classes; this model has {len(norms)}, so scan cannot rank them"
+        )
     values = _values(norms, scale)
     centre, spread = _centres_and_spreads(values, statistic)
     return ((values - centre).abs() / spread).float()

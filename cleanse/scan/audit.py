@@ -6,9 +6,11 @@ ranks. With ground truth in the file (`poisoned`), precision and recall at the
 expected poison count k = round(rate * N) are computed for each detector and
 for the combination.
 """
+
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 
@@ -52,11 +54,25 @@ def audit_data(model: ClassifierModel, data: Dataset, rate: float | None, precis
     truth = data.poisoned if data.poisoned is not None and data.poisoned.any() else None
     k = round(rate * len(data)) if rate is not None else None
     order = combined.argsort(descending=True)
-    ranking = [{"rank": r + 1, "row": int(i), "label": int(data.labels[i]), "suspicion": float(combined[i]),
-                **{name: float(s[i]) for name, s in per_method.items()},
-                "poisoned": None if truth is None else bool(truth[i])} for r, i in enumerate(order.tolist())]
-    doc: dict[str, Any] = {"n": len(data), "expected_rate": rate, "k": k, "methods": list(per_method), "ground_truth": truth is not None,
-                           "ranking": ranking}
+    ranking = [
+        {
+            "rank": r + 1,
+            "row": int(i),
+            "label": int(data.labels[i]),
+            "suspicion": float(combined[i]),
+            **{name: float(s[i]) for name, s in per_method.items()},
+            "poisoned": None if truth is None else bool(truth[i]),
+        }
+        for r, i in enumerate(order.tolist())
+    ]
+    doc: dict[str, Any] = {
+        "n": len(data),
+        "expected_rate": rate,
+        "k": k,
+        "methods": list(per_method),
+        "ground_truth": truth is not None,
+        "ranking": ranking,
+    }
     if truth is not None and k:
         doc["precision_recall"] = {name: precision_recall(s, truth, k) for name, s in per_method.items()}
         doc["precision_recall"]["combined"] = precision_recall(combined.float(), truth, k)

@@ -1,4 +1,5 @@
 """Penultimate-layer features: the input of the classifier head, captured with a forward pre-hook."""
+
 from __future__ import annotations
 
 import torch

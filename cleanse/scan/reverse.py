@@ -24,12 +24,14 @@ keeps its best state and leaves the batch, so later steps forward only the
 classes still improving (this is where the arithmetic is saved; the images a
 step draws do not change, so a class stops at the same step batched or alone).
 """
+
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,8 +53,10 @@ class Budget:
 
 
 # early_stop = 5 x patience, Neural Cleanse's ratio (its early_stop_patience is 5 x its patience).
-BUDGETS = {"fast": Budget(steps=200, batch=24, round_steps=5, patience=1, early_stop=5),
-           "full": Budget(steps=600, batch=32, round_steps=5, patience=2, early_stop=10)}
+BUDGETS = {
+    "fast": Budget(steps=200, batch=24, round_steps=5, patience=1, early_stop=5),
+    "full": Budget(steps=600, batch=32, round_steps=5, patience=2, early_stop=10),
+}
 
 
 @dataclass(frozen=True)
@@ -60,11 +64,17 @@ class ReverseSettings:
     lr: float = 0.1  # Neural Cleanse's Adam settings
     betas: tuple[float, float] = (0.5, 0.9)
     cost_up: float = 1.5
-    cost_down: float = 1.5 ** 1.5
+    cost_down: float = 1.5**1.5
     success: float = 0.99  # attack success that counts a round as "the trigger works"
-    start_cost: float = 3e-3  # Neural Cleanse starts at 0 and sets init_cost on success; we start at it (docs/commands/scan.md)
-    mask_init: float = 0.0025  # every mask pixel starts here (Neural Cleanse: uniform random); small masks grow where needed
-    early_stop_threshold: float = 0.99  # "no progress": best L1 above 0.99 x the previous best (TrojanZoo's value; Neural Cleanse 1.0)
+    start_cost: float = (
+        3e-3  # Neural Cleanse starts at 0 and sets init_cost on success; we start at it (docs/commands/scan.md)
+    )
+    mask_init: float = (
+        0.0025  # every mask pixel starts here (Neural Cleanse: uniform random); small masks grow where needed
+    )
+    early_stop_threshold: float = (
+        0.99  # "no progress": best L1 above 0.99 x the previous best (TrojanZoo's value; Neural Cleanse 1.0)
+    )
 
 
 @dataclass
@@ -76,7 +86,9 @@ class Reversed:
     success: torch.Tensor  # (K,) attack success (optimisation batches) of the round the best state came from
     reached: torch.Tensor  # (K,) bool: did the class ever reach `success`?
     cost: torch.Tensor  # (K,) final cost
-    steps_run: torch.Tensor  # (K,) optimisation steps each class took part in (fewer than the budget's when it stopped early)
+    steps_run: (
+        torch.Tensor
+    )  # (K,) optimisation steps each class took part in (fewer than the budget's when it stopped early)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
@@ -86,9 +98,17 @@ def _atanh(values: torch.Tensor) -> torch.Tensor:
     return torch.atanh((2 * values - 1).clamp(-0.999, 0.999))
 
 
-def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tensor, classes: Sequence[int], budget: Budget,
-                     settings: ReverseSettings = ReverseSettings(), seed: int = 0, precision: str = "fp32",
-                     callback: Callback | None = None) -> Reversed:
+def reverse_triggers(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    classes: Sequence[int],
+    budget: Budget,
+    settings: ReverseSettings = ReverseSettings(),
+    seed: int = 0,
+    precision: str = "fp32",
+    callback: Callback | None = None,
+) -> Reversed:
     """Reverse a trigger for each of `classes` from clean uint8 (N,H,W,C) images; one batched optimisation.
 
     The images drawn at each step depend only on `seed` and the step, so running the classes
@@ -102,8 +122,12 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     gen = torch.Generator().manual_seed(seed)
     # Initial values depend on the class index only, so a one-class run starts where the batched one does.
     mask_raw = _atanh(torch.full((k, 1, height, width), settings.mask_init))
-    pattern_raw = torch.stack([_atanh(torch.rand((channels, height, width), generator=torch.Generator().manual_seed(seed * 1000 + c)))
-                               for c in classes])
+    pattern_raw = torch.stack(
+        [
+            _atanh(torch.rand((channels, height, width), generator=torch.Generator().manual_seed(seed * 1000 + c)))
+            for c in classes
+        ]
+    )
     mask_raw = mask_raw.to(device).requires_grad_(True)
     pattern_raw = pattern_raw.to(device).requires_grad_(True)
     optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=settings.lr, betas=settings.betas)
@@ -129,7 +153,9 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
     batch = min(budget.batch, n)
     total = rounds * budget.round_steps
     for step in range(total):
-        idx = torch.randint(0, n, (batch,), generator=gen)  # drawn every step, even by a finished class: same images alone or batched
+        idx = torch.randint(
+            0, n, (batch,), generator=gen
+        )  # drawn every step, even by a finished class: same images alone or batched
         x = images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
         y = labels[idx].to(device)
         n_live = len(live)
@@ -142,7 +168,9 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         logits = logits.float().view(n_live, batch, -1)
         live_targets = targets[live]
         valid = (y.unsqueeze(0) != live_targets.unsqueeze(1)).float()  # images already of class k do not count for k
-        ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(n_live, batch)
+        ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(
+            n_live, batch
+        )
         count = valid.sum(1).clamp_min(1)
         ce_k = (ce * valid).sum(1) / count
         l1 = mask.sum((1, 2, 3))
@@ -190,9 +218,17 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
                 if bool(done.any()):
                     active &= ~done
                     live = active.nonzero().squeeze(1)
-            row = {"phase": "reverse", "step": step + 1, "steps": total,
-                   "attack_success": acc.tolist(), "mask_l1": l1_now.tolist(), "best_l1": best_l1.tolist(), "cost": cost.tolist(),
-                   "active": active.tolist(), "elapsed": time.perf_counter() - began}
+            row = {
+                "phase": "reverse",
+                "step": step + 1,
+                "steps": total,
+                "attack_success": acc.tolist(),
+                "mask_l1": l1_now.tolist(),
+                "best_l1": best_l1.tolist(),
+                "cost": cost.tolist(),
+                "active": active.tolist(),
+                "elapsed": time.perf_counter() - began,
+            }
             history.append(row)
             if callback is not None:
                 callback(Event("row", row))
@@ -205,5 +241,15 @@ def reverse_triggers(model: nn.Module, images: torch.Tensor, labels: torch.Tenso
         best_mask[never], best_pattern[never] = mask[never], pattern[never]
         best_l1 = torch.where(never, mask.sum((1, 2)), best_l1)
         best_success = torch.where(never, last_acc, best_success)
-    return Reversed(list(classes), best_mask.cpu(), best_pattern.cpu(), best_l1.cpu(), best_success.cpu(), reached.cpu(), cost.cpu(),
-                    steps_run.cpu(), history, time.perf_counter() - began)
+    return Reversed(
+        list(classes),
+        best_mask.cpu(),
+        best_pattern.cpu(),
+        best_l1.cpu(),
+        best_success.cpu(),
+        reached.cpu(),
+        cost.cpu(),
+        steps_run.cpu(),
+        history,
+        time.perf_counter() - began,
+    )

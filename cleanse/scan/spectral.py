@@ -12,6 +12,7 @@ Like the original, this needs the poisoned samples to be a minority of their
 class: at 10% all-to-one poisoning they are half of the target class, and no
 direction separates a minority.
 """
+
 from __future__ import annotations
 
 import torch
