@@ -65,7 +65,11 @@ def load_pattern_image(path: str, channels: int, height: int, width: int, neares
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB").resize((width, height), Image.NEAREST if nearest else Image.BILINEAR))
+            arr = np.asarray(
+                im.convert("RGB").resize(
+                    (width, height), Image.Resampling.NEAREST if nearest else Image.Resampling.BILINEAR
+                )
+            )
     except Exception:
         raise CleanseError(f"{path}: cannot read the {what} image; pass a PNG or JPEG file") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float()[:channels] / 255

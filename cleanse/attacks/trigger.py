@@ -212,13 +212,14 @@ def trigger_from_contents(tensors: dict[str, torch.Tensor], doc: dict[str, Any] 
     if origin not in ("poison", "scan"):
         raise CleanseError(f"{path}: trigger origin {origin!r} must be 'poison' or 'scan'")
     known = {"format", "format_version", "kind", "attack", "params", "target", "input_size", "origin", "align_corners"}
+    params = doc.get("params")
     return Trigger(
         kind=kind,
         tensors={k: tensors[k].float() for k in KIND_TENSORS[kind]},
         target=parse_target(doc.get("target")),
         input_size=(c, h, w),
         attack=str(doc.get("attack", "custom")),
-        params=doc.get("params") if isinstance(doc.get("params"), dict) else {},
+        params=params if isinstance(params, dict) else {},
         origin=origin,
         align_corners=bool(doc.get("align_corners", True)),
         region=None if region is None else region.bool(),

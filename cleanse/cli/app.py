@@ -5,13 +5,13 @@ from __future__ import annotations
 import signal
 import sys
 import traceback
+from collections.abc import Sequence
 from typing import Any
 
 import typer
 from typer.core import TyperGroup
 from typer.exceptions import Abort, Exit, TyperException
 
-from cleanse import __version__
 from cleanse.cli.common import SESSION, console
 from cleanse.cli.demo import demo_command
 from cleanse.cli.explain import explain_command
@@ -22,6 +22,7 @@ from cleanse.cli.train import train_command
 from cleanse.cli.unlearn import unlearn_command
 from cleanse.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CleanseError, Terminated
 from cleanse.files import is_write_error
+from cleanse.version import __version__
 
 
 def _on_sigterm(signum: int, frame: Any) -> None:
@@ -49,10 +50,11 @@ class CleanseGroup(TyperGroup):
 
     def main(
         self,
-        args: Any = None,
-        prog_name: Any = None,
-        complete_var: Any = None,
+        args: Sequence[str] | None = None,
+        prog_name: str | None = None,
+        complete_var: str | None = None,
         standalone_mode: bool = True,
+        windows_expand_args: bool = True,
         **extra: Any,
     ) -> Any:
         argv = list(sys.argv[1:] if args is None else args)
@@ -62,7 +64,7 @@ class CleanseGroup(TyperGroup):
         except ValueError:  # not the main thread (e.g. some test runners)
             previous = None
         try:
-            code = self._run(argv, prog_name, **extra)
+            code = self._run(argv, prog_name, windows_expand_args=windows_expand_args, **extra)
         finally:
             if previous is not None:
                 signal.signal(signal.SIGTERM, previous)
@@ -109,7 +111,7 @@ class CleanseGroup(TyperGroup):
             if is_write_error(exc):  # the file system refused (read-only, full, name too long): bad input, not a bug
                 where = getattr(exc, "filename", None) or "a file"
                 console.print(
-                    f"error: {where}: {exc.strerror} (the file system refused; check the path, permissions and free space)",  # type: ignore[attr-defined]
+                    f"error: {where}: {exc.strerror} (the file system refused; check the path, permissions and free space)",
                     markup=False,
                     highlight=False,
                     soft_wrap=True,

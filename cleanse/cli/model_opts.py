@@ -116,8 +116,8 @@ def normalization(
             raise CleanseError(f"--preset {preset!r} is unknown; choose one of {', '.join(PRESETS)}")
         if mean is not None or std is not None:
             raise CleanseError("--preset and --mean/--std are exclusive; pass one or the other")
-        m, s = PRESETS[preset]
-        return list(m), list(s)
+        preset_mean, preset_std = PRESETS[preset]
+        return list(preset_mean), list(preset_std)
     m, s = _floats(mean, "--mean"), _floats(std, "--std")
     if (m is None) != (s is None):
         raise CleanseError("--mean and --std go together; pass both (or --preset)")

@@ -128,7 +128,7 @@ def with_options(model: str | None = None) -> Callable[[F], F]:
                 kwargs["model_flags"] = ModelFlags(**{name: kwargs.pop(name) for name in MODEL_FLAGS})
             return command(**kwargs, common=common)
 
-        wrapper.__signature__ = signature.replace(parameters=own + shared)  # what typer reads
+        wrapper.__signature__ = signature.replace(parameters=own + shared)  # type: ignore[attr-defined]  # what typer reads
         return cast(F, wrapper)
 
     return decorate

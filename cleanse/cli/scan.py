@@ -10,13 +10,13 @@ from rich.table import Table
 
 from cleanse.cli.common import NoCacheOpt, PrecisionOpt, emit_json, fmt_rate, say
 from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_options
-from cleanse.cli.render import LOOP_VIEWS, PROGRESS, float_cell, seconds_cell, show, view
+from cleanse.cli.render import LOOP_VIEWS, PROGRESS, Column, float_cell, seconds_cell, show, view
 from cleanse.engine.events import Event
 from cleanse.jobs import ScanOptions, ScanResult, scan
 from cleanse.scan import BUDGETS
 
 EXIT_SUSPECTED = 1
-SCAN_COLUMNS = [
+SCAN_COLUMNS: list[Column] = [
     ("step", "step", float_cell),
     ("reached", "classes reversed", str),
     ("active", "still optimising", str),

@@ -10,7 +10,7 @@ from rich.table import Table
 
 from cleanse.cli.common import NoCacheOpt, ParamOpt, PrecisionOpt, emit_json, fmt_rate, parse_params, say
 from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_options
-from cleanse.cli.render import LOOP_VIEWS, PROGRESS, float_cell, rate_cell, seconds_cell, show, view
+from cleanse.cli.render import LOOP_VIEWS, PROGRESS, Column, float_cell, rate_cell, seconds_cell, show, view
 from cleanse.engine.measure import class_changes
 from cleanse.jobs import RecipeOutcome, UnlearnOptions, UnlearnResult, unlearn
 from cleanse.recipes import RECIPES
@@ -20,7 +20,7 @@ METHOD_HELP = (
     + "; ".join(f"{n} ({RECIPES.get(n).summary})" for n in RECIPES.names())
     + "; all (every recipe on the same clean subset, one checkpoint each, one comparison table)"
 )
-UNLEARN_COLUMNS = [
+UNLEARN_COLUMNS: list[Column] = [
     ("phase", "phase", str),
     ("epoch", "epoch", float_cell),
     ("loss", "loss", float_cell),

@@ -252,7 +252,7 @@ def _load_image_folder(root: Path, use_cache: bool, image_size: tuple[int, int] 
             pass  # a damaged cache entry is rebuilt below
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         arrays = list(pool.map(lambda f: _decode(root / f[0]), files, chunksize=256))
-    ok = [(a, f[1]) for a, f in zip(arrays, files) if a is not None]
+    ok = [(a, f[1]) for a, f in zip(arrays, files, strict=True) if a is not None]
     corrupt = len(files) - len(ok)
     notes = []
     if corrupt or non_images:
@@ -268,7 +268,7 @@ def _load_image_folder(root: Path, use_cache: bool, image_size: tuple[int, int] 
     images = np.empty((len(ok), target[0], target[1], 3), dtype=np.uint8)
     for i, (a, _) in enumerate(ok):
         if a.shape[:2] != target:
-            a = np.asarray(Image.fromarray(a).resize((target[1], target[0]), Image.BILINEAR))
+            a = np.asarray(Image.fromarray(a).resize((target[1], target[0]), Image.Resampling.BILINEAR))
             resized += 1
         images[i] = a
     if resized:
@@ -300,6 +300,6 @@ def load_image_files(paths: list[str], size: tuple[int, int]) -> tuple[torch.Ten
             )
         if a.shape[:2] != tuple(size):
             notes.append(f"{p}: {a.shape[0]}x{a.shape[1]} resized to {size[0]}x{size[1]}")
-            a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.BILINEAR))
+            a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
         out.append(torch.from_numpy(a.copy()))
     return torch.stack(out), notes

@@ -42,11 +42,11 @@ def clean_subset(
     if frac is not None:
         wants = [round(frac * int(c)) for c in counts]
     else:  # largest-remainder allocation, so the class counts add up to exactly n
-        quotas = [n * int(c) / total for c in counts]  # type: ignore[operator]
+        assert n is not None  # exactly one of frac and n, checked above
+        quotas = [n * int(c) / total for c in counts]
         wants = [int(q) for q in quotas]
-        for cls in sorted(range(len(quotas)), key=lambda i: quotas[i] - wants[i], reverse=True)[
-            : min(n, total) - sum(wants)
-        ]:  # type: ignore[type-var]
+        by_remainder = sorted(range(len(quotas)), key=lambda i: quotas[i] - wants[i], reverse=True)
+        for cls in by_remainder[: min(n, total) - sum(wants)]:
             wants[cls] += 1
     train_parts, held_parts = [], []
     for cls in range(clean.num_classes):

@@ -34,6 +34,12 @@ class LayerInfo:
     shape: tuple[int, ...]  # (K, h, w) of the layer's output
 
 
+def bare_net(model: nn.Module) -> nn.Module:
+    """The architecture inside a ClassifierModel (whose layer names have no `net.` prefix), or the model itself."""
+    net = getattr(model, "net", None)
+    return net if isinstance(net, nn.Module) else model
+
+
 def map_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
     """Modules that output a 4-D map, in the order their forward calls finish (one traced forward).
 
@@ -42,7 +48,7 @@ def map_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[Layer
     """
     calls: dict[str, int] = {}
     order: list[LayerInfo] = []
-    inner = model.net if hasattr(model, "net") else model
+    inner = bare_net(model)
 
     def hook_for(name: str) -> Hook:
         def hook(mod: nn.Module, args: object, out: object) -> None:
@@ -86,7 +92,7 @@ def tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
 
 
 def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    inner = model.net if hasattr(model, "net") else model
+    inner = bare_net(model)
     modules = dict(inner.named_modules())
     if name not in modules or not name:
         valid = [n for n in modules if n]

@@ -31,15 +31,13 @@ def measure(
 ) -> dict[str, Any]:
     """CA/ASR/RA and TAR figures (all keys present, null when undefined), plus reporting-only ASR/RA per --eval-trigger."""
     m = evaluate(model, data, trigger)
-    out = {k: m.get(k) for k in SUMMARY_KEYS}
+    out: dict[str, Any] = {k: m.get(k) for k in SUMMARY_KEYS}
     if eval_triggers:
-        out["eval_triggers"] = {}
+        extras = {}
         for name, extra in eval_triggers.items():
             e = evaluate(model, data, extra)
-            out["eval_triggers"][name] = {
-                "attack_success_rate": e["attack_success_rate"],
-                "robust_accuracy": e["robust_accuracy"],
-            }
+            extras[name] = {"attack_success_rate": e["attack_success_rate"], "robust_accuracy": e["robust_accuracy"]}
+        out["eval_triggers"] = extras
     if trigger is not None:
         t = measure_tar(model, data.images, data.labels, trigger, layer)
         out.update(
@@ -56,5 +54,9 @@ def measure(
 
 def class_changes(before: list[float | None], after: list[float | None], names: list[str]) -> list[tuple[str, float]]:
     """(class name, change of its clean accuracy in points), largest change first; classes without images left out."""
-    pairs = [(name, 100 * (a - b)) for name, b, a in zip(names, before, after) if a is not None and b is not None]
+    pairs = [
+        (name, 100 * (a - b))
+        for name, b, a in zip(names, before, after, strict=False)
+        if a is not None and b is not None
+    ]
     return sorted(pairs, key=lambda p: -abs(p[1]))

@@ -70,7 +70,7 @@ class TrainConfig:
     monitor_size: int = 2000  # per-epoch CA/ASR on a fixed sample of --test; the final figures use all of it
     init_whitening: bool = True  # set the cnn's whitening filters from the data (off when continuing from weights)
 
-    def resolved(self, airbench: bool, n: int) -> TrainConfig:
+    def resolved(self, airbench: bool, n: int) -> ResolvedConfig:
         """Fill data- and architecture-dependent defaults (airbench-style for `cnn`)."""
         batch_size = self.batch_size or (512 if n >= 20000 else 256)
         if airbench:
@@ -94,7 +94,20 @@ class TrainConfig:
         values = asdict(self)
         values["batch_size"] = batch_size
         values.update({k: v for k, v in defaults.items() if values[k] is None})
-        return TrainConfig(**values)
+        return ResolvedConfig(**values)
+
+
+@dataclass
+class ResolvedConfig(TrainConfig):
+    """A TrainConfig whose data- and architecture-dependent defaults are filled in (TrainConfig.resolved)."""
+
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    label_smoothing: float = 0.1
+    bias_lr_scale: float = 1.0
+    lookahead: bool = False
 
 
 def lr_multiplier(step: int, total: int, warmup_frac: float) -> float:
@@ -121,8 +134,9 @@ class Lookahead:
                 value.copy_(self.ema[key])
 
 
-def _param_groups(model: ClassifierModel, cfg: TrainConfig) -> list[dict[str, Any]]:
-    norm_biases, others = [], []
+def _param_groups(model: ClassifierModel, cfg: ResolvedConfig) -> list[dict[str, Any]]:
+    norm_biases: list[torch.nn.Parameter] = []
+    others: list[torch.nn.Parameter] = []
     for name, p in model.net.named_parameters():
         if not p.requires_grad:
             continue
@@ -130,7 +144,7 @@ def _param_groups(model: ClassifierModel, cfg: TrainConfig) -> list[dict[str, An
         (norm_biases if is_norm_bias and cfg.bias_lr_scale != 1 else others).append(p)
     groups = [{"params": others, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": cfg.weight_decay}]
     if norm_biases:
-        scaled = cfg.lr * cfg.bias_lr_scale  # type: ignore[operator]
+        scaled = cfg.lr * cfg.bias_lr_scale
         groups.append(
             {
                 "params": norm_biases,
@@ -138,7 +152,7 @@ def _param_groups(model: ClassifierModel, cfg: TrainConfig) -> list[dict[str, An
                 "base_lr": scaled,
                 "weight_decay": cfg.weight_decay / cfg.bias_lr_scale,
             }
-        )  # type: ignore[operator]
+        )
     return groups
 
 
@@ -278,7 +292,17 @@ def load_train_state(path: str | Path) -> TrainState:
         raise CleanseError(
             f"{path}: the training checkpoint is damaged (malformed metadata); rerun without --resume to start over"
         )
-    return TrainState(epoch, step, history, config, tensors, optimizer, float(elapsed), extra)
+    # checked above; indexing again gives the checker the values' types
+    return TrainState(
+        doc["epoch"],
+        doc["step"],
+        doc["history"],
+        doc["config"],
+        tensors,
+        doc["optimizer"],
+        float(doc["elapsed"]),
+        doc.get("extra", {}),
+    )
 
 
 def train_model(
@@ -307,7 +331,7 @@ def train_model(
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(data)
-    batch = min(cfg.batch_size, n)  # type: ignore[type-var]
+    batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch, as airbench does
     total = steps_per_epoch * cfg.epochs
     images = data.images.to(device)

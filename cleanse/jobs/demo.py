@@ -23,7 +23,7 @@ from cleanse.models import new_model, save_model
 from cleanse.record import new_record, versions
 from cleanse.training_defaults import data_normalization
 
-QUICK = {"epochs": 6, "width": "32,64,64"}
+QUICK_EPOCHS, QUICK_WIDTH = 6, "32,64,64"
 STEPS = 6
 
 
@@ -75,10 +75,10 @@ def demo(options: DemoOptions, settings: RunSettings | None = None, progress: Pr
         trigger_path = folder / "poisoned.trigger.safetensors"
         save_dataset(poisoned, folder / "poisoned.safetensors")
         trigger.save(trigger_path)
-        n_epochs = o.epochs or (int(QUICK["epochs"]) if o.quick else 8)
-        arch_args = {"width": QUICK["width"]} if o.quick else {}
+        n_epochs = o.epochs or (QUICK_EPOCHS if o.quick else 8)
+        arch_args = {"width": QUICK_WIDTH} if o.quick else {}
         progress.note(
-            f"2/{STEPS} train: cnn{' (quick width ' + str(QUICK['width']) + ')' if o.quick else ''}, {n_epochs} epochs"
+            f"2/{STEPS} train: cnn{' (quick width ' + QUICK_WIDTH + ')' if o.quick else ''}, {n_epochs} epochs"
         )
         mean, std = data_normalization(poisoned)
         model = new_model("cnn", 10, poisoned.classes, (3, 32, 32), mean, std, arch_args, seed=s.seed).to(dev)

@@ -94,4 +94,4 @@ def cnn(num_classes: int = 10, width: str = "64,256,256") -> nn.Module:
     widths = tuple(int(w) for w in str(width).split(","))
     if len(widths) != 3 or min(widths) < 1:
         raise ValueError("cnn width must be three positive integers, e.g. 64,256,256")
-    return AirCNN(num_classes=num_classes, widths=widths)  # type: ignore[arg-type]
+    return AirCNN(num_classes=num_classes, widths=widths)

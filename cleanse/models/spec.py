@@ -82,7 +82,7 @@ def _check_list(value: Any, kind: type | tuple[type, ...], length: int | None, w
         or (length is not None and len(value) != length)
     ):
         raise CleanseError(f"{path}: metadata {what} is malformed; re-create the checkpoint with cleanse")
-    if kind != str and not all(math.isfinite(v) for v in value):
+    if kind is not str and not all(math.isfinite(v) for v in value):
         raise CleanseError(f"{path}: metadata {what} is malformed (not finite); re-create the checkpoint with cleanse")
     return value
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
-from cleanse.engine.trace import trace_forward
+from cleanse.engine.trace import Hook, trace_forward
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (
     Param,
@@ -75,14 +75,14 @@ def residual_from_grams(
     return float(num.clamp_min(0).sqrt() / base.clamp_min(1e-60).sqrt())
 
 
-def layer_matrix(module: nn.Module) -> torch.Tensor:
+def layer_matrix(module: nn.Linear | nn.Conv2d) -> torch.Tensor:
     """The layer as one matrix acting on its input columns: (out, in[, +1 for the bias])."""
     w = module.weight.detach().reshape(module.weight.shape[0], -1)
     return torch.cat([w, module.bias.detach().unsqueeze(1)], 1) if module.bias is not None else w
 
 
 @torch.no_grad()
-def set_layer_matrix(module: nn.Module, matrix: torch.Tensor) -> None:
+def set_layer_matrix(module: nn.Linear | nn.Conv2d, matrix: torch.Tensor) -> None:
     n = module.weight[0].numel()
     module.weight.copy_(matrix[:, :n].reshape(module.weight.shape).to(module.weight.dtype))
     if module.bias is not None:
@@ -99,7 +99,7 @@ def _conv_padding(conv: nn.Conv2d) -> tuple[int, int]:
             raise CleanseError(
                 "act-edit cannot edit a conv with padding='same' and an even kernel; choose another layer"
             )
-        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size))  # type: ignore[return-value]
+        return tuple(d * (k - 1) // 2 for d, k in zip(conv.dilation, conv.kernel_size, strict=True))  # type: ignore[return-value]
     return conv.padding  # type: ignore[return-value]
 
 
@@ -122,17 +122,22 @@ def _check_editable(name: str, module: nn.Module) -> None:
         raise CleanseError(f"act-edit cannot edit the grouped conv {name!r}; choose another layer")
 
 
+def _recorder(order: list[str], name: str) -> Hook:
+    """A forward hook that appends `name` to `order` each time its module runs."""
+
+    def hook(module: nn.Module, args: tuple, out: Any) -> None:
+        order.append(name)
+
+    return hook
+
+
 def call_order(net: nn.Module, example: torch.Tensor) -> list[str]:
     """Names of the Linear and Conv2d modules in the order a forward pass calls them."""
     order: list[str] = []
     trace_forward(
         net,
         example,
-        [
-            (m, lambda _m, _a, _o, n=n: order.append(n))
-            for n, m in net.named_modules()
-            if isinstance(m, (nn.Linear, nn.Conv2d))
-        ],
+        [(m, _recorder(order, n)) for n, m in net.named_modules() if isinstance(m, (nn.Linear, nn.Conv2d))],
     )
     return list(dict.fromkeys(order))
 

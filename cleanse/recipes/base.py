@@ -111,7 +111,9 @@ class Recipe(ABC):
 
     def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
         """Refuse parameters that cannot work with this trigger, before any data is loaded (`unlearn` calls it for
-        every recipe it will run, so `--method all` fails at once rather than after the recipes before this one)."""
+        every recipe it will run, so `--method all` fails at once rather than after the recipes before this one).
+        The default accepts every combination."""
+        return None
 
     @abstractmethod
     def run(self, ctx: RecipeContext) -> RecipeResult:

@@ -102,7 +102,8 @@ def rank_filters(
     convs = prunable_convs(model)
     grads = torch.autograd.grad(loss, [m.weight for m in convs.values()], allow_unused=True)
     return rank_from_grads(
-        {n: torch.zeros_like(m.weight) if g is None else g for (n, m), g in zip(convs.items(), grads)}, exclude
+        {n: torch.zeros_like(m.weight) if g is None else g for (n, m), g in zip(convs.items(), grads, strict=True)},
+        exclude,
     )
 
 
@@ -368,10 +369,10 @@ class GradPrune(Recipe):
             with autocast(ctx.device, ctx.precision):
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum") / len(data)
             grads = torch.autograd.grad(loss, weights, allow_unused=True)
-            for t, g in zip(total, grads):
+            for t, g in zip(total, grads, strict=True):
                 if g is not None:
                     t.add_(g)
-        return dict(zip(convs, total))
+        return dict(zip(convs, total, strict=True))
 
     @staticmethod
     @torch.no_grad()

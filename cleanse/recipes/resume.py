@@ -177,4 +177,5 @@ def load_recipe_state(path: Any) -> RecipeState:
         raise CleanseError(
             f"{path}: the unlearning checkpoint is damaged (malformed metadata); rerun without --resume to start over"
         )
-    return RecipeState(doc["recipe"], passes, position, tensors, body, extra)
+    # checked above; indexing again gives the checker the values' types
+    return RecipeState(doc["recipe"], doc["passes"], doc["position"], tensors, doc["state"], doc.get("extra", {}))

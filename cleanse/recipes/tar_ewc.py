@@ -66,7 +66,7 @@ def empirical_fisher(
         g = per_sample(params, images[start : start + chunk], labels[start : start + chunk])
         for n in names:
             fisher[n] += g[n].pow(2).sum(0)
-    total = sum(f.sum() for f in fisher.values())
+    total = torch.stack([f.sum() for f in fisher.values()]).sum()
     count = sum(f.numel() for f in fisher.values())
     mean = (total / (len(images) * count)).clamp_min(1e-30)
     return {n: f / len(images) / mean for n, f in fisher.items()}

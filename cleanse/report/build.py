@@ -125,9 +125,9 @@ def mark_cleaned_scans(scans: list[dict[str, Any]], unlearn: list[Record]) -> No
             if sha in by_sha and sha not in inputs:
                 scan["role"] = f"cleaned by {by_sha[sha]}"
         elif scan.get("model") and Path(scan["model"]).exists():
-            method = by_path.get(Path(scan["model"]).resolve())
-            if method:
-                scan["role"] = f"cleaned by {method}"
+            cleaner = by_path.get(Path(scan["model"]).resolve())
+            if cleaner:
+                scan["role"] = f"cleaned by {cleaner}"
 
 
 def scan_verdict(scan: dict[str, Any]) -> str | None:
@@ -163,13 +163,13 @@ def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | Non
     parts = (
         [scan_verdict(audited[0])]
         if len(audited) == 1
-        else [f"{n}: {scan_verdict(s)}" for n, s in zip(_names(audited), audited)]
+        else [f"{n}: {scan_verdict(s)}" for n, s in zip(_names(audited), audited, strict=True)]
     )
     methods = [s["role"].removeprefix("cleaned by ") for s in cleaned]
     names = _names(cleaned)
     parts += [
         f"after cleaning ({m}{'' if methods.count(m) == 1 else ', ' + n}): {scan_verdict(s)}"
-        for m, n, s in zip(methods, names, cleaned)
+        for m, n, s in zip(methods, names, cleaned, strict=True)
     ]
     return "; ".join(str(p) for p in parts), any(bool(s["backdoored"]) for s in (audited or cleaned))
 
@@ -177,7 +177,7 @@ def overall_verdict(scans: list[dict[str, Any]]) -> tuple[str | None, bool | Non
 def _names(scans: list[dict[str, Any]]) -> list[str]:
     """Each scan's model by file name, or by its whole path where two share a name."""
     short = [Path(str(s.get("model"))).name for s in scans]
-    return [n if short.count(n) == 1 else str(s.get("model")) for n, s in zip(short, scans)]
+    return [n if short.count(n) == 1 else str(s.get("model")) for n, s in zip(short, scans, strict=True)]
 
 
 def history_series(unlearn: list[Record]) -> dict[str, list[dict[str, Any]]]:

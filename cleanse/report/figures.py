@@ -31,9 +31,8 @@ def history_plot(series: dict[str, list[dict[str, Any]]], path: Path) -> bool:
         return False
     plt = _pyplot()
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
-    for ax, key, title in zip(
-        axes, ("clean_accuracy", "attack_success_rate", "tar"), ("held-back CA", "held-back ASR", "held-back TAR")
-    ):
+    keys = ("clean_accuracy", "attack_success_rate", "tar")
+    for ax, key, title in zip(axes, keys, ("held-back CA", "held-back ASR", "held-back TAR"), strict=True):
         for name, rows in series.items():
             pts = [(r["elapsed"], r[key]) for r in rows if r.get(key) is not None and r.get("elapsed") is not None]
             if pts:
@@ -111,7 +110,7 @@ def before_after_sheet(
     shared = normalise(torch.cat(maps), shared=True).split(len(images))
     rows = []
     for i in range(len(images)):
-        if trigger is not None:
+        if triggered_images is not None:
             b_clean, b_trig, a_clean, a_trig = (s[i : i + 1] for s in shared)
             row = [
                 images[i],
@@ -120,7 +119,7 @@ def before_after_sheet(
                 triggered_images[i],
                 overlay(triggered_images[i : i + 1], b_trig)[0],
                 overlay(triggered_images[i : i + 1], a_trig)[0],
-            ]  # type: ignore[index]
+            ]
         else:
             b_clean, a_clean = (s[i : i + 1] for s in shared)
             row = [images[i], colorize(b_clean)[0], colorize(a_clean)[0]]

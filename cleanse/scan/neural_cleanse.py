@@ -128,7 +128,7 @@ def scan_model(
 def mask_pictures(rev: Reversed) -> list[torch.Tensor]:
     """Per class: uint8 (3,H,W,C) images of the mask (grey), the pattern, and mask * pattern."""
     out = []
-    for mask, pattern in zip(rev.masks, rev.patterns):
+    for mask, pattern in zip(rev.masks, rev.patterns, strict=True):
         m = mask.unsqueeze(0).expand_as(pattern)
         pics = torch.stack([m, pattern, m * pattern]) * 255
         out.append(to_uint8(pics).permute(0, 2, 3, 1))
