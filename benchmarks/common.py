@@ -74,7 +74,8 @@ def write_results(name: str, doc: dict[str, Any]) -> Path:
 
 
 def parse_models(spec: str) -> list[tuple[str, int, int]]:
-    """'badnets:0:0,blended:1:0' -> [(attack, target, seed), ...]; 'badnets:0' or 'badnets' fill in the defaults (seed 0)."""
+    """'badnets:0:0,blended:1:0' -> [(attack, target, seed), ...]; 'badnets:0' or 'badnets' fill in the defaults
+    (seed 0)."""
     out = []
     for item in spec.split(","):
         parts = item.strip().split(":")

@@ -121,16 +121,19 @@ def main() -> None:
     rows = [compare(arch, x, args.reps, cl) for cl in (False, True) for arch in ("cnn", "resnet18")]
     print(f"\nGrad-CAM, batch {args.batch}, CPU, fp32, {torch.get_num_threads()} threads, torch {torch.__version__}")
     print(
-        f"{'arch':10} {'weights':14} {'layer':8} {'cleanse img/s':>14} {'grad-cam img/s':>15} {'speed-up':>9} {'max |diff|':>11}"
+        f"{'arch':10} {'weights':14} {'layer':8} {'cleanse img/s':>14} {'grad-cam img/s':>15} "
+        f"{'speed-up':>9} {'max |diff|':>11}"
     )
     for r in rows:
         fmt = "channels_last" if r["channels_last_weights"] else "contiguous"
         print(
-            f"{r['arch']:10} {fmt:14} {r['layer']:8} {r['cleanse_img_per_s']:14.1f} {r['grad_cam_img_per_s']:15.1f} {r['speedup']:8.2f}x {r['max_abs_diff']:11.2e}"
+            f"{r['arch']:10} {fmt:14} {r['layer']:8} {r['cleanse_img_per_s']:14.1f} {r['grad_cam_img_per_s']:15.1f} "
+            f"{r['speedup']:8.2f}x {r['max_abs_diff']:11.2e}"
         )
     over = monitor_overhead(args.reps)
     print(
-        f"\nTAR monitoring: one recipe epoch ({over['train_images']} images, {over['precision']}) {over['epoch_seconds']:.2f}s; "
+        f"\nTAR monitoring: one recipe epoch ({over['train_images']} images, {over['precision']}) "
+        f"{over['epoch_seconds']:.2f}s; "
         f"TAR on {over['tar_images']} held-back triggered images at {over['tar_layer']} {over['tar_seconds']:.3f}s "
         f"-> adds {100 * over['overhead']:.1f}%"
     )

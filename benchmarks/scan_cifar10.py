@@ -6,7 +6,8 @@ test images, 80% optimise / 20% measure). Then, on one model, the batched
 optimisation against the same optimisation run one class after another with
 the same images and steps (identical results; only the time differs).
 
-    python -m benchmarks.scan_cifar10 [--models badnets:0:0,clean:0:0] [--budget full] [--speedup-steps 50] [--unlearn] [--threads 1]
+    python -m benchmarks.scan_cifar10 [--models badnets:0:0,clean:0:0] [--budget full] [--speedup-steps 50]
+                                      [--unlearn] [--threads 1]
     python -m benchmarks.scan_cifar10 --table
 
 Rows are appended to results/scan_cifar10-rows.jsonl as each scan finishes (a model already scanned
@@ -222,7 +223,8 @@ def speedup(args: argparse.Namespace, test: Any, precision: str) -> None:
         "load_average": os.getloadavg()[0],
     }
     print(
-        f"\nbatched {batched:.1f}s vs class by class {one_by_one:.1f}s at {budget.steps} steps x {budget.batch} images: "
+        f"\nbatched {batched:.1f}s vs class by class {one_by_one:.1f}s "
+        f"at {budget.steps} steps x {budget.batch} images: "
         f"{one_by_one / batched:.2f}x (max mask difference {diff:.2e})"
     )
     print("wrote", write_results(f"scan_cifar10-speedup-t{torch.get_num_threads()}", doc))
@@ -233,7 +235,8 @@ def table(rows: list[dict[str, Any]]) -> None:
         print("no stored scan rows")
         return
     lines = [
-        "| model | CA / ASR | budget | class-steps run | flagged (truth) | target's index: loo-z / MAD log / MAD linear | highest other (loo-z / MAD log) "
+        "| model | CA / ASR | budget | class-steps run | flagged (truth) "
+        "| target's index: loo-z / MAD log / MAD linear | highest other (loo-z / MAD log) "
         "| target L1 vs median | wall |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
@@ -260,8 +263,10 @@ def table(rows: list[dict[str, Any]]) -> None:
         budget = r["budget"] + (f", early stop {r['early_stop_rounds']}" if r.get("early_stop_rounds") else "")
         share = f"{sum(r['steps_run']) / (len(r['steps_run']) * r['steps_budget']):.0%}" if "steps_run" in r else "100%"
         lines.append(
-            f"| {r['attack']} t{t if t is not None else '-'} s{r['seed']} {r['precision']} | {100 * r['model_ca']:.1f}% / {asr} | {budget} | {share} | "
-            f"{r['suspected']} ({t if t is not None else 'clean'}) | {own} | {other} | {l1} | {r['wall_seconds']:.0f}s |"
+            f"| {r['attack']} t{t if t is not None else '-'} s{r['seed']} {r['precision']} | "
+            f"{100 * r['model_ca']:.1f}% / {asr} | {budget} | {share} | "
+            f"{r['suspected']} ({t if t is not None else 'clean'}) | {own} | {other} | {l1} | "
+            f"{r['wall_seconds']:.0f}s |"
         )
     piped = [r for r in rows if r.get("pipeline")]
     if piped:
@@ -277,7 +282,8 @@ def table(rows: list[dict[str, Any]]) -> None:
                 f"| {r['attack']} t{r['target']} s{r['seed']} {r['precision']} | {q['reversed_target']} | "
                 f"{100 * q['before']['attack_success_rate']:.2f}% -> {100 * q['after']['attack_success_rate']:.2f}% | "
                 f"{100 * q['before']['clean_accuracy']:.2f}% -> {100 * q['after']['clean_accuracy']:.2f}% "
-                f"({q['ca_drop_points']:.2f}) | {100 * q['after']['robust_accuracy']:.2f}% | {q['wall_seconds']:.0f}s | "
+                f"({q['ca_drop_points']:.2f}) | {100 * q['after']['robust_accuracy']:.2f}% | "
+                f"{q['wall_seconds']:.0f}s | "
                 + (
                     f"{q['target_l1_before']:.1f} -> {q['target_l1_after']:.1f} ({q['target_index_after']:.2f}, "
                     f"{'yes' if q['flagged_after'] else 'no'}) |"
@@ -327,9 +333,11 @@ def pipeline(
     }
     print(
         f"  pipeline: tar-ewc with the reversed trigger of class {target}: true-trigger ASR "
-        f"{before['attack_success_rate']:.4f} -> {after['attack_success_rate']:.4f}, CA {before['clean_accuracy']:.4f} -> "
+        f"{before['attack_success_rate']:.4f} -> {after['attack_success_rate']:.4f}, "
+        f"CA {before['clean_accuracy']:.4f} -> "
         f"{after['clean_accuracy']:.4f} (drop {out['ca_drop_points']:.2f} points), RA {after['robust_accuracy']:.4f}, "
-        f"{wall:.0f}s, kept {out['kept']}; target reversed again: L1 {out['target_l1_before']:.2f} -> {out['target_l1_after']:.2f}, "
+        f"{wall:.0f}s, kept {out['kept']}; "
+        f"target reversed again: L1 {out['target_l1_before']:.2f} -> {out['target_l1_after']:.2f}, "
         f"index {out['target_index_after']:.2f}, {'still flagged' if out['flagged_after'] else 'no longer flagged'}",
         flush=True,
     )

@@ -62,7 +62,8 @@ def train_cached(
             (
                 lambda e: (
                     print(
-                        f"  epoch {e.data['epoch']:2d} loss {e.data['loss']:.3f} CA {e.data.get('clean_accuracy') or 0:.4f} "
+                        f"  epoch {e.data['epoch']:2d} loss {e.data['loss']:.3f} "
+                        f"CA {e.data.get('clean_accuracy') or 0:.4f} "
                         f"ASR {e.data.get('attack_success_rate') or 0:.4f} {e.data['elapsed']:.0f}s",
                         flush=True,
                     )
@@ -110,8 +111,10 @@ def main() -> None:
     m = result["metrics"]
     print(f"\n{'attack':10} {'CA':>7} {'ASR':>7} {'RA':>7} {'train s':>8} {'wall s':>7}  precision")
     print(
-        f"{args.attack:10} {m['clean_accuracy']:7.4f} {(m['attack_success_rate'] or 0):7.4f} {(m['robust_accuracy'] or 0):7.4f} "
-        f"{result['train_seconds'] or 0:8.0f} {wall:7.0f}  {result['precision']}{'  (cached model)' if result['cached'] else ''}"
+        f"{args.attack:10} {m['clean_accuracy']:7.4f} {(m['attack_success_rate'] or 0):7.4f} "
+        f"{(m['robust_accuracy'] or 0):7.4f} "
+        f"{result['train_seconds'] or 0:8.0f} {wall:7.0f}  "
+        f"{result['precision']}{'  (cached model)' if result['cached'] else ''}"
     )
     doc = {"benchmark": "train_cifar10", "settings": vars(args), "machine": machine(), "wall_seconds": wall, **result}
     name = f"train_cifar10-{args.attack}-s{args.seed}" + ("-cached" if result["cached"] else "")

@@ -89,7 +89,10 @@ def main() -> None:
         "--calibrate-frac",
         type=float,
         default=1.0,
-        help="time the calibration epoch on this random share of the poisoned set and divide by it (default 1: the whole epoch)",
+        help=(
+            "time the calibration epoch on this random share of the poisoned set and divide by it "
+            "(default 1: the whole epoch)"
+        ),
     )
     parser.add_argument("--redo", action="store_true", help="run rows that are already stored again")
     parser.add_argument("--table", action="store_true", help="only print the table of every stored row")
@@ -197,8 +200,10 @@ def run(args: argparse.Namespace, rows_file: Path) -> None:
             }
             append_row(rows_file, row)
             print(
-                f"{attack:8} t{target} s{seed} u{subset_seed} {name:10} CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
-                f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} RA {after['robust_accuracy']:.4f} "
+                f"{attack:8} t{target} s{seed} u{subset_seed} {name:10} "
+                f"CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
+                f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} "
+                f"RA {after['robust_accuracy']:.4f} "
                 f"TAR {_f(before['tar'])}->{_f(after['tar'])} DER {row['der']:.4f} ret {row['ca_retention']:.4f} "
                 f"{wall:.0f}s ({100 * row['wall_share_of_training']:.1f}% of training) kept {row['kept']}",
                 flush=True,
@@ -328,12 +333,13 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
             }
             cells[f"{name}/{attack}"] = cell
             parts.append(
-                f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / {cell['der']:.3f} / {cell['wall']:.0f}s{_mixed(cell)}"
-                + f" (n={cell['n']})"
+                f"{_pct(cell['ca'])} / {_pct(cell['asr'])} / {_pct(cell['ra'])} / "
+                f"{cell['der']:.3f} / {cell['wall']:.0f}s{_mixed(cell)}" + f" (n={cell['n']})"
             )
         lines.append(f"| {name} | " + " | ".join(parts) + " |")
     detail = [
-        "| attack | recipe | runs (models) | CA drop, points (mean, max) | ASR after (mean, max) | CA retention (min) | "
+        "| attack | recipe | runs (models) | CA drop, points (mean, max) | ASR after (mean, max) | "
+        "CA retention (min) | "
         "wall (share of training) |",
         "|---|---|---|---|---|---|---|",
     ]
@@ -341,7 +347,8 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
         name, attack = key.split("/")
         detail.append(
             f"| {attack} | {name} | {c['n']} ({c['models']}) | {c['ca_drop_points']:.2f}, {c['ca_drop_max']:.2f} | "
-            f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | {c['wall']:.0f}s{_mixed(c)} ({100 * c['wall_share']:.1f}%) |"
+            f"{_pct(c['asr'])}, {_pct(c['asr_max'])} | {c['retention_min']:.4f} | "
+            f"{c['wall']:.0f}s{_mixed(c)} ({100 * c['wall_share']:.1f}%) |"
         )
     per_run = [
         "| attack | model seed | subset seed | recipe | CA before -> after | ASR before -> after | RA after | "
@@ -362,12 +369,15 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
         per_run.append(
             f"| {r['attack']} | {r['seed']} | {r.get('subset_seed', r['seed'])} | {r['recipe']} | "
             f"{_pct(b['clean_accuracy'])} -> {_pct(a['clean_accuracy'])} | "
-            f"{_pct(b['attack_success_rate'])} -> {_pct(a['attack_success_rate'])} | {_pct(a['robust_accuracy'])} | {tar} | "
-            f"{r['der']:.3f} | {r['ca_retention']:.4f} | {r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
+            f"{_pct(b['attack_success_rate'])} -> {_pct(a['attack_success_rate'])} | "
+            f"{_pct(a['robust_accuracy'])} | {tar} | "
+            f"{r['der']:.3f} | {r['ca_retention']:.4f} | "
+            f"{r['wall_seconds']:.0f} s | {100 * r['wall_share_of_training']:.1f}% | "
             f"{r.get('kept') or '-'} |"
         )
     text = (
-        "Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time (n = runs: models x clean-subset seeds).\n"
+        "Cells: CA / ASR / RA after (mean over runs) / DER / recipe wall time "
+        "(n = runs: models x clean-subset seeds).\n"
         "A wall time marked * averages runs from more than one machine, precision, thread count or calibration share: "
         "compare its share of training (calibrated in each run) rather than its seconds.\n\n"
         + "\n".join(lines)

@@ -13,13 +13,14 @@ from pathlib import Path
 import pytest
 import torch
 
-pytest.register_assert_rewrite("helpers", "hardening_corpus")
-
 from cleanse.attacks import poison_dataset
 from cleanse.data import make_synthetic
 from cleanse.engine.train import TrainConfig, train_model
 from cleanse.models import new_model
 from cleanse.training_defaults import data_normalization
+
+# Registered before any test module imports them; the cleanse imports above never import these test modules.
+pytest.register_assert_rewrite("helpers", "hardening_corpus")
 
 SMALL_WIDTH = "32,64,64"
 
@@ -138,7 +139,8 @@ def unlearn_removes_backdoor(folder, method: str, out, *extra: str, asr_after: f
     b, a = s["before"], s["after"]
     print(
         f"{method} on synthetic: ASR {b['attack_success_rate']:.3f} -> {a['attack_success_rate']:.3f}, "
-        f"CA {b['clean_accuracy']:.3f} -> {a['clean_accuracy']:.3f}, TAR {b['tar']:.2f} -> {a['tar']:.2f}, kept {s['kept']['tag']}"
+        f"CA {b['clean_accuracy']:.3f} -> {a['clean_accuracy']:.3f}, TAR {b['tar']:.2f} -> {a['tar']:.2f}, "
+        f"kept {s['kept']['tag']}"
     )
     assert b["attack_success_rate"] > 0.8 and a["attack_success_rate"] < asr_after
     assert s["ca_retention"] >= retention

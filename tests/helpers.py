@@ -1,5 +1,6 @@
-"""Small helpers shared by the hardening modules and tests/test_unlearn_resume.py: tiny inputs, the one-error-line check,
-and `python -m cleanse` subprocesses for the signal tests. Fixtures built from these live in tests/conftest.py."""
+"""Small helpers shared by the hardening modules and tests/test_unlearn_resume.py: tiny inputs, the one-error-line
+check, and `python -m cleanse` subprocesses for the signal tests. Fixtures built from these live in
+tests/conftest.py."""
 
 from __future__ import annotations
 

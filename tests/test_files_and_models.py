@@ -76,7 +76,10 @@ def write_arch_file(path, body: str = ""):
         textwrap.dedent(f"""
         import torch.nn as nn
         def tiny(num_classes):
-            return nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, num_classes))
+            return nn.Sequential(
+                nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                nn.Linear(4, num_classes),
+            )
         {body}
     """)
     )

@@ -122,7 +122,8 @@ def test_backdoored_model_attends_to_the_trigger_far_more_than_a_clean_model(
     record_property("tar_backdoored", bad["tar"])
     record_property("tar_clean", good["tar"])
     print(
-        f"set TAR on triggered images: backdoored {bad['tar']:.2f} (median {bad['tar_median']:.2f}), clean {good['tar']:.2f}"
+        f"set TAR on triggered images: backdoored {bad['tar']:.2f} (median {bad['tar_median']:.2f}), "
+        f"clean {good['tar']:.2f}"
     )
     assert layer == "layer2" and bad["n"] == 900
     assert bad["tar"] > 8.0 and bad["tar"] > 5 * good["tar"]

@@ -2,7 +2,8 @@
 safetensors, model-metadata and trigger-metadata parsers never raise anything but CleanseError.
 
 The corpus cases (tests/hardening_corpus.py, FILE_CASES) repeat through the CLI cases covered at the Python level in
-tests/test_files_and_models.py and tests/test_raw_models.py, because the CLI is where exit codes and leftovers are decided.
+tests/test_files_and_models.py and tests/test_raw_models.py, because the CLI is where exit codes and leftovers are
+decided.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Models cleanse did not train: raw state dicts (.safetensors, .pth) with the architecture given on the command line."""
+"""Models cleanse did not train: raw state dicts (.safetensors, .pth) with the architecture given on the command
+line."""
 
 from __future__ import annotations
 
@@ -52,7 +53,8 @@ def to_unit(images: torch.Tensor) -> torch.Tensor:
 
 
 def users_own_net(folder, train: bool = True):
-    """A user's own network (my_net.py:build), trained with a plain torch loop (unless `train` is false) and saved five ways."""
+    """A user's own network (my_net.py:build), trained with a plain torch loop (unless `train` is false) and saved five
+    ways."""
     (folder / "my_net.py").write_text(textwrap.dedent(ARCH_FILE))
     spec = importlib.util.spec_from_file_location("users_own_net", folder / "my_net.py")
     module = importlib.util.module_from_spec(spec)
@@ -99,7 +101,8 @@ def user(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def untrained_user(tmp_path_factory):
-    """The same five files of the network at its initialisation: for refusals, which never depend on the weights' values."""
+    """The same five files of the network at its initialisation: for refusals, which never depend on the weights'
+    values."""
     return users_own_net(tmp_path_factory.mktemp("raw-untrained"), train=False)
 
 
@@ -134,8 +137,8 @@ def test_explain_on_a_raw_safetensors_state_dict(user, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert (
-        "raw.safetensors is a raw state dict: assuming --input-size 3,32,32 (give the option if the model expects otherwise)"
-        in result.stderr
+        "raw.safetensors is a raw state dict: assuming --input-size 3,32,32 "
+        "(give the option if the model expects otherwise)" in result.stderr
     )
     assert (out / "explain.json").is_file() and len(list(out.glob("*.png"))) >= 4
     record = json.loads((out / "run.json").read_text())
@@ -167,7 +170,8 @@ def test_unlearn_on_a_nested_pth_writes_a_full_checkpoint(user, tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert "assuming" not in result.stderr
-    # The output carries everything: only the architecture file must be named again (it is code; metadata never runs it).
+    # The output carries everything: only the architecture file must be named again (it is code; metadata never runs
+    # it).
     usage = pytest.raises(CleanseError, match=f"pass --arch {user['arch']} to allow running that file")
     with usage:
         load_model(out)
@@ -258,7 +262,8 @@ def test_missing_options_are_named(untrained_user, tmp_path):
     assert "--input-size C,H,W and --preset cifar10|imagenet|none or --mean/--std" in line
     usage_error(
         run("explain", raw, "--data", "synthetic:test", "-o", tmp_path / "a", "--arch", untrained_user["arch"]),
-        "raw state dict without cleanse metadata; add --num-classes (--num-classes N; 8.weight has 10 outputs), and --input-size",
+        "raw state dict without cleanse metadata; add --num-classes (--num-classes N; 8.weight has 10 outputs), "
+        "and --input-size",
     )
     usage_error(
         run(
@@ -301,7 +306,8 @@ def test_arch_arg_round_trip_through_unlearn_and_train(user, tmp_path):
     ]
     usage_error(
         run("unlearn", raw, *data, "-o", tmp_path / "x.safetensors", *base),
-        "likely cause: wrong architecture arguments (--arch-arg, given: none): the layer names fit cnn but their sizes do not",
+        "likely cause: wrong architecture arguments (--arch-arg, given: none): "
+        "the layer names fit cnn but their sizes do not",
     )
     loaded = load_model(
         raw, ModelOptions(arch="cnn", num_classes=10, mean=[0.0] * 3, std=[1.0] * 3, arch_args={"width": "32,64,64"})

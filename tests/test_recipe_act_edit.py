@@ -1,4 +1,5 @@
-"""`act-edit`: the closed-form edit (normal equations, exact map, residual), layers as matrices, and the recipe end to end."""
+"""`act-edit`: the closed-form edit (normal equations, exact map, residual), layers as matrices, and the recipe end to
+end."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""`grad-prune`: filter ranking across layers, persistent masks, the BatchNorm that follows a conv, and the recipe end to end."""
+"""`grad-prune`: filter ranking across layers, persistent masks, the BatchNorm that follows a conv, and the recipe end
+to end."""
 
 from __future__ import annotations
 

@@ -41,7 +41,8 @@ def tiny_trigger() -> Trigger:
 
 def scripted_monitor(monkeypatch: pytest.MonkeyPatch, cas: list[float]) -> list[float]:
     """Every held-back measurement returns the next CA of `cas` (the last one repeats): the start first, then each
-    state the run measures. ASR is 1.0 at the start and 0.0 after it, so a trigger-reliant rule wants every later state."""
+    state the run measures. ASR is 1.0 at the start and 0.0 after it, so a trigger-reliant rule wants every later
+    state."""
     seen: list[float] = []
 
     def measure(self: HeldMonitor, model: ClassifierModel) -> dict[str, Any]:

@@ -242,20 +242,25 @@ def test_cleaned_scans_are_matched_by_content_not_by_where_the_path_now_points(t
     given.write_bytes(b"backdoored weights")
     cleaned.write_bytes(b"cleaned weights")
     sha_in, sha_out = sha256_file(given), sha256_file(cleaned)
-    record = lambda folder: Record(
-        folder / "model.safetensors.run.json",
-        {  # noqa: E731
-            "command": "unlearn",
-            "parameters": {"method": "tar-ewc"},
-            "inputs": {"model": {"path": str(given), "sha256": sha_in}},
-            "outputs": {"model": str(cleaned)},
-        },
-    )
-    scans = lambda: [
-        {"model": str(cleaned), "model_sha256": sha_in, "role": "audited"},  # noqa: E731
-        {"model": str(cleaned), "model_sha256": sha_out, "role": "audited"},
-        {"model": str(cleaned), "model_sha256": None, "role": "audited"},
-    ]
+
+    def record(folder):
+        return Record(
+            folder / "model.safetensors.run.json",
+            {
+                "command": "unlearn",
+                "parameters": {"method": "tar-ewc"},
+                "inputs": {"model": {"path": str(given), "sha256": sha_in}},
+                "outputs": {"model": str(cleaned)},
+            },
+        )
+
+    def scans():
+        return [
+            {"model": str(cleaned), "model_sha256": sha_in, "role": "audited"},
+            {"model": str(cleaned), "model_sha256": sha_out, "role": "audited"},
+            {"model": str(cleaned), "model_sha256": None, "role": "audited"},
+        ]
+
     # the input is gone, so the audit's model path now resolves to the cleaned file of the same name: still audited
     given.unlink()
     found = scans()
@@ -333,11 +338,12 @@ def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs,
     assert [s["role"] for s in doc["scan"]] == ["audited", "cleaned by tar-ewc"]
     first = json.loads((runs / "scan" / "scan.json").read_text())
     second = json.loads((tmp_path / "rescan" / "scan.json").read_text())
-    said = lambda r: (
-        f"backdoor suspected, target(s) {', '.join(map(str, r['suspected_targets']))}"
-        if r["backdoored"]
-        else "no backdoor found"
-    )  # noqa: E731
+
+    def said(r):
+        if r["backdoored"]:
+            return f"backdoor suspected, target(s) {', '.join(map(str, r['suspected_targets']))}"
+        return "no backdoor found"
+
     assert doc["verdict"] == f"{said(first)}; after cleaning (tar-ewc): {said(second)}"
     assert doc["backdoored"] is first["backdoored"]
     page = (out / "report.html").read_text()

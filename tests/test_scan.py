@@ -1,4 +1,5 @@
-"""`cleanse scan`: the anomaly tests (leave-one-out z, MAD), the batched reverse-engineering, the data audit, and the command end to end."""
+"""`cleanse scan`: the anomaly tests (leave-one-out z, MAD), the batched reverse-engineering, the data audit, and the
+command end to end."""
 
 from __future__ import annotations
 
@@ -138,9 +139,10 @@ def test_early_stop_retires_a_settled_class_and_changes_no_other():
     for k in stopped:
         end = int(together.steps_run[k]) // 5  # rounds the class took part in
         costs = [row["cost"][k] for row in together.history[:end]]
-        assert any(b > a for a, b in zip(costs, costs[1:])) and any(
-            b < a for a, b in zip(costs, costs[1:])
-        )  # raised and lowered
+        # raised and lowered (successive pairs: costs[1:] is one shorter, by design)
+        assert any(b > a for a, b in zip(costs, costs[1:], strict=False)) and any(
+            b < a for a, b in zip(costs, costs[1:], strict=False)
+        )
         best = [row["best_l1"][k] for row in together.history[:end]]
         assert all(best[-i] >= 0.99 * best[-i - 1] for i in range(1, budget.early_stop + 1))  # no round shrank it by 1%
         assert together.history[end - 1]["active"][k] is False and together.history[end - 2]["active"][k] is True

@@ -141,7 +141,8 @@ def test_class_changes_are_in_points_largest_first_and_skip_classes_without_imag
 
 
 def test_state_keeper_says_when_no_state_beat_the_start():
-    # CIFAR-10 WaNet under act-edit: the repair removed held-back ASR but cost 2.8 points of held-back CA, so the start won.
+    # CIFAR-10 WaNet under act-edit: the repair removed held-back ASR but cost 2.8 points of held-back CA, so the start
+    # won.
     wrapper = type("W", (), {"net": nn.Linear(2, 2)})()
     keeper = StateKeeper(
         wrapper, {"clean_accuracy": 0.968, "attack_success_rate": 0.973}, True, 0.02, 0.10, asr_good=0.01
@@ -200,8 +201,10 @@ def test_tar_ewc_removes_the_backdoor_and_keeps_accuracy(model_files, tmp_path):
     assert "largest per-class CA changes: " in result.stderr
     assert {"der", "wall_seconds", "ca_retention"} <= set(s)
     print(
-        f"tar-ewc on synthetic: ASR {s['before']['attack_success_rate']:.3f} -> {s['after']['attack_success_rate']:.3f}, "
-        f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}, TAR {s['before']['tar']:.2f} -> {s['after']['tar']:.2f}"
+        f"tar-ewc on synthetic: ASR {s['before']['attack_success_rate']:.3f} -> "
+        f"{s['after']['attack_success_rate']:.3f}, "
+        f"CA {s['before']['clean_accuracy']:.3f} -> {s['after']['clean_accuracy']:.3f}, "
+        f"TAR {s['before']['tar']:.2f} -> {s['after']['tar']:.2f}"
     )
     assert s["before"]["attack_success_rate"] > 0.8 and s["after"]["attack_success_rate"] < 0.10
     assert s["after"]["clean_accuracy"] / s["before"]["clean_accuracy"] >= 0.95

@@ -176,8 +176,8 @@ def test_sigint_then_resume_gives_the_uninterrupted_checkpoint(small: dict[str, 
         ),
         (
             ["--method", "act-edit", "--checkpoint-every", "1"],
-            "act-edit cannot be checkpointed (its work is not a series of passes over the clean subset); drop --checkpoint-every, "
-            "or use one of: ",
+            "act-edit cannot be checkpointed (its work is not a series of passes over the clean subset); "
+            "drop --checkpoint-every, or use one of: ",
         ),
         (
             ["--method", "finetune", "--checkpoint-every", "0"],
