@@ -68,7 +68,8 @@ class BadNets(Attack):
                 ) from None
         if row < 0 or col < 0 or row + size > height or col + size > width:
             raise CleanseError(
-                f"badnets patch of size {size} at ({row},{col}) does not fit a {height}x{width} image; change size/position"
+                f"badnets patch of size {size} at ({row},{col}) does not fit a {height}x{width} image; "
+                "change size/position"
             )
         return row, col
 

@@ -51,7 +51,8 @@ def poison_dataset(
         share = len(candidates) / len(dataset)
         where = "target-class" if spec.clean_label else "eligible"
         raise CleanseError(
-            f"--rate {rate} needs {count} {where} images but only {len(candidates)} exist ({share:.4f} of the data); lower --rate to at most {share:.4f}"
+            f"--rate {rate} needs {count} {where} images but only {len(candidates)} exist ({share:.4f} of the data); "
+            f"lower --rate to at most {share:.4f}"
         )
     chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]].sort().values
 

@@ -84,7 +84,8 @@ class Trigger:
     def check_classes(self, num_classes: int) -> None:
         if isinstance(self.target, int) and not 0 <= self.target < num_classes:
             raise CleanseError(
-                f"the trigger targets class {self.target} but the model has classes 0..{num_classes - 1}; use a trigger made for this model"
+                f"the trigger targets class {self.target} but the model has classes 0..{num_classes - 1}; "
+                "use a trigger made for this model"
             )
 
     def apply(self, x: torch.Tensor, scale: float = 1.0) -> torch.Tensor:

@@ -111,7 +111,8 @@ class CleanseGroup(TyperGroup):
             if is_write_error(exc):  # the file system refused (read-only, full, name too long): bad input, not a bug
                 where = getattr(exc, "filename", None) or "a file"
                 console.print(
-                    f"error: {where}: {exc.strerror} (the file system refused; check the path, permissions and free space)",
+                    f"error: {where}: {exc.strerror} "
+                    "(the file system refused; check the path, permissions and free space)",
                     markup=False,
                     highlight=False,
                     soft_wrap=True,
@@ -130,8 +131,8 @@ class CleanseGroup(TyperGroup):
 app = typer.Typer(
     cls=CleanseGroup,
     name="cleanse",
-    help="Audit image classifiers for backdoors and remove them.\n\nExit codes: 0 ok / no backdoor found, 1 backdoor suspected (scan), "
-    "2 bad input or usage, 3 internal error, 130 interrupted, 143 terminated.",
+    help="Audit image classifiers for backdoors and remove them.\n\nExit codes: 0 ok / no backdoor found, "
+    "1 backdoor suspected (scan), 2 bad input or usage, 3 internal error, 130 interrupted, 143 terminated.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,

@@ -22,7 +22,8 @@ def demo_command(
     ] = False,
     epochs: Annotated[int, typer.Option("--epochs", help="Training epochs (default 8, 6 with --quick).")] = 0,
 ) -> None:
-    """Poison the synthetic set with BadNets, train a cnn, scan it, clean it with tar-ewc, explain before/after, and report."""
+    """Poison the synthetic set with BadNets, train a cnn, scan it, clean it with tar-ewc, explain before/after, \
+and report."""
     result = demo(DemoOptions(output, quick, epochs), common.settings(), PROGRESS)
     show(
         metrics_table(

@@ -1,4 +1,7 @@
-"""`cleanse scan`: is this model backdoored, which class, and what is the trigger? Exit 0 clean, 1 suspected, 2 bad input."""
+"""`cleanse scan`: is this model backdoored, which class, and what is the trigger?
+
+Exit 0 clean, 1 suspected, 2 bad input.
+"""
 
 from __future__ import annotations
 
@@ -97,7 +100,8 @@ def scan_command(
 ) -> None:
     """Reverse-engineer a trigger per class (Neural Cleanse, all classes batched) and flag anomalously small ones.
 
-    Exit codes: 0 no backdoor found, 1 backdoor suspected, 2 bad input or usage. With --audit-data only, exit 0 when it finishes.
+    Exit codes: 0 no backdoor found, 1 backdoor suspected, 2 bad input or usage. With --audit-data only, exit 0 \
+when it finishes.
     """
     options = ScanOptions(
         model_path,
@@ -172,7 +176,8 @@ def show_scan(result: ScanResult) -> None:
             )
     pictures = ", class-*.png, sheet.png" if result.reversed_triggers else ""
     say(
-        f"wrote scan.json{pictures}{', audit.json' if result.audited else ''} to {result.output}/ ({doc['wall_seconds']:.0f}s)"
+        f"wrote scan.json{pictures}{', audit.json' if result.audited else ''} "
+        f"to {result.output}/ ({doc['wall_seconds']:.0f}s)"
     )
 
 

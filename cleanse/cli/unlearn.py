@@ -134,7 +134,8 @@ def show_unlearn(result: UnlearnResult) -> None:
     if result.run_all:
         _show_comparison(result.summaries, result.before, result.measured_on)
         say(
-            f"wrote {len(result.summaries)} checkpoints ({', '.join(str(result.outputs[n]) for n in result.summaries)}) "
+            f"wrote {len(result.summaries)} checkpoints "
+            f"({', '.join(str(result.outputs[n]) for n in result.summaries)}) "
             f"in {wall:.0f}s"
         )
     else:
@@ -208,7 +209,8 @@ def show_recipe(outcome: RecipeOutcome) -> None:
     say(f"kept: {kept['tag']} ({kept['rule']})")
     if kept.get("unchanged"):
         say(
-            f"warning: {s['method']} kept none of its own states, so {s['output']} has the input model's weights: no state it "
+            f"warning: {s['method']} kept none of its own states, so {s['output']} has the input model's weights: "
+            "no state it "
             f"reached met its rule ({kept['rule']}); its rows above show what each state cost. Loosen the rule "
             "(--param ca_margin=0.05) or try another recipe (--method all compares them)",
             style="yellow",

@@ -42,7 +42,8 @@ class Dataset:
             )
         if min(self.images.shape[1:]) < 1:
             raise CleanseError(
-                f"{self.source}: images must be at least 1x1 with at least one channel, got shape {tuple(self.images.shape)}"
+                f"{self.source}: images must be at least 1x1 with at least one channel, "
+                f"got shape {tuple(self.images.shape)}"
             )
         if self.labels.shape != (len(self.images),):
             raise CleanseError(
@@ -51,7 +52,8 @@ class Dataset:
         self.labels = self.labels.long()
         if len(self.labels) and (self.labels.min() < 0 or self.labels.max() >= len(self.classes)):
             raise CleanseError(
-                f"{self.source}: labels must lie in 0..{len(self.classes) - 1}; found {int(self.labels.min())}..{int(self.labels.max())}"
+                f"{self.source}: labels must lie in 0..{len(self.classes) - 1}; "
+                f"found {int(self.labels.min())}..{int(self.labels.max())}"
             )
 
     def __len__(self) -> int:
@@ -123,7 +125,8 @@ def load_dataset_file(path: str | Path) -> Dataset:
     classes = doc.get("classes")
     if not isinstance(classes, list) or not all(isinstance(c, str) for c in classes) or not classes:
         raise CleanseError(
-            f"{path}: dataset metadata 'classes' must be a non-empty list of names; re-create the file with cleanse poison"
+            f"{path}: dataset metadata 'classes' must be a non-empty list of names; "
+            "re-create the file with cleanse poison"
         )
     for name, dtype in (
         ("images", torch.uint8),
@@ -134,7 +137,8 @@ def load_dataset_file(path: str | Path) -> Dataset:
     ):
         if name in tensors and tensors[name].dtype != dtype:
             raise CleanseError(
-                f"{path}: tensor {name!r} must be {dtype}, found {tensors[name].dtype}; re-create the file with cleanse poison"
+                f"{path}: tensor {name!r} must be {dtype}, found {tensors[name].dtype}; "
+                "re-create the file with cleanse poison"
             )
     if "images" not in tensors or "labels" not in tensors:
         raise CleanseError(f"{path}: dataset file lacks 'images' or 'labels'; re-create it with cleanse poison")

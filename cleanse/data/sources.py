@@ -44,7 +44,8 @@ def load_data(
         path = Path(spec)
         if not path.exists():
             raise CleanseError(
-                f"{spec}: no such file or folder; pass an ImageFolder, a CIFAR batch folder, an .npz, a dataset .safetensors or 'synthetic'"
+                f"{spec}: no such file or folder; "
+                "pass an ImageFolder, a CIFAR batch folder, an .npz, a dataset .safetensors or 'synthetic'"
             )
         if path.is_dir():
             batches = _find_cifar_batches(path)
@@ -90,7 +91,8 @@ class _ArrayOnlyUnpickler(pickle.Unpickler):
         if module == "numpy" and name in ("ndarray", "dtype"):
             return getattr(np, name)
         raise CleanseError(
-            f"refusing to unpickle {module}.{name}: a CIFAR batch may hold only numpy arrays; the file is not a genuine CIFAR batch"
+            f"refusing to unpickle {module}.{name}: a CIFAR batch may hold only numpy arrays; "
+            "the file is not a genuine CIFAR batch"
         )
 
 
@@ -168,7 +170,8 @@ def _load_npz(path: Path) -> Dataset:
     x, y = arrays["x"], arrays["y"]
     if x.dtype != np.uint8 or x.ndim not in (3, 4):
         raise CleanseError(
-            f"{path}: 'x' must be uint8 (N,H,W,C), got {x.dtype} {x.shape}; convert with (x*255).round().astype('uint8')"
+            f"{path}: 'x' must be uint8 (N,H,W,C), got {x.dtype} {x.shape}; "
+            "convert with (x*255).round().astype('uint8')"
         )
     if x.ndim == 3:
         x = x[..., None]
@@ -203,7 +206,8 @@ def _list_image_folder(root: Path) -> tuple[list[str], list[tuple[str, int, int,
     classes = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
     if not classes:
         raise CleanseError(
-            f"{root}: not an ImageFolder (no class sub-folders) and not a CIFAR batch folder; lay images out as ROOT/<class>/<image>"
+            f"{root}: not an ImageFolder (no class sub-folders) and not a CIFAR batch folder; "
+            "lay images out as ROOT/<class>/<image>"
         )
     files, non_images = [], 0
     for index, name in enumerate(classes):

@@ -55,7 +55,8 @@ def clean_subset(
         if want < 2:
             what = f"--clean-frac {frac}" if frac is not None else f"--clean-n {n}"
             raise CleanseError(
-                f"{what} leaves {want} image(s) of class {cls} ({clean.classes[cls]}); at least 2 per class are needed, raise it"
+                f"{what} leaves {want} image(s) of class {cls} ({clean.classes[cls]}); "
+                "at least 2 per class are needed, raise it"
             )
         pick = rows[torch.randperm(len(rows), generator=gen)[:want]]
         hold = max(1, round(hold_back * want))

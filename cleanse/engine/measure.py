@@ -29,7 +29,8 @@ def measure(
     layer: str,
     eval_triggers: dict[str, Trigger] | None = None,
 ) -> dict[str, Any]:
-    """CA/ASR/RA and TAR figures (all keys present, null when undefined), plus reporting-only ASR/RA per --eval-trigger."""
+    """CA/ASR/RA and TAR figures (all keys present, null when undefined), plus reporting-only ASR/RA per
+    --eval-trigger."""
     m = evaluate(model, data, trigger)
     out: dict[str, Any] = {k: m.get(k) for k in SUMMARY_KEYS}
     if eval_triggers:

@@ -323,7 +323,8 @@ def train_model(
     """
     if data.num_classes != model.spec.num_classes:
         raise CleanseError(
-            f"the data has {data.num_classes} classes but the model has {model.spec.num_classes}; use matching data or --num-classes"
+            f"the data has {data.num_classes} classes but the model has {model.spec.num_classes}; "
+            "use matching data or --num-classes"
         )
     device = model.device
     airbench = hasattr(model.net, "init_from_data")

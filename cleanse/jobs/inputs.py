@@ -30,7 +30,8 @@ class RunSettings:
 def load_job_model(
     path: str, options: ModelOptions | None, device: torch.device, progress: Progress
 ) -> ClassifierModel:
-    """MODEL as every job loads it: a cleanse checkpoint, or a raw state dict plus `options`; loading notes are passed on."""
+    """MODEL as every job loads it: a cleanse checkpoint, or a raw state dict plus `options`; loading notes are passed
+    on."""
     model = load_model(path, options, device)
     for note in model.notes:
         progress.note(note)
@@ -47,7 +48,8 @@ def load_clean(spec: str, split: str, no_cache: bool, size: tuple[int, int] | No
 
 
 def check_classes(model: ClassifierModel, data: Dataset, what: str) -> None:
-    """DATA fits the model: the same class count and channel count (image sizes are checked or resized by the caller)."""
+    """DATA fits the model: the same class count and channel count (image sizes are checked or resized by the
+    caller)."""
     if data.num_classes != model.spec.num_classes:
         raise CleanseError(
             f"{what} has {data.num_classes} classes but the model has {model.spec.num_classes}; "

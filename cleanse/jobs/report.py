@@ -131,7 +131,8 @@ def _gradcam_sheets(
     dev: torch.device,
     seed: int,
 ) -> dict[str, Any]:
-    """A before/after Grad-CAM sheet per unlearn record whose models and data still exist; the rest listed as missing."""
+    """A before/after Grad-CAM sheet per unlearn record whose models and data still exist; the rest listed as
+    missing."""
     sheets: dict[str, Any] = {}
     for r in [r for r in records if r.command == "unlearn"]:
         src = resolve_sources(r)

@@ -1,4 +1,6 @@
-"""The train job: train a classifier (optionally on poisoned data), evaluate CA/ASR/RA, write the checkpoint and record."""
+"""The train job: train a classifier (optionally on poisoned data), evaluate CA/ASR/RA, write the checkpoint and
+record.
+"""
 
 from __future__ import annotations
 

@@ -143,7 +143,8 @@ def call_order(net: nn.Module, example: torch.Tensor) -> list[str]:
 
 
 def resolve_layers(net: nn.Module, spec: str, example: torch.Tensor, num_classes: int) -> list[str]:
-    """`spec`: comma-separated module names, `head` meaning the classifier head (the last Linear called); forward order."""
+    """`spec`: comma-separated module names, `head` meaning the classifier head (the last Linear called); forward
+    order."""
     order = call_order(net, example)
     modules = dict(net.named_modules())
     heads = [n for n in order if isinstance(modules[n], nn.Linear) and modules[n].out_features == num_classes]
@@ -154,7 +155,8 @@ def resolve_layers(net: nn.Module, spec: str, example: torch.Tensor, num_classes
         if token == "head":
             if not heads:
                 raise CleanseError(
-                    f"act-edit found no Linear layer with {num_classes} outputs; name the layers with --param layers=NAME,..."
+                    f"act-edit found no Linear layer with {num_classes} outputs; "
+                    "name the layers with --param layers=NAME,..."
                 )
             token = heads[-1]
         if token not in modules:
@@ -184,7 +186,8 @@ class ActEdit(Recipe):
         ),
         "samples": Param(
             512,
-            "clean training images (classes other than the target) whose activations, and their triggered copies', set the edit",
+            "clean training images (classes other than the target) whose activations, "
+            "and their triggered copies', set the edit",
         ),
         "beta": Param(4.0, "weight of ||D X_c||^2: keep the outputs on clean inputs unchanged"),
         "lam": Param(1e-3, "ridge on ||D||^2, relative to the mean diagonal of X_t X_t^T (scale-free)"),
@@ -319,7 +322,8 @@ class ActEdit(Recipe):
         batch_size: int,
         ctx: RecipeContext,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]:
-        """X_t X_t^T, X_c X_c^T, X_c X_t^T of the layer's input columns (float64 where the device has it; eval mode), and the column count."""
+        """X_t X_t^T, X_c X_c^T, X_c X_t^T of the layer's input columns (float64 where the device has it; eval mode),
+        and the column count."""
         model.eval()
         dtype = torch.float32 if ctx.device.type == "mps" else torch.float64
         captured: list[torch.Tensor] = []

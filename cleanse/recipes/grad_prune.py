@@ -46,7 +46,8 @@ from cleanse.recipes.base import (
     trainable,
 )
 
-# Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that conv's channels.
+# Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that
+# conv's channels.
 _CHANNELWISE = (
     nn.MaxPool1d,
     nn.MaxPool2d,
@@ -108,11 +109,12 @@ def rank_filters(
 
 
 def following_batchnorm(net: nn.Module, example: torch.Tensor) -> dict[str, str | None]:
-    """For each conv, the BatchNorm that normalises its output channels (directly or through pooling/activations), else None.
+    """For each conv, the BatchNorm that normalises its output channels (directly or through pooling/activations),
+    else None.
 
     Found by tracing one forward pass: a BatchNorm follows a conv when its input is the conv's output, possibly passed
-    through channel-wise modules. Residual sums and functional ops break the chain, so a BatchNorm after `conv + shortcut`
-    does not count (zeroing it would cut the shortcut's channel too).
+    through channel-wise modules. Residual sums and functional ops break the chain, so a BatchNorm after
+    `conv + shortcut` does not count (zeroing it would cut the shortcut's channel too).
     """
     produced: dict[int, str] = {}  # id(output tensor) -> the conv it carries channels of
     found: dict[str, str | None] = {}
@@ -184,7 +186,8 @@ class GradPrune(Recipe):
     params = {
         "epochs": Param(
             10,
-            "fine-tuning budget: at most this many passes over the clean subset (early stopping usually ends it sooner)",
+            "fine-tuning budget: at most this many passes over the clean subset "
+            "(early stopping usually ends it sooner)",
         ),
         "max_rounds": Param(40, "pruning rounds at most"),
         "per_round": Param(1, "filters pruned per round (published: 1; more is faster on big nets)"),

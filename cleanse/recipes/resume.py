@@ -1,4 +1,5 @@
-"""Resumable unlearning: checkpoints at the end of passes over the clean subset, and the state a resumed run starts from.
+"""Resumable unlearning: checkpoints at the end of passes over the clean subset, and the state a resumed run starts
+from.
 
 `unlearn --checkpoint-every N` saves a RecipeState every N passes (all phases counted
 together); `--resume` hands it back. A recipe rebuilds everything that depends only on
@@ -30,7 +31,8 @@ RESUME_VERSION = 1
 
 @dataclass
 class RecipeState:
-    """Where a recipe stood after `passes` passes over the clean subset, and everything the rest of the run depends on."""
+    """Where a recipe stood after `passes` passes over the clean subset, and everything the rest of the run depends
+    on."""
 
     recipe: str
     passes: int

@@ -131,8 +131,8 @@ class TarEwc(Recipe):
         ctx: RecipeContext,
         together: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, float]:
-        """CE(f(x), y), the bounded ascent mean over `rows` of min(CE(f(T(x)), y_t), tau) (zero without eligible rows), and
-        the share of the batch's triggered images still sent to the target (1.0 without eligible rows).
+        """CE(f(x), y), the bounded ascent mean over `rows` of min(CE(f(T(x)), y_t), tau) (zero without eligible rows),
+        and the share of the batch's triggered images still sent to the target (1.0 without eligible rows).
 
         `together` runs clean and triggered images through one forward pass: exactly the same figures when BatchNorm
         statistics are frozen, and cheaper than two passes. In train mode they stay two passes, so each batch is

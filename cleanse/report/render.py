@@ -10,15 +10,22 @@ from typing import Any
 
 from cleanse.report.build import scan_verdict
 
-CSS = """
-body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;color:#222;padding:0 1rem}
-h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}
-table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}
-th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}.verdict{font-size:1.2rem;padding:.6rem 1rem;border-radius:6px;display:inline-block}
-.bad{background:#fdecea;color:#a61b1b}.good{background:#e8f6ec;color:#1e6b34}.none{background:#eee}
-.missing{color:#8a6d3b;background:#fcf8e3;padding:.4rem .8rem;border-radius:4px}img{max-width:100%;border:1px solid #ddd;margin:.4rem 0}
-code{background:#f5f5f5;padding:0 .2rem}details{margin:.5rem 0}pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}
-"""
+# Each stylesheet line is split into adjacent literals to fit the line length; every line still ends in \n.
+CSS = (
+    "\n"
+    "body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2rem auto;max-width:1100px;"
+    "color:#222;padding:0 1rem}\n"
+    "h1{font-size:1.6rem;margin-bottom:.2rem}h2{border-bottom:1px solid #ddd;padding-bottom:.2rem;margin-top:2rem}\n"
+    "table{border-collapse:collapse;margin:.6rem 0;font-size:.9rem}"
+    "th,td{border:1px solid #ccc;padding:.25rem .6rem;text-align:right}\n"
+    "th{background:#f3f3f3}td:first-child,th:first-child{text-align:left}"
+    ".verdict{font-size:1.2rem;padding:.6rem 1rem;border-radius:6px;display:inline-block}\n"
+    ".bad{background:#fdecea;color:#a61b1b}.good{background:#e8f6ec;color:#1e6b34}.none{background:#eee}\n"
+    ".missing{color:#8a6d3b;background:#fcf8e3;padding:.4rem .8rem;border-radius:4px}"
+    "img{max-width:100%;border:1px solid #ddd;margin:.4rem 0}\n"
+    "code{background:#f5f5f5;padding:0 .2rem}details{margin:.5rem 0}"
+    "pre{background:#f7f7f7;padding:.6rem;overflow-x:auto;font-size:.8rem}\n"
+)
 
 
 def pct(v: Any) -> str:
@@ -132,7 +139,8 @@ def to_markdown(doc: dict[str, Any]) -> str:
             "## Direct evaluation",
             "",
             f"`{d['model']}` on `{d['data']}`: CA {pct(d['metrics']['clean_accuracy'])}, "
-            f"ASR {pct(d['metrics']['attack_success_rate'])}, RA {pct(d['metrics']['robust_accuracy'])}, TAR {num(d['metrics']['tar'])}",
+            f"ASR {pct(d['metrics']['attack_success_rate'])}, RA {pct(d['metrics']['robust_accuracy'])}, "
+            f"TAR {num(d['metrics']['tar'])}",
             "",
         ]
     out += ["## Provenance", ""]
@@ -209,7 +217,8 @@ def to_html(doc: dict[str, Any], folder: Path) -> str:
         if key.startswith("gradcam"):
             parts += [
                 f"<h2>Grad-CAM before/after: {e(key.removeprefix('gradcam-'))}</h2>",
-                "<p>Columns: image, before, after; then the triggered image, before, after. One colour scale for the sheet.</p>",
+                "<p>Columns: image, before, after; then the triggered image, before, after. "
+                "One colour scale for the sheet.</p>",
                 _img(folder, value, key),
             ]
         elif key.startswith("explain"):
@@ -236,7 +245,8 @@ def to_html(doc: dict[str, Any], folder: Path) -> str:
     parts.append("<h2>Provenance</h2>")
     for p in doc["provenance"]:
         parts.append(
-            f"<details><summary><b>{e(p['command'])}</b> &mdash; {e(str(p['created']))} &mdash; <code>{e(p['record'])}</code></summary>"
+            f"<details><summary><b>{e(p['command'])}</b> &mdash; {e(str(p['created']))} &mdash; "
+            f"<code>{e(p['record'])}</code></summary>"
             f"<pre>{e(json.dumps(p, indent=1, default=str))}</pre></details>"
         )
     parts.append("</body></html>")

@@ -1,4 +1,5 @@
-"""Spectral signatures (Tran et al. 2018): poisoned samples stand out along the top singular vector of a class's features.
+"""Spectral signatures (Tran et al. 2018): poisoned samples stand out along the top singular vector of a class's
+features.
 
 Per class c with features R_c (n_c, D): centre them and take the top right
 singular vector v of the centred matrix; p_i = (r_i - mean) . v. The paper
