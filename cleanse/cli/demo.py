@@ -7,10 +7,10 @@ from typing import Annotated
 
 import typer
 
-from cleanse.cli.common import emit_json, say
+from cleanse.cli.common import say
 from cleanse.cli.options import Common, with_options
-from cleanse.cli.render import PROGRESS, metrics_table, show
-from cleanse.jobs import DemoOptions, demo
+from cleanse.cli.render import metrics_table, run_job, show, view
+from cleanse.jobs import DemoOptions, DemoResult, demo
 
 
 @with_options()
@@ -24,7 +24,11 @@ def demo_command(
 ) -> None:
     """Poison the synthetic set with BadNets, train a cnn, scan it, clean it with tar-ewc, explain before/after, \
 and report."""
-    result = demo(DemoOptions(output, quick, epochs), common.settings(), PROGRESS)
+    run_job(demo, DemoOptions(output, quick, epochs), common)
+
+
+@view(DemoResult)
+def show_demo(result: DemoResult) -> None:
     show(
         metrics_table(
             "tar-ewc on synthetic:test: before -> after",
@@ -32,5 +36,3 @@ and report."""
         )
     )
     say(f"scan verdict: {result.verdict}; report: {result.report_file} ({result.wall_seconds:.0f}s in all)")
-    if common.json_out:
-        emit_json(result.to_json())

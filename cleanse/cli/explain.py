@@ -8,9 +8,9 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from cleanse.cli.common import NoCacheOpt, emit_json, say
+from cleanse.cli.common import NoCacheOpt, say
 from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_options
-from cleanse.cli.render import PROGRESS, show, view
+from cleanse.cli.render import run_job, show, view
 from cleanse.jobs import ExplainOptions, ExplainResult, explain
 
 
@@ -49,10 +49,7 @@ def explain_command(
     options = ExplainOptions(
         model_path, model_flags.options(), list(image_files or []), data, output, trigger, n, layer, target, no_cache
     )
-    result = explain(options, common.settings(), PROGRESS)
-    show_explain(result)
-    if common.json_out:
-        emit_json(result.doc)
+    run_job(explain, options, common)
 
 
 def _fmt(v: float | None) -> str:

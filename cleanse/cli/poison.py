@@ -8,10 +8,10 @@ from typing import Annotated
 import typer
 
 from cleanse.attacks import ATTACKS
-from cleanse.cli.common import NoCacheOpt, ParamOpt, SplitOpt, emit_json, parse_params, say
+from cleanse.cli.common import NoCacheOpt, ParamOpt, SplitOpt, parse_params, say
 from cleanse.cli.options import Common, with_options
-from cleanse.cli.render import PROGRESS
-from cleanse.jobs import PoisonOptions, poison
+from cleanse.cli.render import run_job, view
+from cleanse.jobs import PoisonOptions, PoisonResult, poison
 
 ATTACK_HELP = "Attack: " + "; ".join(f"{name} ({ATTACKS.get(name).summary})" for name in ATTACKS.names())
 
@@ -43,12 +43,14 @@ def poison_command(
     options = PoisonOptions(
         source, output, attack, target, rate, trigger_out, preview, parse_params(param), split, no_cache
     )
-    result = poison(options, common.settings(), PROGRESS)
+    run_job(poison, options, common)
+
+
+@view(PoisonResult)
+def show_poison(result: PoisonResult) -> None:
     s, counts = result.summary, result.counts
     say(
-        f"poisoned {counts['poisoned']} of {counts['rows']} rows with {attack} (target {result.target})"
+        f"poisoned {counts['poisoned']} of {counts['rows']} rows with {s['attack']} (target {result.target})"
         + (f", {counts['noise']} noise rows" if counts["noise"] else "")
-        + f" -> {output}, trigger {s['trigger']}"
+        + f" -> {s['output']}, trigger {s['trigger']}"
     )
-    if common.json_out:
-        emit_json(s)

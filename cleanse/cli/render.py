@@ -5,14 +5,15 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 from rich.live import Live
 from rich.table import Table
 
-from cleanse.cli.common import SESSION, console, fmt_rate, say
+from cleanse.cli.common import SESSION, console, emit_json, fmt_rate, say
+from cleanse.cli.options import Common
 from cleanse.engine.events import Callback, Event
-from cleanse.jobs import Figures
+from cleanse.jobs import Figures, Progress, RunSettings
 
 Column = tuple[str, str, Callable[[Any], str]]
 
@@ -173,6 +174,23 @@ class CliProgress:
 
 
 PROGRESS = CliProgress()
+Opts = TypeVar("Opts")
+
+
+class JobResult(Protocol):
+    def to_json(self) -> Any: ...
+
+
+R = TypeVar("R", bound=JobResult)
+
+
+def run_job(job: Callable[[Opts, RunSettings, Progress], R], options: Opts, common: Common) -> R:
+    """What every command does once its flags are parsed: run the job, show its result, print its JSON with --json."""
+    result = job(options, common.settings(), PROGRESS)
+    PROGRESS.finished(result)
+    if common.json_out:
+        emit_json(result.to_json())
+    return result
 
 
 @view(Figures)

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cleanse.cli.common import NoCacheOpt, emit_json, say
+from cleanse.cli.common import NoCacheOpt, say
 from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_options
-from cleanse.cli.render import PROGRESS, view
+from cleanse.cli.render import run_job, view
 from cleanse.jobs import ReportOptions, ReportResult, report
 
 
@@ -39,10 +39,7 @@ def report_command(
     options = ReportOptions(
         list(inputs or []), output, formats, model, model_flags.options(), data, trigger, n, no_cache
     )
-    result = report(options, common.settings(), PROGRESS)
-    show_report(result)
-    if common.json_out:
-        emit_json(result.doc)
+    run_job(report, options, common)
 
 
 @view(ReportResult)

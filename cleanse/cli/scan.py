@@ -11,9 +11,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cleanse.cli.common import NoCacheOpt, PrecisionOpt, emit_json, fmt_rate, say
+from cleanse.cli.common import NoCacheOpt, PrecisionOpt, fmt_rate, say
 from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_options
-from cleanse.cli.render import LOOP_VIEWS, PROGRESS, Column, float_cell, seconds_cell, show, view
+from cleanse.cli.render import LOOP_VIEWS, Column, float_cell, run_job, seconds_cell, show, view
 from cleanse.engine.events import Event
 from cleanse.jobs import ScanOptions, ScanResult, scan
 from cleanse.scan import BUDGETS
@@ -121,11 +121,7 @@ when it finishes.
         precision,
         no_cache,
     )
-    result = scan(options, common.settings(), PROGRESS)
-    show_scan(result)
-    if common.json_out:
-        emit_json(result.doc)
-    if result.backdoored:
+    if run_job(scan, options, common).backdoored:
         raise typer.Exit(EXIT_SUSPECTED)
 
 

@@ -7,9 +7,9 @@ from typing import Annotated
 
 import typer
 
-from cleanse.cli.common import NoCacheOpt, PrecisionOpt, SplitOpt, emit_json, say
+from cleanse.cli.common import NoCacheOpt, PrecisionOpt, SplitOpt, say
 from cleanse.cli.options import Common, ModelFlags, with_options
-from cleanse.cli.render import PROGRESS, metrics_table, show, view
+from cleanse.cli.render import metrics_table, run_job, show, view
 from cleanse.jobs import TrainOptions, TrainResult, train
 
 MODEL_PANEL = "Model (a fresh model, or a raw --init file)"
@@ -75,10 +75,7 @@ def train_command(
         split,
         no_cache,
     )
-    result = train(options, common.settings(), PROGRESS)
-    show_train(result)
-    if common.json_out:
-        emit_json(result.to_json())
+    run_job(train, options, common)
 
 
 @view(TrainResult)

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 import typer
 from rich.table import Table
 
-from cleanse.cli.common import NoCacheOpt, ParamOpt, PrecisionOpt, emit_json, fmt_rate, parse_params, say
+from cleanse.cli.common import NoCacheOpt, ParamOpt, PrecisionOpt, fmt_rate, parse_params, say
 from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_options
-from cleanse.cli.render import LOOP_VIEWS, PROGRESS, Column, float_cell, rate_cell, seconds_cell, show, view
+from cleanse.cli.render import LOOP_VIEWS, Column, float_cell, rate_cell, run_job, seconds_cell, show, view
 from cleanse.engine.measure import class_changes
 from cleanse.jobs import RecipeOutcome, UnlearnOptions, UnlearnResult, unlearn
 from cleanse.recipes import RECIPES
@@ -122,10 +122,7 @@ def unlearn_command(
         precision,
         no_cache,
     )
-    result = unlearn(options, common.settings(), PROGRESS)
-    show_unlearn(result)
-    if common.json_out:
-        emit_json(result.to_json())
+    run_job(unlearn, options, common)
 
 
 @view(UnlearnResult)

@@ -50,6 +50,9 @@ class ExplainResult:
     doc: dict[str, Any]  # explain.json (and what --json prints)
     output: Path
 
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
+
 
 @dataclass
 class _Images:

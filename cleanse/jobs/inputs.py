@@ -116,3 +116,21 @@ def check_resume_file(state_path: Path, checkpoint_every: int | None, resume: bo
             f"{state_path}: a checkpoint of an interrupted run exists; pass --resume to continue it, "
             "or --force to start over"
         )
+
+
+def open_resume_file(state_path: Path, checkpoint_every: int | None, resuming: bool, progress: Progress) -> bool:
+    """Whether this run keeps a resume checkpoint; if so, name it for an interruption's message. A fresh run first
+    removes a stale checkpoint of another run (--force), so that it is never offered for --resume."""
+    if not checkpoint_every and not resuming:
+        return False
+    if not resuming:
+        state_path.unlink(missing_ok=True)
+    progress.resumable(state_path)
+    return True
+
+
+def close_resume_file(state_path: Path, resumable: bool, progress: Progress) -> None:
+    """The run is complete: its checkpoint is no longer needed."""
+    if resumable:
+        progress.resumable(None)
+        state_path.unlink(missing_ok=True)

@@ -37,6 +37,9 @@ class PoisonResult:
     counts: dict[str, int]
     target: str  # the trigger's target, described for people
 
+    def to_json(self) -> dict[str, Any]:
+        return self.summary
+
 
 def default_trigger_path(output: Path) -> Path:
     stem = output.name[: -len(".safetensors")] if output.name.endswith(".safetensors") else output.stem

@@ -46,6 +46,9 @@ class ReportResult:
     records: int
     formats: set[str]
 
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
+
     @property
     def main_file(self) -> Path:
         return self.output / ("report.html" if "html" in self.formats else "report.json")

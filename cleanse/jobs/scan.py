@@ -49,6 +49,9 @@ class ScanResult:
     reversed_triggers: bool  # the folder holds class-*.png, sheet.png and trigger files
     audited: bool  # the folder holds audit.json
 
+    def to_json(self) -> dict[str, Any]:
+        return self.doc
+
     @property
     def backdoored(self) -> bool:
         return bool(self.doc.get("backdoored"))

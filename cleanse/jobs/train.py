@@ -24,9 +24,11 @@ from cleanse.jobs.inputs import (
     check_resume_file,
     check_same_run,
     check_trainable,
+    close_resume_file,
     load_clean,
     load_job_model,
     note_data,
+    open_resume_file,
     resume_path,
 )
 from cleanse.jobs.progress import SILENT, Progress
@@ -146,13 +148,7 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
         snapshot.extra = facts
         save_train_state(state_path, snapshot)
 
-    resumable = bool(checkpoint_every) or state is not None
-    if resumable:
-        if state is None:
-            state_path.unlink(
-                missing_ok=True
-            )  # --force: a stale checkpoint of another run must not be offered for --resume
-        progress.resumable(state_path)
+    resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
     with progress.loop("train", f"train {model.spec.arch}", o.epochs) as callback:
         result = train_model(
             model,
@@ -202,9 +198,7 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
     with output_set() as out:
         save_model(model, out.reserve(o.output), provenance)
         write_json_atomic(out.reserve(run_path), record)
-    if resumable:
-        progress.resumable(None)
-        state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
+    close_resume_file(state_path, resumable, progress)
     return TrainResult(
         metrics,
         o.output,

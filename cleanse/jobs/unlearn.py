@@ -25,8 +25,10 @@ from cleanse.jobs.inputs import (
     check_classes,
     check_resume_file,
     check_same_run,
+    close_resume_file,
     load_clean,
     load_job_model,
+    open_resume_file,
     resume_path,
 )
 from cleanse.jobs.progress import SILENT, Progress
@@ -218,13 +220,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         save_recipe_state(state_path, snapshot)
 
     checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
-    resumable = bool(checkpoint_every) or state is not None
-    if resumable:
-        if state is None:
-            state_path.unlink(
-                missing_ok=True
-            )  # --force: a stale checkpoint of another run must not be offered for --resume
-        progress.resumable(state_path)
+    resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
     summaries: dict[str, dict[str, Any]] = {}
     finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
     for name in names:
@@ -302,9 +298,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
         progress.finished(RecipeOutcome(summary))
     _write(model, finished)
-    if resumable:
-        progress.resumable(None)
-        state_path.unlink(missing_ok=True)  # the run is complete: its checkpoint is no longer needed
+    close_resume_file(state_path, resumable, progress)
     return UnlearnResult(
         summaries, before, report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started
     )
