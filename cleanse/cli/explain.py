@@ -13,36 +13,39 @@ from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_optio
 from cleanse.cli.render import run_job, show, view
 from cleanse.jobs import ExplainOptions, ExplainResult, explain
 
+ModelPathArg = Annotated[
+    str,
+    typer.Argument(metavar="MODEL", help="Model checkpoint (.safetensors, or a raw state dict with --arch ...)."),
+]
+ImageFilesArg = Annotated[
+    list[str] | None, typer.Argument(metavar="[IMAGE]...", help="Image files to explain instead of --data.")
+]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Folder for the PNGs, explain.json and run.json.")]
+DataOpt = Annotated[
+    str | None, typer.Option("--data", help="DATA to draw images from (rows marked poisoned are dropped).")
+]
+TriggerOpt = Annotated[
+    Path | None, typer.Option("--trigger", help="Trigger file: also explain each image's triggered copy, with TAR.")
+]
+NOpt = Annotated[int, typer.Option("--n", help="How many images to draw from --data (seeded, class-balanced order).")]
+LayerOpt = Annotated[
+    str | None, typer.Option("--layer", help="Module name to explain (default: the last conv map before pooling).")
+]
+TargetOpt = Annotated[str, typer.Option("--target", help="Class each map explains: predicted | label | INT.")]
+
 
 @with_options(model=MODEL_FILE_PANEL)
 def explain_command(
     common: Common,
     model_flags: ModelFlags,
-    model_path: Annotated[
-        str,
-        typer.Argument(metavar="MODEL", help="Model checkpoint (.safetensors, or a raw state dict with --arch ...)."),
-    ],
-    image_files: Annotated[
-        list[str] | None, typer.Argument(metavar="[IMAGE]...", help="Image files to explain instead of --data.")
-    ] = None,
-    output: Annotated[
-        Path, typer.Option("--output", "-o", help="Folder for the PNGs, explain.json and run.json.")
-    ] = Path("heatmaps"),
-    data: Annotated[
-        str | None, typer.Option("--data", help="DATA to draw images from (rows marked poisoned are dropped).")
-    ] = None,
-    trigger: Annotated[
-        Path | None, typer.Option("--trigger", help="Trigger file: also explain each image's triggered copy, with TAR.")
-    ] = None,
-    n: Annotated[
-        int, typer.Option("--n", help="How many images to draw from --data (seeded, class-balanced order).")
-    ] = 16,
-    layer: Annotated[
-        str | None, typer.Option("--layer", help="Module name to explain (default: the last conv map before pooling).")
-    ] = None,
-    target: Annotated[
-        str, typer.Option("--target", help="Class each map explains: predicted | label | INT.")
-    ] = "predicted",
+    model_path: ModelPathArg,
+    image_files: ImageFilesArg = None,
+    output: OutputOpt = Path("heatmaps"),
+    data: DataOpt = None,
+    trigger: TriggerOpt = None,
+    n: NOpt = 16,
+    layer: LayerOpt = None,
+    target: TargetOpt = "predicted",
     no_cache: NoCacheOpt = False,
 ) -> None:
     """Grad-CAM heatmaps for clean (and triggered) images, with the Trigger Attention Ratio."""

@@ -32,69 +32,84 @@ BUDGET_HELP = "fast | full: " + ", ".join(
 )
 
 
+ModelPathArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Model to scan (.safetensors, or a raw state dict with --arch ...).")
+]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="Clean DATA to reverse triggers from (rows marked poisoned are dropped)."),
+]
+NCleanOpt = Annotated[
+    int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")
+]
+BudgetOpt = Annotated[str, typer.Option("--budget", help=BUDGET_HELP)]
+StepsOpt = Annotated[int | None, typer.Option("--steps", help="Override the budget's optimisation steps.")]
+EarlyStopOpt = Annotated[
+    bool,
+    typer.Option(
+        "--early-stop/--no-early-stop",
+        help="Let each class stop once its mask has stopped "
+        "shrinking (Neural Cleanse's rule, docs/commands/scan.md); --no-early-stop runs "
+        "every class for every step.",
+    ),
+]
+StatisticOpt = Annotated[
+    str,
+    typer.Option(
+        "--statistic",
+        help="loo-z | mad: each class's mask size against the other classes' "
+        "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly "
+        "index.",
+    ),
+]
+ThresholdOpt = Annotated[
+    float | None,
+    typer.Option(
+        "--threshold",
+        help="Flag a class whose anomaly index exceeds this on the "
+        "small side (default 3.5 for loo-z, 3 for mad; Neural Cleanse: mad, "
+        "linear, 2).",
+    ),
+]
+ScaleOpt = Annotated[
+    str,
+    typer.Option(
+        "--scale", help="log | linear: the statistic on log mask norms (default) or raw ones (Neural Cleanse's)."
+    ),
+]
+LayerOpt = Annotated[
+    str | None, typer.Option("--layer", help="Layer for the reversed triggers' TAR (default: the TAR layer).")
+]
+AuditDataOpt = Annotated[
+    str | None, typer.Option("--audit-data", help="Also rank this training DATA's samples by suspicion.")
+]
+PoisonRateOpt = Annotated[
+    float | None,
+    typer.Option("--poison-rate", help="Expected poison rate for precision/recall (default: the file's own)."),
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Folder for scan.json, PNGs, trigger files (default <model stem>.scan)."),
+]
+
+
 @with_options(model=MODEL_FILE_PANEL)
 def scan_command(
     common: Common,
     model_flags: ModelFlags,
-    model_path: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Model to scan (.safetensors, or a raw state dict with --arch ...).")
-    ],
-    data: Annotated[
-        str | None,
-        typer.Option("--data", help="Clean DATA to reverse triggers from (rows marked poisoned are dropped)."),
-    ] = None,
-    n_clean: Annotated[
-        int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")
-    ] = 500,
-    budget: Annotated[str, typer.Option("--budget", help=BUDGET_HELP)] = "full",
-    steps: Annotated[int | None, typer.Option("--steps", help="Override the budget's optimisation steps.")] = None,
-    early_stop: Annotated[
-        bool,
-        typer.Option(
-            "--early-stop/--no-early-stop",
-            help="Let each class stop once its mask has stopped "
-            "shrinking (Neural Cleanse's rule, docs/commands/scan.md); --no-early-stop runs "
-            "every class for every step.",
-        ),
-    ] = True,
-    statistic: Annotated[
-        str,
-        typer.Option(
-            "--statistic",
-            help="loo-z | mad: each class's mask size against the other classes' "
-            "mean and std (leave-one-out z, default), or Neural Cleanse's MAD anomaly "
-            "index.",
-        ),
-    ] = "loo-z",
-    threshold: Annotated[
-        float | None,
-        typer.Option(
-            "--threshold",
-            help="Flag a class whose anomaly index exceeds this on the "
-            "small side (default 3.5 for loo-z, 3 for mad; Neural Cleanse: mad, "
-            "linear, 2).",
-        ),
-    ] = None,
-    scale: Annotated[
-        str,
-        typer.Option(
-            "--scale", help="log | linear: the statistic on log mask norms (default) or raw ones (Neural Cleanse's)."
-        ),
-    ] = "log",
-    layer: Annotated[
-        str | None, typer.Option("--layer", help="Layer for the reversed triggers' TAR (default: the TAR layer).")
-    ] = None,
-    audit_data: Annotated[
-        str | None, typer.Option("--audit-data", help="Also rank this training DATA's samples by suspicion.")
-    ] = None,
-    poison_rate: Annotated[
-        float | None,
-        typer.Option("--poison-rate", help="Expected poison rate for precision/recall (default: the file's own)."),
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Folder for scan.json, PNGs, trigger files (default <model stem>.scan)."),
-    ] = None,
+    model_path: ModelPathArg,
+    data: DataOpt = None,
+    n_clean: NCleanOpt = 500,
+    budget: BudgetOpt = "full",
+    steps: StepsOpt = None,
+    early_stop: EarlyStopOpt = True,
+    statistic: StatisticOpt = "loo-z",
+    threshold: ThresholdOpt = None,
+    scale: ScaleOpt = "log",
+    layer: LayerOpt = None,
+    audit_data: AuditDataOpt = None,
+    poison_rate: PoisonRateOpt = None,
+    output: OutputOpt = None,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
 ) -> None:

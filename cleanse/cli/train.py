@@ -15,45 +15,51 @@ from cleanse.jobs import TrainOptions, TrainResult, train
 MODEL_PANEL = "Model (a fresh model, or a raw --init file)"
 
 
+DataArg = Annotated[
+    str,
+    typer.Argument(help="Training DATA (a poisoned dataset from `cleanse poison`, a folder, .npz or 'synthetic')."),
+]
+OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint .safetensors to write.")]
+EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.")]
+BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Default: 512 for 20,000+ images, else 256.")]
+LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default depends on the architecture).")]
+TestOpt = Annotated[str | None, typer.Option("--test", help="Held-out clean DATA for CA (and ASR/RA with --trigger).")]
+TriggerOpt = Annotated[Path | None, typer.Option("--trigger", help="Trigger file for ASR/RA on --test.")]
+InitOpt = Annotated[
+    Path | None, typer.Option("--init", help="Continue from this model's weights instead of a fresh model.")
+]
+CheckpointEveryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--checkpoint-every",
+        metavar="N",
+        help="Every N epochs save a resumable checkpoint to MODEL.resume.safetensors (removed at the end).",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the interrupted run from MODEL.resume.safetensors "
+        "(same DATA and options; the result equals an uninterrupted run).",
+    ),
+]
+
+
 @with_options(model=MODEL_PANEL)
 def train_command(
     common: Common,
     model_flags: ModelFlags,
-    data: Annotated[
-        str,
-        typer.Argument(help="Training DATA (a poisoned dataset from `cleanse poison`, a folder, .npz or 'synthetic')."),
-    ],
-    output: Annotated[Path, typer.Option("--output", "-o", help="Model checkpoint .safetensors to write.")],
-    epochs: Annotated[int, typer.Option("--epochs", help="Passes over the training data.")] = 10,
-    batch_size: Annotated[
-        int | None, typer.Option("--batch-size", help="Default: 512 for 20,000+ images, else 256.")
-    ] = None,
-    lr: Annotated[
-        float | None, typer.Option("--lr", help="Peak learning rate (default depends on the architecture).")
-    ] = None,
-    test: Annotated[
-        str | None, typer.Option("--test", help="Held-out clean DATA for CA (and ASR/RA with --trigger).")
-    ] = None,
-    trigger: Annotated[Path | None, typer.Option("--trigger", help="Trigger file for ASR/RA on --test.")] = None,
-    init: Annotated[
-        Path | None, typer.Option("--init", help="Continue from this model's weights instead of a fresh model.")
-    ] = None,
-    checkpoint_every: Annotated[
-        int | None,
-        typer.Option(
-            "--checkpoint-every",
-            metavar="N",
-            help="Every N epochs save a resumable checkpoint to MODEL.resume.safetensors (removed at the end).",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the interrupted run from MODEL.resume.safetensors "
-            "(same DATA and options; the result equals an uninterrupted run).",
-        ),
-    ] = False,
+    data: DataArg,
+    output: OutputOpt,
+    epochs: EpochsOpt = 10,
+    batch_size: BatchSizeOpt = None,
+    lr: LrOpt = None,
+    test: TestOpt = None,
+    trigger: TriggerOpt = None,
+    init: InitOpt = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    resume: ResumeOpt = False,
     precision: PrecisionOpt = "auto",
     split: SplitOpt = "train",
     no_cache: NoCacheOpt = False,

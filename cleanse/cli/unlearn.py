@@ -37,64 +37,77 @@ LOOP_VIEWS["unlearn"] = (UNLEARN_COLUMNS, None)
 SHOWN_CLASS_CHANGES = 3  # the summary names the classes whose clean accuracy changed most
 
 
+ModelPathArg = Annotated[
+    str, typer.Argument(metavar="MODEL", help="Model to clean (.safetensors, or a raw state dict with --arch ...).")
+]
+MethodOpt = Annotated[str, typer.Option("--method", help=METHOD_HELP)]
+DataOpt = Annotated[
+    str | None,
+    typer.Option("--data", help="DATA to draw the clean subset from (rows marked poisoned are dropped)."),
+]
+CleanFracOpt = Annotated[
+    float | None, typer.Option("--clean-frac", help="Fraction of DATA's clean rows to use, e.g. 0.05.")
+]
+CleanNOpt = Annotated[int | None, typer.Option("--clean-n", help="Number of clean images to use in all.")]
+TriggerOpt = Annotated[
+    Path | None, typer.Option("--trigger", help="Trigger file (true from `poison`, or reversed by `scan`).")
+]
+TestOpt = Annotated[
+    str | None, typer.Option("--test", help="Held-out DATA for the before/after report (never used for decisions).")
+]
+EvalTriggerOpt = Annotated[
+    list[Path] | None,
+    typer.Option(
+        "--eval-trigger",
+        help="Extra trigger file for reporting-only ASR/RA (repeatable), e.g. the true trigger when cleaning "
+        "with a reversed one.",
+    ),
+]
+EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="The recipe's main budget (see docs/recipes/).")]
+LayerOpt = Annotated[
+    str | None, typer.Option("--layer", help="Layer for TAR (default: deepest block output >= input/8).")
+]
+OutputOpt = Annotated[
+    Path | None,
+    typer.Option("--output", "-o", help="Cleaned checkpoint (default <model stem>.<method>.safetensors)."),
+]
+CheckpointEveryOpt = Annotated[
+    int | None,
+    typer.Option(
+        "--checkpoint-every",
+        metavar="N",
+        help="Every N passes over the clean subset save a resumable checkpoint to "
+        "OUT.resume.safetensors (removed at the end; finetune, tar-ewc, ulrl, sau).",
+    ),
+]
+ResumeOpt = Annotated[
+    bool,
+    typer.Option(
+        "--resume",
+        help="Continue the interrupted run from OUT.resume.safetensors; "
+        "the rest of the command line must be the interrupted run's.",
+    ),
+]
+
+
 @with_options(model=MODEL_FILE_PANEL)
 def unlearn_command(
     common: Common,
     model_flags: ModelFlags,
-    model_path: Annotated[
-        str, typer.Argument(metavar="MODEL", help="Model to clean (.safetensors, or a raw state dict with --arch ...).")
-    ],
-    method: Annotated[str, typer.Option("--method", help=METHOD_HELP)] = "tar-ewc",
-    data: Annotated[
-        str | None,
-        typer.Option("--data", help="DATA to draw the clean subset from (rows marked poisoned are dropped)."),
-    ] = None,
-    clean_frac: Annotated[
-        float | None, typer.Option("--clean-frac", help="Fraction of DATA's clean rows to use, e.g. 0.05.")
-    ] = None,
-    clean_n: Annotated[int | None, typer.Option("--clean-n", help="Number of clean images to use in all.")] = None,
-    trigger: Annotated[
-        Path | None, typer.Option("--trigger", help="Trigger file (true from `poison`, or reversed by `scan`).")
-    ] = None,
-    test: Annotated[
-        str | None, typer.Option("--test", help="Held-out DATA for the before/after report (never used for decisions).")
-    ] = None,
-    eval_trigger: Annotated[
-        list[Path] | None,
-        typer.Option(
-            "--eval-trigger",
-            help="Extra trigger file for reporting-only ASR/RA (repeatable), e.g. the true trigger when cleaning "
-            "with a reversed one.",
-        ),
-    ] = None,
-    epochs: Annotated[
-        int | None, typer.Option("--epochs", help="The recipe's main budget (see docs/recipes/).")
-    ] = None,
+    model_path: ModelPathArg,
+    method: MethodOpt = "tar-ewc",
+    data: DataOpt = None,
+    clean_frac: CleanFracOpt = None,
+    clean_n: CleanNOpt = None,
+    trigger: TriggerOpt = None,
+    test: TestOpt = None,
+    eval_trigger: EvalTriggerOpt = None,
+    epochs: EpochsOpt = None,
     param: ParamOpt = None,
-    layer: Annotated[
-        str | None, typer.Option("--layer", help="Layer for TAR (default: deepest block output >= input/8).")
-    ] = None,
-    output: Annotated[
-        Path | None,
-        typer.Option("--output", "-o", help="Cleaned checkpoint (default <model stem>.<method>.safetensors)."),
-    ] = None,
-    checkpoint_every: Annotated[
-        int | None,
-        typer.Option(
-            "--checkpoint-every",
-            metavar="N",
-            help="Every N passes over the clean subset save a resumable checkpoint to "
-            "OUT.resume.safetensors (removed at the end; finetune, tar-ewc, ulrl, sau).",
-        ),
-    ] = None,
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the interrupted run from OUT.resume.safetensors; "
-            "the rest of the command line must be the interrupted run's.",
-        ),
-    ] = False,
+    layer: LayerOpt = None,
+    output: OutputOpt = None,
+    checkpoint_every: CheckpointEveryOpt = None,
+    resume: ResumeOpt = False,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
 ) -> None:
