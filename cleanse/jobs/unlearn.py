@@ -11,8 +11,8 @@ from typing import Any
 
 import torch
 
-from cleanse.attacks import load_trigger
-from cleanse.data import load_data
+from cleanse.attacks import Trigger, load_trigger
+from cleanse.data import Dataset, load_data
 from cleanse.data.subset import CleanSplit, clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der
@@ -33,7 +33,7 @@ from cleanse.jobs.inputs import (
 )
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ClassifierModel, ModelOptions, save_model
-from cleanse.recipes import RECIPES, RecipeContext
+from cleanse.recipes import RECIPES, RecipeContext, RecipeResult
 from cleanse.recipes.base import NEEDS_TRIGGER
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
 from cleanse.record import describe_input, new_record, record_path, versions
@@ -150,12 +150,109 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         checkpoint_every = state.extra.get("checkpoint_every")
     if checkpoint_every is not None:
         check_output(state_path, force=True, inputs=guarded)
+    loaded = _load(o, s, plan, progress)
+    model, split, trig = loaded.model, loaded.split, loaded.trigger
+    before = loaded.measure()
+    start_state = copy.deepcopy(model.net.state_dict())
+    inputs = {
+        "model": describe_input(o.model_path),
+        "data": describe_input(o.data),
+        "trigger": describe_input(o.trigger),
+        "test": describe_input(o.test),
+        "eval_triggers": [describe_input(p) for p in o.eval_triggers],
+    }
+    subset = {
+        "train_index": split.train_index.tolist(),
+        "held_index": split.held_index.tolist(),
+        "filtered_with_ground_truth": split.filtered,
+        "test_rows_dropped": loaded.test_dropped,
+    }
+    facts = {
+        "model": inputs["model"],
+        "data": inputs["data"],
+        "trigger": inputs["trigger"],
+        "method": names[0],
+        "params": plan.params[names[0]],
+        "clean_frac": o.clean_frac,
+        "clean_n": o.clean_n,
+        "seed": s.seed,
+        "precision": loaded.precision,
+        "tar_layer": loaded.layer,
+        "subset": _subset_digest(split),
+    }
+    if state is not None:
+        check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
+        progress.note(f"resuming {names[0]} from {state_path} after pass {state.passes} over the clean subset")
+
+    def save_state(snapshot: RecipeState) -> None:
+        snapshot.extra = {**facts, "checkpoint_every": checkpoint_every}
+        save_recipe_state(state_path, snapshot)
+
+    checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
+    resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
+    summaries: dict[str, dict[str, Any]] = {}
+    finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
+    for name in names:
+        model.net.load_state_dict(start_state)
+        recipe_started = time.perf_counter()
+        ctx = RecipeContext(
+            model,
+            split,
+            trig,
+            plan.params[name],
+            callback=lambda e: None,
+            precision=loaded.precision,
+            seed=s.seed,
+            tar_layer=loaded.layer,
+            checkpoints=checkpoints if not run_all else Checkpoints(),
+        )
+        with progress.loop("unlearn", f"unlearn {name}") as callback:
+            ctx.callback = callback
+            result = RECIPES.get(name).run(ctx)
+        model.eval()
+        after = loaded.measure()
+        wall = time.perf_counter() - (started if not run_all else recipe_started)
+        summary, provenance, record = _outcome(
+            _Facts(o, s, plan, loaded, inputs, subset, checkpoint_every, state), name, result, before, after, wall
+        )
+        summaries[name] = summary
+        finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
+        progress.finished(RecipeOutcome(summary))
+    _write(model, finished)
+    close_resume_file(state_path, resumable, progress)
+    return UnlearnResult(
+        summaries, before, loaded.report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started
+    )
+
+
+@dataclass
+class _Loaded:
+    """What the recipes work on and are measured with: the model, the clean split, the triggers and the report set."""
+
+    model: ClassifierModel
+    split: CleanSplit
+    trigger: Trigger | None
+    extra_triggers: dict[str, Trigger]
+    report_on: Dataset
+    report_name: str
+    test_dropped: int
+    layer: str  # the TAR layer
+    device: torch.device
+    precision: str
+
+    def measure(self) -> dict[str, Any]:
+        """The before/after figures of the model as it stands, on the report set."""
+        return measure(self.model, self.report_on, self.trigger, self.layer, self.extra_triggers)
+
+
+def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) -> _Loaded:
+    """Load and check the model, triggers, clean subset and test set; say what the recipes will learn from."""
     dev = s.torch_device()
     prec = resolve_precision(o.precision, dev)
     model = load_job_model(o.model_path, o.model, dev, progress)
     channels, height, width = model.spec.input_size
     trig = load_trigger(o.trigger) if o.trigger else None
-    for name in names:
+    for name in plan.names:
         RECIPES.get(name).check(plan.params[name], trig)
     extra_triggers = {p.name: load_trigger(p) for p in o.eval_triggers}
     for t in [trig, *extra_triggers.values()]:
@@ -183,125 +280,87 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
             f"skipped {', '.join(plan.skipped)}: they need a trigger (--trigger from `cleanse poison`, "
             "or reversed by `cleanse scan`)"
         )
-    before = measure(model, report_on, trig, measure_layer, extra_triggers)
-    start_state = copy.deepcopy(model.net.state_dict())
-    inputs = {
-        "model": describe_input(o.model_path),
-        "data": describe_input(o.data),
-        "trigger": describe_input(o.trigger),
-        "test": describe_input(o.test),
-        "eval_triggers": [describe_input(p) for p in o.eval_triggers],
-    }
-    subset = {
-        "train_index": split.train_index.tolist(),
-        "held_index": split.held_index.tolist(),
-        "filtered_with_ground_truth": split.filtered,
-        "test_rows_dropped": test_dropped,
-    }
-    facts = {
-        "model": inputs["model"],
-        "data": inputs["data"],
-        "trigger": inputs["trigger"],
-        "method": names[0],
-        "params": plan.params[names[0]],
-        "clean_frac": o.clean_frac,
-        "clean_n": o.clean_n,
-        "seed": s.seed,
-        "precision": prec,
-        "tar_layer": measure_layer,
-        "subset": _subset_digest(split),
-    }
-    if state is not None:
-        check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
-        progress.note(f"resuming {names[0]} from {state_path} after pass {state.passes} over the clean subset")
+    return _Loaded(model, split, trig, extra_triggers, report_on, report_name, test_dropped, measure_layer, dev, prec)
 
-    def save_state(snapshot: RecipeState) -> None:
-        snapshot.extra = {**facts, "checkpoint_every": checkpoint_every}
-        save_recipe_state(state_path, snapshot)
 
-    checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
-    resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
-    summaries: dict[str, dict[str, Any]] = {}
-    finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
-    for name in names:
-        model.net.load_state_dict(start_state)
-        recipe_started = time.perf_counter()
-        ctx = RecipeContext(
-            model,
-            split,
-            trig,
-            plan.params[name],
-            callback=lambda e: None,
-            precision=prec,
-            seed=s.seed,
-            tar_layer=measure_layer,
-            checkpoints=checkpoints if not run_all else Checkpoints(),
-        )
-        with progress.loop("unlearn", f"unlearn {name}") as callback:
-            ctx.callback = callback
-            result = RECIPES.get(name).run(ctx)
-        model.eval()
-        after = measure(model, report_on, trig, measure_layer, extra_triggers)
-        wall = time.perf_counter() - (started if not run_all else recipe_started)
-        retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
-        summary = {
-            "method": name,
-            "classes": model.spec.classes,
-            "before": before,
-            "after": after,
-            "der": der(before, after),
-            "ca_retention": retention,
-            "wall_seconds": wall,
-            "measured_on": report_name,
-            "output": str(plan.outputs[name]),
-            "kept": result.kept,
-            "extra": result.extra,
-        }
-        provenance = {
-            "command": "unlearn",
-            "recipe": name,
-            "params": plan.params[name],
-            "seed": s.seed,
-            "parent_sha256": model.source_sha256,
-            "parent": o.model_path,
-            "version": versions()["cleanse"],
-        }
-        record = new_record(
-            "unlearn",
-            inputs=inputs,
-            parameters={
-                "method": name,
-                "params": plan.params[name],
-                "clean_frac": o.clean_frac,
-                "clean_n": o.clean_n,
-                "seed": s.seed,
-                "tar_layer": measure_layer,
-                "precision": prec,
-                "all": run_all,
-                "checkpoint_every": checkpoint_every,
-                "resumed_after_pass": state.passes if state else None,
-            },
-            clean_subset=subset,
-            before=before,
-            after=after,
-            der=summary["der"],
-            ca_retention=retention,
-            kept=result.kept,
-            history=result.history,
-            notes=result.notes,
-            extra=result.extra,
-            timings={"wall_seconds": wall},
-            versions=versions(dev),
-            outputs={"model": str(plan.outputs[name])},
-        )
-        summaries[name] = summary
-        finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
-        progress.finished(RecipeOutcome(summary))
-    _write(model, finished)
-    close_resume_file(state_path, resumable, progress)
-    return UnlearnResult(
-        summaries, before, report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started
+@dataclass
+class _Facts:
+    """What every recipe's summary and run record repeat: the options, the plan, the loaded inputs, the resume state."""
+
+    options: UnlearnOptions
+    settings: RunSettings
+    plan: _Plan
+    loaded: _Loaded
+    inputs: dict[str, Any]
+    subset: dict[str, Any]
+    checkpoint_every: int | None
+    state: RecipeState | None
+
+
+def _outcome(
+    facts: _Facts, name: str, result: RecipeResult, before: dict[str, Any], after: dict[str, Any], wall: float
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """One recipe's summary (what --json prints), checkpoint provenance and run record."""
+    o, s, plan, loaded, state = facts.options, facts.settings, facts.plan, facts.loaded, facts.state
+    run_all, checkpoint_every, inputs, subset, model = (
+        plan.run_all,
+        facts.checkpoint_every,
+        facts.inputs,
+        facts.subset,
+        loaded.model,
     )
+    retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
+    summary = {
+        "method": name,
+        "classes": model.spec.classes,
+        "before": before,
+        "after": after,
+        "der": der(before, after),
+        "ca_retention": retention,
+        "wall_seconds": wall,
+        "measured_on": loaded.report_name,
+        "output": str(plan.outputs[name]),
+        "kept": result.kept,
+        "extra": result.extra,
+    }
+    provenance = {
+        "command": "unlearn",
+        "recipe": name,
+        "params": plan.params[name],
+        "seed": s.seed,
+        "parent_sha256": model.source_sha256,
+        "parent": o.model_path,
+        "version": versions()["cleanse"],
+    }
+    record = new_record(
+        "unlearn",
+        inputs=inputs,
+        parameters={
+            "method": name,
+            "params": plan.params[name],
+            "clean_frac": o.clean_frac,
+            "clean_n": o.clean_n,
+            "seed": s.seed,
+            "tar_layer": loaded.layer,
+            "precision": loaded.precision,
+            "all": run_all,
+            "checkpoint_every": checkpoint_every,
+            "resumed_after_pass": state.passes if state else None,
+        },
+        clean_subset=subset,
+        before=before,
+        after=after,
+        der=summary["der"],
+        ca_retention=retention,
+        kept=result.kept,
+        history=result.history,
+        notes=result.notes,
+        extra=result.extra,
+        timings={"wall_seconds": wall},
+        versions=versions(loaded.device),
+        outputs={"model": str(plan.outputs[name])},
+    )
+    return summary, provenance, record
 
 
 def _write(
