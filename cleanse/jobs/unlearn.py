@@ -190,6 +190,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
 
     checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
     resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
+    shared = _Facts(o, s, plan, loaded, inputs, subset, checkpoint_every, state)
     summaries: dict[str, dict[str, Any]] = {}
     finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
     for name in names:
@@ -212,9 +213,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         model.eval()
         after = loaded.measure()
         wall = time.perf_counter() - (started if not run_all else recipe_started)
-        summary, provenance, record = _outcome(
-            _Facts(o, s, plan, loaded, inputs, subset, checkpoint_every, state), name, result, before, after, wall
-        )
+        summary, provenance, record = _outcome(shared, name, result, before, after, wall)
         summaries[name] = summary
         finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
         progress.finished(RecipeOutcome(summary))
@@ -302,13 +301,7 @@ def _outcome(
 ) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
     """One recipe's summary (what --json prints), checkpoint provenance and run record."""
     o, s, plan, loaded, state = facts.options, facts.settings, facts.plan, facts.loaded, facts.state
-    run_all, checkpoint_every, inputs, subset, model = (
-        plan.run_all,
-        facts.checkpoint_every,
-        facts.inputs,
-        facts.subset,
-        loaded.model,
-    )
+    model = loaded.model
     retention = (after["clean_accuracy"] / before["clean_accuracy"]) if before["clean_accuracy"] else None
     summary = {
         "method": name,
@@ -334,7 +327,7 @@ def _outcome(
     }
     record = new_record(
         "unlearn",
-        inputs=inputs,
+        inputs=facts.inputs,
         parameters={
             "method": name,
             "params": plan.params[name],
@@ -343,11 +336,11 @@ def _outcome(
             "seed": s.seed,
             "tar_layer": loaded.layer,
             "precision": loaded.precision,
-            "all": run_all,
-            "checkpoint_every": checkpoint_every,
+            "all": plan.run_all,
+            "checkpoint_every": facts.checkpoint_every,
             "resumed_after_pass": state.passes if state else None,
         },
-        clean_subset=subset,
+        clean_subset=facts.subset,
         before=before,
         after=after,
         der=summary["der"],
