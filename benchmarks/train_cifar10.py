@@ -29,7 +29,13 @@ from cleanse.training_defaults import data_normalization
 
 
 def train_cached(
-    attack: str, target: int, rate: float, seed: int, epochs: int | None = None, arch: str = "cnn", log: bool = True
+    attack: str,
+    target: int | str,
+    rate: float,
+    seed: int,
+    epochs: int | None = None,
+    arch: str = "cnn",
+    log: bool = True,
 ) -> dict:
     """Poison, train and evaluate (or reuse the cached model). Returns the model path, metrics and timings."""
     cifar = require_cifar()
@@ -97,10 +103,14 @@ def train_cached(
     return result
 
 
+def _target(text: str) -> int | str:
+    return text if text == "all" else int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--attack", default="badnets")
-    parser.add_argument("--target", type=int, default=0)
+    parser.add_argument("--target", type=_target, default=0, help="a class index, or 'all' (all-to-all, y -> y+1)")
     parser.add_argument("--rate", type=float, default=0.1)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--epochs", type=int, default=None, help="default: cleanse train's default")
@@ -117,7 +127,7 @@ def main() -> None:
         f"{result['precision']}{'  (cached model)' if result['cached'] else ''}"
     )
     doc = {"benchmark": "train_cifar10", "settings": vars(args), "machine": machine(), "wall_seconds": wall, **result}
-    name = f"train_cifar10-{args.attack}-s{args.seed}" + ("-cached" if result["cached"] else "")
+    name = f"train_cifar10-{args.attack}{'-all' if args.target == 'all' else ''}-s{args.seed}" + ("-cached" if result["cached"] else "")
     print("wrote", write_results(name, doc))
 
 
