@@ -30,7 +30,14 @@ def overlay(images: torch.Tensor, heat: torch.Tensor, alpha: float = 0.5) -> tor
     return mixed.round().clamp(0, 255).to(torch.uint8)
 
 
-def panel(image: torch.Tensor, heat: torch.Tensor, scale: int = 6) -> Image.Image:
-    """One picture: the image, its heatmap and the overlay side by side."""
+def panel(
+    image: torch.Tensor,
+    heat: torch.Tensor,
+    scale: int = 6,
+    *,
+    col_labels: list[str] | None = None,
+    title: str | None = None,
+) -> Image.Image:
+    """One picture: the image, its heatmap and the overlay side by side, optionally headed (see image_grid)."""
     row = torch.stack([image, colorize(heat[None])[0], overlay(image[None], heat[None])[0]])
-    return image_grid([row], scale=scale)
+    return image_grid([row], scale=scale, col_labels=col_labels, title=title)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from PIL import Image
 from typer.testing import CliRunner
 
 from cleanse.cli import app
@@ -51,6 +52,8 @@ def test_poison_writes_dataset_trigger_record_and_preview(poisoned_file):
     out, summary = poisoned_file
     assert summary["poisoned"] == 500 and summary["rows"] == 5000 and summary["target"] == 0
     assert out.is_file() and out.with_name("p.trigger.safetensors").is_file() and out.with_name("grid.png").is_file()
+    with Image.open(out.with_name("grid.png")) as grid:  # 8 columns x 2 rows of 32x32 images at scale 4, labelled
+        assert grid.size[0] > 8 * 130 + 2 and grid.size[1] > 2 * 130 + 2
     record = json.loads(out.with_name("p.safetensors.run.json").read_text())
     assert record["cleanse_run"] == 1 and record["command"] == "poison" and record["counts"]["poisoned"] == 500
 

@@ -171,7 +171,7 @@ def test_explain_writes_pngs_sheet_and_json(saved_backdoored, tmp_path):
     names = {p.name for p in out.iterdir()}
     assert {"sheet.png", "explain.json", "run.json", "img-000.png", "img-005-triggered.png"} <= names
     with Image.open(out / "sheet.png") as sheet:
-        assert sheet.size[1] > sheet.size[0] / 2  # six rows of six panels
+        assert sheet.size[1] > sheet.size[0] / 2  # six rows of six panels (and a label margin)
     assert json.loads((out / "run.json").read_text())["command"] == "explain"
 
 
@@ -183,6 +183,37 @@ def test_explain_image_files_are_resized_with_a_note(untrained_files, tmp_path):
     assert result.exit_code == 0, result.output
     assert "48x40 resized to 32x32" in result.stderr
     assert (tmp_path / "o" / "img-000.png").is_file()
+
+
+def test_explain_pictures_carry_their_labels(untrained_files, tmp_path):
+    """sheet.png and img-NNN.png have a title, column headings and (the sheet) row labels around the bare grid."""
+    mask = torch.zeros(32, 32)
+    mask[-4:, -4:] = 1
+    Trigger("blend", {"mask": mask, "pattern": torch.ones(3, 32, 32)}, 0, (3, 32, 32)).save(tmp_path / "t.safetensors")
+    out = tmp_path / "o"
+    result = runner.invoke(
+        app,
+        [
+            "explain",
+            str(untrained_files / "bd.safetensors"),
+            "--data",
+            "synthetic:test",
+            "--trigger",
+            str(tmp_path / "t.safetensors"),
+            "--n",
+            "2",
+            "-o",
+            str(out),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    cell = 32 * 4 + 2  # a 32x32 image at scale 4 and its gap
+    with Image.open(out / "sheet.png") as sheet:
+        width, height = sheet.size
+    assert width > 6 * cell + 2 and height > 2 * cell + 2  # a row-label margin; title and heading bands
+    with Image.open(out / "img-000-triggered.png") as one:
+        width, height = one.size
+    assert width == 3 * (32 * 6 + 2) + 2 and height > 32 * 6 + 4  # headed and titled, no margin
 
 
 def _usage(result, message):

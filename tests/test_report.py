@@ -394,3 +394,24 @@ def test_report_bad_requests_exit_2(runs, tmp_path, args, message):
     assert result.exit_code == 2, result.output
     assert message in result.stderr and "Traceback" not in result.output
     assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.parametrize("with_trigger", [True, False])
+def test_before_after_sheet_is_labelled_around_the_bare_grid(untrained_files, tmp_path, with_trigger):
+    """The Grad-CAM sheet names its columns (as report.json does), labels its rows and keeps every image cell whole."""
+    from PIL import Image
+
+    from cleanse.attacks import poison_dataset
+    from cleanse.models import load_model
+    from cleanse.report.figures import before_after_sheet
+    from tests.conftest import synthetic
+
+    model = load_model(untrained_files / "bd.safetensors")
+    trigger = poison_dataset(synthetic("test"), "badnets", 0, 0.1, seed=0)[1] if with_trigger else None
+    doc = before_after_sheet(model, model, synthetic("test"), trigger, 2, tmp_path / "g.png")
+    n_cols = 6 if with_trigger else 3
+    assert len(doc["columns"]) == n_cols and len(doc["rows"]) == 2
+    with Image.open(tmp_path / "g.png") as sheet:
+        width, height = sheet.size
+    cell = 32 * 4 + 2
+    assert width > n_cols * cell + 2 and height > 2 * cell + 2  # row-label margin; title and heading bands

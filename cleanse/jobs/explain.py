@@ -203,29 +203,69 @@ def explain(options: ExplainOptions, settings: RunSettings | None = None, progre
     )
     triggered_images = trig.apply_uint8(images) if trig is not None else None
     maps = [clean.cams] + ([pair.triggered] if pair is not None else [])
+    target = {"predicted": "the predicted class", "label": "the label"}.get(o.target, f"class {o.target}")
+    title = f"Grad-CAM at {picture_layer} for {target}; one colour scale for the whole sheet"
     with atomic_directory(o.output, force=s.force, inputs=inputs) as folder:
-        _write_pictures(folder, images, triggered_images, maps)
+        _write_pictures(folder, images, triggered_images, maps, [_captions(e) for e in doc_images], title)
         write_json_atomic(folder / "explain.json", doc)
         write_json_atomic(folder / "run.json", record)
     return ExplainResult(doc, o.output)
 
 
+def _captions(entry: dict[str, Any]) -> tuple[list[str], list[str]]:
+    """What the pictures say about one image: its source, label and prediction; then the triggered copy's."""
+    clean = [Path(entry["source"]).name]
+    if entry["label_name"] is not None:
+        clean.append(f"label: {entry['label_name']}")
+    clean.append(f"pred: {entry['predicted_name']} {entry['confidence']:.2f}")
+    trig = entry.get("triggered")
+    if trig is None:
+        return clean, []
+    triggered = [f"triggered: {trig['predicted_name']} {trig['confidence']:.2f}"]
+    if trig["tar"] is not None:
+        triggered.append(f"TAR {trig['tar']:.2f}")
+    return clean, triggered
+
+
 def _write_pictures(
-    folder: Path, images: torch.Tensor, triggered: torch.Tensor | None, maps: list[torch.Tensor]
+    folder: Path,
+    images: torch.Tensor,
+    triggered: torch.Tensor | None,
+    maps: list[torch.Tensor],
+    captions: list[tuple[list[str], list[str]]],
+    title: str,
 ) -> None:
     """img-NNN.png (and -triggered) with per-image scales, and sheet.png on one scale shared by the run."""
     per_image = [normalise(m) for m in maps]
     shared = normalise(torch.cat(maps), shared=True).split(len(images))
+    heads = ["image", "Grad-CAM", "overlay"]
+    trig_heads = ["triggered image", "triggered Grad-CAM", "triggered overlay"]
     rows = []
     for i in range(len(images)):
-        save_png(panel(images[i], per_image[0][i]), folder / f"img-{i:03d}.png")
+        clean_text, trig_text = captions[i]
+        save_png(
+            panel(images[i], per_image[0][i], col_labels=heads, title=", ".join(clean_text)),
+            folder / f"img-{i:03d}.png",
+        )
         row = [images[i], colorize(shared[0][i : i + 1])[0], overlay(images[i : i + 1], shared[0][i : i + 1])[0]]
         if triggered is not None:
-            save_png(panel(triggered[i], per_image[1][i]), folder / f"img-{i:03d}-triggered.png")
+            save_png(
+                panel(
+                    triggered[i], per_image[1][i], col_labels=trig_heads, title=", ".join(clean_text[:1] + trig_text)
+                ),
+                folder / f"img-{i:03d}-triggered.png",
+            )
             row += [
                 triggered[i],
                 colorize(shared[1][i : i + 1])[0],
                 overlay(triggered[i : i + 1], shared[1][i : i + 1])[0],
             ]
         rows.append(torch.stack(row))
-    save_png(image_grid(rows, scale=4), folder / "sheet.png")
+    sheet = image_grid(
+        rows,
+        scale=4,
+        col_labels=heads + (trig_heads if triggered is not None else []),
+        row_labels=["\n".join(c + t) for c, t in captions],
+        title=title,
+    )
+    save_png(sheet, folder / "sheet.png")

@@ -8,7 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cleanse.attacks import poison_dataset
-from cleanse.data import load_data, save_dataset
+from cleanse.data import Dataset, load_data, save_dataset
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, write_json_atomic
 from cleanse.jobs.inputs import RunSettings, note_data
@@ -96,6 +96,19 @@ def poison(options: PoisonOptions, settings: RunSettings | None = None, progress
         trigger.save(out.reserve(trigger_path))
         if o.preview:
             idx = poisoned.poisoned.nonzero().flatten()[:8]
-            save_png(image_grid([data.images[idx], poisoned.images[idx]]), out.reserve(o.preview))
+            sheet = image_grid(
+                [data.images[idx], poisoned.images[idx]],
+                col_labels=[_preview_heading(int(i), data, poisoned) for i in idx],
+                row_labels=["original", "poisoned"],
+                title=f"{o.attack}, target {trigger.describe_target()}: the first {len(idx)} of {counts['poisoned']} "
+                "poisoned rows, before and after",
+            )
+            save_png(sheet, out.reserve(o.preview))
         write_json_atomic(out.reserve(run_path), record)
     return PoisonResult(summary, counts, trigger.describe_target())
+
+
+def _preview_heading(row: int, data: Dataset, poisoned: Dataset) -> str:
+    """A preview column's heading: the row's index and its label, with the new label where poisoning changed it."""
+    before, after = data.classes[int(data.labels[row])], poisoned.classes[int(poisoned.labels[row])]
+    return f"row {row}\n{before}" if before == after else f"row {row}\n{before} -> {after}"

@@ -83,7 +83,8 @@ def before_after_sheet(
 ) -> dict[str, Any]:
     """Grad-CAM of the same images under both models, one colour scale for the whole sheet.
 
-    Rows: image | before | after, then (with a trigger) triggered image | before | after.
+    Columns: image | before | after, then (with a trigger) triggered image | before | after; each row is labelled
+    with its data row, class and the predictions of both models.
     """
     pool = torch.arange(len(data))
     if trigger is not None:
@@ -108,6 +109,9 @@ def before_after_sheet(
             maps.append(result.cams)
             preds[tag] = {"clean": result.logits.argmax(1).tolist()}
     shared = normalise(torch.cat(maps), shared=True).split(len(images))
+    columns = ["image", "before", "after"]
+    if triggered_images is not None:
+        columns += ["triggered image", "before (triggered)", "after (triggered)"]
     rows = []
     for i in range(len(images)):
         if triggered_images is not None:
@@ -124,16 +128,21 @@ def before_after_sheet(
             b_clean, a_clean = (s[i : i + 1] for s in shared)
             row = [images[i], colorize(b_clean)[0], colorize(a_clean)[0]]
         rows.append(torch.stack(row))
-    save_png(image_grid(rows, scale=4), path)
     labels = data.labels[pick].tolist()
+    names = before.spec.classes
+    row_labels = []
+    for i, r in enumerate(pick.tolist()):
+        lines = [f"row {r}: {data.classes[labels[i]]}", "pred. before -> after"]
+        for kind in preds["before"]:  # clean, and triggered with a trigger
+            lines.append(f"{kind}: {names[preds['before'][kind][i]]} -> {names[preds['after'][kind][i]]}")
+        row_labels.append("\n".join(lines))
+    kind = "overlays" if triggered_images is not None else "heatmaps"
+    title = f"Grad-CAM {kind} under the model before and after cleaning; one colour scale for the whole sheet"
+    save_png(image_grid(rows, scale=4, col_labels=columns, row_labels=row_labels, title=title), path)
     return {
         "rows": [
             {"row": int(r), "label": labels[i], **{tag: {k: v[i] for k, v in p.items()} for tag, p in preds.items()}}
             for i, r in enumerate(pick.tolist())
         ],
-        "columns": (
-            ["image", "before", "after", "triggered image", "before (triggered)", "after (triggered)"]
-            if trigger is not None
-            else ["image", "before", "after"]
-        ),
+        "columns": columns,
     }
