@@ -143,10 +143,10 @@ def test_early_stop_retires_a_settled_class_and_changes_no_other():
         assert any(b > a for a, b in zip(costs, costs[1:], strict=False)) and any(
             b < a for a, b in zip(costs, costs[1:], strict=False)
         )
-        best = [row["best_l1"][k] for row in together.history[:end]]
+        best = [row["best_size"][k] for row in together.history[:end]]
         assert all(best[-i] >= 0.99 * best[-i - 1] for i in range(1, budget.early_stop + 1))  # no round shrank it by 1%
         assert together.history[end - 1]["active"][k] is False and together.history[end - 2]["active"][k] is True
-        assert all(row["best_l1"][k] == best[-1] for row in together.history[end:])  # retired: its best state is frozen
+        assert all(row["best_size"][k] == best[-1] for row in together.history[end:])  # retired: its best state is frozen
         # it kept the state it had at retirement, not the one the batch's full run reached
         assert together.mask_l1[k].item() == pytest.approx(best[-1], rel=1e-6)
 
@@ -227,34 +227,40 @@ def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdo
     result, out = backdoored_scan
     assert result.exit_code == 1, result.output
     doc = json.loads(result.stdout)
-    assert doc["backdoored"] is True and doc["suspected_targets"] == [0]
     assert doc == json.loads((out / "scan.json").read_text())
-    c0 = doc["classes"][0]
-    print(
-        f"synthetic BadNets scan: L1 {[round(c['mask_l1'], 1) for c in doc['classes']]}, "
-        f"anomaly {[round(c['anomaly_index'], 2) for c in doc['classes']]}"
-    )
-    assert c0["flagged"] and c0["anomaly_index"] > 3 and c0["trigger_file"] == "trigger-0.safetensors"
+    assert doc["detectors_run"] == ["mmbd", "patch", "additive", "warp"]  # every detector the inputs allow
+    assert doc["backdoored"] is True and doc["suspected_targets"] == [0]
+    patch = doc["detectors"]["patch"]
+    sizes = {n: [round(c["statistic"], 2) for c in d["classes"]] for n, d in doc["detectors"].items()}
+    print(f"synthetic BadNets scan: {sizes}, evidence {doc['evidence']}")
+    c0 = patch["classes"][0]
+    assert "patch" in doc["evidence"]["0"] and doc["classes"][0]["flagged_by"] == doc["evidence"]["0"]
+    assert c0["flagged"] and c0["anomaly_index"] > 3 and c0["trigger_file"] == "trigger-0-patch.safetensors"
     assert c0["attack_success_rate"] > 0.8 and c0["tar"] is not None
-    assert {
-        "index",
-        "name",
-        "mask_l1",
-        "anomaly_index",
-        "attack_success_rate",
-        "tar",
-        "trigger_file",
-        "steps_run",
-    } <= set(c0)
+    assert c0["statistic"] == c0["mask_l1"] and c0["score"] == c0["anomaly_index"]
+    assert {"index", "mask_l1", "anomaly_index", "attack_success_rate", "tar", "trigger_file", "steps_run"} <= set(c0)
     assert (
-        doc["early_stop_rounds"] == 5
-        and doc["steps_run_total"] == sum(c["steps_run"] for c in doc["classes"]) <= 10 * 200
+        patch["early_stop_rounds"] == 5
+        and patch["steps_run_total"] == sum(c["steps_run"] for c in patch["classes"]) <= 10 * 200
+    )
+    row = doc["classes"][0]
+    assert row["patch"] == {"statistic": c0["mask_l1"], "score": c0["anomaly_index"], "flagged": True}
+    assert set(row["mmbd"]) == {"statistic", "score", "flagged"} and 0 <= row["mmbd"]["score"] <= 1
+    families = ("patch", "additive", "warp")
+    triggers = sorted(
+        d["classes"][k]["trigger_file"]
+        for d in doc["detectors"].values()
+        for k in range(10)
+        if d["classes"][k].get("trigger_file")
     )
     assert sorted(p.name for p in out.iterdir()) == sorted(
-        ["scan.json", "run.json", "sheet.png", "trigger-0.safetensors"] + [f"class-{k}.png" for k in range(10)]
+        ["scan.json", "run.json", "sheet.png", *triggers] + [f"class-{k}-{f}.png" for k in range(10) for f in families]
     )
-    trig = load_trigger(out / "trigger-0.safetensors")
+    trig = load_trigger(out / "trigger-0-patch.safetensors")
     assert trig.origin == "scan" and trig.target == 0 and trig.kind == "blend"
+    for name in triggers:  # each in its family's format
+        family = name.removesuffix(".safetensors").split("-")[-1]
+        assert load_trigger(out / name).kind == {"patch": "blend", "additive": "additive", "warp": "warp"}[family]
     assert json.loads((out / "run.json").read_text())["command"] == "scan"
 
 
@@ -273,6 +279,8 @@ def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path
             "--steps",
             "10",
             "--no-early-stop",
+            "--detectors",
+            "patch",
             "-o",
             str(out),
             "--json",
@@ -280,8 +288,9 @@ def test_scan_no_early_stop_runs_every_class_for_every_step(scan_files, tmp_path
     )
     assert result.exit_code in (0, 1), result.output
     doc = json.loads(result.stdout)
-    assert doc["early_stop_rounds"] == 0 and doc["steps_run_total"] == 10 * 10
-    assert [c["steps_run"] for c in doc["classes"]] == [10] * 10
+    patch = doc["detectors"]["patch"]
+    assert doc["early_stop_rounds"] == 0 and patch["steps_run_total"] == 10 * 10
+    assert [c["steps_run"] for c in patch["classes"]] == [10] * 10
     assert json.loads((out / "run.json").read_text())["parameters"]["early_stop_rounds"] == 0
 
 
@@ -296,6 +305,8 @@ def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):
             "synthetic:test",
             "--budget",
             "fast",
+            "--detectors",
+            "patch,additive",
             "-o",
             str(tmp_path / "s"),
             "--json",
@@ -303,8 +314,9 @@ def test_scan_passes_the_clean_model_with_exit_0(scan_files, tmp_path):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    print(f"synthetic clean scan: anomaly {[round(c['anomaly_index'], 2) for c in doc['classes']]}")
-    assert doc["backdoored"] is False and doc["suspected_targets"] == []
+    scores = {n: [round(c["score"], 2) for c in d["classes"]] for n, d in doc["detectors"].items()}
+    print(f"synthetic clean scan: anomaly indices {scores}")
+    assert doc["backdoored"] is False and doc["suspected_targets"] == [] and doc["evidence"] == {}
     assert not list((tmp_path / "s").glob("trigger-*"))
 
 
@@ -323,7 +335,7 @@ def test_reversed_trigger_drives_tar_ewc_to_lower_the_true_trigger_asr(backdoore
             "--clean-frac",
             "0.05",
             "--trigger",
-            str(out / "trigger-0.safetensors"),
+            str(out / "trigger-0-patch.safetensors"),
             "--test",
             "synthetic:test",
             "--eval-trigger",
@@ -376,7 +388,14 @@ def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
 @pytest.mark.parametrize(
     "args, message",
     [
-        ([], "scan needs --data CLEAN_DATA"),
+        (
+            ["--detectors", "warp"],
+            "the warp detector reverse-engineers triggers from clean images; pass --data CLEAN_DATA or choose "
+            "data-free detectors (mmbd)",
+        ),
+        (["--detectors", "mmbd,nc"], "unknown detector 'nc'; choose one of: mmbd, patch, additive, warp"),
+        (["--detectors", ","], "--detectors is empty; choose from: mmbd, patch, additive, warp"),
+        (["--alpha", "1"], "--alpha 1.0 must lie in (0, 1); MM-BD uses 0.05"),
         (["--data", "synthetic:test", "--budget", "huge"], "--budget 'huge' is unknown; choose one of: fast, full"),
         (["--data", "synthetic:test", "--threshold", "0"], "--threshold 0.0 must be positive"),
         (["--data", "synthetic:test", "--scale", "cubic"], "--scale 'cubic' is unknown; choose one of: log, linear"),

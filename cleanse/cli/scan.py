@@ -17,14 +17,15 @@ from cleanse.cli.render import LOOP_VIEWS, Column, float_cell, run_job, seconds_
 from cleanse.engine.events import Event
 from cleanse.jobs import ScanOptions, ScanResult, scan
 from cleanse.scan import BUDGETS
+from cleanse.scan.detectors import DETECTORS
 
 EXIT_SUSPECTED = 1
 SCAN_COLUMNS: list[Column] = [
     ("step", "step", float_cell),
     ("reached", "classes reversed", str),
     ("active", "still optimising", str),
-    ("smallest", "smallest mask (class: L1)", str),
-    ("median_l1", "median L1", float_cell),
+    ("smallest", "smallest trigger (class: size)", str),
+    ("median_l1", "median size", float_cell),
     ("elapsed", "elapsed", seconds_cell),
 ]
 BUDGET_HELP = "fast | full: " + ", ".join(
@@ -87,6 +88,18 @@ PoisonRateOpt = Annotated[
     float | None,
     typer.Option("--poison-rate", help="Expected poison rate for precision/recall (default: the file's own)."),
 ]
+DetectorsOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--detectors",
+        help="Comma-separated detectors to run: "
+        + ", ".join(f"{n} ({DETECTORS.get(n).summary})" for n in DETECTORS)
+        + ". Default: every one the inputs allow (mmbd alone without --data).",
+    ),
+]
+AlphaOpt = Annotated[
+    float, typer.Option("--alpha", help="Level of the p-value detectors (mmbd flags a class with p below it).")
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", "-o", help="Folder for scan.json, PNGs, trigger files (default <model stem>.scan)."),
@@ -109,11 +122,16 @@ def scan_command(
     layer: LayerOpt = None,
     audit_data: AuditDataOpt = None,
     poison_rate: PoisonRateOpt = None,
+    detectors: DetectorsOpt = None,
+    alpha: AlphaOpt = 0.05,
     output: OutputOpt = None,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
 ) -> None:
-    """Reverse-engineer a trigger per class (Neural Cleanse, all classes batched) and flag anomalously small ones.
+    """Is this model backdoored, and which class? Several detectors, one verdict.
+
+    With clean --data: reverse-engineer the smallest patch, additive and warp trigger of every class (all classes
+    batched) and flag anomalously small ones; without data: MM-BD's maximum-margin test. docs/commands/scan.md.
 
     Exit codes: 0 no backdoor found, 1 backdoor suspected, 2 bad input or usage. With --audit-data only, exit 0 \
 when it finishes.
@@ -132,6 +150,8 @@ when it finishes.
         layer,
         audit_data,
         poison_rate,
+        None if detectors is None else [d.strip() for d in detectors.split(",") if d.strip()],
+        alpha,
         output,
         precision,
         no_cache,
@@ -143,10 +163,10 @@ when it finishes.
 def _scan_row(event: Event) -> Event:
     """The engine's per-round vectors, summarised for one table row."""
     d = event.data
-    best = list(d["best_l1"])
+    best = list(d["best_size"])
     finite = [(v, k) for k, v in enumerate(best) if v != float("inf")]
     smallest = f"{min(finite)[1]}: {min(finite)[0]:.1f}" if finite else "-"
-    ordered = sorted(d["mask_l1"])
+    ordered = sorted(d["size"])
     median = (ordered[(len(ordered) - 1) // 2] + ordered[len(ordered) // 2]) / 2
     return Event(
         "row",
@@ -185,7 +205,7 @@ def show_scan(result: ScanResult) -> None:
                 f"data audit: {a['n']} samples ranked in audit.json"
                 + ("" if a["ground_truth"] else " (no ground truth in the file)")
             )
-    pictures = ", class-*.png, sheet.png" if result.reversed_triggers else ""
+    pictures = ", class-*-<family>.png, sheet.png" if result.reversed_triggers else ""
     say(
         f"wrote scan.json{pictures}{', audit.json' if result.audited else ''} "
         f"to {result.output}/ ({doc['wall_seconds']:.0f}s)"
@@ -193,22 +213,44 @@ def show_scan(result: ScanResult) -> None:
 
 
 def _show_classes(doc: dict[str, Any]) -> None:
-    what = "leave-one-out z" if doc["statistic"] == "loo-z" else "MAD anomaly index"
-    table = Table(title=f"reversed triggers ({what} of the {doc['scale']} mask L1 norms)", title_justify="left")
-    for header in ("class", "mask L1", "anomaly index", "ASR (held out)", "TAR", "flagged"):
-        table.add_column(header, justify="left" if header == "class" else "right")
+    names = doc["detectors_run"]
+    kinds = {n: doc["detectors"][n]["score"] for n in names}
+    table = Table(
+        title="detectors per class (anomaly index of the reversed trigger's size, small side; mmbd: p-value; "
+        "* = flagged)",
+        title_justify="left",
+    )
+    table.add_column("class", justify="left")
+    for n in names:
+        table.add_column(f"{n} ({doc['detectors'][n]['statistic']})", justify="right")
+    table.add_column("flagged by", justify="left")
     for c in doc["classes"]:
-        table.add_row(
-            f"{c['index']} {c['name']}",
-            f"{c['mask_l1']:.1f}",
-            f"{c['anomaly_index']:.2f}",
-            fmt_rate(c["attack_success_rate"]),
-            "-" if c["tar"] is None else f"{c['tar']:.2f}",
-            "yes" if c["flagged"] else "",
-        )
+        cells = []
+        for n in names:
+            d = c[n]
+            value = f"{d['statistic']:.3g}"
+            score = f"p {d['score']:.2g}" if kinds[n] == "p_value" else f"z {d['score']:.2f}"
+            cells.append(f"{value}  {score}" + (" *" if d["flagged"] else ""))
+        table.add_row(f"{c['index']} {c['name']}", *cells, ", ".join(c["flagged_by"]))
     show(table)
     if doc["backdoored"]:
-        names = ", ".join(f"{k} ({doc['classes'][k]['name']})" for k in doc["suspected_targets"])
-        say(f"verdict: BACKDOOR SUSPECTED, target {names}; reversed trigger(s) written as trigger-<class>.safetensors")
+        names_of = ", ".join(f"{k} ({doc['classes'][k]['name']})" for k in doc["suspected_targets"])
+        files = [c["trigger_file"] for d in doc["detectors"].values() for c in d["classes"] if c.get("trigger_file")]
+        say(
+            f"verdict: BACKDOOR SUSPECTED, target {names_of}"
+            + (f"; reversed trigger(s): {', '.join(files)}" if files else "")
+            + (f"; also flagged: {doc['also_flagged']}" if doc["also_flagged"] else "")
+        )
     else:
-        say(f"verdict: no backdoor found (no anomaly index above {doc['threshold']} on the small side)")
+        say(f"verdict: no backdoor found by {', '.join(names)}")
+
+
+def _mmbd_row(event: Event) -> Event:
+    d = event.data
+    return Event("row", {"step": f"{d['step']}/{d['steps']}", "active": str(d["active"]), "elapsed": d["elapsed"]})
+
+
+LOOP_VIEWS["mmbd"] = (
+    [("step", "step", str), ("active", "classes still climbing", str), ("elapsed", "elapsed", seconds_cell)],
+    _mmbd_row,
+)

@@ -114,8 +114,16 @@ def _copy_scan_and_explain_pictures(doc: dict[str, Any], folder: Path, pictures:
     """Each scan's anomaly plot and sheet, and each explain sheet, copied into the report folder."""
     for i, scan in enumerate(s for s in doc["scan"] if s.get("classes")):
         suffix = "" if i == 0 else f"-{i}"
-        anomaly_plot(scan["classes"], scan["threshold"], folder / f"anomaly{suffix}.png")
-        pictures[f"anomaly{suffix}"] = scan["anomaly_image"] = f"anomaly{suffix}.png"
+        scan["anomaly_images"] = {}
+        for name, detector in scan["detectors"].items():
+            if detector["score"] != "anomaly_index":
+                continue
+            rows = [{**c, "name": row["name"]} for c, row in zip(detector["classes"], scan["classes"], strict=True)]
+            file = f"anomaly{suffix}-{name}.png"
+            anomaly_plot(
+                rows, detector.get("threshold") or scan["threshold"], folder / file, name, detector["statistic"]
+            )
+            pictures[file.removesuffix(".png")] = scan["anomaly_images"][name] = file
         if scan.get("sheet"):
             write_bytes_atomic(folder / f"scan-sheet{suffix}.png", Path(scan["sheet"]).read_bytes())
             pictures[f"scan-sheet{suffix}"] = scan["sheet_image"] = f"scan-sheet{suffix}.png"

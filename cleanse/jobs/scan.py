@@ -1,4 +1,4 @@
-"""The scan job: reverse a trigger per class and flag outliers, and/or rank training samples by suspicion."""
+"""The scan job: run the chosen detectors, combine their verdicts, and/or rank training samples by suspicion."""
 
 from __future__ import annotations
 
@@ -7,7 +7,10 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from cleanse.data import load_data
+from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.gradcam import resolve_layer, tar_layer
 from cleanse.errors import CleanseError
@@ -16,10 +19,13 @@ from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ModelOptions
 from cleanse.record import describe_input, new_record, versions
-from cleanse.scan import BUDGETS, Budget, ModelScan, audit_data, scan_model
+from cleanse.scan import BUDGETS, Budget, audit_data
 from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, SCALES, STATISTICS
-from cleanse.scan.neural_cleanse import mask_pictures
+from cleanse.scan.detectors import DETECTORS, DetectorReport, ScanInputs
+from cleanse.scan.verdict import combine
 from cleanse.viz import image_grid, save_png
+
+HOLD_OUT = 0.2  # share of the clean images held out to measure the reversed triggers
 
 
 @dataclass
@@ -37,6 +43,8 @@ class ScanOptions:
     layer: str | None = None
     audit_data: str | None = None  # training DATA whose samples are ranked
     poison_rate: float | None = None
+    detectors: list[str] | None = None  # default: every detector the inputs allow
+    alpha: float = 0.05  # level of the p-value detectors (MM-BD)
     output: Path | None = None  # default <model stem>.scan
     precision: str = "auto"
     no_cache: bool = False
@@ -57,13 +65,27 @@ class ScanResult:
         return bool(self.doc.get("backdoored"))
 
 
-def _plan(o: ScanOptions) -> tuple[Budget, float]:
-    """The checked budget and threshold: usage errors before any file is read."""
-    if o.data is None and o.audit_data is None:
-        raise CleanseError(
-            "scan needs --data CLEAN_DATA (trigger reverse-engineering) and/or --audit-data TRAINING_DATA "
-            "(sample ranking)"
-        )
+def _detectors(o: ScanOptions) -> list[str]:
+    """The detectors to run: those asked for, or every one the inputs allow (none when only --audit-data)."""
+    if o.detectors is None:
+        if o.data is None and o.audit_data is not None:
+            return []
+        return [n for n in DETECTORS if o.data is not None or not DETECTORS.get(n).needs_data]
+    names = list(dict.fromkeys(o.detectors))
+    for name in names:
+        detector = DETECTORS.get(name)  # an unknown name fails with the list of known ones
+        if detector.needs_data and o.data is None:
+            raise CleanseError(
+                f"the {name} detector reverse-engineers triggers from clean images; pass --data CLEAN_DATA or "
+                f"choose data-free detectors ({', '.join(n for n in DETECTORS if not DETECTORS.get(n).needs_data)})"
+            )
+    if not names:
+        raise CleanseError(f"--detectors is empty; choose from: {', '.join(DETECTORS)}")
+    return names
+
+
+def _plan(o: ScanOptions) -> tuple[Budget, float, list[str]]:
+    """The checked budget, threshold and detectors: usage errors before any file is read."""
     if o.budget not in BUDGETS:
         raise CleanseError(f"--budget {o.budget!r} is unknown; choose one of: {', '.join(BUDGETS)}")
     plan = BUDGETS[o.budget] if o.steps is None else replace(BUDGETS[o.budget], steps=o.steps)
@@ -82,15 +104,17 @@ def _plan(o: ScanOptions) -> tuple[Budget, float]:
             f"--threshold {threshold} must be positive (default 3.5 for loo-z, 3 for mad; "
             "Neural Cleanse uses mad, linear, 2)"
         )
+    if not 0 < o.alpha < 1:
+        raise CleanseError(f"--alpha {o.alpha} must lie in (0, 1); MM-BD uses 0.05")
     if o.poison_rate is not None and not 0 < o.poison_rate < 1:
         raise CleanseError(f"--poison-rate {o.poison_rate} must lie in (0, 1)")
-    return plan, threshold
+    return plan, threshold, _detectors(o)
 
 
 def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> ScanResult:
     o, s = options, settings or RunSettings()
     started = time.perf_counter()
-    plan, threshold = _plan(o)
+    plan, threshold, names = _plan(o)
     output = o.output or Path(o.model_path).with_name(Path(o.model_path).stem + ".scan")
     inputs = (o.model_path, o.data, o.audit_data)
     check_output_folder(output, force=s.force, inputs=inputs)
@@ -98,39 +122,47 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
     prec = resolve_precision(o.precision, dev)
     model = load_job_model(o.model_path, o.model, dev, progress)
     _, height, width = model.spec.input_size
-    measure_layer = o.layer or tar_layer(model, model.spec.input_size)
-    resolve_layer(model, measure_layer)
+    measure_layer = None
+    if "patch" in names:  # the only detector whose triggers have a region for TAR
+        measure_layer = o.layer or tar_layer(model, model.spec.input_size)
+        resolve_layer(model, measure_layer)
 
     doc: dict[str, Any] = {"model": o.model_path, "model_sha256": model.source_sha256}
-    result: ModelScan | None = None
-    if o.data is not None:
+    reports: dict[str, DetectorReport] = {}
+    if names:
         if model.spec.num_classes < 3:
             raise CleanseError(f"the model has {model.spec.num_classes} classes; the anomaly test needs at least 3")
-        clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width))
-        check_classes(model, clean, o.data)
-        progress.note(
-            f"reversing a trigger for each of {model.spec.num_classes} classes at once ({o.budget}: "
-            f"{plan.steps} steps) from {min(o.n_clean, len(clean))} clean images of {o.data}"
-        )
-        with progress.loop("scan", f"scan {o.budget}") as callback:
-            result = scan_model(
-                model,
-                clean,
-                o.n_clean,
-                o.budget,
-                plan,
-                threshold,
-                s.seed,
-                prec,
-                measure_layer,
-                callback=callback,
-                scale=o.scale,
-                statistic=o.statistic,
+        split = None
+        if o.data is not None:
+            clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width))
+            check_classes(model, clean, o.data)
+            split = clean_subset(clean, n=o.n_clean, seed=s.seed, hold_back=HOLD_OUT)
+            doc.update(
+                n_clean=len(split.train) + len(split.held),
+                n_optimise=len(split.train),
+                n_held_out=len(split.held),
+                rows_dropped_as_poisoned=dropped,
             )
-        doc.update(result.doc)
-        doc["rows_dropped_as_poisoned"] = dropped
-        for k in result.doc["suspected_targets"]:
-            doc["classes"][k]["trigger_file"] = f"trigger-{k}.safetensors"
+        scan_inputs = ScanInputs(
+            model,
+            split.train if split else None,
+            split.held if split else None,
+            o.budget,
+            plan,
+            s.seed,
+            prec,
+            measure_layer,
+            o.statistic,
+            o.scale,
+            threshold,
+            o.alpha,
+        )
+        for name in names:
+            detector = DETECTORS.get(name)
+            progress.note(f"{name}: {detector.summary}")
+            with progress.loop(detector.loop_kind, f"scan: {name}") as callback:
+                reports[name] = detector.run(scan_inputs, callback)
+        doc.update(_verdict_doc(model.spec.classes, reports, o, plan, threshold, measure_layer))
     audit = None
     if o.audit_data is not None:
         suspect = load_data(o.audit_data, split="train", cache=not o.no_cache, image_size=(height, width))
@@ -152,6 +184,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             "audit_data": describe_input(o.audit_data),
         },
         parameters={
+            "detectors": names,
             "n_clean": o.n_clean,
             "budget": o.budget,
             "steps": plan.steps,
@@ -159,6 +192,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             "statistic": o.statistic,
             "threshold": threshold,
             "scale": o.scale,
+            "alpha": o.alpha,
             "seed": s.seed,
             "tar_layer": measure_layer,
             "precision": prec,
@@ -166,20 +200,87 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         },
         result="scan.json",
         verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
-        history=result.reversed.history if result else [],
+        history=[row for r in reports.values() for row in r.history],
         versions=versions(dev),
-        timings={"wall_seconds": wall},
+        timings={"wall_seconds": wall, **{f"{n}_seconds": r.doc["seconds"] for n, r in reports.items()}},
     )
     with atomic_directory(output, force=s.force, inputs=inputs) as folder:
-        if result is not None:
-            pictures = mask_pictures(result.reversed)
-            for k, pics in enumerate(pictures):
-                save_png(image_grid([pics], scale=6), folder / f"class-{k}.png")
-            save_png(image_grid(pictures, scale=4), folder / "sheet.png")
-            for k in result.doc["suspected_targets"]:
-                result.triggers[k].save(folder / f"trigger-{k}.safetensors")
+        _write_triggers(folder, model.spec.classes, reports, doc)
         if audit is not None:
             write_json_atomic(folder / "audit.json", audit)
         write_json_atomic(folder / "scan.json", doc)
         write_json_atomic(folder / "run.json", record)
-    return ScanResult(doc, output, result is not None, audit is not None)
+    reversed_any = any(r.triggers for r in reports.values())
+    return ScanResult(doc, output, reversed_any, audit is not None)
+
+
+def _verdict_doc(
+    classes: list[str],
+    reports: dict[str, DetectorReport],
+    o: ScanOptions,
+    plan: Budget,
+    threshold: float,
+    layer: str | None,
+) -> dict[str, Any]:
+    """scan.json's verdict part: the combined verdict, each detector's evidence, and one summary row per class."""
+    reversal = {n for n in reports if DETECTORS.get(n).needs_data}
+    verdict = combine(reports, reversal)
+    for k in verdict["suspected_targets"] + verdict["also_flagged"]:
+        for name in reversal & set(verdict["evidence"][str(k)]):
+            reports[name].classes[k]["trigger_file"] = trigger_file(k, name)
+    rows = []
+    for k, class_name in enumerate(classes):
+        row: dict[str, Any] = {
+            "index": k,
+            "name": class_name,
+            "flagged": str(k) in verdict["evidence"],
+            "flagged_by": verdict["evidence"].get(str(k), []),
+        }
+        for name, r in reports.items():
+            c = r.classes[k]
+            row[name] = {"statistic": c["statistic"], "score": c["score"], "flagged": c["flagged"]}
+        rows.append(row)
+    return {
+        **verdict,
+        "detectors_run": list(reports),
+        "statistic": o.statistic,
+        "threshold": threshold,
+        "scale": o.scale,
+        "alpha": o.alpha,
+        "budget": o.budget,
+        "steps": plan.steps,
+        "batch": plan.batch,
+        "early_stop_rounds": plan.early_stop,
+        "tar_layer": layer,
+        "classes": rows,
+        "detectors": {n: r.to_json() for n, r in reports.items()},
+    }
+
+
+def trigger_file(k: int, family: str) -> str:
+    return f"trigger-{k}-{family}.safetensors"
+
+
+def _write_triggers(folder: Path, classes: list[str], reports: dict[str, DetectorReport], doc: dict[str, Any]) -> None:
+    """Per class and family class-<k>-<family>.png, one labelled sheet.png, and a trigger file per flagged pair."""
+    with_pictures = {n: r for n, r in reports.items() if r.pictures}
+    if not with_pictures:
+        return
+    for name, r in with_pictures.items():
+        for k, pics in enumerate(r.pictures):
+            save_png(image_grid([pics], scale=6, col_labels=list(r.picture_labels)), folder / f"class-{k}-{name}.png")
+            if r.classes[k]["trigger_file"]:
+                r.triggers[k].save(folder / r.classes[k]["trigger_file"])
+    rows = [torch.cat([r.pictures[k] for r in with_pictures.values()]) for k in range(len(classes))]
+    headings = [f"{n}: {label}" for n, r in with_pictures.items() for label in r.picture_labels]
+    flagged = {int(k): v for k, v in doc["evidence"].items()}
+    row_labels = [
+        f"{k} {name}" + (f"\nflagged: {', '.join(flagged[k])}" if k in flagged else "")
+        for k, name in enumerate(classes)
+    ]
+    title = (
+        "reversed triggers per class, one family per column group ("
+        + ", ".join(f"{n}: {r.doc['size_unit']}" for n, r in with_pictures.items())
+        + ")"
+    )
+    save_png(image_grid(rows, scale=4, col_labels=headings, row_labels=row_labels, title=title), folder / "sheet.png")

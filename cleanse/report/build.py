@@ -56,6 +56,36 @@ def summary_rows(unlearn: list[Record]) -> list[dict[str, Any]]:
     return rows
 
 
+def scan_evidence(result: dict[str, Any]) -> tuple[list[dict[str, Any]] | None, dict[str, Any]]:
+    """A scan.json's per-class summary rows and per-detector evidence; a scan.json written before scan had several
+    detectors (one patch reversal, its fields in the class rows) is read as a patch-only scan."""
+    if "detectors" in result or not result.get("classes"):
+        return result.get("classes"), result.get("detectors") or {}
+    patch = [
+        {**c, "statistic": c["mask_l1"], "score": c["anomaly_index"], "flagged": bool(c.get("flagged"))}
+        for c in result["classes"]
+    ]
+    rows = [
+        {
+            "index": c["index"],
+            "name": c["name"],
+            "flagged": c["flagged"],
+            "flagged_by": ["patch"] if c["flagged"] else [],
+            "patch": {"statistic": c["statistic"], "score": c["score"], "flagged": c["flagged"]},
+        }
+        for c in patch
+    ]
+    detectors = {
+        "patch": {
+            "score": "anomaly_index",
+            "statistic": "mask_l1",
+            "threshold": result.get("threshold"),
+            "classes": patch,
+        }
+    }
+    return rows, detectors
+
+
 def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
     out = []
     for r in scans:
@@ -79,11 +109,13 @@ def scan_section(scans: list[Record]) -> list[dict[str, Any]]:
             verdict = kept if isinstance(kept, dict) else {}
         else:
             verdict = result
+            classes, detectors = scan_evidence(result)
             entry.update(
                 {
                     "threshold": result.get("threshold"),
                     "budget": result.get("budget"),
-                    "classes": result.get("classes"),
+                    "classes": classes,
+                    "detectors": detectors,
                     "audit": result.get("audit"),
                     "wall_seconds": result.get("wall_seconds"),
                 }

@@ -49,20 +49,23 @@ def history_plot(series: dict[str, list[dict[str, Any]]], path: Path) -> bool:
     return True
 
 
-def anomaly_plot(classes: list[dict[str, Any]], threshold: float, path: Path) -> None:
+def anomaly_plot(
+    classes: list[dict[str, Any]], threshold: float, path: Path, detector: str = "patch", size: str = "mask_l1"
+) -> None:
     """Anomaly index per class, drawn negative for triggers smaller than the median (the side that gets flagged)."""
     plt = _pyplot()
-    norms = sorted(c["mask_l1"] for c in classes)
+    norms = sorted(c["statistic"] for c in classes)
     median = (norms[(len(norms) - 1) // 2] + norms[len(norms) // 2]) / 2
     fig, ax = plt.subplots(figsize=(8, 3.4))
     xs = [f"{c['index']} {c['name']}" for c in classes]
     colours = ["#c0392b" if c.get("flagged") else "#7f8c8d" for c in classes]
-    ax.bar(xs, [c["anomaly_index"] * (-1 if c["mask_l1"] < median else 1) for c in classes], color=colours)
+    ax.bar(xs, [c["score"] * (-1 if c["statistic"] < median else 1) for c in classes], color=colours)
     ax.axhline(-threshold, color="#2c3e50", linestyle="--", linewidth=1, label=f"flag below -{threshold:g}")
     ax.axhline(0, color="#2c3e50", linewidth=0.6)
     ax.set_ylabel("anomaly index (signed)")
     ax.set_title(
-        "scan: anomaly index of each class's reversed-trigger size (negative = smaller than median; red = flagged)",
+        f"scan, {detector} detector: anomaly index of each class's reversed-trigger size ({size}; "
+        "negative = smaller than median; red = flagged)",
         fontsize=9,
     )
     ax.tick_params(axis="x", rotation=45, labelsize=8)

@@ -74,18 +74,38 @@ def _role(scan: dict[str, Any]) -> str:
 
 
 def scan_table(scan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
-    header = ["class", "mask L1", "anomaly index", "ASR of reversed trigger", "TAR", "flagged"]
-    rows = [
-        [
-            f"{c['index']} {c['name']}",
-            f"{c['mask_l1']:.1f}",
-            f"{c['anomaly_index']:.2f}",
-            pct(c.get("attack_success_rate")),
-            num(c.get("tar")),
-            "yes" if c.get("flagged") else "",
-        ]
-        for c in scan.get("classes") or []
-    ]
+    """One row per class, one column per detector: its statistic and score (anomaly index z, or p-value)."""
+    detectors = scan.get("detectors") or {}
+    header = ["class", *(f"{n} ({d['statistic']})" for n, d in detectors.items()), "flagged by"]
+    rows = []
+    for c in scan.get("classes") or []:
+        cells = []
+        for n, d in detectors.items():
+            e = c[n]
+            score = f"p {e['score']:.2g}" if d["score"] == "p_value" else f"z {e['score']:.2f}"
+            cells.append(f"{e['statistic']:.3g} ({score}){' *' if e['flagged'] else ''}")
+        rows.append([f"{c['index']} {c['name']}", *cells, ", ".join(c.get("flagged_by") or [])])
+    return header, rows
+
+
+def trigger_table(scan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """Each reversed trigger of a flagged class: its family, size, held-out attack success, TAR and file."""
+    header = ["class", "family", "size", "anomaly index", "ASR of reversed trigger (held out)", "TAR", "file"]
+    rows = []
+    for n, d in (scan.get("detectors") or {}).items():
+        for c in d["classes"]:
+            if c.get("flagged") and "attack_success_rate" in c:
+                rows.append(
+                    [
+                        str(c["index"]),
+                        n,
+                        f"{c['statistic']:.3g} {d.get('size_unit', '')}".strip(),
+                        f"{c['score']:.2f}",
+                        pct(c.get("attack_success_rate")),
+                        num(c.get("tar")),
+                        str(c.get("trigger_file") or "-"),
+                    ]
+                )
     return header, rows
 
 
@@ -124,9 +144,13 @@ def to_markdown(doc: dict[str, Any]) -> str:
                 _md_table(*scan_table(scan)),
                 "",
             ]
-            for key, caption in (("anomaly_image", "scan anomaly indices"), ("sheet_image", "reversed triggers")):
-                if scan.get(key):
-                    out += [f"![{caption}]({scan[key]})", ""]
+            triggers = trigger_table(scan)
+            if triggers[1]:
+                out += ["Reversed triggers of the flagged classes:", "", _md_table(*triggers), ""]
+            for name, image in (scan.get("anomaly_images") or {}).items():
+                out += [f"![{name} detector: anomaly indices]({image})", ""]
+            if scan.get("sheet_image"):
+                out += [f"![reversed triggers]({scan['sheet_image']})", ""]
     for key, value in doc["images"].items():
         if key.startswith("gradcam"):
             out += [f"## Grad-CAM before/after ({key})", "", f"![{key}]({value})", ""]
@@ -206,11 +230,14 @@ def to_html(doc: dict[str, Any], folder: Path) -> str:
                 f"<p>Verdict of this scan: {e(str(scan_verdict(scan)))}</p>",
                 _html_table(*scan_table(scan)),
             ]
-            if scan.get("anomaly_image"):
-                parts.append(_img(folder, scan["anomaly_image"], "scan anomaly indices"))
+            triggers = trigger_table(scan)
+            if triggers[1]:
+                parts += ["<h3>Reversed triggers of the flagged classes</h3>", _html_table(*triggers)]
+            for name, image in (scan.get("anomaly_images") or {}).items():
+                parts.append(_img(folder, image, f"{name} detector: anomaly indices"))
             if scan.get("sheet_image"):
                 parts += [
-                    "<h3>Reversed triggers (mask, pattern, mask &times; pattern per class)</h3>",
+                    "<h3>Reversed triggers per class and family (labelled in the picture)</h3>",
                     _img(folder, scan["sheet_image"], "reversed triggers"),
                 ]
     for key, value in doc["images"].items():

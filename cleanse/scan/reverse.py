@@ -39,6 +39,7 @@ from torch import nn
 
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Callback, Event
+from cleanse.scan.families import PATCH, Family
 
 
 @dataclass(frozen=True)
@@ -61,30 +62,24 @@ BUDGETS = {
 
 @dataclass(frozen=True)
 class ReverseSettings:
-    lr: float = 0.1  # Neural Cleanse's Adam settings
-    betas: tuple[float, float] = (0.5, 0.9)
+    """The schedule every family shares (the family brings its own lr, start cost and success level)."""
+
+    betas: tuple[float, float] = (0.5, 0.9)  # Neural Cleanse's Adam betas
     cost_up: float = 1.5
     cost_down: float = 1.5**1.5
-    success: float = 0.99  # attack success that counts a round as "the trigger works"
-    start_cost: float = (
-        3e-3  # Neural Cleanse starts at 0 and sets init_cost on success; we start at it (docs/commands/scan.md)
-    )
-    mask_init: float = (
-        0.0025  # every mask pixel starts here (Neural Cleanse: uniform random); small masks grow where needed
-    )
     early_stop_threshold: float = (
-        0.99  # "no progress": best L1 above 0.99 x the previous best (TrojanZoo's value; Neural Cleanse 1.0)
+        0.99  # "no progress": best size above 0.99 x the previous best (TrojanZoo's value; Neural Cleanse 1.0)
     )
 
 
 @dataclass
 class Reversed:
+    family: Family
     classes: list[int]
-    masks: torch.Tensor  # (K,H,W) best mask per class
-    patterns: torch.Tensor  # (K,C,H,W)
-    mask_l1: torch.Tensor  # (K,)
+    tensors: dict[str, torch.Tensor]  # the best trigger tensors per class, leading class dimension
+    size: torch.Tensor  # (K,) the family's size of each best trigger
     success: torch.Tensor  # (K,) attack success (optimisation batches) of the round the best state came from
-    reached: torch.Tensor  # (K,) bool: did the class ever reach `success`?
+    reached: torch.Tensor  # (K,) bool: did the class ever reach the family's success level?
     cost: torch.Tensor  # (K,) final cost
     steps_run: (
         torch.Tensor
@@ -92,10 +87,22 @@ class Reversed:
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def trigger_tensors(self, i: int) -> dict[str, torch.Tensor]:
+        """The trigger tensors of the i-th class reversed."""
+        return {name: t[i] for name, t in self.tensors.items()}
 
-def _atanh(values: torch.Tensor) -> torch.Tensor:
-    """The raw parameter whose (tanh + 1) / 2 is `values`."""
-    return torch.atanh((2 * values - 1).clamp(-0.999, 0.999))
+    # the patch family's names, which tests and benchmarks read
+    @property
+    def masks(self) -> torch.Tensor:
+        return self.tensors["mask"]
+
+    @property
+    def patterns(self) -> torch.Tensor:
+        return self.tensors["pattern"]
+
+    @property
+    def mask_l1(self) -> torch.Tensor:
+        return self.size
 
 
 def reverse_triggers(
@@ -108,41 +115,34 @@ def reverse_triggers(
     seed: int = 0,
     precision: str = "fp32",
     callback: Callback | None = None,
+    family: Family = PATCH,
 ) -> Reversed:
-    """Reverse a trigger for each of `classes` from clean uint8 (N,H,W,C) images; one batched optimisation.
+    """Reverse a `family` trigger for each of `classes` from clean uint8 (N,H,W,C) images; one batched optimisation.
 
     The images drawn at each step depend only on `seed` and the step, so running the classes
     one at a time with the same seed sees exactly the same images (the speed-up benchmark relies on it).
+    The model's parameters are frozen for the run (gradients flow to the trigger parameters only).
     """
     began = time.perf_counter()
     device = next(model.parameters()).device
     model.eval()
     n, height, width, channels = images.shape
+    shape = (channels, height, width)
     k = len(classes)
     gen = torch.Generator().manual_seed(seed)
-    # Initial values depend on the class index only, so a one-class run starts where the batched one does.
-    mask_raw = _atanh(torch.full((k, 1, height, width), settings.mask_init))
-    pattern_raw = torch.stack(
-        [
-            _atanh(torch.rand((channels, height, width), generator=torch.Generator().manual_seed(seed * 1000 + c)))
-            for c in classes
-        ]
-    )
-    mask_raw = mask_raw.to(device).requires_grad_(True)
-    pattern_raw = pattern_raw.to(device).requires_grad_(True)
-    optimizer = torch.optim.Adam([mask_raw, pattern_raw], lr=settings.lr, betas=settings.betas)
+    params = [p.to(device).requires_grad_(True) for p in family.init(list(classes), shape, seed)]
+    optimizer = torch.optim.Adam(params, lr=family.lr, betas=settings.betas)
     targets = torch.tensor(list(classes), device=device)
-    cost = torch.full((k,), settings.start_cost, device=device)
+    cost = torch.full((k,), family.start_cost, device=device)
     up = torch.zeros(k, dtype=torch.long, device=device)
     down = torch.zeros(k, dtype=torch.long, device=device)
-    best_l1 = torch.full((k,), math.inf, device=device)
-    best_mask = torch.zeros(k, height, width, device=device)
-    best_pattern = torch.zeros(k, channels, height, width, device=device)
+    best_size = torch.full((k,), math.inf, device=device)
+    best = [p.detach().clone() for p in params]
     best_success = torch.zeros(k, device=device)
     reached = torch.zeros(k, dtype=torch.bool, device=device)
     raised = torch.zeros(k, dtype=torch.bool, device=device)
     lowered = torch.zeros(k, dtype=torch.bool, device=device)
-    stall = torch.zeros(k, dtype=torch.long, device=device)  # rounds since the best L1 last shrank by the threshold
+    stall = torch.zeros(k, dtype=torch.long, device=device)  # rounds since the best size last shrank by the threshold
     active = torch.ones(k, dtype=torch.bool, device=device)
     live = torch.arange(k, device=device)  # indices of the active classes; changes only at round ends
     steps_run = torch.zeros(k, dtype=torch.long, device=device)
@@ -152,100 +152,116 @@ def reverse_triggers(
     rounds = max(1, budget.steps // budget.round_steps)
     batch = min(budget.batch, n)
     total = rounds * budget.round_steps
-    for step in range(total):
-        idx = torch.randint(
-            0, n, (batch,), generator=gen
-        )  # drawn every step, even by a finished class: same images alone or batched
-        x = images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
-        y = labels[idx].to(device)
-        n_live = len(live)
-        mask = (torch.tanh(mask_raw[live]) + 1) / 2  # (L,1,H,W)
-        pattern = (torch.tanh(pattern_raw[live]) + 1) / 2  # (L,C,H,W)
-        stamped = (1 - mask).unsqueeze(1) * x.unsqueeze(0) + (mask * pattern).unsqueeze(1)  # (L,B,C,H,W)
-        stamped = stamped.reshape(n_live * batch, channels, height, width).contiguous(memory_format=torch.channels_last)
-        with autocast(device, precision):
-            logits = model(stamped)
-        logits = logits.float().view(n_live, batch, -1)
-        live_targets = targets[live]
-        valid = (y.unsqueeze(0) != live_targets.unsqueeze(1)).float()  # images already of class k do not count for k
-        ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(
-            n_live, batch
-        )
-        count = valid.sum(1).clamp_min(1)
-        ce_k = (ce * valid).sum(1) / count
-        l1 = mask.sum((1, 2, 3))
-        loss = (ce_k + cost[live] * l1).sum()
-        optimizer.zero_grad(set_to_none=True)
-        mask_raw.grad, pattern_raw.grad = torch.autograd.grad(loss, [mask_raw, pattern_raw])
-        optimizer.step()
-        with torch.no_grad():
-            acc_sum[live] += ((logits.argmax(2) == live_targets.unsqueeze(1)).float() * valid).sum(1) / count
-            steps_run[live] += 1
-        if (step + 1) % budget.round_steps:
-            continue
-        with torch.no_grad():
-            acc = torch.where(active, acc_sum / budget.round_steps, last_acc)
-            last_acc = acc
-            acc_sum.zero_()
-            mask = ((torch.tanh(mask_raw) + 1) / 2).squeeze(1)
-            pattern = (torch.tanh(pattern_raw) + 1) / 2
-            l1_now = mask.sum((1, 2))
-            ok = active & (acc >= settings.success)
-            reached |= ok
-            better = ok & (l1_now < best_l1)
-            prev_best = best_l1  # best_l1 never grows, so this is the smallest best before this round
-            best_l1 = torch.where(better, l1_now, best_l1)
-            best_mask[better], best_pattern[better], best_success[better] = mask[better], pattern[better], acc[better]
-            # Neural Cleanse's schedule, per class, once the class has first succeeded: `patience` successful
-            # rounds in a row raise the cost by cost_up, `patience` failing ones lower it by cost_down. Before the
-            # first success the cost stays at start_cost: lowering it then lets every mask balloon.
-            up = torch.where(ok, up + 1, torch.zeros_like(up))
-            down = torch.where(ok, torch.zeros_like(down), down + 1)
-            raise_now = active & reached & (up >= budget.patience)
-            lower_now = active & reached & (down >= budget.patience)
-            cost = torch.where(raise_now, cost * settings.cost_up, cost)
-            cost = torch.where(lower_now, cost / settings.cost_down, cost)
-            raised |= raise_now
-            lowered |= lower_now
-            reset = raise_now | lower_now
-            up = torch.where(reset, torch.zeros_like(up), up)
-            down = torch.where(reset, torch.zeros_like(down), down)
-            if budget.early_stop:
-                found = best_l1 < math.inf
-                stuck = best_l1 >= settings.early_stop_threshold * prev_best
-                stall = torch.where(active & found, torch.where(stuck, stall + 1, torch.zeros_like(stall)), stall)
-                done = active & raised & lowered & (stall >= budget.early_stop)
-                if bool(done.any()):
-                    active &= ~done
-                    live = active.nonzero().squeeze(1)
-            row = {
-                "phase": "reverse",
-                "step": step + 1,
-                "steps": total,
-                "attack_success": acc.tolist(),
-                "mask_l1": l1_now.tolist(),
-                "best_l1": best_l1.tolist(),
-                "cost": cost.tolist(),
-                "active": active.tolist(),
-                "elapsed": time.perf_counter() - began,
-            }
-            history.append(row)
-            if callback is not None:
-                callback(Event("row", row))
-            if not bool(active.any()):
-                break
+    frozen = [w for w in model.parameters() if w.requires_grad]
+    for w in frozen:
+        w.requires_grad_(False)
+    try:
+        for step in range(total):
+            idx = torch.randint(
+                0, n, (batch,), generator=gen
+            )  # drawn every step, even by a finished class: same images alone or batched
+            x = images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
+            y = labels[idx].to(device)
+            n_live = len(live)
+            live_params = [p[live] for p in params]
+            stamped = family.stamp(x, live_params).reshape(n_live * batch, channels, height, width)
+            stamped = stamped.contiguous(memory_format=torch.channels_last)
+            with autocast(device, precision):
+                logits = model(stamped)
+            logits = logits.float().view(n_live, batch, -1)
+            live_targets = targets[live]
+            valid = (y.unsqueeze(0) != live_targets.unsqueeze(1)).float()  # images already of class k do not count
+            ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(
+                n_live, batch
+            )
+            count = valid.sum(1).clamp_min(1)
+            ce_k = (ce * valid).sum(1) / count
+            loss = (ce_k + cost[live] * family.size(live_params)).sum()
+            optimizer.zero_grad(set_to_none=True)
+            grads = torch.autograd.grad(loss, params)
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g
+            optimizer.step()
+            with torch.no_grad():
+                acc_sum[live] += ((logits.argmax(2) == live_targets.unsqueeze(1)).float() * valid).sum(1) / count
+                steps_run[live] += 1
+            if (step + 1) % budget.round_steps:
+                continue
+            with torch.no_grad():
+                acc = torch.where(active, acc_sum / budget.round_steps, last_acc)
+                last_acc = acc
+                acc_sum.zero_()
+                size_now = family.size(params)
+                ok = active & (acc >= family.success)
+                reached |= ok
+                # The state a class keeps must itself work, not only the round's average over changing states:
+                # the round's last batch, stamped with the state as it ends the round.
+                works = torch.zeros(k, dtype=torch.bool, device=device)
+                end = family.stamp(x, [p[live] for p in params]).reshape(n_live * batch, channels, height, width)
+                with autocast(device, precision):
+                    end_logits = model(end.contiguous(memory_format=torch.channels_last))
+                hits = (end_logits.float().view(n_live, batch, -1).argmax(2) == live_targets.unsqueeze(1)).float()
+                works[live] = (hits * valid).sum(1) / count >= family.success
+                better = ok & works & (size_now < best_size)
+                prev_best = best_size  # best_size never grows, so this is the smallest best before this round
+                best_size = torch.where(better, size_now, best_size)
+                for kept, p in zip(best, params, strict=True):
+                    kept[better] = p[better]
+                best_success[better] = acc[better]
+                # Neural Cleanse's schedule, per class, once the class has first succeeded: `patience` successful
+                # rounds in a row raise the cost by cost_up, `patience` failing ones lower it by cost_down. Before
+                # the first success the cost stays at start_cost: lowering it then lets every trigger balloon.
+                up = torch.where(ok, up + 1, torch.zeros_like(up))
+                down = torch.where(ok, torch.zeros_like(down), down + 1)
+                raise_now = active & reached & (up >= budget.patience)
+                lower_now = active & reached & (down >= budget.patience)
+                cost = torch.where(raise_now, cost * settings.cost_up, cost)
+                cost = torch.where(lower_now, cost / settings.cost_down, cost)
+                raised |= raise_now
+                lowered |= lower_now
+                reset = raise_now | lower_now
+                up = torch.where(reset, torch.zeros_like(up), up)
+                down = torch.where(reset, torch.zeros_like(down), down)
+                if budget.early_stop:
+                    found = best_size < math.inf
+                    stuck = best_size >= settings.early_stop_threshold * prev_best
+                    stall = torch.where(active & found, torch.where(stuck, stall + 1, torch.zeros_like(stall)), stall)
+                    done = active & raised & lowered & (stall >= budget.early_stop)
+                    if bool(done.any()):
+                        active &= ~done
+                        live = active.nonzero().squeeze(1)
+                row = {
+                    "phase": "reverse",
+                    "family": family.name,
+                    "step": step + 1,
+                    "steps": total,
+                    "attack_success": acc.tolist(),
+                    "size": size_now.tolist(),
+                    "best_size": best_size.tolist(),
+                    "cost": cost.tolist(),
+                    "active": active.tolist(),
+                    "elapsed": time.perf_counter() - began,
+                }
+                history.append(row)
+                if callback is not None:
+                    callback(Event("row", row))
+                if not bool(active.any()):
+                    break
+    finally:
+        for w in frozen:
+            w.requires_grad_(True)
     with torch.no_grad():
-        mask = ((torch.tanh(mask_raw) + 1) / 2).squeeze(1)
-        pattern = (torch.tanh(pattern_raw) + 1) / 2
-        never = ~reached
-        best_mask[never], best_pattern[never] = mask[never], pattern[never]
-        best_l1 = torch.where(never, mask.sum((1, 2)), best_l1)
+        never = ~reached  # a class that never succeeded keeps its last state
+        for kept, p in zip(best, params, strict=True):
+            kept[never] = p[never]
+        best_size = torch.where(never, family.size(params), best_size)
         best_success = torch.where(never, last_acc, best_success)
+        tensors = {name: t.cpu() for name, t in family.tensors(best, shape).items()}
     return Reversed(
+        family,
         list(classes),
-        best_mask.cpu(),
-        best_pattern.cpu(),
-        best_l1.cpu(),
+        tensors,
+        best_size.cpu(),
         best_success.cpu(),
         reached.cpu(),
         cost.cpu(),

@@ -1,0 +1,122 @@
+"""Reverse-engineering detectors, one per trigger family (patch, additive, warp).
+
+Per class, the smallest trigger of the family that sends the clean images of other classes to that class
+(on 99% of them for a patch, 90% for the smooth families; cleanse/scan/reverse.py). A class whose smallest
+trigger is an outlier on the small side among the classes (leave-one-out z of the log sizes,
+cleanse/scan/anomaly.py) is flagged. Each reversed trigger is measured on held-out clean images (attack
+success; TAR where the trigger has a region).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from cleanse.engine.evaluate import predict
+from cleanse.engine.events import Callback
+from cleanse.engine.tar import measure_tar
+from cleanse.scan.anomaly import anomaly_index, flag_small
+from cleanse.scan.detectors.base import DETECTORS, Detector, DetectorReport, ScanInputs
+from cleanse.scan.families import ADDITIVE, PATCH, WARP, Family
+from cleanse.scan.reverse import reverse_triggers
+
+
+def censored(size: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
+    """The sizes the outlier test compares: a class whose trigger never reached the success level within the
+    budget needs a trigger at least as large as the largest one found, so it counts as that (and is never
+    flagged); the size it stopped at stays in scan.json under the family's size name, beside `reached_success`."""
+    return torch.where(reached, size, size.max())
+
+
+class ReversalDetector(Detector):
+    needs_data = True
+    loop_kind = "scan"
+
+    def __init__(self, family: Family) -> None:
+        self.family = family
+        self.name = family.name
+        self.summary = f"{family.description}; flags a class whose trigger is an outlier on the small side"
+
+    def run(self, inputs: ScanInputs, callback: Callback | None = None) -> DetectorReport:
+        model, optimise, held = inputs.model, inputs.optimise, inputs.held
+        if optimise is None or held is None:
+            raise ValueError(f"the {self.name} detector needs clean images")  # the job checks this first
+        family, num_classes = self.family, model.spec.num_classes
+        rev = reverse_triggers(
+            model,
+            optimise.images,
+            optimise.labels,
+            list(range(num_classes)),
+            inputs.budget,
+            seed=inputs.seed,
+            precision=inputs.precision,
+            callback=callback,
+            family=family,
+        )
+        sizes = censored(rev.size, rev.reached)
+        index = anomaly_index(sizes, inputs.scale, inputs.statistic)
+        mad = anomaly_index(sizes, inputs.scale, "mad")
+        linear = anomaly_index(sizes, "linear", "mad")  # Neural Cleanse's own figure, for comparison
+        flagged = [k for k in flag_small(sizes, inputs.threshold, inputs.scale, inputs.statistic) if rev.reached[k]]
+        shape = model.spec.input_size
+        triggers, rows, pictures = {}, [], []
+        for k in range(num_classes):
+            tensors = rev.trigger_tensors(k)
+            trig = family.trigger(tensors, k, shape, inputs.budget_name)
+            triggers[k] = trig
+            pictures.append(family.pictures(tensors))
+            keep = held.labels != k
+            hits = predict(model, trig.apply_uint8(held.images[keep]), precision="fp32") == k
+            tar = None
+            if inputs.layer is not None and trig.region_mask() is not None:
+                tar = measure_tar(model, held.images, held.labels, trig, inputs.layer, with_clean=False)
+            rows.append(
+                {
+                    "index": k,
+                    "statistic": float(sizes[k]),
+                    "score": float(index[k]),
+                    "flagged": k in flagged,
+                    family.size_name: float(rev.size[k]),
+                    "reached_success": bool(rev.reached[k]),
+                    "anomaly_index": float(index[k]),
+                    "anomaly_index_mad": float(mad[k]),
+                    "anomaly_index_linear": float(linear[k]),
+                    "attack_success_rate": float(hits.float().mean()) if len(hits) else None,
+                    "optimisation_success": float(rev.success[k]),
+                    "steps_run": int(rev.steps_run[k]),
+                    "tar": None if tar is None else tar["tar"],
+                    "tar_median": None if tar is None else tar["tar_median"],
+                    "trigger_file": None,
+                }
+            )
+        doc = {
+            "family": family.name,
+            "trigger_kind": family.kind,
+            "size_unit": family.size_unit,
+            "test": inputs.statistic,
+            "scale": inputs.scale,
+            "threshold": inputs.threshold,
+            "success_level": family.success,
+            "budget": inputs.budget_name,
+            "steps": inputs.budget.steps,
+            "batch": inputs.budget.batch,
+            "early_stop_rounds": inputs.budget.early_stop,
+            "steps_run_total": int(rev.steps_run.sum()),
+            f"median_{family.size_name}": float(rev.size.double().quantile(0.5)),
+            "seconds": rev.seconds,
+        }
+        return DetectorReport(
+            self.name,
+            "anomaly_index",
+            family.size_name,
+            rows,
+            flagged,
+            doc,
+            triggers,
+            pictures,
+            family.picture_labels,
+            rev.history,
+        )
+
+
+for _family in (PATCH, ADDITIVE, WARP):
+    DETECTORS.register(_family.name)(ReversalDetector(_family))
