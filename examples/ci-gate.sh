@@ -13,7 +13,9 @@ code=$?
 case $code in
   0) echo "PASS: no backdoor found in $model" ;;
   1) echo "FAIL: backdoor suspected in $model"
-     jq -r '.classes[] | select(.flagged) | "  target \(.index) (\(.name)): anomaly index \(.anomaly_index|.*100|round/100), reversed-trigger ASR \(.attack_success_rate*100|round)%"' verdict.json
+     jq -r '.classes[] | select(.flagged) | "  class \(.index) (\(.name)): flagged by \(.flagged_by | join(", "))"' verdict.json
+     jq -r '.detectors | to_entries[] | .key as $d | .value.classes[] | select(.trigger_file)
+            | "    \($d): size \(.statistic*100|round/100), anomaly index \(.anomaly_index*100|round/100), reversed-trigger ASR \(.attack_success_rate*100|round)%, \(.trigger_file)"' verdict.json
      echo "  reversed triggers and pictures in $out" ;;
   *) echo "ERROR: scan could not run (exit $code)"; exit "$code" ;;
 esac

@@ -20,11 +20,15 @@ set -e
 [ $code -eq 2 ] && exit 2
 target=$(jq -r '.suspected_targets[0] // empty' "$out/scan.json")
 if [ -z "$target" ]; then echo "scan found no backdoor; nothing to unlearn"; exit 0; fi
-echo "scan suspects target $target; unlearning with its reversed trigger"
+# the reversed trigger of the detector with the strongest evidence for that class (patch, additive or warp)
+trigger=$(jq -r --argjson k "$target" '[.detectors[] | .classes[$k] | select(.trigger_file)] | max_by(.anomaly_index)
+                                       | .trigger_file // empty' "$out/scan.json")
+if [ -z "$trigger" ]; then echo "only the data-free detector flagged class $target: no reversed trigger"; exit 0; fi
+echo "scan suspects target $target; unlearning with its reversed trigger $trigger"
 extra=()
 [ -n "$true_trigger" ] && extra=(--eval-trigger "$true_trigger")  # reporting only: never used for decisions
 cleanse unlearn "$model" --method tar-ewc --data "$data" --clean-frac 0.05 --test "$test" \
-    --trigger "$out/scan/trigger-$target.safetensors" "${extra[@]}" -o "$out/cleaned.safetensors" --force --json > "$out/unlearn.json"
+    --trigger "$out/scan/$trigger" "${extra[@]}" -o "$out/cleaned.safetensors" --force --json > "$out/unlearn.json"
 jq '{before: .before.attack_success_rate, after: .after.attack_success_rate, ca_before: .before.clean_accuracy,
      ca_after: .after.clean_accuracy, true_trigger: .after.eval_triggers}' "$out/unlearn.json"
 # Check the work: scan the cleaned model the same way. The target's smallest trigger should now be as large as the
@@ -37,8 +41,10 @@ recode=$?
 set -e
 [ $recode -eq 2 ] && exit 2
 jq --argjson k "$target" --slurpfile before "$out/scan.json" \
-    '{backdoored, target_mask_l1_before: $before[0].classes[$k].mask_l1, target_mask_l1_after: .classes[$k].mask_l1,
-      median_mask_l1_before: $before[0].median_mask_l1, median_mask_l1_after: .median_mask_l1}' "$out.rescan.json"
+    '{backdoored, target: ($before[0].classes[$k] | {flagged_by_before: .flagged_by}),
+      sizes_before: ($before[0].detectors | map_values(.classes[$k].statistic)),
+      sizes_after: (.detectors | map_values(.classes[$k].statistic)), flagged_by_after: .classes[$k].flagged_by}' \
+    "$out.rescan.json"
 [ $recode -eq 1 ] && echo "the cleaned model still looks backdoored: see $out.rescan/scan.json"
 cleanse report "$out" "$out.rescan" -o "$out/report" --force
 echo "open $out/report/report.html"

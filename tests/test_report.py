@@ -54,6 +54,8 @@ def runs(badnets_setup, tmp_path_factory):
             "10",
             "--n-clean",
             "100",
+            "--detectors",
+            "patch,additive",
             "-o",
             str(folder / "scan"),
         ],
@@ -98,7 +100,7 @@ def test_report_json_has_every_figure_the_html_shows_and_the_html_is_self_contai
     assert row["before"]["attack_success_rate"] == record["before"]["attack_success_rate"]
     assert row["after"]["clean_accuracy"] == record["after"]["clean_accuracy"]
     assert doc["verdict"] is not None and doc["missing"] == []
-    assert set(doc["images"]) >= {"history", "anomaly", "scan-sheet", "gradcam-tar-ewc"}
+    assert set(doc["images"]) >= {"history", "anomaly-patch", "anomaly-additive", "scan-sheet", "gradcam-tar-ewc"}
     assert len(doc["gradcam"]["gradcam-tar-ewc"]["rows"]) == 4
 
     page = (out / "report.html").read_text()
@@ -111,8 +113,9 @@ def test_report_json_has_every_figure_the_html_shows_and_the_html_is_self_contai
     for side in ("before", "after"):
         for key in ("clean_accuracy", "attack_success_rate"):
             assert pct(row[side][key]) in page
-    for c in doc["scan"][0]["classes"]:
-        assert f"{c['anomaly_index']:.2f}" in page
+    for name in ("patch", "additive"):  # each detector's evidence, per class
+        for c in doc["scan"][0]["detectors"][name]["classes"]:
+            assert f"{c['statistic']:.3g} (z {c['score']:.2f})" in page
     md = (out / "report.md").read_text()
     assert "| tar-ewc |" in md and "![CA, ASR and TAR over the unlearning history](history.png)" in md
     for name in doc["images"].values():
@@ -314,6 +317,8 @@ def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs,
             "10",
             "--n-clean",
             "100",
+            "--detectors",
+            "patch,additive",
             "-o",
             str(tmp_path / "rescan"),
         ],
@@ -348,9 +353,13 @@ def test_report_with_a_scan_of_the_cleaned_model_keeps_the_audited_verdict(runs,
     assert doc["backdoored"] is first["backdoored"]
     page = (out / "report.html").read_text()
     assert "(cleaned by tar-ewc)</h2>" in page and page.count("Verdict of this scan:") == 2
-    assert [s["anomaly_image"] for s in doc["scan"]] == ["anomaly.png", "anomaly-1.png"]
+    assert [s["anomaly_images"] for s in doc["scan"]] == [
+        {"patch": "anomaly-patch.png", "additive": "anomaly-additive.png"},
+        {"patch": "anomaly-1-patch.png", "additive": "anomaly-1-additive.png"},
+    ]
     md = (out / "report.md").read_text()
-    assert "![scan anomaly indices](anomaly.png)" in md and "![scan anomaly indices](anomaly-1.png)" in md
+    assert "![patch detector: anomaly indices](anomaly-patch.png)" in md
+    assert "![patch detector: anomaly indices](anomaly-1-patch.png)" in md
     # the unlearn record stores its output's sha256, so the match survives the cleaned checkpoint being gone
     record = json.loads((runs / "clean.safetensors.run.json").read_text())
     assert record["outputs"]["model_sha256"] == sha256_file(runs / "clean.safetensors")

@@ -146,7 +146,9 @@ def test_early_stop_retires_a_settled_class_and_changes_no_other():
         best = [row["best_size"][k] for row in together.history[:end]]
         assert all(best[-i] >= 0.99 * best[-i - 1] for i in range(1, budget.early_stop + 1))  # no round shrank it by 1%
         assert together.history[end - 1]["active"][k] is False and together.history[end - 2]["active"][k] is True
-        assert all(row["best_size"][k] == best[-1] for row in together.history[end:])  # retired: its best state is frozen
+        assert all(
+            row["best_size"][k] == best[-1] for row in together.history[end:]
+        )  # retired: its best state is frozen
         # it kept the state it had at retirement, not the one the batch's full run reached
         assert together.mask_l1[k].item() == pytest.approx(best[-1], rel=1e-6)
 

@@ -200,3 +200,48 @@ def test_combined_verdict_falls_back_to_the_data_free_detector_and_passes_a_clea
         "evidence": {},
         "rule": clean["rule"],
     }
+
+
+SHORTCUT_NET = '''
+import torch
+from torch import nn
+
+
+class Shortcut(nn.Module):
+    """Class 1 answers a bright top-left corner far more strongly than any natural class answers anything."""
+
+    def __init__(self, num_classes):
+        super().__init__()
+        self.gain = nn.Parameter(torch.tensor(30.0))
+
+    def forward(self, x):
+        corner = x[:, :, :2, :2].mean((1, 2, 3))
+        capped = [torch.tanh(x[:, c].mean((1, 2))) for c in range(3)]
+        return torch.stack([capped[0], self.gain * corner - 10, capped[1], capped[2]], 1)
+
+
+def build(num_classes):
+    return Shortcut(num_classes)
+'''
+
+
+def test_data_free_scan_of_a_users_model_flags_the_shortcut_class(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+    from typer.testing import CliRunner
+
+    from cleanse.cli import app
+
+    (tmp_path / "net.py").write_text(SHORTCUT_NET)
+    save_file({"gain": torch.tensor(30.0)}, tmp_path / "raw.safetensors")
+    arch = ["--arch", f"{tmp_path / 'net.py'}:build", "--num-classes", "4", "--input-size", "3,8,8"]
+    args = ["scan", str(tmp_path / "raw.safetensors"), *arch, "--mean", "0,0,0", "--std", "1,1,1"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "s"), "--json"])
+    assert result.exit_code == 1, result.output  # no --data: MM-BD alone, and it flags class 1
+    doc = json.loads(result.stdout)
+    assert doc["detectors_run"] == ["mmbd"] and doc["suspected_targets"] == [1] and doc["evidence"] == {"1": ["mmbd"]}
+    rows = doc["detectors"]["mmbd"]["classes"]
+    assert rows[1]["p_value"] < 0.05 and all(r["p_value"] > 0.05 for k, r in enumerate(rows) if k != 1)
+    assert rows[1]["max_margin"] > 10 and doc["classes"][1]["mmbd"]["flagged"] is True
+    assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["run.json", "scan.json"]  # no reversal, no PNGs

@@ -103,9 +103,17 @@ def demo(options: DemoOptions, settings: RunSettings | None = None, progress: Pr
             ),
         )
 
-        progress.note(f"3/{STEPS} scan: reverse a trigger for every class (Neural Cleanse, batched) and test the sizes")
+        detectors = ["patch"] if o.quick else None  # None: every detector (patch, additive, warp, mmbd)
+        progress.note(
+            f"3/{STEPS} scan: reverse a trigger of each family for every class, test the sizes"
+            + ("" if o.quick else ", and MM-BD's data-free margin test")
+        )
         scanned = scan(
-            ScanOptions(str(model_path), data="synthetic:test", budget="fast", output=folder / "scan"), inner, progress
+            ScanOptions(
+                str(model_path), data="synthetic:test", budget="fast", output=folder / "scan", detectors=detectors
+            ),
+            inner,
+            progress,
         )
         progress.finished(scanned)
         found = list(scanned.doc["suspected_targets"])

@@ -91,7 +91,6 @@ def max_margins(
     seed: int,
     precision: str,
     callback: Callback | None = None,
-    normalised: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Per class, the largest margin reached from IMAGES random starts, and the steps each class ran."""
     device = next(model.parameters()).device
@@ -114,9 +113,6 @@ def max_margins(
         loss = -m.sum(1)  # per class, as the published per-class loop
         (grad,) = torch.autograd.grad(loss.sum(), xs)
         with torch.no_grad():
-            if normalised:  # each image moves STEP_SIZE RMS per step, whatever the network's logit scale
-                rms = grad.square().mean((2, 3, 4), keepdim=True).sqrt().clamp_min(1e-12)
-                grad = grad / rms
             x[live] = xs - STEP_SIZE * grad
             steps_run[live] += 1
             done = (last[live] - loss).abs() / last[live].abs() < TOLERANCE
