@@ -115,7 +115,8 @@ def test_report_json_has_every_figure_the_html_shows_and_the_html_is_self_contai
             assert pct(row[side][key]) in page
     for name in ("patch", "additive"):  # each detector's evidence, per class
         for c in doc["scan"][0]["detectors"][name]["classes"]:
-            assert f"{c['statistic']:.3g} (z {c['score']:.2f})" in page
+            size = f"{c['statistic']:.3g}" if c["reached_success"] else "not reached"
+            assert f"{size} (z {c['score']:.2f})" in page
     md = (out / "report.md").read_text()
     assert "| tar-ewc |" in md and "![CA, ASR and TAR over the unlearning history](history.png)" in md
     for name in doc["images"].values():

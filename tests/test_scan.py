@@ -246,7 +246,7 @@ def test_scan_flags_the_backdoored_model_with_exit_1_and_the_right_target(backdo
         and patch["steps_run_total"] == sum(c["steps_run"] for c in patch["classes"]) <= 10 * 200
     )
     row = doc["classes"][0]
-    assert row["patch"] == {"statistic": c0["mask_l1"], "score": c0["anomaly_index"], "flagged": True}
+    assert row["patch"] == {"statistic": c0["mask_l1"], "score": c0["anomaly_index"], "flagged": True, "reached": True}
     assert set(row["mmbd"]) == {"statistic", "score", "flagged"} and 0 <= row["mmbd"]["score"] <= 1
     families = ("patch", "additive", "warp")
     triggers = sorted(

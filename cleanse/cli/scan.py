@@ -216,8 +216,8 @@ def _show_classes(doc: dict[str, Any]) -> None:
     names = doc["detectors_run"]
     kinds = {n: doc["detectors"][n]["score"] for n in names}
     table = Table(
-        title="detectors per class (anomaly index of the reversed trigger's size, small side; mmbd: p-value; "
-        "* = flagged)",
+        title="detectors per class: the smallest reversed trigger's size and its anomaly index z (small side), "
+        "MM-BD's largest margin and p-value; * = flagged",
         title_justify="left",
     )
     table.add_column("class", justify="left")
@@ -228,7 +228,7 @@ def _show_classes(doc: dict[str, Any]) -> None:
         cells = []
         for n in names:
             d = c[n]
-            value = f"{d['statistic']:.3g}"
+            value = f"{d['statistic']:.3g}" if d.get("reached", True) else "not reached"
             score = f"p {d['score']:.2g}" if kinds[n] == "p_value" else f"z {d['score']:.2f}"
             cells.append(f"{value}  {score}" + (" *" if d["flagged"] else ""))
         table.add_row(f"{c['index']} {c['name']}", *cells, ", ".join(c["flagged_by"]))

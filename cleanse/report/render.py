@@ -83,7 +83,8 @@ def scan_table(scan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
         for n, d in detectors.items():
             e = c[n]
             score = f"p {e['score']:.2g}" if d["score"] == "p_value" else f"z {e['score']:.2f}"
-            cells.append(f"{e['statistic']:.3g} ({score}){' *' if e['flagged'] else ''}")
+            value = f"{e['statistic']:.3g}" if e.get("reached", True) else "not reached"
+            cells.append(f"{value} ({score}){' *' if e['flagged'] else ''}")
         rows.append([f"{c['index']} {c['name']}", *cells, ", ".join(c.get("flagged_by") or [])])
     return header, rows
 
