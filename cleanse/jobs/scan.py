@@ -239,7 +239,7 @@ def _verdict_doc(
         for name, r in reports.items():
             c = r.classes[k]
             row[name] = {"statistic": c["statistic"], "score": c["score"], "flagged": c["flagged"]}
-            if "reached_success" in c:  # a reversal that never worked within the budget: its size is censored
+            if "reached_success" in c:  # a reversal that never worked within the budget: its size is a lower bound
                 row[name]["reached"] = c["reached_success"]
         rows.append(row)
     return {

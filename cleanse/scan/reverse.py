@@ -227,6 +227,8 @@ def reverse_triggers(
                     stuck = best_size >= settings.early_stop_threshold * prev_best
                     stall = torch.where(active & found, torch.where(stuck, stall + 1, torch.zeros_like(stall)), stall)
                     done = active & raised & lowered & (stall >= budget.early_stop)
+                    # a class still out of reach half-way through the budget gives up: its size is a lower bound
+                    done |= active & ~reached & (step + 1 >= total // 2)
                     if bool(done.any()):
                         active &= ~done
                         live = active.nonzero().squeeze(1)

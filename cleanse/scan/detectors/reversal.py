@@ -9,8 +9,6 @@ success; TAR where the trigger has a region).
 
 from __future__ import annotations
 
-import torch
-
 from cleanse.engine.evaluate import predict
 from cleanse.engine.events import Callback
 from cleanse.engine.tar import measure_tar
@@ -18,13 +16,6 @@ from cleanse.scan.anomaly import anomaly_index, flag_small
 from cleanse.scan.detectors.base import DETECTORS, Detector, DetectorReport, ScanInputs
 from cleanse.scan.families import ADDITIVE, PATCH, WARP, Family
 from cleanse.scan.reverse import reverse_triggers
-
-
-def censored(size: torch.Tensor, reached: torch.Tensor) -> torch.Tensor:
-    """The sizes the outlier test compares: a class whose trigger never reached the success level within the
-    budget needs a trigger at least as large as the largest one found, so it counts as that (and is never
-    flagged); the size it stopped at stays in scan.json under the family's size name, beside `reached_success`."""
-    return torch.where(reached, size, size.max())
 
 
 class ReversalDetector(Detector):
@@ -52,7 +43,9 @@ class ReversalDetector(Detector):
             callback=callback,
             family=family,
         )
-        sizes = censored(rev.size, rev.reached)
+        # A class that never reached the success level keeps the size it stopped at: a lower bound of what it
+        # needs, which makes the others look less anomalous, never more; it cannot be flagged itself.
+        sizes = rev.size
         index = anomaly_index(sizes, inputs.scale, inputs.statistic)
         mad = anomaly_index(sizes, inputs.scale, "mad")
         linear = anomaly_index(sizes, "linear", "mad")  # Neural Cleanse's own figure, for comparison
