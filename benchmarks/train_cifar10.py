@@ -127,7 +127,9 @@ def main() -> None:
         f"{result['precision']}{'  (cached model)' if result['cached'] else ''}"
     )
     doc = {"benchmark": "train_cifar10", "settings": vars(args), "machine": machine(), "wall_seconds": wall, **result}
-    name = f"train_cifar10-{args.attack}{'-all' if args.target == 'all' else ''}-s{args.seed}" + ("-cached" if result["cached"] else "")
+    name = f"train_cifar10-{args.attack}{'-all' if args.target == 'all' else ''}-s{args.seed}" + (
+        "-cached" if result["cached"] else ""
+    )
     print("wrote", write_results(name, doc))
 
 
