@@ -60,6 +60,22 @@ def test_every_registered_architecture_builds_and_classifies(arch):
     assert model(torch.rand(2, 3, 32, 32)).shape == (2, 7)
 
 
+def test_vgg11_bn_width_builds_round_trips_and_is_range_checked(tmp_path):
+    full = new_model("vgg11-bn", 10).net
+    narrow = small_model(10, "vgg11-bn", width=0.25)
+    assert set(narrow.net.state_dict()) == set(full.state_dict())  # same layers, narrower channels
+    assert [m.out_channels for m in narrow.net.modules() if isinstance(m, torch.nn.Conv2d)][:3] == [16, 32, 64]
+    assert narrow(torch.rand(4, 3, 32, 32)).shape == (4, 10)
+    save_model(narrow, tmp_path / "v.safetensors")
+    back = load_model(tmp_path / "v.safetensors")
+    assert back.spec.arch == "vgg11-bn" and back.spec.arch_args == {"width": 0.25}
+    x = torch.rand(2, 3, 32, 32)
+    assert torch.equal(narrow.to(memory_format=torch.channels_last)(x), back(x))
+    for bad in (0, -1.0, 4.5, float("nan"), True, "0.5"):
+        with pytest.raises(CleanseError, match=r"vgg11-bn width must be a number in \(0, 4\]"):
+            new_model("vgg11-bn", 10, arch_args={"width": bad})
+
+
 def test_torchvision_architecture_without_weights(tmp_path):
     model = new_model("torchvision:resnet18", 5, input_size=(3, 32, 32)).eval()
     save_model(model, tmp_path / "tv.safetensors")
