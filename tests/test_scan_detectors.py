@@ -4,6 +4,7 @@ combined verdict."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -238,3 +239,16 @@ def test_data_free_scan_of_a_users_model_flags_the_shortcut_class(tmp_path):
     assert rows[1]["p_value"] < 0.05 and all(r["p_value"] > 0.05 for k, r in enumerate(rows) if k != 1)
     assert rows[1]["max_margin"] > 10 and doc["classes"][1]["mmbd"]["flagged"] is True
     assert sorted(p.name for p in (tmp_path / "s").iterdir()) == ["run.json", "scan.json"]  # no reversal, no PNGs
+
+
+def test_a_class_out_of_reach_gives_up_half_way_when_early_stopping():
+    pattern = 0.5 + 0.3 * _stripes()
+    model = Planted(torch.roll(pattern, 1, dims=2) - pattern).eval()
+    images, labels = _images(90, pattern)
+    budget = Budget(steps=100, batch=16, round_steps=5, patience=1, early_stop=2)
+    rev = reverse_triggers(model, images, labels, [0, 1, 2], budget, seed=0, family=WARP)
+    assert rev.reached.tolist() == [False, False, True]
+    assert rev.steps_run[:2].tolist() == [50, 50]  # out of reach at the round ending on step 50: they leave
+    assert rev.history[9]["active"][:2] == [False, False] and rev.history[8]["active"][:2] == [True, True]
+    fixed = reverse_triggers(model, images, labels, [0, 1], replace(budget, early_stop=0), seed=0, family=WARP)
+    assert fixed.steps_run.tolist() == [100, 100]  # without early stopping every class runs the whole budget
