@@ -104,3 +104,15 @@ def append_row(path: Path, row: dict[str, Any]) -> None:
     """Store one finished row at once, so an interrupted campaign keeps what it measured."""
     with path.open("a") as f:
         f.write(json.dumps(row) + "\n")
+
+
+def poison_for(train: Any, attack: str, target: int | str, rate: float, seed: int) -> tuple[Any, Any, float]:
+    """The training set a benchmark model learns from (`attack` "clean": the set itself), its trigger (None for
+    clean) and the seconds poisoning took."""
+    from cleanse.attacks import poison_dataset
+
+    started = time.perf_counter()
+    if attack == "clean":
+        return train, None, 0.0
+    poisoned, trigger = poison_dataset(train, attack, target, rate, seed=seed)
+    return poisoned, trigger, time.perf_counter() - started

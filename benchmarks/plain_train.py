@@ -29,8 +29,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from benchmarks.common import CACHE, config_hash, file_digest, machine, require_cifar, write_results
-from cleanse.attacks import poison_dataset
+from benchmarks.common import CACHE, config_hash, file_digest, machine, poison_for, require_cifar, write_results
 from cleanse.data import load_data
 from cleanse.engine.device import autocast, resolve_precision
 from cleanse.engine.evaluate import evaluate
@@ -176,12 +175,7 @@ def train_plain(
     tag = f"w{width:g}-" if arch_args else ""
     path = CACHE / f"plain-{arch}-{tag}{attack}-t{target}-s{seed}-{config_hash(config)}.safetensors"
     trigger_path = path.with_suffix(".trigger.safetensors")
-    t1 = time.perf_counter()
-    if attack == "clean":
-        poisoned, trigger = train, None
-    else:
-        poisoned, trigger = poison_dataset(train, attack, target, rate, seed=seed)
-    poison_seconds = time.perf_counter() - t1
+    poisoned, trigger, poison_seconds = poison_for(train, attack, target, rate, seed)
     result: dict[str, Any]
     if path.is_file():
         model = load_model(path)

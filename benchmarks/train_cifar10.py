@@ -18,8 +18,16 @@ import time
 
 import torch
 
-from benchmarks.common import CACHE, KEPT_MODELS, config_hash, file_digest, machine, require_cifar, write_results
-from cleanse.attacks import poison_dataset
+from benchmarks.common import (
+    CACHE,
+    KEPT_MODELS,
+    config_hash,
+    file_digest,
+    machine,
+    poison_for,
+    require_cifar,
+    write_results,
+)
 from cleanse.data import load_data
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import evaluate
@@ -50,12 +58,7 @@ def train_cached(
     if not path.is_file() and (KEPT_MODELS / name).is_file():
         path = KEPT_MODELS / name
     trigger_path = path.with_suffix(".trigger.safetensors")
-    t1 = time.perf_counter()
-    if attack == "clean":
-        poisoned, trigger = train, None
-    else:
-        poisoned, trigger = poison_dataset(train, attack, target, rate, seed=seed)
-    poison_seconds = time.perf_counter() - t1
+    poisoned, trigger, poison_seconds = poison_for(train, attack, target, rate, seed)
     device = torch.device("cpu")
     config.precision = resolve_precision("auto", device)
     if path.is_file():
