@@ -50,7 +50,9 @@ from cleanse.jobs.scan import HOLD_OUT
 from cleanse.models import load_model
 from cleanse.recipes import RECIPES
 from cleanse.scan import BUDGETS, reverse_triggers
-from cleanse.scan.detectors import DETECTORS
+from cleanse.scan.anomaly import small_side
+from cleanse.scan.detectors import DETECTORS, DetectorReport
+from cleanse.scan.verdict import combine
 
 ROWS = RESULTS / "scan_cifar10-detectors-rows.jsonl"
 DEFAULT = (
@@ -169,7 +171,7 @@ def _row(spec: str, key: str, trained: dict, doc: dict[str, Any], wall: float, p
         "model_asr": trained["metrics"]["attack_success_rate"],
         "backdoored": doc["backdoored"],
         "suspected": doc["suspected_targets"],
-        "also_flagged": doc["also_flagged"],
+        "unconfirmed": doc["unconfirmed"],
         "evidence": doc["evidence"],
         "right_target": (truth in doc["suspected_targets"]) if isinstance(truth, int) else None,
         "false_positive": truth is None and doc["backdoored"],
@@ -267,11 +269,31 @@ def _cell(row: dict[str, Any], name: str) -> str:
     truth = row["target"] if isinstance(row["target"], int) else None
     p_value = "alpha" in d
     scores = d["score"]
-    others = [s for k, s in enumerate(scores) if k != truth]
-    worst = min(others) if p_value else max(others)
+    if p_value:
+        worst = min(s for k, s in enumerate(scores) if k != truth)
+    else:  # only the small side is suspicious
+        small = small_side(torch.tensor(d["statistic"]), "log", "loo-z").tolist()
+        worst = max((s for k, s in enumerate(scores) if k != truth and small[k]), default=0.0)
     fmt = (lambda s: f"p {s:.2g}") if p_value else (lambda s: f"z {s:.2f}")
     own = f"target {fmt(scores[truth])}, " if truth is not None else ""
-    return f"{d['flagged'] or 'none'}: {own}most suspicious other {fmt(worst)}"
+    return f"{d['flagged'] or 'none'}: {own}most suspicious other {fmt(worst)}"  # (small side for z)
+
+
+def recombined(row: dict[str, Any]) -> dict[str, Any]:
+    """The combined verdict of a stored row under the current rule (scan/verdict.py), from its per-detector
+    statistics, scores and flags: rows stored before a rule change are read the way scan decides today."""
+    reports = {}
+    for name, d in row["detectors"].items():
+        small = [False] * len(d["score"])
+        if "threshold" in d:
+            small = small_side(torch.tensor(d["statistic"]), "log", "loo-z").tolist()
+        classes = [
+            {"index": k, "statistic": v, "score": sc, "flagged": k in d["flagged"], "small_side": small[k]}
+            for k, (v, sc) in enumerate(zip(d["statistic"], d["score"], strict=True))
+        ]
+        kind = "anomaly_index" if "threshold" in d else "p_value"
+        reports[name] = DetectorReport(name, kind, "", classes, d["flagged"], {})
+    return combine(reports, {n for n in reports if DETECTORS.get(n).needs_data})
 
 
 def table(rows: list[dict[str, Any]]) -> None:
@@ -286,7 +308,10 @@ def table(rows: list[dict[str, Any]]) -> None:
     for r in sorted(rows, key=lambda r: (r["attack"].startswith("plain"), r["attack"].endswith("clean"), r["model"])):
         asr = "-" if r["model_asr"] is None else f"{100 * r['model_asr']:.1f}%"
         truth = "clean" if r["target"] is None else r["target"]
-        verdict = f"{r['suspected'] or 'none'}" + (f" (+{r['also_flagged']})" if r["also_flagged"] else "")
+        v = recombined(r)
+        verdict = f"{v['suspected_targets'] or 'none'}" + (
+            f", unconfirmed {v['unconfirmed']}" if v["unconfirmed"] else ""
+        )
         cells = " | ".join(_cell(r, n) for n in names)
         lines.append(
             f"| {r['model']} | {100 * r['model_ca']:.1f}% / {asr} | {verdict} ({truth}) | {cells} | "

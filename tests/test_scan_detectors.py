@@ -162,35 +162,43 @@ def test_max_margins_climb_and_mmbd_flags_the_shortcut_class():
     assert min(range(4), key=lambda c: p[c]) == 1
 
 
-def _report(name: str, score: str, scores: list[float], flagged: list[int]) -> DetectorReport:
-    rows = [{"index": k, "statistic": s, "score": s, "flagged": k in flagged} for k, s in enumerate(scores)]
+def _report(name: str, score: str, scores: list[float], flagged: list[int], small: list[int] = ()) -> DetectorReport:
+    rows = [
+        {"index": k, "statistic": s, "score": s, "flagged": k in flagged, "small_side": k in small or k in flagged}
+        for k, s in enumerate(scores)
+    ]
     return DetectorReport(name, score, "x", rows, flagged, {})
 
 
 def test_combined_verdict_prefers_the_reversal_detectors_targets():
-    patch = _report("patch", "anomaly_index", [0.5, 0.2, 4.0, 0.1], [2])
+    patch = _report("patch", "anomaly_index", [0.5, 0.2, 4.0, 2.5], [2])
     warp = _report("warp", "anomaly_index", [0.3, 5.0, 3.8, 0.1], [1, 2])
     mmbd = _report("mmbd", "p_value", [0.9, 0.8, 0.7, 1e-9], [3])
     verdict = combine({"patch": patch, "warp": warp, "mmbd": mmbd}, {"patch", "warp"})
     assert verdict["backdoored"] is True
-    # class 2 flagged by two detectors first, then class 1 (one); mmbd's class 3 is not a target but reported
+    # class 2 flagged by two detectors first, then class 1 (one); mmbd's class 3 is corroborated by nothing:
+    # patch's 2.5 is on the large side
     assert verdict["suspected_targets"] == [2, 1]
-    assert verdict["also_flagged"] == [3]
+    assert verdict["unconfirmed"] == [3]
     assert verdict["evidence"] == {"1": ["warp"], "2": ["patch", "warp"], "3": ["mmbd"]}
 
 
-def test_combined_verdict_falls_back_to_the_data_free_detector_and_passes_a_clean_model():
+def test_a_data_free_flag_counts_alone_without_data_and_with_corroboration_with_it():
     mmbd = _report("mmbd", "p_value", [0.9, 1e-4, 0.02, 0.5], [1, 2])
     verdict = combine({"mmbd": mmbd}, set())
-    assert verdict["suspected_targets"] == [1, 2]  # smaller p first
-    patch = _report("patch", "anomaly_index", [0.5, 0.2, 1.0, 0.1], [])
+    assert verdict["backdoored"] and verdict["suspected_targets"] == [1, 2]  # smaller p first
+    # class 1: patch places it on the small side at z 2.2 (>= 2, below the 3.5 that flags alone): corroborated;
+    # class 2: z 1.9 on the small side: not enough
+    patch = _report("patch", "anomaly_index", [0.5, 2.2, 1.9, 0.1], [], small=[1, 2])
     verdict = combine({"patch": patch, "mmbd": mmbd}, {"patch"})
-    assert verdict["backdoored"] and verdict["suspected_targets"] == [1, 2]  # no reversal flag: mmbd names them
+    assert verdict["backdoored"] and verdict["suspected_targets"] == [1] and verdict["unconfirmed"] == [2]
+    alone = combine({"patch": _report("patch", "anomaly_index", [0.5, 2.2, 1.9, 0.1], []), "mmbd": mmbd}, {"patch"})
+    assert alone["backdoored"] is False and alone["unconfirmed"] == [1, 2]  # z 2.2 but on the large side
     clean = combine({"patch": patch, "mmbd": _report("mmbd", "p_value", [0.9] * 4, [])}, {"patch"})
     assert clean == {
         "backdoored": False,
         "suspected_targets": [],
-        "also_flagged": [],
+        "unconfirmed": [],
         "evidence": {},
         "rule": clean["rule"],
     }

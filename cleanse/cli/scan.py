@@ -239,10 +239,15 @@ def _show_classes(doc: dict[str, Any]) -> None:
         say(
             f"verdict: BACKDOOR SUSPECTED, target {names_of}"
             + (f"; reversed trigger(s): {', '.join(files)}" if files else "")
-            + (f"; also flagged: {doc['also_flagged']}" if doc["also_flagged"] else "")
+            + (f"; unconfirmed (MM-BD only): {doc['unconfirmed']}" if doc["unconfirmed"] else "")
         )
     else:
-        say(f"verdict: no backdoor found by {', '.join(names)}")
+        unconfirmed = (
+            f" (MM-BD alone flagged {doc['unconfirmed']}, which no reverse-engineering detector corroborates)"
+            if doc["unconfirmed"]
+            else ""
+        )
+        say(f"verdict: no backdoor found by {', '.join(names)}{unconfirmed}")
 
 
 def _mmbd_row(event: Event) -> Event:

@@ -22,7 +22,7 @@ from cleanse.record import describe_input, new_record, versions
 from cleanse.scan import BUDGETS, Budget, audit_data
 from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, SCALES, STATISTICS
 from cleanse.scan.detectors import DETECTORS, DetectorReport, ScanInputs
-from cleanse.scan.verdict import combine
+from cleanse.scan.verdict import CORROBORATION, combine
 from cleanse.viz import image_grid, save_png
 
 HOLD_OUT = 0.2  # share of the clean images held out to measure the reversed triggers
@@ -225,9 +225,11 @@ def _verdict_doc(
     """scan.json's verdict part: the combined verdict, each detector's evidence, and one summary row per class."""
     reversal = {n for n in reports if DETECTORS.get(n).needs_data}
     verdict = combine(reports, reversal)
-    for k in verdict["suspected_targets"] + verdict["also_flagged"]:
-        for name in reversal & set(verdict["evidence"][str(k)]):
-            reports[name].classes[k]["trigger_file"] = trigger_file(k, name)
+    for k in verdict["suspected_targets"]:  # each family's reversed trigger that flags or corroborates the target
+        for name in reversal:
+            evidence = reports[name].classes[k]
+            if evidence["flagged"] or (evidence["small_side"] and evidence["score"] >= CORROBORATION):
+                evidence["trigger_file"] = trigger_file(k, name)
     rows = []
     for k, class_name in enumerate(classes):
         row: dict[str, Any] = {

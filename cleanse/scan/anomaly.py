@@ -66,10 +66,15 @@ def anomaly_index(norms: torch.Tensor, scale: str = "linear", statistic: str = "
     return ((values - centre).abs() / spread).float()
 
 
+def small_side(norms: torch.Tensor, scale: str = "linear", statistic: str = "mad") -> torch.Tensor:
+    """Per class, whether it lies below the centre it is compared with (the side a backdoor's trigger falls on)."""
+    values = _values(norms, scale)
+    centre, _ = _centres_and_spreads(values, statistic)
+    return values < centre
+
+
 def flag_small(norms: torch.Tensor, threshold: float = 2.0, scale: str = "linear", statistic: str = "mad") -> list[int]:
     """Classes whose anomaly index exceeds `threshold` on the small side, most anomalous first."""
     index = anomaly_index(norms, scale, statistic)
-    values = _values(norms, scale)
-    centre, _ = _centres_and_spreads(values, statistic)
-    flagged = [int(i) for i in torch.nonzero((index > threshold) & (values < centre)).flatten()]
+    flagged = [int(i) for i in torch.nonzero((index > threshold) & small_side(norms, scale, statistic)).flatten()]
     return sorted(flagged, key=lambda i: -float(index[i]))

@@ -12,7 +12,7 @@ from __future__ import annotations
 from cleanse.engine.evaluate import predict
 from cleanse.engine.events import Callback
 from cleanse.engine.tar import measure_tar
-from cleanse.scan.anomaly import anomaly_index, flag_small
+from cleanse.scan.anomaly import anomaly_index, flag_small, small_side
 from cleanse.scan.detectors.base import DETECTORS, Detector, DetectorReport, ScanInputs
 from cleanse.scan.families import ADDITIVE, PATCH, WARP, Family
 from cleanse.scan.reverse import reverse_triggers
@@ -50,6 +50,7 @@ class ReversalDetector(Detector):
         mad = anomaly_index(sizes, inputs.scale, "mad")
         linear = anomaly_index(sizes, "linear", "mad")  # Neural Cleanse's own figure, for comparison
         flagged = [k for k in flag_small(sizes, inputs.threshold, inputs.scale, inputs.statistic) if rev.reached[k]]
+        small = small_side(sizes, inputs.scale, inputs.statistic)
         shape = model.spec.input_size
         triggers, rows, pictures = {}, [], []
         for k in range(num_classes):
@@ -68,6 +69,7 @@ class ReversalDetector(Detector):
                     "statistic": float(sizes[k]),
                     "score": float(index[k]),
                     "flagged": k in flagged,
+                    "small_side": bool(small[k]),
                     family.size_name: float(rev.size[k]),
                     "reached_success": bool(rev.reached[k]),
                     "anomaly_index": float(index[k]),
