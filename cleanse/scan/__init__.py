@@ -2,13 +2,11 @@
 
 from cleanse.scan.anomaly import anomaly_index, flag_small
 from cleanse.scan.audit import AUDITS, audit_data
-from cleanse.scan.families import FAMILIES
 from cleanse.scan.reverse import BUDGETS, Budget, reverse_triggers
 
 __all__ = [
     "AUDITS",
     "BUDGETS",
-    "FAMILIES",
     "Budget",
     "anomaly_index",
     "audit_data",

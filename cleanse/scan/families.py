@@ -216,4 +216,3 @@ WARP = Warp(
     success=0.9,
     description="smallest smooth warp (4 x 4 control points)",
 )
-FAMILIES: dict[str, Family] = {f.name: f for f in (PATCH, ADDITIVE, WARP)}

@@ -1,28 +1,24 @@
-"""Neural-Cleanse trigger reverse-engineering for every class at once.
+"""Trigger reverse-engineering for every class at once, in any trigger family (cleanse/scan/families.py).
 
-For each candidate target class k we look for the smallest mask m_k (H,W) and
-pattern p_k (C,H,W), both in [0,1] pixel space, such that
-x' = (1 - m_k) x + m_k p_k sends clean images of the other classes to k:
+For each candidate target class k we look for the smallest trigger T_k of the family (a patch: mask m_k and
+pattern p_k; an additive signal; a smooth warp) that sends clean images of the other classes to k:
 
-    min  CE(f(x'), k) + cost_k * |m_k|_1
+    min  CE(f(T_k(x)), k) + cost_k * size(T_k)
 
-Masks and patterns are tanh-parameterised (so they stay in [0,1]) and optimised
-with Adam. All K classes are stacked into one (K*B)-image forward and backward
-per step: the model is frozen and in eval mode, so no sample influences another
-and the batched optimisation is exactly K independent ones (Adam is elementwise),
-only computed together. Each class keeps its own cost schedule: the cost starts
-at `start_cost` and stays there until the class's trigger first succeeds; from
-then on, as in Neural Cleanse, `patience` successful rounds raise it by 1.5x and
-`patience` failing rounds lower it by 1.5^1.5. Each class keeps its best state:
-the smallest mask L1 among rounds whose attack success on the optimisation
-batches reached `success`.
+Neural Cleanse's method, generalised from masks to families. The family's parameters are optimised with Adam.
+All K classes are stacked into one (K*B)-image forward and backward per step: the model is frozen and in eval
+mode, so no sample influences another and the batched optimisation is exactly K independent ones (Adam is
+elementwise), only computed together. Each class keeps its own cost schedule: the cost starts at the family's
+`start_cost` and stays there until the class's trigger first succeeds; from then on, as in Neural Cleanse,
+`patience` successful rounds raise it by 1.5x and `patience` failing rounds lower it by 1.5^1.5. Each class keeps
+its best state: the smallest size among rounds whose attack success on the optimisation batches reached the
+family's success level and whose end-of-round state also reaches it on the round's last batch.
 
-Early stopping, per class, as in Neural Cleanse: a class whose cost has been
-raised and lowered at least once and whose best mask L1 has not shrunk below
-`early_stop_threshold` x its previous best for `early_stop` rounds is done; it
-keeps its best state and leaves the batch, so later steps forward only the
-classes still improving (this is where the arithmetic is saved; the images a
-step draws do not change, so a class stops at the same step batched or alone).
+Early stopping, per class, as in Neural Cleanse: a class whose cost has been raised and lowered at least once and
+whose best size has not shrunk below `early_stop_threshold` x its previous best for `early_stop` rounds is done;
+so is a class still out of reach half-way through the budget (ours). A finished class keeps its best state and
+leaves the batch, so later steps forward only the classes still improving (this is where the arithmetic is saved;
+the images a step draws do not change, so a class stops at the same step batched or alone).
 """
 
 from __future__ import annotations
@@ -74,7 +70,6 @@ class ReverseSettings:
 
 @dataclass
 class Reversed:
-    family: Family
     classes: list[int]
     tensors: dict[str, torch.Tensor]  # the best trigger tensors per class, leading class dimension
     size: torch.Tensor  # (K,) the family's size of each best trigger
@@ -103,6 +98,23 @@ class Reversed:
     @property
     def mask_l1(self) -> torch.Tensor:
         return self.size
+
+
+def _stamped_logits(
+    model: nn.Module, family: Family, x: torch.Tensor, trigger: list[torch.Tensor], precision: str
+) -> torch.Tensor:
+    """(L,B,K) float logits of the (B,C,H,W) batch stamped with each of L triggers."""
+    stamped = family.stamp(x, trigger)
+    n_live, batch = stamped.shape[:2]
+    with autocast(x.device, precision):
+        out = model(stamped.flatten(0, 1).contiguous(memory_format=torch.channels_last))
+    return out.float().view(n_live, batch, -1)
+
+
+def _hit_rate(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """(L,) share of the valid images (other classes') that each trigger sends to its class."""
+    hits = (logits.argmax(2) == targets.unsqueeze(1)).float() * valid
+    return hits.sum(1) / valid.sum(1).clamp_min(1)
 
 
 def reverse_triggers(
@@ -164,11 +176,8 @@ def reverse_triggers(
             y = labels[idx].to(device)
             n_live = len(live)
             live_params = [p[live] for p in params]
-            stamped = family.stamp(x, live_params).reshape(n_live * batch, channels, height, width)
-            stamped = stamped.contiguous(memory_format=torch.channels_last)
-            with autocast(device, precision):
-                logits = model(stamped)
-            logits = logits.float().view(n_live, batch, -1)
+
+            logits = _stamped_logits(model, family, x, live_params, precision)
             live_targets = targets[live]
             valid = (y.unsqueeze(0) != live_targets.unsqueeze(1)).float()  # images already of class k do not count
             ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(
@@ -183,7 +192,7 @@ def reverse_triggers(
                 p.grad = g
             optimizer.step()
             with torch.no_grad():
-                acc_sum[live] += ((logits.argmax(2) == live_targets.unsqueeze(1)).float() * valid).sum(1) / count
+                acc_sum[live] += _hit_rate(logits, live_targets, valid)
                 steps_run[live] += 1
             if (step + 1) % budget.round_steps:
                 continue
@@ -197,11 +206,8 @@ def reverse_triggers(
                 # The state a class keeps must itself work, not only the round's average over changing states:
                 # the round's last batch, stamped with the state as it ends the round.
                 works = torch.zeros(k, dtype=torch.bool, device=device)
-                end = family.stamp(x, [p[live] for p in params]).reshape(n_live * batch, channels, height, width)
-                with autocast(device, precision):
-                    end_logits = model(end.contiguous(memory_format=torch.channels_last))
-                hits = (end_logits.float().view(n_live, batch, -1).argmax(2) == live_targets.unsqueeze(1)).float()
-                works[live] = (hits * valid).sum(1) / count >= family.success
+                end = _stamped_logits(model, family, x, [p[live] for p in params], precision)
+                works[live] = _hit_rate(end, live_targets, valid) >= family.success
                 better = ok & works & (size_now < best_size)
                 prev_best = best_size  # best_size never grows, so this is the smallest best before this round
                 best_size = torch.where(better, size_now, best_size)
@@ -260,7 +266,6 @@ def reverse_triggers(
         best_success = torch.where(never, last_acc, best_success)
         tensors = {name: t.cpu() for name, t in family.tensors(best, shape).items()}
     return Reversed(
-        family,
         list(classes),
         tensors,
         best_size.cpu(),
