@@ -22,7 +22,7 @@ from cleanse.record import describe_input, new_record, versions
 from cleanse.scan import BUDGETS, Budget, audit_data
 from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, SCALES, STATISTICS
 from cleanse.scan.detectors import DETECTORS, DetectorReport, ScanInputs
-from cleanse.scan.verdict import CORROBORATION, combine
+from cleanse.scan.verdict import combine, corroborates
 from cleanse.viz import image_grid, save_png
 
 HOLD_OUT = 0.2  # share of the clean images held out to measure the reversed triggers
@@ -228,7 +228,7 @@ def _verdict_doc(
     for k in verdict["suspected_targets"]:  # each family's reversed trigger that flags or corroborates the target
         for name in reversal:
             evidence = reports[name].classes[k]
-            if evidence["flagged"] or (evidence["small_side"] and evidence["score"] >= CORROBORATION):
+            if evidence["flagged"] or corroborates(evidence):
                 evidence["trigger_file"] = trigger_file(k, name)
     rows = []
     for k, class_name in enumerate(classes):

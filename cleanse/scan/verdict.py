@@ -31,9 +31,14 @@ def _strength(report: DetectorReport, c: int) -> float:
     return score if report.score_name == "anomaly_index" else -score
 
 
+def corroborates(row: dict[str, Any]) -> bool:
+    """A reverse-engineering detector's class row that places the class on the small side at z >= CORROBORATION."""
+    return bool(row["small_side"]) and row["score"] >= CORROBORATION
+
+
 def _corroborated(c: int, reports: dict[str, DetectorReport], reversal: set[str]) -> bool:
     rows = [reports[n].classes[c] for n in reversal]
-    return not rows or any(r["small_side"] and r["score"] >= CORROBORATION for r in rows)
+    return not rows or any(corroborates(r) for r in rows)
 
 
 def combine(reports: dict[str, DetectorReport], reversal: set[str]) -> dict[str, Any]:
