@@ -16,6 +16,7 @@ from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_optio
 from cleanse.cli.render import LOOP_VIEWS, Column, float_cell, run_job, seconds_cell, show, view
 from cleanse.engine.events import Event
 from cleanse.jobs import ScanOptions, ScanResult, scan
+from cleanse.report.render import scan_table
 from cleanse.scan import BUDGETS
 from cleanse.scan.detectors import DETECTORS
 
@@ -214,24 +215,16 @@ def show_scan(result: ScanResult) -> None:
 
 def _show_classes(doc: dict[str, Any]) -> None:
     names = doc["detectors_run"]
-    kinds = {n: doc["detectors"][n]["score"] for n in names}
     table = Table(
         title="detectors per class: the smallest reversed trigger's size and its anomaly index z (small side), "
         "MM-BD's largest margin and p-value; * = flagged",
         title_justify="left",
     )
-    table.add_column("class", justify="left")
-    for n in names:
-        table.add_column(f"{n} ({doc['detectors'][n]['statistic']})", justify="right")
-    table.add_column("flagged by", justify="left")
-    for c in doc["classes"]:
-        cells = []
-        for n in names:
-            d = c[n]
-            value = f"{d['statistic']:.3g}" if d.get("reached", True) else "not reached"
-            score = f"p {d['score']:.2g}" if kinds[n] == "p_value" else f"z {d['score']:.2f}"
-            cells.append(f"{value}  {score}" + (" *" if d["flagged"] else ""))
-        table.add_row(f"{c['index']} {c['name']}", *cells, ", ".join(c["flagged_by"]))
+    header, rows = scan_table(doc)  # the report's table, cell for cell
+    for i, heading in enumerate(header):
+        table.add_column(heading, justify="left" if i in (0, len(header) - 1) else "right")
+    for row in rows:
+        table.add_row(*row)
     show(table)
     if doc["backdoored"]:
         names_of = ", ".join(f"{k} ({doc['classes'][k]['name']})" for k in doc["suspected_targets"])
