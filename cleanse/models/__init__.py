@@ -12,7 +12,7 @@ and `cleanse.version` outside itself; never the package face (`cleanse`) or anyt
 scan, cli, api).
 """
 
-from cleanse.models import cnn, resnet, vgg  # noqa: F401  (registration)
+from cleanse.models import cnn, resnet, vgg, vit  # noqa: F401  (registration)
 from cleanse.models.build import build_net, check_arch_args, new_model
 from cleanse.models.diagnose import describe_mismatch
 from cleanse.models.load import load_model, save_model
