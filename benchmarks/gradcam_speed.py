@@ -21,7 +21,8 @@ from benchmarks.common import machine, write_results
 from cleanse.attacks import poison_dataset
 from cleanse.data import make_synthetic
 from cleanse.engine.device import autocast, resolve_precision
-from cleanse.engine.gradcam import default_layer, grad_cam, normalise, resolve_layer, tar_layer
+from cleanse.engine.gradcam import grad_cam, normalise
+from cleanse.engine.layers import default_layer, resolve_layer, tar_layer
 from cleanse.engine.tar import measure_tar
 from cleanse.models import new_model
 

@@ -43,7 +43,7 @@ from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der
-from cleanse.engine.gradcam import tar_layer
+from cleanse.engine.layers import tar_layer
 from cleanse.engine.measure import measure
 from cleanse.jobs import RunSettings, ScanOptions, scan
 from cleanse.jobs.scan import HOLD_OUT

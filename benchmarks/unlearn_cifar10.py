@@ -56,7 +56,7 @@ from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der, predict
-from cleanse.engine.gradcam import tar_layer
+from cleanse.engine.layers import tar_layer
 from cleanse.engine.measure import measure
 from cleanse.models import load_model
 from cleanse.recipes import RECIPES, RecipeContext

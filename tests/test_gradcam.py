@@ -13,16 +13,8 @@ from typer.testing import CliRunner
 
 from cleanse.attacks import Trigger
 from cleanse.cli import app
-from cleanse.engine.gradcam import (
-    cam_shift,
-    default_layer,
-    grad_cam,
-    map_layers,
-    resolve_layer,
-    summarise,
-    tar_and_share,
-    tar_layer,
-)
+from cleanse.engine.gradcam import cam_shift, grad_cam, summarise, tar_and_share
+from cleanse.engine.layers import default_layer, probe_layers, resolve_layer, tar_layer
 from cleanse.engine.tar import measure_tar
 from cleanse.errors import CleanseError
 from cleanse.models import ARCHITECTURES, new_model, save_model
@@ -86,11 +78,11 @@ def test_default_and_tar_layers_exist_for_every_architecture(arch):
     layer = default_layer(model, (3, 32, 32))
     res = grad_cam(model, torch.rand(2, 3, 32, 32), layer)
     assert res.cams.shape == (2, 32, 32) and (res.cams >= 0).all()
-    shapes = {i.name: i.shape for i in map_layers(model, (3, 32, 32))}
-    assert shapes[tar_layer(model, (3, 32, 32))][1] >= 4
+    grids = {i.name: i.grid for i in probe_layers(model, (3, 32, 32))}
+    assert grids[tar_layer(model, (3, 32, 32))][0] >= 4
     if arch == "cnn":
-        assert layer == "layer3" and shapes["layer3"][1:] == (3, 3)
-        assert tar_layer(model, (3, 32, 32)) == "layer2" and shapes["layer2"][1:] == (7, 7)
+        assert layer == "layer3" and grids["layer3"] == (3, 3)
+        assert tar_layer(model, (3, 32, 32)) == "layer2" and grids["layer2"] == (7, 7)
 
 
 def test_tar_and_attention_share_by_hand():

@@ -23,7 +23,7 @@ from typer.testing import CliRunner
 
 from cleanse.cli import app
 from cleanse.data.subset import clean_subset
-from cleanse.engine.gradcam import tar_layer
+from cleanse.engine.layers import tar_layer
 from cleanse.files import read_safetensors
 from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state

@@ -29,7 +29,14 @@ TriggerOpt = Annotated[
 ]
 NOpt = Annotated[int, typer.Option("--n", help="How many images to draw from --data (seeded, class-balanced order).")]
 LayerOpt = Annotated[
-    str | None, typer.Option("--layer", help="Module name to explain (default: the last conv map before pooling).")
+    str | None,
+    typer.Option(
+        "--layer",
+        help=(
+            "Layer to explain: a module name, or NAME@HxW to read its tokens on an HxW grid "
+            "(default: the deepest feature map with a gradient from the prediction; docs/architectures.md)."
+        ),
+    ),
 ]
 TargetOpt = Annotated[str, typer.Option("--target", help="Class each map explains: predicted | label | INT.")]
 

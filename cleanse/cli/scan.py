@@ -80,7 +80,11 @@ ScaleOpt = Annotated[
     ),
 ]
 LayerOpt = Annotated[
-    str | None, typer.Option("--layer", help="Layer for the reversed triggers' TAR (default: the TAR layer).")
+    str | None,
+    typer.Option(
+        "--layer",
+        help="Layer for the reversed triggers' TAR: NAME or NAME@HxW (default: the TAR layer; docs/architectures.md).",
+    ),
 ]
 AuditDataOpt = Annotated[
     str | None, typer.Option("--audit-data", help="Also rank this training DATA's samples by suspicion.")

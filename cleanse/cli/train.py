@@ -23,6 +23,13 @@ OutputOpt = Annotated[Path, typer.Option("--output", "-o", help="Model checkpoin
 EpochsOpt = Annotated[int, typer.Option("--epochs", help="Passes over the training data.")]
 BatchSizeOpt = Annotated[int | None, typer.Option("--batch-size", help="Default: 512 for 20,000+ images, else 256.")]
 LrOpt = Annotated[float | None, typer.Option("--lr", help="Peak learning rate (default depends on the architecture).")]
+OptimizerOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--optimizer",
+        help="sgd | adamw (default: adamw for transformer-style networks, else sgd; docs/architectures.md).",
+    ),
+]
 TestOpt = Annotated[str | None, typer.Option("--test", help="Held-out clean DATA for CA (and ASR/RA with --trigger).")]
 TriggerOpt = Annotated[Path | None, typer.Option("--trigger", help="Trigger file for ASR/RA on --test.")]
 InitOpt = Annotated[
@@ -63,6 +70,7 @@ def train_command(
     precision: PrecisionOpt = "auto",
     split: SplitOpt = "train",
     no_cache: NoCacheOpt = False,
+    optimizer: OptimizerOpt = None,
 ) -> None:
     """Train a model; evaluate CA (and ASR/RA with --trigger) on --test every epoch."""
     options = TrainOptions(
@@ -80,6 +88,7 @@ def train_command(
         precision,
         split,
         no_cache,
+        optimizer,
     )
     run_job(train, options, common)
 

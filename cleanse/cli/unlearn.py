@@ -65,7 +65,14 @@ EvalTriggerOpt = Annotated[
 ]
 EpochsOpt = Annotated[int | None, typer.Option("--epochs", help="The recipe's main budget (see docs/recipes/).")]
 LayerOpt = Annotated[
-    str | None, typer.Option("--layer", help="Layer for TAR (default: deepest block output >= input/8).")
+    str | None,
+    typer.Option(
+        "--layer",
+        help=(
+            "Layer for TAR: NAME or NAME@HxW "
+            "(default: the deepest block output at least input/8 on a side; docs/architectures.md)."
+        ),
+    ),
 ]
 OutputOpt = Annotated[
     Path | None,

@@ -1,6 +1,8 @@
 """Batched Grad-CAM on the model's device, and the Trigger Attention Ratio (TAR).
 
-Grad-CAM (Selvaraju et al., 2017) for class c at layer activation A (N,K,h,w):
+Grad-CAM (Selvaraju et al., 2017) for class c at layer activation A, viewed as (N,K,h,w) by its layout
+(engine/layers.py: conv maps as they are, channels-last maps permuted, tokens without their prefix tokens laid
+on the patch grid, as pytorch-grad-cam's reshape_transform does for ViTs):
     w_k = mean over (i, j) of d score_c / d A_k(i, j)
     map = ReLU(sum_k w_k * A_k), bilinearly upsampled to the input size.
 score_c is the pre-softmax logit. Gradients are taken with torch.autograd.grad
@@ -21,102 +23,40 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleanse.engine.trace import Hook, trace_forward
+from cleanse.engine.layers import first_tensor, infer_layout, parse_layer, resolve_layer
 from cleanse.errors import CleanseError
 
 EPS = 1e-8
-_POOLS = (nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
-
-
-@dataclass
-class LayerInfo:
-    name: str
-    shape: tuple[int, ...]  # (K, h, w) of the layer's output
-
-
-def bare_net(model: nn.Module) -> nn.Module:
-    """The architecture inside a ClassifierModel (whose layer names have no `net.` prefix), or the model itself."""
-    net = getattr(model, "net", None)
-    return net if isinstance(net, nn.Module) else model
-
-
-def map_layers(model: nn.Module, input_size: tuple[int, int, int]) -> list[LayerInfo]:
-    """Modules that output a 4-D map, in the order their forward calls finish (one traced forward).
-
-    Modules called more than once per forward (a shared activation) are left out:
-    their output is not one well-defined map.
-    """
-    calls: dict[str, int] = {}
-    order: list[LayerInfo] = []
-    inner = bare_net(model)
-
-    def hook_for(name: str) -> Hook:
-        def hook(mod: nn.Module, args: object, out: object) -> None:
-            calls[name] = calls.get(name, 0) + 1
-            if isinstance(out, torch.Tensor) and out.dim() == 4:
-                order.append(LayerInfo(name, tuple(out.shape[1:])))
-
-        return hook
-
-    device = next(model.parameters()).device
-    trace_forward(
-        model,
-        torch.zeros(1, *input_size, device=device),
-        [(module, hook_for(name)) for name, module in inner.named_modules() if name],
-    )
-    return [info for info in order if calls[info.name] == 1]
-
-
-def default_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
-    """The last module producing a spatial (larger than 1x1) 4-D map before global pooling."""
-    spatial = [i for i in map_layers(model, input_size) if i.shape[1] * i.shape[2] > 1]
-    if not spatial:
-        raise CleanseError("the model has no 4-D feature map to explain; pass --layer NAME")
-    return spatial[-1].name
-
-
-def tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
-    """The deepest block output at least input/8 on a side: cells no larger than a small patch trigger.
-
-    Block outputs (the network's direct children) are preferred over modules inside a
-    block: on the synthetic BadNets model, cnn's `layer2` output (7x7) separates a
-    backdoored from a clean model far better than `layer3.conv1` (also 7x7, but a
-    pre-pooling convolution): set TAR 19.8 vs 1.9 against 4.2 vs 1.9.
-    """
-    _, height, width = input_size
-    fine = [i for i in map_layers(model, input_size) if i.shape[1] >= height / 8 and i.shape[2] >= width / 8]
-    blocks = [i for i in fine if "." not in i.name]
-    if not fine:
-        raise CleanseError("the model has no 4-D feature map at least input/8 on a side; pass --layer NAME")
-    return (blocks or fine)[-1].name
-
-
-def resolve_layer(model: nn.Module, name: str) -> nn.Module:
-    inner = bare_net(model)
-    modules = dict(inner.named_modules())
-    if name not in modules or not name:
-        valid = [n for n in modules if n]
-        shown = ", ".join(valid[-25:])
-        raise CleanseError(f"unknown layer {name!r}; valid layers include: {shown}")
-    return modules[name]
 
 
 @contextlib.contextmanager
 def capture(module: nn.Module, start_grad: bool = False) -> Iterator[list[torch.Tensor]]:
-    """Record the module's output on every forward; the hook is always removed.
+    """Record the module's output (the first item of a tuple output) on every forward; the hook is always removed.
 
     With `start_grad`, the output is replaced by a detached leaf that requires grad and
     autograd is switched on from there: run the forward under torch.no_grad() and only
-    the part of the network after the layer is recorded for the backward pass.
+    the part of the network after the layer is recorded for the backward pass. The network
+    receives a copy of the leaf, so an in-place operation after the layer (ReLU(inplace=True))
+    is allowed.
     """
     store: list[torch.Tensor] = []
 
-    def hook(mod: nn.Module, args: object, out: torch.Tensor) -> torch.Tensor | None:
-        if start_grad:
-            out = out.detach().requires_grad_(True)
-            torch.set_grad_enabled(True)
-        store.append(out)
-        return out if start_grad else None
+    def hook(mod: nn.Module, args: object, out: object) -> object:
+        t = first_tensor(out)
+        if t is None:
+            raise CleanseError(
+                f"layer {type(mod).__name__} returns {type(out).__name__}, not a tensor; choose another --layer"
+            )
+        if not start_grad:
+            store.append(t)
+            return None
+        leaf = t.detach().requires_grad_(True)
+        torch.set_grad_enabled(True)
+        store.append(leaf)
+        passed = leaf.clone()
+        if isinstance(out, (tuple, list)):
+            return type(out)([passed, *out[1:]])
+        return passed
 
     handle = module.register_forward_hook(hook)
     try:
@@ -135,7 +75,8 @@ class CamResult:
 
 def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor | None = None) -> CamResult:
     """Grad-CAM maps for a batch of [0,1] images (N,C,H,W) at `layer`, for `target` (default: predicted)."""
-    module = resolve_layer(model, layer)
+    name, grid = parse_layer(layer)
+    module = resolve_layer(model, name)
     was_training = model.training
     model.eval()
     try:
@@ -146,11 +87,18 @@ def grad_cam(model: nn.Module, x: torch.Tensor, layer: str, target: torch.Tensor
                     f"layer {layer!r} runs {len(store)} times per forward; choose a layer that runs once"
                 )
             activation = store[0]
+            layout = infer_layout(activation.shape, (x.shape[2], x.shape[3]), grid)
+            if layout is None:
+                raise CleanseError(
+                    f"layer {name!r} outputs {tuple(activation.shape[1:])} per image, not a feature map on the "
+                    "image grid; choose another --layer (or give a token grid: NAME@HxW)"
+                )
             classes = logits.argmax(1) if target is None else target.to(logits.device)
             score = logits.gather(1, classes.view(-1, 1)).sum()
             (grads,) = torch.autograd.grad(score, activation)
-        weights = grads.mean(dim=(2, 3), keepdim=True)
-        cam = F.relu((weights * activation.detach()).sum(1, keepdim=True))
+        feature_map, grad_map = layout.to_map(activation.detach()), layout.to_map(grads)
+        weights = grad_map.mean(dim=(2, 3), keepdim=True)
+        cam = F.relu((weights * feature_map).sum(1, keepdim=True))
         cam = F.interpolate(cam, size=x.shape[2:], mode="bilinear", align_corners=False)[:, 0]
     finally:
         model.train(was_training)

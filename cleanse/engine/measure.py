@@ -26,11 +26,11 @@ def measure(
     model: ClassifierModel,
     data: Dataset,
     trigger: Trigger | None,
-    layer: str,
+    layer: str | None,
     eval_triggers: dict[str, Trigger] | None = None,
 ) -> dict[str, Any]:
     """CA/ASR/RA and TAR figures (all keys present, null when undefined), plus reporting-only ASR/RA per
-    --eval-trigger."""
+    --eval-trigger. TAR needs a trigger and a Grad-CAM layer."""
     m = evaluate(model, data, trigger)
     out: dict[str, Any] = {k: m.get(k) for k in SUMMARY_KEYS}
     if eval_triggers:
@@ -39,7 +39,7 @@ def measure(
             e = evaluate(model, data, extra)
             extras[name] = {"attack_success_rate": e["attack_success_rate"], "robust_accuracy": e["robust_accuracy"]}
         out["eval_triggers"] = extras
-    if trigger is not None:
+    if trigger is not None and layer is not None:
         t = measure_tar(model, data.images, data.labels, trigger, layer)
         out.update(
             {

@@ -3,8 +3,12 @@
 Defaults for `cnn` follow airbench94 (Nesterov SGD, momentum 0.85, a triangular
 learning-rate schedule, label smoothing 0.2, 64x learning rate on BatchNorm
 biases, a frozen whitening layer whose bias trains for the first 3 epochs, and
-lookahead weight averaging every 5 steps). Other architectures get a
-conventional setting (momentum 0.9, weight decay 5e-4, label smoothing 0.1).
+lookahead weight averaging every 5 steps). Transformer-style networks (any
+LayerNorm or MultiheadAttention, no BatchNorm: ViT, Swin, ConvNeXt) get AdamW
+as DeiT and ConvNeXt train them (weight decay 0.05 on weights of two or more
+dimensions, none on biases and norm parameters; peak lr 1e-3 x B/512). Other
+architectures get a conventional setting (Nesterov SGD, momentum 0.9, weight
+decay 5e-4). Label smoothing 0.1 for both.
 """
 
 from __future__ import annotations
@@ -44,6 +48,7 @@ _CONFIG_FLAGS = {
     "epochs": "--epochs",
     "batch_size": "--batch-size",
     "lr": "--lr",
+    "optimizer": "--optimizer",
     "precision": "--precision",
     "seed": "--seed",
     "init_whitening": "--init",
@@ -55,6 +60,7 @@ class TrainConfig:
     epochs: int = 10
     batch_size: int | None = None  # None: 512 for 20,000+ images, else 256 (enough steps on small sets)
     lr: float | None = None  # peak learning rate for the mean loss; None: the architecture's default
+    optimizer: str | None = None  # "sgd" | "adamw"; None: the architecture's default
     momentum: float | None = None
     weight_decay: float | None = None
     label_smoothing: float | None = None
@@ -70,11 +76,12 @@ class TrainConfig:
     monitor_size: int = 2000  # per-epoch CA/ASR on a fixed sample of --test; the final figures use all of it
     init_whitening: bool = True  # set the cnn's whitening filters from the data (off when continuing from weights)
 
-    def resolved(self, airbench: bool, n: int) -> ResolvedConfig:
-        """Fill data- and architecture-dependent defaults (airbench-style for `cnn`)."""
+    def resolved(self, airbench: bool, n: int, transformer: bool = False) -> ResolvedConfig:
+        """Fill data- and architecture-dependent defaults (airbench-style for `cnn`, AdamW for transformers)."""
         batch_size = self.batch_size or (512 if n >= 20000 else 256)
         if airbench:
             defaults = dict(
+                optimizer="sgd",
                 lr=1.5 * batch_size / 1024,
                 momentum=0.85,
                 weight_decay=1.33e-3,
@@ -82,8 +89,19 @@ class TrainConfig:
                 bias_lr_scale=64.0,
                 lookahead=True,
             )
+        elif transformer or self.optimizer == "adamw":
+            defaults = dict(
+                optimizer="adamw",
+                lr=1e-3 * batch_size / 512,
+                momentum=0.9,  # AdamW's beta1
+                weight_decay=0.05,
+                label_smoothing=0.1,
+                bias_lr_scale=1.0,
+                lookahead=False,
+            )
         else:
             defaults = dict(
+                optimizer="sgd",
                 lr=0.1 * batch_size / 256,
                 momentum=0.9,
                 weight_decay=5e-4,
@@ -103,6 +121,7 @@ class ResolvedConfig(TrainConfig):
 
     batch_size: int = 256
     lr: float = 0.1
+    optimizer: str = "sgd"
     momentum: float = 0.9
     weight_decay: float = 5e-4
     label_smoothing: float = 0.1
@@ -134,9 +153,24 @@ class Lookahead:
                 value.copy_(self.ema[key])
 
 
+def is_transformer(net: torch.nn.Module) -> bool:
+    """LayerNorm or attention and no BatchNorm: the networks trained with AdamW (ViT, Swin, ConvNeXt)."""
+    kinds = tuple(type(m) for m in net.modules())
+    has_bn = any(issubclass(k, torch.nn.modules.batchnorm._BatchNorm) for k in kinds)
+    return not has_bn and any(issubclass(k, (torch.nn.LayerNorm, torch.nn.MultiheadAttention)) for k in kinds)
+
+
 def _param_groups(model: ClassifierModel, cfg: ResolvedConfig) -> list[dict[str, Any]]:
     norm_biases: list[torch.nn.Parameter] = []
     others: list[torch.nn.Parameter] = []
+    if cfg.optimizer == "adamw":  # no weight decay on biases and norm parameters (DeiT, ConvNeXt)
+        decayed = [p for p in model.net.parameters() if p.requires_grad and p.dim() > 1]
+        plain = [p for p in model.net.parameters() if p.requires_grad and p.dim() <= 1]
+        return [
+            {"params": group, "lr": cfg.lr, "base_lr": cfg.lr, "weight_decay": wd}
+            for group, wd in ((decayed, cfg.weight_decay), (plain, 0.0))
+            if group
+        ]
     for name, p in model.net.named_parameters():
         if not p.requires_grad:
             continue
@@ -328,7 +362,7 @@ def train_model(
         )
     device = model.device
     airbench = hasattr(model.net, "init_from_data")
-    cfg = config.resolved(airbench, len(data))
+    cfg = config.resolved(airbench, len(data), is_transformer(model.net))
     torch.manual_seed(cfg.seed)
     gen = torch.Generator().manual_seed(cfg.seed)
     n = len(data)
@@ -348,7 +382,11 @@ def train_model(
         sample = images[torch.randperm(n, generator=gen)[:5000].to(device)].permute(0, 3, 1, 2).float().div(255)
         model.net.init_from_data((sample - model.mean) / model.std)  # type: ignore[operator]
     model.to(memory_format=torch.channels_last)
-    optimizer = torch.optim.SGD(_param_groups(model, cfg), momentum=cfg.momentum, nesterov=True)
+    optimizer: torch.optim.Optimizer
+    if cfg.optimizer == "adamw":
+        optimizer = torch.optim.AdamW(_param_groups(model, cfg), betas=(cfg.momentum, 0.999))
+    else:
+        optimizer = torch.optim.SGD(_param_groups(model, cfg), momentum=cfg.momentum, nesterov=True)
     whiten_bias = getattr(getattr(model.net, "whiten", None), "bias", None)
     lookahead = Lookahead(model.net) if cfg.lookahead else None
     triggered = TriggeredSet.build(test, trigger) if (test is not None and trigger is not None) else None

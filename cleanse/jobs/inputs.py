@@ -10,6 +10,7 @@ import torch
 
 from cleanse.data import Dataset, load_data
 from cleanse.engine.device import resolve_device
+from cleanse.engine.layers import check_layer, find_tar_layer
 from cleanse.errors import CleanseError
 from cleanse.jobs.progress import Progress
 from cleanse.models import ClassifierModel, ModelOptions, load_model
@@ -36,6 +37,21 @@ def load_job_model(
     for note in model.notes:
         progress.note(note)
     return model
+
+
+def tar_layer_for(model: ClassifierModel, given: str | None, progress: Progress) -> str | None:
+    """The layer TAR is measured at: --layer (checked before any work) or the model's TAR layer; None, with a note,
+    when the model has no feature map Grad-CAM can use (TAR is then reported as null)."""
+    if given is not None:
+        check_layer(model, given, model.spec.input_size)
+        return given
+    found = find_tar_layer(model, model.spec.input_size)
+    if found is None:
+        progress.note(
+            "TAR is not measured: the model has no feature map Grad-CAM can use (conv map, channels-last map or "
+            "token grid); pass --layer NAME to choose one"
+        )
+    return found
 
 
 def load_clean(spec: str, split: str, no_cache: bool, size: tuple[int, int] | None = None) -> tuple[Dataset, int]:

@@ -10,11 +10,10 @@ from typing import Any
 import torch
 
 from cleanse.attacks import load_trigger
-from cleanse.engine.gradcam import tar_layer
 from cleanse.engine.measure import measure
 from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, check_output_folder, write_bytes_atomic, write_json_atomic
-from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model
+from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model, tar_layer_for
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ModelOptions, load_model
 from cleanse.record import describe_input, new_record, versions
@@ -176,7 +175,7 @@ def _direct(o: ReportOptions, model_path: str, data: str, dev: torch.device, pro
     trig = load_trigger(o.trigger) if o.trigger else None
     if trig is not None:
         trig.check_size(*model.spec.input_size, what="the model's inputs")
-    layer = tar_layer(model, model.spec.input_size)
+    layer = tar_layer_for(model, None, progress) if trig is not None else None
     return {
         "model": model_path,
         "model_sha256": model.source_sha256,

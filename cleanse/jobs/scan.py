@@ -12,10 +12,9 @@ import torch
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
-from cleanse.engine.gradcam import resolve_layer, tar_layer
 from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, check_output_folder, write_json_atomic
-from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model
+from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model, tar_layer_for
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ModelOptions
 from cleanse.record import describe_input, new_record, versions
@@ -123,9 +122,8 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
     model = load_job_model(o.model_path, o.model, dev, progress)
     _, height, width = model.spec.input_size
     measure_layer = None
-    if "patch" in names:  # the only detector whose triggers have a region for TAR
-        measure_layer = o.layer or tar_layer(model, model.spec.input_size)
-        resolve_layer(model, measure_layer)
+    if "patch" in names or o.layer is not None:  # patch triggers are the only ones with a region for TAR
+        measure_layer = tar_layer_for(model, o.layer, progress)
 
     doc: dict[str, Any] = {"model": o.model_path, "model_sha256": model.source_sha256}
     reports: dict[str, DetectorReport] = {}

@@ -36,6 +36,7 @@ from cleanse.models import ClassifierModel, ModelOptions, new_model, save_model
 from cleanse.record import describe_input, new_record, record_path, versions
 from cleanse.training_defaults import data_normalization
 
+OPTIMIZERS = ("sgd", "adamw")
 TRAIN_RUN_FACTS = (("data", "DATA"), ("init", "--init"), ("arch", "--arch"), ("arch_args", "--arch-arg"))
 
 
@@ -57,6 +58,7 @@ class TrainOptions:
     precision: str = "auto"
     split: str = "train"
     no_cache: bool = False
+    optimizer: str | None = None  # sgd | adamw; None: by architecture (engine/train.py)
 
 
 @dataclass
@@ -85,6 +87,8 @@ def _check_numbers(o: TrainOptions) -> None:
         raise CleanseError("--epochs and --batch-size must be at least 1")
     if o.lr is not None and not (math.isfinite(o.lr) and o.lr > 0):
         raise CleanseError(f"--lr {o.lr} must be a positive number, e.g. 0.1")
+    if o.optimizer is not None and o.optimizer not in OPTIMIZERS:
+        raise CleanseError(f"--optimizer {o.optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
     if o.checkpoint_every is not None and o.checkpoint_every < 1:
         raise CleanseError(f"--checkpoint-every {o.checkpoint_every} must be at least 1 (epochs between checkpoints)")
 
@@ -131,7 +135,13 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
         if test_data is None:
             progress.note("note: --trigger without --test: ASR/RA are not measured")
     config = TrainConfig(
-        epochs=o.epochs, batch_size=o.batch_size, lr=o.lr, precision=prec, seed=s.seed, init_whitening=o.init is None
+        epochs=o.epochs,
+        batch_size=o.batch_size,
+        lr=o.lr,
+        optimizer=o.optimizer,
+        precision=prec,
+        seed=s.seed,
+        init_whitening=o.init is None,
     )
     facts = {
         "data": describe_input(o.data),

@@ -16,7 +16,6 @@ from cleanse.data import Dataset, load_data
 from cleanse.data.subset import CleanSplit, clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der
-from cleanse.engine.gradcam import resolve_layer, tar_layer
 from cleanse.engine.measure import measure
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
@@ -30,6 +29,7 @@ from cleanse.jobs.inputs import (
     load_job_model,
     open_resume_file,
     resume_path,
+    tar_layer_for,
 )
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ClassifierModel, ModelOptions, save_model
@@ -235,7 +235,7 @@ class _Loaded:
     report_on: Dataset
     report_name: str
     test_dropped: int
-    layer: str  # the TAR layer
+    layer: str | None  # the TAR layer; None when no trigger is given or the model has no Grad-CAM layer
     device: torch.device
     precision: str
 
@@ -251,6 +251,7 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
     model = load_job_model(o.model_path, o.model, dev, progress)
     channels, height, width = model.spec.input_size
     trig = load_trigger(o.trigger) if o.trigger else None
+    measure_layer = tar_layer_for(model, o.layer, progress) if trig is not None or o.layer is not None else None
     for name in plan.names:
         RECIPES.get(name).check(plan.params[name], trig)
     extra_triggers = {p.name: load_trigger(p) for p in o.eval_triggers}
@@ -265,8 +266,6 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
     test_data, test_dropped = load_clean(o.test, "test", o.no_cache, (height, width)) if o.test else (None, 0)
     if test_data is not None and o.test is not None:
         check_classes(model, test_data, o.test)
-    measure_layer = o.layer or tar_layer(model, model.spec.input_size)
-    resolve_layer(model, measure_layer)
     report_on, report_name = (
         (test_data, f"--test {o.test}") if test_data is not None else (split.held, "the held-back clean images")
     )

@@ -9,7 +9,8 @@ import torch
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
-from cleanse.engine.gradcam import default_layer, normalise
+from cleanse.engine.gradcam import normalise
+from cleanse.engine.layers import default_layer
 from cleanse.engine.tar import cam_pair
 from cleanse.heatmap import colorize, overlay
 from cleanse.models import ClassifierModel
