@@ -27,6 +27,7 @@ from torch import nn
 from cleanse.engine.device import autocast
 from cleanse.engine.trace import Hook, trace_forward
 from cleanse.errors import CleanseError
+from cleanse.models import ClassifierModel
 from cleanse.recipes.base import (
     Param,
     Recipe,
@@ -166,7 +167,10 @@ def resolve_layers(net: nn.Module, spec: str, example: torch.Tensor, num_classes
             )
         _check_editable(token, modules[token])
         if token not in order:
-            raise CleanseError(f"act-edit: module {token!r} is not used in the forward pass")
+            raise CleanseError(
+                f"act-edit: module {token!r} is not called in the forward pass (its parent may use its weights "
+                "directly, as nn.MultiheadAttention does with out_proj); choose another layer"
+            )
         names.append(token)
     if not names:
         raise CleanseError("act-edit needs at least one layer to edit (--param layers=head)")
@@ -202,14 +206,21 @@ class ActEdit(Recipe):
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start during repair"),
     }
 
+    def check_model(self, model: ClassifierModel, params: dict[str, Any]) -> None:
+        self._layers(model, params)
+
+    @staticmethod
+    def _layers(model: ClassifierModel, params: dict[str, Any]) -> list[str]:
+        c, h, w = model.spec.input_size
+        example = torch.zeros(1, c, h, w, device=model.device)
+        return resolve_layers(model.net, str(params["layers"]), example, model.spec.num_classes)
+
     def run(self, ctx: RecipeContext) -> RecipeResult:
+        names = self._layers(ctx.model, ctx.params)  # before any work
         run = RecipeRun.begin(self, ctx, asr_good=ctx.params["asr_good"])
         p, model, trigger, train = ctx.params, ctx.model, ctx.trigger, ctx.split.train
         assert trigger is not None  # begin() refused a missing one
 
-        c, h, w = model.spec.input_size
-        example = torch.zeros(1, c, h, w, device=ctx.device)
-        names = resolve_layers(model.net, str(p["layers"]), example, model.spec.num_classes)
         rows = trigger.eligible(train.labels).nonzero().flatten()
         if len(rows) == 0:
             raise CleanseError(

@@ -115,6 +115,11 @@ class Recipe(ABC):
         The default accepts every combination."""
         return None
 
+    def check_model(self, model: ClassifierModel, params: dict[str, Any]) -> None:
+        """Refuse an architecture the recipe cannot apply to, in one line (a CleanseError), before any work: what
+        the recipe's `run` checks first, callable as soon as the model is loaded. The default accepts every model."""
+        return None
+
     @abstractmethod
     def run(self, ctx: RecipeContext) -> RecipeResult:
         """Change ctx.model in place and return the result; a recipe opens a RecipeRun first (RecipeRun.begin)."""

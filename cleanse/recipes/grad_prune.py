@@ -1,15 +1,18 @@
-"""`grad-prune`: gradients of an unlearning loss pick the conv filters to prune, then fine-tuning.
+"""`grad-prune`: gradients of an unlearning loss pick the units to prune, then fine-tuning.
 
 Clean images x of the subset are paired with triggered copies T(x) kept at their
 true labels y (rows whose class is not the target). The unlearning loss is
 
     L_u = CE(f(T(x)), y)
 
-Each round computes mean |dL_u/dW| over each conv filter's weights (one score per
-output channel, eval mode, on the training part of the subset), ranks the filters
-of ALL conv layers together and prunes the highest-scoring one(s) not yet pruned.
-A pruned channel is masked persistently: its filter and bias and the following
-BatchNorm's gamma and beta are zeroed and re-zeroed after every optimiser step.
+The units are found by tracing (cleanse/recipes/units.py): the output channels of
+convs whose output reaches a BatchNorm or an activation, and the hidden units of
+MLPs (rows of a Linear that feeds an activation); a model without any is refused
+before any work. Each round computes mean |dL_u/dW| over each unit's weights (one
+score per conv filter or Linear row, eval mode, on the training part of the subset),
+ranks the units of ALL layers together and prunes the highest-scoring one(s) not yet
+pruned. A pruned unit is masked persistently: its filter or row and bias and the
+following BatchNorm's gamma and beta are zeroed and re-zeroed after every optimiser step.
 After each round the held-back unlearning loss and CA are measured; the round with
 the lowest held-back unlearning loss is kept. Pruning stops when held-back CA has
 fallen `ca_drop` (absolute) from the start, after `patience` rounds without a new
@@ -22,7 +25,6 @@ the held-back value of that loss.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -31,8 +33,8 @@ from torch import nn
 
 from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
-from cleanse.engine.trace import trace_forward
 from cleanse.errors import CleanseError
+from cleanse.models import ClassifierModel
 from cleanse.recipes.base import (
     Param,
     Recipe,
@@ -45,49 +47,26 @@ from cleanse.recipes.base import (
     repair_loss,
     trainable,
 )
+from cleanse.recipes.units import UnitLayer, trace_units
 
-# Modules that act on each channel separately: a BatchNorm reached from a conv through these still normalises that
-# conv's channels.
-_CHANNELWISE = (
-    nn.MaxPool1d,
-    nn.MaxPool2d,
-    nn.MaxPool3d,
-    nn.AvgPool1d,
-    nn.AvgPool2d,
-    nn.AvgPool3d,
-    nn.ReLU,
-    nn.ReLU6,
-    nn.GELU,
-    nn.SiLU,
-    nn.LeakyReLU,
-    nn.ELU,
-    nn.Mish,
-    nn.Hardswish,
-    nn.Sigmoid,
-    nn.Tanh,
-    nn.Identity,
-    nn.Dropout,
-    nn.Dropout2d,
+Unit = tuple[str, int]  # (layer, unit): a conv output channel or a Linear output feature
+
+NO_UNITS = (
+    "grad-prune found no prunable units (conv channels followed by BatchNorm/activation, or MLP hidden units) "
+    "in this model; use --method tar-ewc or ulrl"
 )
 
-Filter = tuple[str, int]
 
-
-def prunable_convs(net: nn.Module) -> dict[str, nn.Conv2d]:
-    """Conv layers whose weights are learned (a frozen layer, like cnn's whitening, is preprocessing, not a feature)."""
-    return {name: m for name, m in net.named_modules() if isinstance(m, nn.Conv2d) and m.weight.requires_grad}
-
-
-def filter_scores(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Mean |dL/dW| over each filter's weights: one score per output channel."""
+def unit_scores(grads: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Mean |dL/dW| over each unit's weights (every weight dimension but the first): one score per output unit."""
     return {name: g.abs().flatten(1).mean(1) for name, g in grads.items()}
 
 
 def rank_from_grads(
-    grads: dict[str, torch.Tensor], exclude: set[Filter] | frozenset = frozenset()
+    grads: dict[str, torch.Tensor], exclude: set[Unit] | frozenset = frozenset()
 ) -> list[tuple[str, int, float]]:
-    """All filters of all layers, highest score first, leaving out `exclude`."""
-    scores = filter_scores(grads)
+    """All units of all layers, highest score first, leaving out `exclude`."""
+    scores = unit_scores(grads)
     names = list(scores)
     flat = torch.cat([scores[n].float() for n in names])
     owner = [(n, c) for n in names for c in range(len(scores[n]))]
@@ -96,66 +75,35 @@ def rank_from_grads(
     return [(owner[i][0], owner[i][1], values[i]) for i in order if owner[i] not in exclude]
 
 
-def rank_filters(
-    model: nn.Module, loss: torch.Tensor, exclude: set[Filter] | frozenset = frozenset()
+def rank_units(
+    layers: dict[str, UnitLayer], loss: torch.Tensor, exclude: set[Unit] | frozenset = frozenset()
 ) -> list[tuple[str, int, float]]:
-    """Rank every learned conv filter of `model` by mean |d loss / dW|, across all layers at once."""
-    convs = prunable_convs(model)
-    grads = torch.autograd.grad(loss, [m.weight for m in convs.values()], allow_unused=True)
+    """Rank every unit of `layers` by mean |d loss / dW|, across all layers at once."""
+    grads = torch.autograd.grad(loss, [m.weight for m in layers.values()], allow_unused=True)
     return rank_from_grads(
-        {n: torch.zeros_like(m.weight) if g is None else g for (n, m), g in zip(convs.items(), grads, strict=True)},
+        {n: torch.zeros_like(m.weight) if g is None else g for (n, m), g in zip(layers.items(), grads, strict=True)},
         exclude,
     )
 
 
 def following_batchnorm(net: nn.Module, example: torch.Tensor) -> dict[str, str | None]:
     """For each conv, the BatchNorm that normalises its output channels (directly or through pooling/activations),
-    else None.
-
-    Found by tracing one forward pass: a BatchNorm follows a conv when its input is the conv's output, possibly passed
-    through channel-wise modules. Residual sums and functional ops break the chain, so a BatchNorm after
-    `conv + shortcut` does not count (zeroing it would cut the shortcut's channel too).
-    """
-    produced: dict[int, str] = {}  # id(output tensor) -> the conv it carries channels of
-    found: dict[str, str | None] = {}
-    alive: list[torch.Tensor] = []  # keep outputs referenced so ids are not reused during the trace
-
-    def hook(name: str, module: nn.Module) -> Callable[[nn.Module, tuple, Any], None]:
-        def fn(_m: nn.Module, args: tuple, out: Any) -> None:
-            if not isinstance(out, torch.Tensor) or not args or not isinstance(args[0], torch.Tensor):
-                return
-            source = produced.get(id(args[0]))
-            alive.extend([args[0], out])
-            if isinstance(module, nn.Conv2d):
-                found.setdefault(name, None)
-                produced[id(out)] = name
-            elif isinstance(module, nn.modules.batchnorm._BatchNorm):
-                if (
-                    source is not None
-                    and found.get(source) is None
-                    and module.num_features == out.shape[1]
-                    and module.affine
-                ):
-                    found[source] = name
-            elif isinstance(module, _CHANNELWISE) and source is not None:
-                produced[id(out)] = source
-
-        return fn
-
-    trace_forward(net, example, [(m, hook(n, m)) for n, m in net.named_modules() if not list(m.children())])
-    return found
+    else None (units.trace_units: a BatchNorm after a residual sum does not count)."""
+    trace = trace_units(net, example)
+    return {n: f for n, f in trace.follower.items() if isinstance(trace.layers[n], nn.Conv2d)}
 
 
-class FilterMasks:
-    """Pruned channels, kept at zero: the conv filter (and bias) and the following BatchNorm's gamma and beta."""
+class UnitMasks:
+    """Pruned units, kept at zero: the conv filter or Linear row (and bias), and the following BatchNorm's gamma and
+    beta."""
 
     def __init__(self, net: nn.Module, followers: dict[str, str | None]) -> None:
         self.modules = dict(net.named_modules())
         self.followers = followers
-        self.pruned: list[Filter] = []
+        self.pruned: list[Unit] = []
 
-    def add(self, filters: list[Filter]) -> None:
-        self.pruned.extend(filters)
+    def add(self, units: list[Unit]) -> None:
+        self.pruned.extend(units)
         self.apply()
 
     @torch.no_grad()
@@ -165,10 +113,10 @@ class FilterMasks:
             by_layer.setdefault(name, []).append(channel)
         for name, channels in by_layer.items():
             idx = torch.tensor(channels, device=self.modules[name].weight.device)
-            conv = self.modules[name]
-            conv.weight.index_fill_(0, idx, 0.0)
-            if conv.bias is not None:
-                conv.bias.index_fill_(0, idx, 0.0)
+            layer = self.modules[name]
+            layer.weight.index_fill_(0, idx, 0.0)
+            if layer.bias is not None:
+                layer.bias.index_fill_(0, idx, 0.0)
             bn_name = self.followers.get(name)
             if bn_name is not None:
                 bn = self.modules[bn_name]
@@ -180,7 +128,8 @@ class FilterMasks:
 class GradPrune(Recipe):
     name = "grad-prune"
     summary = (
-        "prune the conv filters with the largest unlearning-loss gradient (trigger at true labels), then fine-tune"
+        "prune the conv channels / MLP units with the largest unlearning-loss gradient (trigger at true labels), "
+        "then fine-tune"
     )
     needs_trigger = True
     params = {
@@ -190,7 +139,7 @@ class GradPrune(Recipe):
             "(early stopping usually ends it sooner)",
         ),
         "max_rounds": Param(40, "pruning rounds at most"),
-        "per_round": Param(1, "filters pruned per round (published: 1; more is faster on big nets)"),
+        "per_round": Param(1, "units pruned per round (published: 1; more is faster on big nets)"),
         "patience": Param(10, "stop pruning after this many rounds without a lower held-back unlearning loss"),
         "ca_drop": Param(0.10, "stop pruning once held-back CA has fallen this much (absolute) from the start"),
         "grad_samples": Param(1024, "triggered training images used for each round's gradient (0: all)"),
@@ -204,7 +153,21 @@ class GradPrune(Recipe):
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start during fine-tuning"),
     }
 
+    def check_model(self, model: ClassifierModel, params: dict[str, Any]) -> None:
+        self._units(model)
+
+    @staticmethod
+    def _units(model: ClassifierModel) -> tuple[dict[str, UnitLayer], dict[str, str | None]]:
+        """The prunable layers and, for each, the BatchNorm that follows it (None: none); refuses a model without."""
+        c, h, w = model.spec.input_size
+        trace = trace_units(model.net, torch.zeros(1, c, h, w, device=model.device))
+        layers = trace.prunable()
+        if not layers:
+            raise CleanseError(NO_UNITS)
+        return layers, {n: trace.follower[n] for n in layers}
+
     def run(self, ctx: RecipeContext) -> RecipeResult:
+        layers, followers = self._units(ctx.model)  # before any work
         run = RecipeRun.begin(self, ctx, asr_good=ctx.params["asr_good"], start_row=False)  # its start row adds a loss
         p, model, trigger = ctx.params, ctx.model, ctx.trigger
         train, held = ctx.split.train, ctx.split.held
@@ -229,13 +192,8 @@ class GradPrune(Recipe):
         u_start = self._held_loss(model, held_trig, None, ctx)
         run.row("start", 0, loss=u_start, **run.start, elapsed=0.0)
 
-        convs = prunable_convs(model.net)
-        if not convs:
-            raise CleanseError("grad-prune needs a model with learned conv layers; this one has none")
-        c, h, w = model.spec.input_size
-        followers = following_batchnorm(model.net, torch.zeros(1, c, h, w, device=ctx.device))
-        masks = FilterMasks(model.net, followers)
-        self._prune(run, convs, masks, grad_set, held_trig, u_start)
+        masks = UnitMasks(model.net, followers)
+        self._prune(run, layers, masks, grad_set, held_trig, u_start)
         self._finetune(run, masks, triggered_all, eligible, held_trig)
         result = run.finish()
         # The start state is unpruned; any other kept state carries the masks of the kept round.
@@ -245,8 +203,8 @@ class GradPrune(Recipe):
     def _prune(
         self,
         run: RecipeRun,
-        convs: dict[str, nn.Conv2d],
-        masks: FilterMasks,
+        layers: dict[str, UnitLayer],
+        masks: UnitMasks,
         grad_set: Dataset,
         held_trig: Dataset,
         u_start: float,
@@ -257,10 +215,10 @@ class GradPrune(Recipe):
         best_u, best_round, best_state, best_pruned = u_start, 0, None, 0
         rounds: list[dict[str, Any]] = []
         stale, rnd = 0, 0
-        total_filters = sum(m.out_channels for m in convs.values())
-        while rnd < p["max_rounds"] and len(masks.pruned) < total_filters:
+        total_units = sum(m.weight.shape[0] for m in layers.values())
+        while rnd < p["max_rounds"] and len(masks.pruned) < total_units:
             rnd += 1
-            grads = self._unlearning_grads(model, convs, grad_set, p["batch_size"], ctx)
+            grads = self._unlearning_grads(model, layers, grad_set, p["batch_size"], ctx)
             ranked = rank_from_grads(grads, set(masks.pruned))
             picked = [(name, ch) for name, ch, _ in ranked[: max(1, p["per_round"])]]
             masks.add(picked)
@@ -269,7 +227,7 @@ class GradPrune(Recipe):
             rounds.append(
                 {
                     "round": rnd,
-                    "filters": [f"{n}:{ch}" for n, ch in picked],
+                    "filters": [f"{n}:{ch}" for n, ch in picked],  # the units (key kept for older run records)
                     "scores": [s for _, _, s in ranked[: len(picked)]],
                     "held_unlearning_loss": u,
                     **metrics,
@@ -297,7 +255,7 @@ class GradPrune(Recipe):
         model.net.load_state_dict(best_state if best_state is not None else run.keeper.best_state)
         masks.apply()
         ctx.note(
-            f"kept pruning round {best_round} ({best_pruned} filters), held-back unlearning loss "
+            f"kept pruning round {best_round} ({best_pruned} units), held-back unlearning loss "
             f"{u_start:.3f} -> {best_u:.3f}"
         )
         run.result.extra.update(
@@ -315,13 +273,13 @@ class GradPrune(Recipe):
     def _finetune(
         self,
         run: RecipeRun,
-        masks: FilterMasks,
+        masks: UnitMasks,
         triggered_all: torch.Tensor,
         eligible: torch.Tensor,
         held_trig: Dataset,
     ) -> None:
-        """Fine-tuning on clean CE + triggered-true-label CE, pruned channels kept at zero, early stopping on the
-        held-back loss."""
+        """Fine-tuning on clean CE + triggered-true-label CE, pruned units kept at zero, early stopping on the held-back
+        loss."""
         ctx, p, model, train, held = run.ctx, run.ctx.params, run.model, run.ctx.split.train, run.ctx.split.held
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
         best_loss = start_loss = self._held_loss(model, held_trig, held, ctx)
@@ -360,11 +318,12 @@ class GradPrune(Recipe):
 
     @staticmethod
     def _unlearning_grads(
-        model: nn.Module, convs: dict[str, nn.Conv2d], data: Dataset, batch_size: int, ctx: RecipeContext
+        model: nn.Module, layers: dict[str, UnitLayer], data: Dataset, batch_size: int, ctx: RecipeContext
     ) -> dict[str, torch.Tensor]:
-        """d L_u / dW for every learned conv, L_u the mean CE over `data` (eval mode: BatchNorm statistics stay put)."""
+        """d L_u / dW for every prunable layer, L_u the mean CE over `data` (eval mode: BatchNorm statistics stay
+        put)."""
         model.eval()
-        weights = [m.weight for m in convs.values()]
+        weights = [m.weight for m in layers.values()]
         total = [torch.zeros_like(w) for w in weights]
         for start in range(0, len(data), batch_size):
             x = as_batch(data.images[start : start + batch_size], ctx.device)
@@ -375,7 +334,7 @@ class GradPrune(Recipe):
             for t, g in zip(total, grads, strict=True):
                 if g is not None:
                     t.add_(g)
-        return dict(zip(convs, total, strict=True))
+        return dict(zip(layers, total, strict=True))
 
     @staticmethod
     @torch.no_grad()

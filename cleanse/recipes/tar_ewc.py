@@ -19,6 +19,7 @@ after every phase-1 check and every phase-2 epoch.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -26,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch.func import functional_call, grad, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.engine.device import autocast
@@ -49,7 +51,13 @@ from cleanse.recipes.base import (
 def empirical_fisher(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32
 ) -> dict[str, torch.Tensor]:
-    """Diagonal empirical Fisher: mean of squared per-sample gradients of log p(y|x), normalised by its mean."""
+    """Diagonal empirical Fisher: mean of squared per-sample gradients of log p(y|x), normalised by its mean.
+
+    Per-sample gradients come from vmap over functional_call. Attention runs on the math kernel of
+    scaled_dot_product_attention here, which vmap batches (the fused CPU kernels have no batching rule); the few ops
+    that vmap still runs one sample at a time (Swin's pooling of a permuted map) give the same figures, so their
+    "performance drop" warnings are not shown.
+    """
     model.eval()
     names = [n for n, p in model.named_parameters() if p.requires_grad]
     params = {n: p.detach() for n, p in model.named_parameters() if p.requires_grad}
@@ -62,10 +70,12 @@ def empirical_fisher(
 
     per_sample = vmap(grad(log_prob), in_dims=(None, 0, 0))
     fisher = {n: torch.zeros_like(p) for n, p in params.items()}
-    for start in range(0, len(images), chunk):
-        g = per_sample(params, images[start : start + chunk], labels[start : start + chunk])
-        for n in names:
-            fisher[n] += g[n].pow(2).sum(0)
+    with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+        for start in range(0, len(images), chunk):
+            g = per_sample(params, images[start : start + chunk], labels[start : start + chunk])
+            for n in names:
+                fisher[n] += g[n].pow(2).sum(0)
     total = torch.stack([f.sum() for f in fisher.values()]).sum()
     count = sum(f.numel() for f in fisher.values())
     mean = (total / (len(images) * count)).clamp_min(1e-30)

@@ -19,13 +19,14 @@ from __future__ import annotations
 
 import copy
 import math
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
+from cleanse.models import ClassifierModel
 from cleanse.models.layers import class_head
 from cleanse.recipes.base import (
     Param,
@@ -106,9 +107,12 @@ class Ulrl(Recipe):
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start"),
     }
 
+    def check_model(self, model: ClassifierModel, params: dict[str, Any]) -> None:
+        last_linear(model.net, model.spec.num_classes)
+
     def run(self, ctx: RecipeContext) -> RecipeResult:
         model = ctx.model
-        head = last_linear(model.net, model.spec.num_classes)
+        head = last_linear(model.net, model.spec.num_classes)  # before any work
         run = RecipeRun.begin(self, ctx)
         original = copy.deepcopy(model.net.state_dict())
         w_orig = head.weight.detach().clone()
