@@ -252,8 +252,17 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
     channels, height, width = model.spec.input_size
     trig = load_trigger(o.trigger) if o.trigger else None
     measure_layer = tar_layer_for(model, o.layer, progress) if trig is not None or o.layer is not None else None
-    for name in plan.names:
+    need_trigger = list(plan.skipped)
+    for name in list(plan.names):
         RECIPES.get(name).check(plan.params[name], trig)
+        try:
+            RECIPES.get(name).check_model(model, plan.params[name])
+        except CleanseError as refusal:
+            if not plan.run_all:
+                raise
+            plan.names.remove(name)  # --method all runs the recipes that apply to this architecture
+            plan.skipped.append(name)
+            progress.note(f"skipped {name}: {refusal}")
     extra_triggers = {p.name: load_trigger(p) for p in o.eval_triggers}
     for t in [trig, *extra_triggers.values()]:
         if t is not None:
@@ -273,9 +282,9 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
         f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
         f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}"
     )
-    if plan.skipped:
+    if need_trigger:
         progress.note(
-            f"skipped {', '.join(plan.skipped)}: they need a trigger (--trigger from `cleanse poison`, "
+            f"skipped {', '.join(need_trigger)}: they need a trigger (--trigger from `cleanse poison`, "
             "or reversed by `cleanse scan`)"
         )
     return _Loaded(model, split, trig, extra_triggers, report_on, report_name, test_dropped, measure_layer, dev, prec)
