@@ -117,6 +117,7 @@ def test_an_hf_style_model_trains_scans_and_explains_end_to_end(tmp_path):
 
 
 BAD_ARCH = """
+from torch import nn
 
 
 class Net(nn.Module):
