@@ -16,7 +16,7 @@ ArchOpt = Annotated[
     str | None,
     typer.Option(
         "--arch",
-        help=f"Architecture: {', '.join(ARCHITECTURES.names())}, torchvision:NAME, or path/file.py:factory "
+        help=f"Architecture: {', '.join(ARCHITECTURES.names())}, torchvision:NAME, timm:NAME, or path/file.py:factory "
         "(train's default: cnn).",
         rich_help_panel=PANEL,
     ),

@@ -16,7 +16,7 @@ import torch
 
 from cleanse.errors import CleanseError
 from cleanse.files import sha256_file, write_safetensors
-from cleanse.models.build import build_net, is_file_arch, same_file_arch
+from cleanse.models.build import build_net, is_file_arch, same_file_arch, size_args
 from cleanse.models.diagnose import describe_mismatch, head_hint
 from cleanse.models.spec import MODEL_FILE, PRESETS, ModelOptions, ModelSpec, parse_model_metadata
 from cleanse.models.state_dict import TORCH_SUFFIXES, align_prefix, read_torch_file, strip_prefixes
@@ -127,6 +127,16 @@ def _reconcile(spec: ModelSpec, options: ModelOptions, path: Path) -> None:
         spec.classes = list(options.classes)
 
 
+def _size_hint(spec: ModelSpec) -> str:
+    """For a network built for its input size: '; or the input size ...', to end a weights-do-not-fit message."""
+    filled = size_args(spec.arch, spec.arch_args, spec.input_size)
+    if not filled:
+        return ""
+    given = ",".join(f"{k}={v}" for k, v in filled.items())
+    c, h, w = spec.input_size
+    return f"; or the wrong input size: built for {c},{h},{w} ({given}); give the weights' size with --input-size C,H,W"
+
+
 def load_model(
     path: str | os.PathLike, options: ModelOptions | None = None, device: torch.device | str = "cpu"
 ) -> ClassifierModel:
@@ -161,12 +171,13 @@ def load_model(
         # Compare shapes on the meta device first: metadata could otherwise make us allocate (and initialise) a huge
         # network, e.g. width=100000,100000,100000, before noticing the weights do not fit it.
         with torch.device("meta"):
-            shell, _ = build_net(spec.arch, spec.num_classes, spec.arch_args)
+            shell, _ = build_net(spec.arch, spec.num_classes, spec.arch_args, spec.input_size)
         aligned, _ = align_prefix(state, set(shell.state_dict()))
         problem = describe_mismatch(shell, aligned, spec)
         if problem:
-            raise CleanseError(f"{path}: {problem}")
-    net, file_sha = build_net(spec.arch, spec.num_classes, spec.arch_args)
+            raise CleanseError(f"{path}: {problem}{_size_hint(spec)}")
+    # the input size reaches the builder (a ViT's image_size); what it fills is derived, never stored in arch_args
+    net, file_sha = build_net(spec.arch, spec.num_classes, spec.arch_args, spec.input_size)
     if spec.arch_file_sha256 and file_sha and file_sha != spec.arch_file_sha256:
         notes.append(
             f"warning: {spec.arch} changed since the checkpoint was saved (sha256 differs); predictions may differ"
@@ -177,7 +188,7 @@ def load_model(
         notes.append(f"note: removed the prefix {prefix!r} that every key in {path.name} carries")
     problem = describe_mismatch(net, state, spec)
     if problem:
-        raise CleanseError(f"{path}: {problem}")
+        raise CleanseError(f"{path}: {problem}{_size_hint(spec)}")
     net.load_state_dict(state, strict=True)
     digest = sha256_file(path)
     if doc is None:
