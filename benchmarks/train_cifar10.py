@@ -35,6 +35,8 @@ from cleanse.engine.train import TrainConfig, train_model
 from cleanse.models import load_model, new_model, save_model
 from cleanse.training_defaults import data_normalization
 
+LATER_FIELDS = ("optimizer",)
+
 
 def train_cached(
     attack: str,
@@ -44,6 +46,7 @@ def train_cached(
     epochs: int | None = None,
     arch: str = "cnn",
     log: bool = True,
+    arch_args: dict | None = None,
 ) -> dict:
     """Poison, train and evaluate (or reuse the cached model). Returns the model path, metrics and timings."""
     cifar = require_cifar()
@@ -52,7 +55,11 @@ def train_cached(
     test = load_data(str(cifar / "test"))
     load_seconds = time.perf_counter() - t0
     config = TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
-    key = {"attack": attack, "target": target, "rate": rate, "seed": seed, "arch": arch, "config": config.__dict__}
+    # fields added to TrainConfig later are left out at their default, so earlier models keep their cache names
+    settings = {k: v for k, v in config.__dict__.items() if not (k in LATER_FIELDS and v is None)}
+    key = {"attack": attack, "target": target, "rate": rate, "seed": seed, "arch": arch, "config": settings}
+    if arch_args:  # only when given, so the cache names of every earlier model stay the same
+        key["arch_args"] = arch_args
     name = f"{arch}-{attack}-t{target}-s{seed}-{config_hash(key)}.safetensors"
     path = CACHE / name
     if not path.is_file() and (KEPT_MODELS / name).is_file():
@@ -66,7 +73,9 @@ def train_cached(
         result = {"cached": True, "train_seconds": model.spec.provenance.get("train_seconds")}
     else:
         mean, std = data_normalization(poisoned)
-        model = new_model(arch, poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, seed=seed)
+        model = new_model(
+            arch, poisoned.num_classes, poisoned.classes, (3, 32, 32), mean, std, arch_args=arch_args, seed=seed
+        )
         cb = (
             (
                 lambda e: (
