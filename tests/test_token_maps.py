@@ -112,8 +112,8 @@ def test_default_layers_follow_the_gradient_not_names():
     assert infos["encoder.layers.encoder_layer_2"].reach == 0
     assert infos["encoder.layers.encoder_layer_2.mlp"].reach == 0
     assert infos["encoder.layers.encoder_layer_2.ln_1"].reach == 1
-    assert default_layer(vit, (3, 32, 32)) == "encoder.layers.encoder_layer_2.ln_1"  # pytorch-grad-cam's ViT advice
-    assert tar_layer(vit, (3, 32, 32)) == "encoder.layers.encoder_layer_1"  # a block output, not conv_proj
+    # the last block's input (pytorch-grad-cam's ViT advice: blocks[-1].norm1 normalises it), never conv_proj
+    assert default_layer(vit, (3, 32, 32)) == tar_layer(vit, (3, 32, 32)) == "encoder.layers.encoder_layer_1"
     swin = new_model(tiny_archs.arch("tiny_swin"), 5).eval()
     assert {i.name: i.layout.kind for i in probe_layers(swin, (3, 32, 32))}["features.3.0"] == "nhwc"
     assert tar_layer(swin, (3, 32, 32)) == "permute"  # the last stage's output, 4x4 = input/8
@@ -125,7 +125,7 @@ def test_a_vit_head_zeroed_at_initialisation_still_has_layers():
     torch.manual_seed(0)
     model = new_model("vit", 5, arch_args=tiny_archs.VIT_ARGS).eval()
     assert torch.count_nonzero(model.net.heads.head.weight) == 0
-    assert default_layer(model, (3, 32, 32)) == VIT_LAST_LN
+    assert default_layer(model, (3, 32, 32)) == "encoder.layers.encoder_layer_0"
 
 
 def test_check_layer_refuses_with_the_reason_and_the_valid_names():

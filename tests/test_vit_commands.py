@@ -79,7 +79,7 @@ def test_explain_on_a_vit_uses_the_token_grid(untrained_vit, badnets_trigger, tm
     result = run("explain", untrained_vit, "--data", "synthetic:test", "--trigger", trigger, "--n", "3", "-o", out)
     assert result.exit_code == 0, result.output
     doc = json.loads((out / "explain.json").read_text())
-    assert doc["layer"] == LAST_LN and doc["tar_layer"] == TAR_BLOCK
+    assert doc["layer"] == doc["tar_layer"] == TAR_BLOCK
     assert (out / "sheet.png").is_file() and (out / "img-000-triggered.png").is_file()
     given = run(
         "explain",

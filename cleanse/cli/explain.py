@@ -34,7 +34,7 @@ LayerOpt = Annotated[
         "--layer",
         help=(
             "Layer to explain: a module name, or NAME@HxW to read its tokens on an HxW grid "
-            "(default: the deepest feature map with a gradient from the prediction; docs/architectures.md)."
+            "(default: the deepest block output with a gradient from the prediction; docs/architectures.md)."
         ),
     ),
 ]

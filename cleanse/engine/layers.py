@@ -16,15 +16,16 @@ returning (hidden_states,)) is read through its first item.
 
 The default layers follow from one traced forward and backward pass (`probe_layers`), never from module names:
 a *candidate* is a feature map larger than 1x1, produced by a module called once per forward, through which
-the predicted class's logit has a non-zero gradient at some grid cell. In a ViT that reads its class token the
-patch tokens of the last block's output (and of its MLP) have no gradient, so the rule lands on the last
-block's first LayerNorm, the layer pytorch-grad-cam's documentation advises for ViTs.
+a random projection of the classifier head's input has a non-zero gradient at some grid cell. In a ViT that
+reads its class token the patch tokens of the last block's output (and of its MLP) have no gradient, so the
+rules land on the output of the block before it: the input of the last block, which pytorch-grad-cam's
+documentation advises for ViTs (`blocks[-1].norm1` normalises exactly that).
 
-- explain's picture layer (`default_layer`): the deepest candidate.
-- the TAR layer (`tar_layer`): among candidates at least input/8 on a side (if none is, those with the finest
-  grid the model has: a ViT's whole token grid), the deepest *block output*, else the deepest candidate. A
-  block output is a direct child of the network or a member of a stack (a Sequential or ModuleList whose
-  children all have one class: ResNet stages, ViT encoder layers, Swin and ConvNeXt stages).
+- explain's picture layer (`default_layer`): the deepest *block output* among the candidates, else the deepest
+  candidate. A block output is a direct child of the network or a member of a stack (a Sequential or ModuleList
+  whose children all have one class: ResNet stages, ViT encoder layers, Swin and ConvNeXt stages).
+- the TAR layer (`tar_layer`): the same among candidates at least input/8 on a side (if none is, those with
+  the finest grid the model has: a ViT's whole token grid).
 """
 
 from __future__ import annotations
@@ -246,12 +247,17 @@ def _no_map(model: nn.Module) -> CleanseError:
     )
 
 
+def _deepest(found: list[LayerInfo]) -> str:
+    blocks = [i for i in found if i.block]
+    return (blocks or found)[-1].name
+
+
 def default_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
-    """explain's picture layer: the deepest candidate."""
+    """explain's picture layer: the deepest block output among the candidates, else the deepest candidate."""
     found = candidates(probe_layers(model, input_size))
     if not found:
         raise _no_map(model)
-    return found[-1].name
+    return _deepest(found)
 
 
 def find_tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str | None:
@@ -264,8 +270,7 @@ def find_tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str | 
     if not fine:
         finest = max(i.grid[0] * i.grid[1] for i in found)
         fine = [i for i in found if i.grid[0] * i.grid[1] == finest]
-    blocks = [i for i in fine if i.block]
-    return (blocks or fine)[-1].name
+    return _deepest(fine)
 
 
 def tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
