@@ -153,3 +153,17 @@ def test_grad_cam_survives_an_inplace_operation_after_the_layer():
     result = grad_cam(model, torch.rand(2, 3, 64, 64), "layer4.1.bn2")  # followed by `out += identity`
     assert torch.isfinite(result.cams).all() and (result.cams >= 0).all()
     assert all(p.grad is None for p in model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("name", "side", "prefix"),
+    [("deit_tiny_distilled_patch16_224", 64, 2), ("vit_small_patch14_reg4_dinov2", 56, 5)],
+)
+def test_timm_vits_with_distillation_and_register_tokens(name, side, prefix):
+    pytest.importorskip("timm")
+    torch.manual_seed(0)
+    model = new_model(f"timm:{name}", 5, input_size=(3, side, side), arch_args={"depth": 2}).eval()
+    infos = {i.name: i for i in probe_layers(model, (3, side, side))}
+    assert infos["blocks.0"].layout == Layout("tokens", (4, 4), infos["blocks.0"].layout.channels, prefix)
+    assert default_layer(model, (3, side, side)) == tar_layer(model, (3, side, side)) == "blocks.0"
+    assert grad_cam(model, torch.rand(2, 3, side, side), "blocks.0").cams.shape == (2, side, side)

@@ -90,14 +90,17 @@ def _on_grid(h: int, w: int, height: int, width: int) -> bool:
 
 
 def _token_grid(n: int, height: int, width: int) -> tuple[tuple[int, int], int] | None:
-    """The (grid, prefix) reading of n tokens with the fewest prefix tokens, or None."""
+    """The (grid, prefix) reading of n tokens with the fewest prefix tokens, or None.
+
+    The grid is (H/s, W/s) for a stride s, both rounded the same way (down, or up for padded inputs), so a square
+    image always has a square grid.
+    """
     best: tuple[tuple[int, int], int] | None = None
     for stride in range(1, max(height, width) + 1):
-        for h in {height // stride, -(-height // stride)}:
-            for w in {width // stride, -(-width // stride)}:
-                extra = n - h * w
-                if h >= 1 and w >= 1 and 0 <= extra <= MAX_PREFIX_TOKENS and (best is None or extra < best[1]):
-                    best = ((h, w), extra)
+        for h, w in {(height // stride, width // stride), (-(-height // stride), -(-width // stride))}:
+            extra = n - h * w
+            if h >= 1 and w >= 1 and 0 <= extra <= MAX_PREFIX_TOKENS and (best is None or extra < best[1]):
+                best = ((h, w), extra)
     return best
 
 
