@@ -7,12 +7,12 @@ A layer's output is a *feature map* when it lies on a grid over the input image,
     tokens  (B, P + h*w, C) transformer tokens: P prefix tokens (class, distillation, register) then the patch
                            grid row by row, as in torchvision and timm ViTs
 
-A 4-D shape is read as (h, w) = its last two dims when their aspect ratio is within 1.5x of the input's, else
-as the middle two when those are; a 3-D shape (B, N, C) is a token sequence when N = P + h*w for a grid
-(h, w) = (ceil or floor of H/s, W/s) with stride s and 0 <= P <= 16 prefix tokens (the smallest P wins). The
-grid can be given instead: `--layer NAME@14x14` reads NAME's tokens on a 14x14 grid after N - 196 prefix
-tokens. A module returning a tuple (an attention block returning (output, weights), a HuggingFace layer
-returning (hidden_states,)) is read through its first item.
+A 4-D shape is read as (h, w) = its last two dims when their aspect ratio is within 1.5x of the input's, else as the
+middle two when those are; a 3-D shape (B, N, C) is a token sequence when N = P + h*w for a grid (h, w) = (H/s,
+W/s), both rounded down or both up, for a stride s, and 0 <= P <= 16 prefix tokens (the smallest P wins). The grid
+can be given instead: `--layer NAME@14x14` reads NAME's tokens on a 14x14 grid after N - 196 prefix tokens. A module
+returning a tuple (an attention block returning (output, weights), a HuggingFace layer returning (hidden_states,))
+is read through its first item.
 
 The default layers follow from one traced forward and backward pass (`probe_layers`), never from module names:
 a *candidate* is a feature map larger than 1x1, produced by a module called once per forward, through which
