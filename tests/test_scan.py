@@ -409,3 +409,22 @@ def test_scan_bad_requests_exit_2(untrained_files, tmp_path, args, message):
     assert result.exit_code == 2
     assert message in result.stderr
     assert not (tmp_path / "x").exists()
+
+
+def test_scan_clean_images_scale_with_the_class_count(tmp_path):
+    """300 classes: --n-clean 500 cannot give 2 per class and names the flag and the number that would do."""
+    import numpy as np
+
+    from tests.helpers import tiny_model
+
+    rng = np.random.default_rng(0)
+    np.savez(
+        tmp_path / "d.npz", x=rng.integers(0, 256, (900, 32, 32, 3), dtype=np.uint8), y=np.repeat(np.arange(300), 3)
+    )
+    save_model(tiny_model(300), tmp_path / "m.safetensors")
+    args = ["scan", str(tmp_path / "m.safetensors"), "--data", str(tmp_path / "d.npz"), "--detectors", "patch"]
+    result = runner.invoke(app, [*args, "--n-clean", "500", "-o", str(tmp_path / "s")])
+    assert result.exit_code == 2, result.output
+    assert "--n-clean 500 leaves 1 image(s) of class" in result.stderr
+    assert "at least 2 per class are needed, raise it; --n-clean 600 or more would do" in result.stderr
+    assert "--clean-n" not in result.stderr and not (tmp_path / "s").exists()

@@ -42,7 +42,12 @@ DataOpt = Annotated[
     typer.Option("--data", help="Clean DATA to reverse triggers from (rows marked poisoned are dropped)."),
 ]
 NCleanOpt = Annotated[
-    int, typer.Option("--n-clean", help="Clean images to use (80% optimise, 20% measure the reversed triggers).")
+    int | None,
+    typer.Option(
+        "--n-clean",
+        help="Clean images to use (80% optimise, 20% measure the reversed triggers); default 500, or 3 per class "
+        "when that is more.",
+    ),
 ]
 BudgetOpt = Annotated[str, typer.Option("--budget", help=BUDGET_HELP)]
 StepsOpt = Annotated[int | None, typer.Option("--steps", help="Override the budget's optimisation steps.")]
@@ -117,7 +122,7 @@ def scan_command(
     model_flags: ModelFlags,
     model_path: ModelPathArg,
     data: DataOpt = None,
-    n_clean: NCleanOpt = 500,
+    n_clean: NCleanOpt = None,
     budget: BudgetOpt = "full",
     steps: StepsOpt = None,
     early_stop: EarlyStopOpt = True,

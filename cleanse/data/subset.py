@@ -22,18 +22,24 @@ class CleanSplit:
 
 
 def clean_subset(
-    data: Dataset, frac: float | None = None, n: int | None = None, seed: int = 0, hold_back: float = HOLD_BACK
+    data: Dataset,
+    frac: float | None = None,
+    n: int | None = None,
+    seed: int = 0,
+    hold_back: float = HOLD_BACK,
+    n_flag: str = "--clean-n",
 ) -> CleanSplit:
     """Drop rows marked poisoned/noise, then draw `frac` of the rest (or `n` in all) per class by seed.
 
-    `hold_back` of each class's draw (at least 1) is held back; fewer than 2 per class is refused.
+    `hold_back` of each class's draw (at least 1) is held back; fewer than 2 per class is refused. `n_flag` is the
+    command's name for `n` in messages (`--clean-n` for unlearn, `--n-clean` for scan).
     """
     if (frac is None) == (n is None):
         raise CleanseError("give exactly one of --clean-frac and --clean-n")
     if frac is not None and not 0 < frac <= 1:
         raise CleanseError(f"--clean-frac {frac} must lie in (0, 1]; e.g. 0.05 for 5% of the data")
     if n is not None and n < 1:
-        raise CleanseError(f"--clean-n {n} must be a positive number of images")
+        raise CleanseError(f"{n_flag} {n} must be a positive number of images")
     bad = data.suspicious_mask()
     clean = data.subset((~bad).nonzero().flatten()) if bad.any() else data
     gen = torch.Generator().manual_seed(seed)
@@ -53,10 +59,11 @@ def clean_subset(
         rows = (clean.labels == cls).nonzero().flatten()
         want = min(wants[cls], len(rows))
         if want < 2:
-            what = f"--clean-frac {frac}" if frac is not None else f"--clean-n {n}"
+            what = f"--clean-frac {frac}" if frac is not None else f"{n_flag} {n}"
+            need = f"; {n_flag} {2 * clean.num_classes} or more would do" if frac is None else ""
             raise CleanseError(
                 f"{what} leaves {want} image(s) of class {cls} ({clean.classes[cls]}); "
-                "at least 2 per class are needed, raise it"
+                f"at least 2 per class are needed, raise it{need}"
             )
         pick = rows[torch.randperm(len(rows), generator=gen)[:want]]
         hold = max(1, round(hold_back * want))

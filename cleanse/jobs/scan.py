@@ -25,6 +25,8 @@ from cleanse.scan.verdict import combine, corroborates
 from cleanse.viz import image_grid, save_png
 
 HOLD_OUT = 0.2  # share of the clean images held out to measure the reversed triggers
+DEFAULT_N_CLEAN = 500
+N_CLEAN_PER_CLASS = 3  # the default grows with the class count: at least 2 per class must survive the hold-out
 
 
 @dataclass
@@ -32,7 +34,7 @@ class ScanOptions:
     model_path: str
     model: ModelOptions | None = None  # what a raw state dict lacks
     data: str | None = None  # clean DATA to reverse triggers from
-    n_clean: int = 500
+    n_clean: int | None = None  # default: DEFAULT_N_CLEAN, or N_CLEAN_PER_CLASS per class when that is more
     budget: str = "full"
     steps: int | None = None  # overrides the budget's steps
     early_stop: bool = True
@@ -91,7 +93,7 @@ def _plan(o: ScanOptions) -> tuple[Budget, float, list[str]]:
     plan = plan if o.early_stop else replace(plan, early_stop=0)
     if plan.steps < plan.round_steps:
         raise CleanseError(f"--steps {o.steps} is too few; give at least {plan.round_steps}")
-    if o.n_clean < 1:
+    if o.n_clean is not None and o.n_clean < 1:
         raise CleanseError("--n-clean must be a positive number of images")
     if o.scale not in SCALES:
         raise CleanseError(f"--scale {o.scale!r} is unknown; choose one of: {', '.join(SCALES)}")
@@ -121,6 +123,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
     prec = resolve_precision(o.precision, dev)
     model = load_job_model(o.model_path, o.model, dev, progress)
     _, height, width = model.spec.input_size
+    n_clean = o.n_clean or max(DEFAULT_N_CLEAN, N_CLEAN_PER_CLASS * model.spec.num_classes)
     measure_layer = None
     if "patch" in names or o.layer is not None:  # patch triggers are the only ones with a region for TAR
         measure_layer = tar_layer_for(model, o.layer, progress)
@@ -134,7 +137,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         if o.data is not None:
             clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width))
             check_classes(model, clean, o.data)
-            split = clean_subset(clean, n=o.n_clean, seed=s.seed, hold_back=HOLD_OUT)
+            split = clean_subset(clean, n=n_clean, seed=s.seed, hold_back=HOLD_OUT, n_flag="--n-clean")
             doc.update(
                 n_clean=len(split.train) + len(split.held),
                 n_optimise=len(split.train),
@@ -183,7 +186,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         },
         parameters={
             "detectors": names,
-            "n_clean": o.n_clean,
+            "n_clean": n_clean,
             "budget": o.budget,
             "steps": plan.steps,
             "early_stop_rounds": plan.early_stop,
