@@ -428,3 +428,19 @@ def test_scan_clean_images_scale_with_the_class_count(tmp_path):
     assert "--n-clean 500 leaves 1 image(s) of class" in result.stderr
     assert "at least 2 per class are needed, raise it; --n-clean 600 or more would do" in result.stderr
     assert "--clean-n" not in result.stderr and not (tmp_path / "s").exists()
+
+
+def test_the_sheet_shows_a_bounded_set_of_classes_flagged_first():
+    from types import SimpleNamespace
+
+    from cleanse.jobs.scan import SHEET_CLASSES, sheet_classes
+
+    small = [{"score": float(k), "small_side": k % 2 == 0} for k in range(100)]
+    report = SimpleNamespace(classes=small)
+    other = SimpleNamespace(classes=[{"score": float("nan"), "small_side": True} for _ in range(100)])
+    shown = sheet_classes(100, {"patch": report, "warp": other}, flagged={3, 5})
+    assert len(shown) == SHEET_CLASSES and shown == sorted(shown)
+    assert {3, 5} <= set(shown)  # flagged first, even with negative signed scores
+    even_top = sorted(range(98, -1, -2))[-(SHEET_CLASSES - 2) :]  # the largest small-side scores
+    assert set(shown) == {3, 5, *even_top}
+    assert sheet_classes(10, {"patch": report}, flagged=set()) == list(range(10))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -26,6 +27,7 @@ from cleanse.viz import image_grid, save_png
 
 HOLD_OUT = 0.2  # share of the clean images held out to measure the reversed triggers
 DEFAULT_N_CLEAN = 500
+SHEET_CLASSES = 24  # sheet.png's rows: every class up to this many, else the flagged and the most suspicious
 N_CLEAN_PER_CLASS = 3  # the default grows with the class count: at least 2 per class must survive the hold-out
 
 
@@ -266,6 +268,24 @@ def trigger_file(k: int, family: str) -> str:
     return f"trigger-{k}-{family}.safetensors"
 
 
+def sheet_classes(num_classes: int, reports: dict[str, DetectorReport], flagged: set[int]) -> list[int]:
+    """The classes sheet.png shows, in class order: all of them up to SHEET_CLASSES, else SHEET_CLASSES of them, the
+    flagged ones first, then the most suspicious (largest small-side anomaly index over the reversal detectors).
+    Every class keeps its own class-<k>-<family>.png."""
+    if num_classes <= SHEET_CLASSES:
+        return list(range(num_classes))
+
+    def suspicion(k: int) -> float:
+        signed = [
+            (r.classes[k]["score"] if r.classes[k].get("small_side") else -r.classes[k]["score"])
+            for r in reports.values()
+        ]
+        return max((v for v in signed if v == v), default=-math.inf)  # v == v drops NaN
+
+    ranked = sorted(range(num_classes), key=lambda k: (k not in flagged, -suspicion(k), k))
+    return sorted(ranked[:SHEET_CLASSES])
+
+
 def _write_triggers(folder: Path, classes: list[str], reports: dict[str, DetectorReport], doc: dict[str, Any]) -> None:
     """Per class and family class-<k>-<family>.png, one labelled sheet.png, and a trigger file per flagged pair."""
     with_pictures = {n: r for n, r in reports.items() if r.pictures}
@@ -276,15 +296,18 @@ def _write_triggers(folder: Path, classes: list[str], reports: dict[str, Detecto
             save_png(image_grid([pics], scale=6, col_labels=list(r.picture_labels)), folder / f"class-{k}-{name}.png")
             if r.classes[k]["trigger_file"]:
                 r.triggers[k].save(folder / r.classes[k]["trigger_file"])
-    rows = [torch.cat([r.pictures[k] for r in with_pictures.values()]) for k in range(len(classes))]
-    headings = [f"{n}: {label}" for n, r in with_pictures.items() for label in r.picture_labels]
     flagged = {int(k): v for k, v in doc["evidence"].items()}
-    row_labels = [
-        f"{k} {name}" + (f"\nflagged: {', '.join(flagged[k])}" if k in flagged else "")
-        for k, name in enumerate(classes)
-    ]
+    shown = sheet_classes(len(classes), with_pictures, set(flagged))
+    rows = [torch.cat([r.pictures[k] for r in with_pictures.values()]) for k in shown]
+    headings = [f"{n}: {label}" for n, r in with_pictures.items() for label in r.picture_labels]
+    row_labels = [f"{k} {classes[k]}" + (f"\nflagged: {', '.join(flagged[k])}" if k in flagged else "") for k in shown]
+    which = (
+        ""
+        if len(shown) == len(classes)
+        else f"{len(shown)} of {len(classes)} classes (flagged, then the most suspicious), "
+    )
     title = (
-        "reversed triggers per class, one family per column group ("
+        f"reversed triggers, {which}one family per column group ("
         + ", ".join(f"{n}: {r.doc['size_unit']}" for n, r in with_pictures.items())
         + ")"
     )
