@@ -27,6 +27,7 @@ SCAN_COLUMNS: list[Column] = [
     ("active", "still optimising", str),
     ("smallest", "smallest trigger (class: size)", str),
     ("median_l1", "median size", float_cell),
+    ("forwards", "forwards x classes", str),
     ("elapsed", "elapsed", seconds_cell),
 ]
 BUDGET_HELP = "fast | full: " + ", ".join(
@@ -110,6 +111,15 @@ DetectorsOpt = Annotated[
 AlphaOpt = Annotated[
     float, typer.Option("--alpha", help="Level of the p-value detectors (mmbd flags a class with p below it).")
 ]
+MemoryBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        metavar="SIZE",
+        help="Memory one optimisation step may take, e.g. 4GiB, 512MiB, 2GB or plain bytes; the classes are "
+        "optimised in chunks that fit (default: half the device's free memory; docs/commands/scan.md).",
+    ),
+]
 OutputOpt = Annotated[
     Path | None,
     typer.Option("--output", "-o", help="Folder for scan.json, PNGs, trigger files (default <model stem>.scan)."),
@@ -137,11 +147,13 @@ def scan_command(
     output: OutputOpt = None,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
 ) -> None:
     """Is this model backdoored, and which class? Several detectors, one verdict.
 
-    With clean --data: reverse-engineer the smallest patch, additive and warp trigger of every class (all classes
-    batched) and flag anomalously small ones; without data: MM-BD's maximum-margin test. docs/commands/scan.md.
+    With clean --data: reverse-engineer the smallest patch, additive and warp trigger of every class (classes
+    batched in chunks that fit --memory-budget) and flag anomalously small ones; without data: MM-BD's
+    maximum-margin test. docs/commands/scan.md.
 
     Exit codes: 0 no backdoor found, 1 backdoor suspected, 2 bad input or usage. With --audit-data only, exit 0 \
 when it finishes.
@@ -165,6 +177,7 @@ when it finishes.
         output,
         precision,
         no_cache,
+        memory_budget=memory_budget,
     )
     if run_job(scan, options, common).backdoored:
         raise typer.Exit(EXIT_SUSPECTED)
@@ -186,6 +199,7 @@ def _scan_row(event: Event) -> Event:
             "active": f"{sum(d['active'])}/{len(best)}",
             "smallest": smallest,
             "median_l1": median,
+            "forwards": f"{d['forwards']} x {d['chunk']}" if "forwards" in d else "1",  # per step, classes at most
             "elapsed": d["elapsed"],
         },
     )
@@ -254,10 +268,24 @@ def _show_classes(doc: dict[str, Any]) -> None:
 
 def _mmbd_row(event: Event) -> Event:
     d = event.data
-    return Event("row", {"step": f"{d['step']}/{d['steps']}", "active": str(d["active"]), "elapsed": d["elapsed"]})
+    step = f"{d['step']}/{d['steps']}"
+    chunks = d.get("chunks", 1)
+    row = {
+        "step": step if chunks == 1 else f"{step}, chunk {d['chunk']}/{chunks}",
+        "active": str(d["active"]),
+        "elapsed": d["elapsed"],
+    }
+    if "classes_done" in d:
+        row["done"] = f"{d['classes_done']}/{d['classes']}"
+    return Event("row", row)
 
 
 LOOP_VIEWS["mmbd"] = (
-    [("step", "step", str), ("active", "classes still climbing", str), ("elapsed", "elapsed", seconds_cell)],
+    [
+        ("step", "step", str),
+        ("active", "classes still climbing", str),
+        ("done", "classes done", str),
+        ("elapsed", "elapsed", seconds_cell),
+    ],
     _mmbd_row,
 )

@@ -13,6 +13,7 @@ import torch
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
+from cleanse.engine.memory import MemoryPlan, format_bytes, is_out_of_memory, parse_memory, plan_memory
 from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, check_output_folder, write_json_atomic
 from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model, tar_layer_for
@@ -51,6 +52,7 @@ class ScanOptions:
     output: Path | None = None  # default <model stem>.scan
     precision: str = "auto"
     no_cache: bool = False
+    memory_budget: str | int | None = None  # bytes one optimisation step may take ('4GiB'); default: free memory x 0.5
 
 
 @dataclass
@@ -87,8 +89,8 @@ def _detectors(o: ScanOptions) -> list[str]:
     return names
 
 
-def _plan(o: ScanOptions) -> tuple[Budget, float, list[str]]:
-    """The checked budget, threshold and detectors: usage errors before any file is read."""
+def _plan(o: ScanOptions) -> tuple[Budget, float, list[str], int | None]:
+    """The checked budget, threshold, detectors and memory budget: usage errors before any file is read."""
     if o.budget not in BUDGETS:
         raise CleanseError(f"--budget {o.budget!r} is unknown; choose one of: {', '.join(BUDGETS)}")
     plan = BUDGETS[o.budget] if o.steps is None else replace(BUDGETS[o.budget], steps=o.steps)
@@ -111,13 +113,14 @@ def _plan(o: ScanOptions) -> tuple[Budget, float, list[str]]:
         raise CleanseError(f"--alpha {o.alpha} must lie in (0, 1); MM-BD uses 0.05")
     if o.poison_rate is not None and not 0 < o.poison_rate < 1:
         raise CleanseError(f"--poison-rate {o.poison_rate} must lie in (0, 1)")
-    return plan, threshold, _detectors(o)
+    memory_budget = None if o.memory_budget is None else parse_memory(o.memory_budget)
+    return plan, threshold, _detectors(o), memory_budget
 
 
 def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> ScanResult:
     o, s = options, settings or RunSettings()
     started = time.perf_counter()
-    plan, threshold, names = _plan(o)
+    plan, threshold, names, memory_budget = _plan(o)
     output = o.output or Path(o.model_path).with_name(Path(o.model_path).stem + ".scan")
     inputs = (o.model_path, o.data, o.audit_data)
     check_output_folder(output, force=s.force, inputs=inputs)
@@ -146,6 +149,16 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
                 n_held_out=len(split.held),
                 rows_dropped_as_poisoned=dropped,
             )
+        try:
+            memory = plan_memory(model, model.spec.input_size, prec, memory_budget)
+        except Exception as exc:
+            if not is_out_of_memory(exc):
+                raise
+            raise CleanseError(
+                f"out of memory on {dev} before the scan began (measuring one image's cost); free memory on the "
+                "device or choose another --device"
+            ) from None
+        doc["memory"] = memory.to_json()
         scan_inputs = ScanInputs(
             model,
             split.train if split else None,
@@ -159,12 +172,20 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             o.scale,
             threshold,
             o.alpha,
+            memory,
         )
         for name in names:
             detector = DETECTORS.get(name)
             progress.note(f"{name}: {detector.summary}")
-            with progress.loop(detector.loop_kind, f"scan: {name}") as callback:
-                reports[name] = detector.run(scan_inputs, callback)
+            try:
+                with progress.loop(detector.loop_kind, f"scan: {name}") as callback:
+                    reports[name] = detector.run(scan_inputs, callback)
+            except Exception as exc:
+                if not is_out_of_memory(exc):
+                    raise
+                images = detector.images_per_class(scan_inputs)
+                chunk = scan_inputs.chunk(images, model.spec.num_classes)
+                raise CleanseError(out_of_memory(str(dev), name, memory, chunk, images)) from None
         doc.update(_verdict_doc(model.spec.classes, reports, o, plan, threshold, measure_layer))
     audit = None
     if o.audit_data is not None:
@@ -200,6 +221,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             "tar_layer": measure_layer,
             "precision": prec,
             "poison_rate": o.poison_rate,
+            "memory_budget": memory_budget,
         },
         result="scan.json",
         verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
@@ -215,6 +237,19 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         write_json_atomic(folder / "run.json", record)
     reversed_any = any(r.triggers for r in reports.values())
     return ScanResult(doc, output, reversed_any, audit is not None)
+
+
+def out_of_memory(device: str, detector: str, memory: MemoryPlan, chunk: int, images: int) -> str:
+    """The one line a scan that ran out of memory exits 2 with: what ran out, and the option that lowers it."""
+    where = f"out of memory on {device} in the {detector} detector ({chunk} class(es) x {images} images per step"
+    budget = f"memory budget {format_bytes(memory.budget)} from {memory.source}"
+    if chunk > 1:
+        smaller = f"{max(1, memory.budget // 4 // 2**20)}MiB"
+        return f"{where}, {budget}); pass a smaller --memory-budget, e.g. --memory-budget {smaller}"
+    return (
+        f"{where}, one class per step already, {budget}): a smaller --memory-budget cannot go below one class; "
+        "free memory on the device or scan on another --device"
+    )
 
 
 def _verdict_doc(

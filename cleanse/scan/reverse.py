@@ -6,19 +6,22 @@ pattern p_k; an additive signal; a smooth warp) that sends clean images of the o
     min  CE(f(T_k(x)), k) + cost_k * size(T_k)
 
 Neural Cleanse's method, generalised from masks to families. The family's parameters are optimised with Adam.
-All K classes are stacked into one (K*B)-image forward and backward per step: the model is frozen and in eval
-mode, so no sample influences another and the batched optimisation is exactly K independent ones (Adam is
-elementwise), only computed together. Each class keeps its own cost schedule: the cost starts at the family's
-`start_cost` and stays there until the class's trigger first succeeds; from then on, as in Neural Cleanse,
-`patience` successful rounds raise it by 1.5x and `patience` failing rounds lower it by 1.5^1.5. Each class keeps
-its best state: the smallest size among rounds whose attack success on the optimisation batches reached the
-family's success level and whose end-of-round state also reaches it on the round's last batch.
+The classes still optimising are stacked into (L*B)-image forwards and backwards per step, at most `chunk` classes
+each (the memory budget decides it, cleanse/engine/memory.py; by default every class in one): the model is frozen
+and in eval mode, so no sample influences another, each class's gradient comes from its own chunk alone, and one
+Adam step (elementwise) on the assembled gradients is exactly K independent optimisations, only computed together,
+whatever the chunking (equal up to float rounding: the tests check it). Each class keeps its own cost schedule:
+the cost starts at the family's `start_cost` and stays there until the class's trigger first succeeds; from then
+on, as in Neural Cleanse, `patience` successful rounds raise it by 1.5x and `patience` failing rounds lower it by
+1.5^1.5. Each class keeps its best state: the smallest size among rounds whose attack success on the optimisation
+batches reached the family's success level and whose end-of-round state also reaches it on the round's last batch.
 
 Early stopping, per class, as in Neural Cleanse: a class whose cost has been raised and lowered at least once and
 whose best size has not shrunk below `early_stop_threshold` x its previous best for `early_stop` rounds is done;
 so is a class still out of reach half-way through the budget (ours). A finished class keeps its best state and
 leaves the batch, so later steps forward only the classes still improving (this is where the arithmetic is saved;
-the images a step draws do not change, so a class stops at the same step batched or alone).
+the images a step draws do not change, so a class stops at the same step batched or alone), and the chunks are
+re-formed from the classes still live, so every forward but the last of a step is full.
 """
 
 from __future__ import annotations
@@ -35,6 +38,7 @@ from torch import nn
 
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Callback, Event
+from cleanse.engine.memory import frozen
 from cleanse.scan.families import PATCH, Family
 
 
@@ -128,11 +132,13 @@ def reverse_triggers(
     precision: str = "fp32",
     callback: Callback | None = None,
     family: Family = PATCH,
+    chunk: int | None = None,
 ) -> Reversed:
     """Reverse a `family` trigger for each of `classes` from clean uint8 (N,H,W,C) images; one batched optimisation.
 
     The images drawn at each step depend only on `seed` and the step, so running the classes
     one at a time with the same seed sees exactly the same images (the speed-up benchmark relies on it).
+    Each step forwards the live classes in groups of at most `chunk` classes (None: all at once).
     The model's parameters are frozen for the run (gradients flow to the trigger parameters only).
     """
     began = time.perf_counter()
@@ -164,35 +170,35 @@ def reverse_triggers(
     rounds = max(1, budget.steps // budget.round_steps)
     batch = min(budget.batch, n)
     total = rounds * budget.round_steps
-    frozen = [w for w in model.parameters() if w.requires_grad]
-    for w in frozen:
-        w.requires_grad_(False)
-    try:
+    chunk = k if chunk is None else max(1, chunk)
+    with frozen(model):
         for step in range(total):
             idx = torch.randint(
                 0, n, (batch,), generator=gen
             )  # drawn every step, even by a finished class: same images alone or batched
             x = images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
             y = labels[idx].to(device)
-            n_live = len(live)
-            live_params = [p[live] for p in params]
-
-            logits = _stamped_logits(model, family, x, live_params, precision)
-            live_targets = targets[live]
-            valid = (y.unsqueeze(0) != live_targets.unsqueeze(1)).float()  # images already of class k do not count
-            ce = F.cross_entropy(logits.flatten(0, 1), live_targets.repeat_interleave(batch), reduction="none").view(
-                n_live, batch
-            )
-            count = valid.sum(1).clamp_min(1)
-            ce_k = (ce * valid).sum(1) / count
-            loss = (ce_k + cost[live] * family.size(live_params)).sum()
+            parts = live.split(chunk)
+            grads = [torch.zeros_like(p) for p in params]  # a retired class's gradient is 0, as when batched
+            for part in parts:
+                sub = [p[part].detach().requires_grad_(True) for p in params]
+                logits = _stamped_logits(model, family, x, sub, precision)
+                part_targets = targets[part]
+                valid = (y.unsqueeze(0) != part_targets.unsqueeze(1)).float()  # images already of class k do not count
+                ce = F.cross_entropy(
+                    logits.flatten(0, 1), part_targets.repeat_interleave(batch), reduction="none"
+                ).view(len(part), batch)
+                ce_k = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
+                loss = (ce_k + cost[part] * family.size(sub)).sum()
+                for full, g in zip(grads, torch.autograd.grad(loss, sub), strict=True):
+                    full[part] = g
+                with torch.no_grad():
+                    acc_sum[part] += _hit_rate(logits.detach(), part_targets, valid)
             optimizer.zero_grad(set_to_none=True)
-            grads = torch.autograd.grad(loss, params)
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
             optimizer.step()
             with torch.no_grad():
-                acc_sum[live] += _hit_rate(logits, live_targets, valid)
                 steps_run[live] += 1
             if (step + 1) % budget.round_steps:
                 continue
@@ -206,8 +212,10 @@ def reverse_triggers(
                 # The state a class keeps must itself work, not only the round's average over changing states:
                 # the round's last batch, stamped with the state as it ends the round.
                 works = torch.zeros(k, dtype=torch.bool, device=device)
-                end = _stamped_logits(model, family, x, [p[live] for p in params], precision)
-                works[live] = _hit_rate(end, live_targets, valid) >= family.success
+                for part in parts:
+                    end = _stamped_logits(model, family, x, [p[part] for p in params], precision)
+                    valid = (y.unsqueeze(0) != targets[part].unsqueeze(1)).float()
+                    works[part] = _hit_rate(end, targets[part], valid) >= family.success
                 better = ok & works & (size_now < best_size)
                 prev_best = best_size  # best_size never grows, so this is the smallest best before this round
                 best_size = torch.where(better, size_now, best_size)
@@ -248,6 +256,8 @@ def reverse_triggers(
                     "best_size": best_size.tolist(),
                     "cost": cost.tolist(),
                     "active": active.tolist(),
+                    "chunk": chunk,  # classes per forward at most
+                    "forwards": len(parts),  # forwards per step in this round
                     "elapsed": time.perf_counter() - began,
                 }
                 history.append(row)
@@ -255,9 +265,6 @@ def reverse_triggers(
                     callback(Event("row", row))
                 if not bool(active.any()):
                     break
-    finally:
-        for w in frozen:
-            w.requires_grad_(True)
     with torch.no_grad():
         never = ~reached  # a class that never succeeded keeps its last state
         for kept, p in zip(best, params, strict=True):

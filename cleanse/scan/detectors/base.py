@@ -16,6 +16,7 @@ import torch
 from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
 from cleanse.engine.events import Callback
+from cleanse.engine.memory import MemoryPlan
 from cleanse.models import ClassifierModel
 from cleanse.registry import Registry
 from cleanse.scan.reverse import Budget
@@ -35,6 +36,12 @@ class ScanInputs:
     scale: str = "log"
     threshold: float = 3.5
     alpha: float = 0.05  # p-value detectors' level
+    memory: MemoryPlan | None = None  # the step memory budget (None: every class in one step)
+
+    def chunk(self, images_per_class: int, num_classes: int) -> int:
+        """Classes per forward for a detector that optimises `images_per_class` images per class: the memory plan's
+        chunk (cleanse/engine/memory.py), or every class without a plan."""
+        return num_classes if self.memory is None else self.memory.chunk(images_per_class, num_classes)
 
 
 @dataclass
@@ -69,6 +76,10 @@ class Detector(ABC):
     @abstractmethod
     def run(self, inputs: ScanInputs, callback: Callback | None = None) -> DetectorReport:
         """Score every class of the model."""
+
+    @abstractmethod
+    def images_per_class(self, inputs: ScanInputs) -> int:
+        """Images each class puts through the model per optimisation step (what the memory plan divides by)."""
 
 
 DETECTORS: Registry[Detector] = Registry("detector")

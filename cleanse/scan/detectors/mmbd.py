@@ -20,12 +20,14 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
 from cleanse.engine.device import autocast
 from cleanse.engine.events import Callback, Event
+from cleanse.engine.memory import frozen
 from cleanse.scan.detectors.base import DETECTORS, Detector, DetectorReport, ScanInputs
 
 IMAGES = 30  # random starts per class (NI... the published `images = torch.rand([30, ...])`)
@@ -91,16 +93,52 @@ def max_margins(
     seed: int,
     precision: str,
     callback: Callback | None = None,
+    chunk: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class, the largest margin reached from IMAGES random starts, and the steps each class ran."""
-    device = next(model.parameters()).device
+    """Per class, the largest margin reached from IMAGES random starts, and the steps each class ran.
+
+    The classes climb in chunks of at most `chunk` classes (None: all at once), one chunk after the other. The
+    classes do not interact and each chunk draws its starts from the one seeded generator in class order (torch's
+    CPU generator gives the same numbers drawn in pieces as at once), so every class starts from the same images and
+    takes the same steps whatever the chunking.
+    """
+    chunk = num_classes if chunk is None else max(1, min(chunk, num_classes))
     gen = torch.Generator().manual_seed(seed)
-    x = torch.rand((num_classes, IMAGES, *shape), generator=gen).to(device)
-    targets = torch.arange(num_classes, device=device).repeat_interleave(IMAGES)
-    active = torch.ones(num_classes, dtype=torch.bool, device=device)
-    last = torch.full((num_classes,), math.inf, device=device)
-    steps_run = torch.zeros(num_classes, dtype=torch.long, device=device)
+    stats = torch.empty(num_classes)
+    steps_run = torch.zeros(num_classes, dtype=torch.long)
+    chunks = math.ceil(num_classes / chunk)
     began = time.perf_counter()
+    with frozen(model):  # gradients go to the images only
+        for c in range(chunks):
+            first, end = c * chunk, min((c + 1) * chunk, num_classes)
+
+            def report(step: int, active: int, c: int = c, end: int = end) -> None:
+                if callback is not None:
+                    row = {"phase": "mmbd", "step": step, "steps": STEPS, "active": active, "chunk": c + 1}
+                    row |= {"chunks": chunks, "classes": num_classes, "classes_done": end - active}
+                    callback(Event("row", row | {"elapsed": time.perf_counter() - began}))
+
+            stats[first:end], steps_run[first:end] = _climb(model, range(first, end), shape, gen, precision, report)
+    return stats, steps_run
+
+
+def _climb(
+    model: torch.nn.Module,
+    classes: range,
+    shape: tuple[int, int, int],
+    gen: torch.Generator,
+    precision: str,
+    report: Callable[[int, int], None],
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """MM-BD's climb for one chunk of classes: (largest margins, steps run), on the CPU."""
+    device = next(model.parameters()).device
+    n = len(classes)
+    x = torch.rand((n, IMAGES, *shape), generator=gen).to(device)
+    targets = torch.tensor(list(classes), device=device).repeat_interleave(IMAGES)
+    active = torch.ones(n, dtype=torch.bool, device=device)
+    last = torch.full((n,), math.inf, device=device)
+    steps_run = torch.zeros(n, dtype=torch.long, device=device)
+    shown = None
     for step in range(STEPS):
         live = active.nonzero().squeeze(1)
         if len(live) == 0:
@@ -109,7 +147,7 @@ def max_margins(
         flat = xs.clamp(0, 1).flatten(0, 1).contiguous(memory_format=torch.channels_last)
         with autocast(device, precision):
             logits = model(flat)
-        m = margins(logits.float(), targets.view(num_classes, IMAGES)[live].flatten()).view(len(live), IMAGES)
+        m = margins(logits.float(), targets.view(n, IMAGES)[live].flatten()).view(len(live), IMAGES)
         loss = -m.sum(1)  # per class, as the published per-class loop
         (grad,) = torch.autograd.grad(loss.sum(), xs)
         with torch.no_grad():
@@ -118,22 +156,15 @@ def max_margins(
             done = (last[live] - loss).abs() / last[live].abs() < TOLERANCE
             last[live] = loss.detach()
             active[live[done]] = False
-        if callback is not None and (step + 1) % 25 == 0:
-            callback(
-                Event(
-                    "row",
-                    {
-                        "phase": "mmbd",
-                        "step": step + 1,
-                        "steps": STEPS,
-                        "active": int(active.sum()),
-                        "elapsed": time.perf_counter() - began,
-                    },
-                )
-            )
+        if (step + 1) % 25 == 0:
+            shown = (step + 1, int(active.sum()))
+            report(*shown)
+    final = (int(steps_run.max()), 0)  # the chunk's end (no class climbs any more), so progress moves on
+    if shown != final:
+        report(*final)
     with torch.no_grad():  # the statistic, in fp32 at the final inputs
         logits = model(x.clamp(0, 1).flatten(0, 1).contiguous(memory_format=torch.channels_last)).float()
-        stats = margins(logits, targets).view(num_classes, IMAGES).amax(1)
+        stats = margins(logits, targets).view(n, IMAGES).amax(1)
     return stats.cpu(), steps_run.cpu()
 
 
@@ -143,11 +174,16 @@ class MaxMargin(Detector):
     loop_kind = "mmbd"
     summary = "largest reachable logit margin per class (MM-BD, data-free); order-statistic p-value"
 
+    def images_per_class(self, inputs: ScanInputs) -> int:
+        return IMAGES
+
     def run(self, inputs: ScanInputs, callback: Callback | None = None) -> DetectorReport:
         began = time.perf_counter()
         model = inputs.model
+        num_classes = model.spec.num_classes
+        chunk = inputs.chunk(IMAGES, num_classes)
         stats, steps_run = max_margins(
-            model, model.spec.num_classes, model.spec.input_size, inputs.seed, inputs.precision, callback
+            model, num_classes, model.spec.input_size, inputs.seed, inputs.precision, callback, chunk
         )
         p_values, fits = class_p_values(stats)
         flagged = sorted((c for c, p in enumerate(p_values) if p < inputs.alpha), key=lambda c: p_values[c])
@@ -169,6 +205,8 @@ class MaxMargin(Detector):
             "images_per_class": IMAGES,
             "steps": STEPS,
             "step_size": STEP_SIZE,
+            "chunk_classes": chunk,
+            "chunks": math.ceil(num_classes / chunk),
             "seconds": time.perf_counter() - began,
         }
         return DetectorReport(self.name, "p_value", "max_margin", rows, flagged, doc)

@@ -27,11 +27,15 @@ class ReversalDetector(Detector):
         self.name = family.name
         self.summary = f"{family.description}; flags a class whose trigger is an outlier on the small side"
 
+    def images_per_class(self, inputs: ScanInputs) -> int:
+        return min(inputs.budget.batch, len(inputs.optimise)) if inputs.optimise is not None else inputs.budget.batch
+
     def run(self, inputs: ScanInputs, callback: Callback | None = None) -> DetectorReport:
         model, optimise, held = inputs.model, inputs.optimise, inputs.held
         if optimise is None or held is None:
             raise ValueError(f"the {self.name} detector needs clean images")  # the job checks this first
         family, num_classes = self.family, model.spec.num_classes
+        chunk = inputs.chunk(self.images_per_class(inputs), num_classes)
         rev = reverse_triggers(
             model,
             optimise.images,
@@ -42,6 +46,7 @@ class ReversalDetector(Detector):
             precision=inputs.precision,
             callback=callback,
             family=family,
+            chunk=chunk,
         )
         # A class that never reached the success level keeps the size it stopped at: a lower bound of what it
         # needs, which makes the others look less anomalous, never more; it cannot be flagged itself.
@@ -95,6 +100,8 @@ class ReversalDetector(Detector):
             "steps": inputs.budget.steps,
             "batch": inputs.budget.batch,
             "early_stop_rounds": inputs.budget.early_stop,
+            "chunk_classes": chunk,  # classes per forward at most (the memory budget's)
+            "images_per_class": self.images_per_class(inputs),
             "steps_run_total": int(rev.steps_run.sum()),
             f"median_{family.size_name}": float(rev.size.double().quantile(0.5)),
             "seconds": rev.seconds,
