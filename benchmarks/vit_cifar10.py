@@ -1,6 +1,6 @@
 """A small Vision Transformer on real CIFAR-10 through the whole job: train, explain (TAR), scan, unlearn.
 
-    python -m benchmarks.vit_cifar10 [--epochs 8] [--threads N] [--scan both|backdoored|none] [--recipes all|tar-ewc,...]
+    python -m benchmarks.vit_cifar10 [--epochs 8] [--threads N] [--scan both|backdoored|none] [--recipes all|NAMES]
 
 Two ViTs are trained by `cleanse train`'s engine with its defaults for transformers (AdamW, docs/architectures.md):
 one on CIFAR-10 with BadNets 10% poisoning (target 0), one on clean CIFAR-10, same seed and settings. Then, on the
