@@ -19,6 +19,7 @@ benchmark model (benchmarks/cache/, by configuration hash).
 from __future__ import annotations
 
 import argparse
+import json
 import tempfile
 import time
 from pathlib import Path
@@ -26,10 +27,9 @@ from typing import Any
 
 import torch
 
-from benchmarks.common import RESULTS, machine, require_cifar, write_results
+from benchmarks.common import RESULTS, machine, poison_for, require_cifar, write_results
 from benchmarks.train_cifar10 import train_cached
 from benchmarks.unlearn_cifar10 import run_timed
-from cleanse.attacks import load_trigger
 from cleanse.data import load_data
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
@@ -49,6 +49,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--epochs", type=int, default=EPOCHS)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--models", default="badnets,clean", help="which models to run now; results merge by model")
     parser.add_argument("--scan", choices=("both", "backdoored", "none"), default="both", help="which models to scan")
     parser.add_argument("--recipes", default="all", help="comma-separated recipe names, or all")
     args = parser.parse_args()
@@ -56,40 +57,47 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     cifar = require_cifar()
     precision = resolve_precision("auto", torch.device("cpu"))
-    trained = {
-        kind: train_cached(kind, 0, 0.1, 0, epochs=args.epochs, arch="vit", arch_args=VIT, log=True)
-        for kind in ("badnets", "clean")
-    }
+    settings = {"epochs": args.epochs, "arch": "vit", "arch_args": VIT, "precision": precision}
+    doc = _stored(settings)
+    doc["machine"] = machine()
     test = load_data(str(cifar / "test"))
-    trigger = load_trigger(trained["badnets"]["trigger"])
-    doc: dict[str, Any] = {
-        "benchmark": "vit_cifar10",
-        "settings": {**vars(args), "arch": "vit", "arch_args": VIT, "precision": precision},
-        "machine": machine(),
-        "models": {k: {key: v[key] for key in ("model", "model_sha256", "train_seconds")} for k, v in trained.items()},
-    }
-    models = {kind: load_model(t["model"]) for kind, t in trained.items()}
-    layer = tar_layer(models["badnets"], models["badnets"].spec.input_size)
-    doc["tar_layer"] = layer
-    doc["before"] = {kind: measure(m, test, trigger, layer) for kind, m in models.items()}
-    print(_before_line(doc), flush=True)
+    trigger = poison_for(load_data(str(cifar / "train")), "badnets", 0, 0.1, 0)[1]  # the training's trigger (seeded)
     scanned = {"both": ("badnets", "clean"), "backdoored": ("badnets",), "none": ()}[args.scan]
-    if scanned:
-        doc["scan"] = {kind: _scan(trained[kind]["model"], cifar) for kind in scanned}
-    names = RECIPES.names() if args.recipes == "all" else args.recipes.split(",")
-    doc["unlearn"] = _unlearn(trained["badnets"]["model"], trigger, names, precision, layer, doc["before"]["badnets"])
-    write_results("vit_cifar10", doc)
+    for kind in args.models.split(","):
+        trained = train_cached(kind, 0, 0.1, 0, epochs=args.epochs, arch="vit", arch_args=VIT, log=True)
+        doc["models"][kind] = {key: trained[key] for key in ("model", "model_sha256", "train_seconds")}
+        model = load_model(trained["model"])
+        doc.setdefault("tar_layer", tar_layer(model, model.spec.input_size))
+        doc["before"][kind] = measure(model, test, trigger, doc["tar_layer"])
+        print(_before_line(kind, doc), flush=True)
+        if kind in scanned:
+            doc["scan"][kind] = _scan(trained["model"], cifar)
+        if kind == "badnets":
+            names = RECIPES.names() if args.recipes == "all" else args.recipes.split(",")
+            doc["unlearn"] = _unlearn(
+                trained["model"], trigger, names, precision, doc["tar_layer"], doc["before"][kind]
+            )
+        write_results("vit_cifar10", doc)  # after each model, so a later run can add the other
     table = render(doc)
     (RESULTS / "vit_cifar10.md").write_text(table)
     print(table)
 
 
-def _before_line(doc: dict[str, Any]) -> str:
-    b, c = doc["before"]["badnets"], doc["before"]["clean"]
+def _stored(settings: dict[str, Any]) -> dict[str, Any]:
+    """The stored results of the same settings (to merge into), or a fresh document."""
+    path = RESULTS / "vit_cifar10.json"
+    if path.is_file():
+        doc = json.loads(path.read_text())
+        if doc.get("settings") == settings:
+            return doc
+    return {"benchmark": "vit_cifar10", "settings": settings, "models": {}, "before": {}, "scan": {}, "unlearn": {}}
+
+
+def _before_line(kind: str, doc: dict[str, Any]) -> str:
+    m = doc["before"][kind]
     return (
-        f"backdoored ViT: CA {b['clean_accuracy']:.4f} ASR {b['attack_success_rate']:.4f} TAR {b['tar']:.2f}; "
-        f"clean ViT: CA {c['clean_accuracy']:.4f} ASR {c['attack_success_rate']:.4f} TAR {c['tar']:.2f} "
-        f"(layer {doc['tar_layer']})"
+        f"{kind} ViT: CA {m['clean_accuracy']:.4f} ASR {m['attack_success_rate']:.4f} TAR on triggered "
+        f"{_f(m['tar'])}, on clean {_f(m['clean_tar'])} (layer {doc['tar_layer']})"
     )
 
 
@@ -137,7 +145,7 @@ def _unlearn(
         print(
             f"{name}: CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "
             f"ASR {before['attack_success_rate']:.4f}->{after['attack_success_rate']:.4f} "
-            f"TAR {before['tar']:.2f}->{_f(after['tar'])} {wall:.0f}s kept {result.kept['tag']}",
+            f"TAR {_f(before['tar'])}->{_f(after['tar'])} {wall:.0f}s kept {result.kept['tag']}",
             flush=True,
         )
     return rows
@@ -152,7 +160,6 @@ def _pct(v: float | None) -> str:
 
 
 def render(doc: dict[str, Any]) -> str:
-    b, c = doc["before"]["badnets"], doc["before"]["clean"]
     lines = [
         f"ViT ({doc['settings']['arch_args']}), {doc['settings']['epochs']} epochs, {doc['settings']['precision']}; "
         f"{doc['machine']['cpu']}, torch {doc['machine']['torch']}, {doc['machine']['torch_threads']} threads",
@@ -160,16 +167,18 @@ def render(doc: dict[str, Any]) -> str:
         "| model | CA | ASR | TAR on triggered (layer) | clean-image TAR | train s |",
         "|---|---|---|---|---|---|",
     ]
-    for kind, m in (("backdoored (BadNets t0)", b), ("clean", c)):
-        key = "badnets" if kind.startswith("back") else "clean"
+    for key, m in doc["before"].items():
+        kind = "backdoored (BadNets t0)" if key == "badnets" else "clean"
         lines.append(
             f"| {kind} | {_pct(m['clean_accuracy'])} | {_pct(m['attack_success_rate'])} | {_f(m['tar'])} "
             f"({doc['tar_layer']}) | {_f(m['clean_tar'])} | {doc['models'][key]['train_seconds'] or 0:.0f} |"
         )
-    if "scan" in doc:
+    if doc["scan"]:
         lines += ["", "| scan of | suspected | flagged by | wall |", "|---|---|---|---|"]
         for kind, s in doc["scan"].items():
             lines.append(f"| {kind} | {s['suspected_targets']} | {s['flagged_by']} | {s['wall_seconds']:.0f}s |")
+    if not doc["unlearn"]:
+        return "\n".join(lines) + "\n"
     lines += ["", "| recipe | CA after (drop) | ASR after | RA after | TAR after | DER | wall | kept |"]
     lines.append("|---|---|---|---|---|---|---|---|")
     for name, r in doc["unlearn"].items():
