@@ -9,16 +9,20 @@ decision and the choice of the poisoned side are separate tests, neither of whic
 (docs/commands/scan.md, "Data audit", gives the formulas and the measurements behind each constant):
 
 1. **Split.** The class's centred features are projected on their top d principal directions
-   (d = min(32, n // 20)); 2-means on the top 10 of them starts a discriminant refinement (LDA-k-means, Ding & Li,
-   ICML 2007): Fisher's direction w = S_w^-1 (m_1 - m_0) of the current two clusters, then 2-means on the projections
-   p = z . w, until the assignment stops changing (at most 20 rounds). The class's statistic is the separation of
-   the final split along w, |mean_1 - mean_0| / pooled within-cluster standard deviation. Flagged at >= 5.5.
+   (d = min(32, n // 20)). 2-means on the top 10 of them, and 1-D 2-means along each of those 10 alone, start a
+   discriminant refinement (LDA-k-means, Ding & Li, ICML 2007): Fisher's direction w = S_w^-1 (m_1 - m_0) of the
+   current two clusters, then 2-means on the projections p = z . w, until the assignment stops changing (at most 20
+   rounds). A split passes when its separation |mean_1 - mean_0| / pooled within-cluster sd along w is >= 5.5 and a
+   valley separates the clusters (the rows near the midpoint are at most 0.3 x those near the emptier cluster's
+   mean); a side under max(5, 1% of the class) rows does not count. Of the passing splits the one that explains
+   the most variance is kept (the class is flagged), else the best-separated one is reported.
 2. **Which cluster is the poison.** The one *farther from the other classes along w*: the direction that separates
    the two clusters is the trigger's, the rows of the other classes carry no trigger, so along w they sit with the
    clean cluster. This does not depend on which cluster is larger.
 3. **Collapse.** A class whose rows all carry the trigger (clean-label SIG that takes every image of its class) has
    no clean cluster to split from, but the trigger pulls all its features together: the class is flagged whole when
-   its spread (median distance to its mean) is under half the median spread of the other classes.
+   its spread (median distance to its mean) is under half the median spread of the other classes, or when it is
+   split but the side a split would keep is that collapsed.
 """
 
 from __future__ import annotations
@@ -132,13 +136,18 @@ def _refine(z: torch.Tensor, assign: torch.Tensor) -> tuple[torch.Tensor, torch.
     return None
 
 
-def discriminant_split(features: torch.Tensor) -> Split | None:
-    """The best-separated two-way split of a class (None when the class is too small or degenerate to split).
+def discriminant_split(
+    features: torch.Tensor, threshold: float = SEPARATION_THRESHOLD, valley_threshold: float = VALLEY_THRESHOLD
+) -> Split | None:
+    """A class's two-way split (None when the class is too small or degenerate to split).
 
     Starts: 2-means on the top INIT_DIMS principal directions, and 1-D 2-means along each of those directions on
     its own (a cluster of a tenth of the class can sit along the second or fourth direction while 2-means on ten
-    cuts the bulk of the class); each start is refined by `_refine`, and the split with the largest separation
-    is kept."""
+    cuts the bulk of the class); each start is refined by `_refine`. Of the refined splits that pass the test
+    (separation >= threshold, valley <= valley_threshold) the one that explains the largest share of the class's
+    variance in the principal directions is kept, n_0 n_1 / n ||m_1 - m_0||^2 / sum ||z||^2 (the 2-means
+    criterion: a poison made of several sub-clusters, one per source class, is kept whole rather than one tight
+    sub-cluster of it); when none passes, the best-separated one, as evidence."""
     x = features.double()
     n = len(x)
     mean = x.mean(0)
@@ -153,17 +162,34 @@ def discriminant_split(features: torch.Tensor) -> Split | None:
     init = min(INIT_DIMS, dims)
     min_side = max(MIN_SIDE, math.ceil(MIN_SIDE_SHARE * n))
     starts = [two_means(z[:, :init])] + [two_means(z[:, j : j + 1]) for j in range(init)]
+    total = float(z.pow(2).sum())
     best: Split | None = None
+    best_key = (False, 0.0)
     for start in starts:
         refined = _refine(z, start)
         if refined is None:
             continue
         assign, projection, direction, rounds = refined
-        if int(torch.bincount(assign, minlength=2).min()) < min_side:  # a few outliers, not a cluster
+        sizes = torch.bincount(assign, minlength=2)
+        if int(sizes.min()) < min_side:  # a few outliers, not a cluster
             continue
-        sep = separation(projection, assign)
-        if best is None or sep > best.separation:
-            best = Split(assign, projection, sep, valley(projection, assign), dims, rounds, mean, basis, direction)
+        split = Split(
+            assign,
+            projection,
+            separation(projection, assign),
+            valley(projection, assign),
+            dims,
+            rounds,
+            mean,
+            basis,
+            direction,
+        )
+        passes = split.separation >= threshold and split.valley <= valley_threshold
+        gap = z[assign == 1].mean(0) - z[assign == 0].mean(0)
+        explained = float(sizes[0] * sizes[1]) / n * float(gap.pow(2).sum()) / max(total, 1e-300)
+        key = (passes, explained if passes else split.separation)
+        if best is None or key > best_key:
+            best, best_key = split, key
     return best
 
 
@@ -316,7 +342,7 @@ def audit_classes(
         others = [s for k, s in spreads.items() if k != c]
         reference = float(torch.tensor(others).median()) if others else None
         ev = ClassEvidence(c, len(rows), "clean", "", spread_ratio=_ratio(spreads[c], reference))
-        split = discriminant_split(feats[rows])
+        split = discriminant_split(feats[rows], threshold)
         members = _judge(ev, split, feats, rows, labels != c, reference, threshold, collapse_ratio, scores)
         flagged[members] = True
         ev.flagged_rows = len(members)
