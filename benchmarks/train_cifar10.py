@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import time
+from pathlib import Path
 
 import torch
 
@@ -38,6 +39,30 @@ from cleanse.training_defaults import data_normalization
 LATER_FIELDS = ("optimizer",)
 
 
+def model_key(
+    attack: str,
+    target: int | str,
+    rate: float,
+    seed: int,
+    epochs: int | None = None,
+    arch: str = "cnn",
+    arch_args: dict | None = None,
+) -> tuple[TrainConfig, dict, Path]:
+    """The training configuration, its cache key and the model file `train_cached` uses: the cache's copy, else
+    the kept one in benchmarks/models/, else the cache path a training run would write."""
+    config = TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
+    # fields added to TrainConfig later are left out at their default, so earlier models keep their cache names
+    settings = {k: v for k, v in config.__dict__.items() if not (k in LATER_FIELDS and v is None)}
+    key = {"attack": attack, "target": target, "rate": rate, "seed": seed, "arch": arch, "config": settings}
+    if arch_args:  # only when given, so the cache names of every earlier model stay the same
+        key["arch_args"] = arch_args
+    name = f"{arch}-{attack}-t{target}-s{seed}-{config_hash(key)}.safetensors"
+    path = CACHE / name
+    if not path.is_file() and (KEPT_MODELS / name).is_file():
+        path = KEPT_MODELS / name
+    return config, key, path
+
+
 def train_cached(
     attack: str,
     target: int | str,
@@ -54,16 +79,7 @@ def train_cached(
     train = load_data(str(cifar / "train"))
     test = load_data(str(cifar / "test"))
     load_seconds = time.perf_counter() - t0
-    config = TrainConfig(seed=seed) if epochs is None else TrainConfig(seed=seed, epochs=epochs)
-    # fields added to TrainConfig later are left out at their default, so earlier models keep their cache names
-    settings = {k: v for k, v in config.__dict__.items() if not (k in LATER_FIELDS and v is None)}
-    key = {"attack": attack, "target": target, "rate": rate, "seed": seed, "arch": arch, "config": settings}
-    if arch_args:  # only when given, so the cache names of every earlier model stay the same
-        key["arch_args"] = arch_args
-    name = f"{arch}-{attack}-t{target}-s{seed}-{config_hash(key)}.safetensors"
-    path = CACHE / name
-    if not path.is_file() and (KEPT_MODELS / name).is_file():
-        path = KEPT_MODELS / name
+    config, key, path = model_key(attack, target, rate, seed, epochs, arch, arch_args)
     trigger_path = path.with_suffix(".trigger.safetensors")
     poisoned, trigger, poison_seconds = poison_for(train, attack, target, rate, seed)
     device = torch.device("cpu")

@@ -14,12 +14,11 @@ from typer.testing import CliRunner
 
 from cleanse.attacks import load_trigger, poison_dataset
 from cleanse.cli import app
+from cleanse.data import load_data
 from cleanse.data.dataset import save_dataset
 from cleanse.errors import CleanseError
 from cleanse.models import save_model
 from cleanse.scan import anomaly_index, flag_small, reverse_triggers
-from cleanse.scan.activation_clustering import clustering_scores, two_means
-from cleanse.scan.audit import percentile_rank, precision_recall
 from cleanse.scan.reverse import Budget
 from cleanse.scan.spectral import spectral_scores
 
@@ -173,25 +172,6 @@ def test_spectral_scores_put_the_planted_outliers_first():
     assert scores[labels == 1].median().abs().item() < 1e-6  # a robust z-score: each class's median is 0
     feats[outliers, 3] -= 6.0  # the same outliers on the other side: the skew orients the direction, same top 5
     assert set(spectral_scores(feats, labels).argsort(descending=True)[:5].tolist()) == set(outliers.tolist())
-
-
-def test_two_means_and_clustering_flag_the_small_cluster():
-    gen = torch.Generator().manual_seed(1)
-    points = torch.cat([torch.randn(40, 2, generator=gen) * 0.1, torch.randn(8, 2, generator=gen) * 0.1 + 5])
-    assign = two_means(points)
-    assert len(set(assign[:40].tolist())) == 1 and len(set(assign[40:].tolist())) == 1 and assign[0] != assign[40]
-    scores, shares = clustering_scores(points, torch.zeros(48, dtype=torch.long), dims=2)
-    assert shares[0] == pytest.approx(8 / 48)
-    assert (scores[40:] > 0).all() and (scores[:40] == 0).all()
-
-
-def test_percentile_rank_ties_and_precision_recall():
-    ranks = percentile_rank(torch.tensor([3.0, 1.0, 3.0, 2.0, 5.0]))
-    assert ranks.tolist() == pytest.approx([2.5 / 4, 0, 2.5 / 4, 1 / 4, 1])  # ties share the mean rank
-    truth = torch.tensor([True, False, False, True, False])
-    assert precision_recall(torch.tensor([0.9, 0.8, 0.1, 0.7, 0.2]), truth, 2) == {"precision": 0.5, "recall": 0.5}
-    assert precision_recall(torch.tensor([0.9, 0.1, 0.1, 0.7, 0.2]), truth, 2) == {"precision": 1.0, "recall": 1.0}
-    assert precision_recall(torch.zeros(5), torch.zeros(5, dtype=torch.bool), 2) == {"precision": None, "recall": None}
 
 
 @pytest.fixture(scope="module")
@@ -359,10 +339,10 @@ def test_reversed_trigger_drives_tar_ewc_to_lower_the_true_trigger_asr(backdoore
 
 
 @pytest.mark.slow
-def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
-    # 2% poisoning (100 of the 600 class-0 rows): the audit's regime, a minority of the target class.
-    # At 10% all-to-one the poisoned rows are half of the target class and both detectors fail (docs/commands/scan.md).
-    poisoned, _ = poison_dataset(synthetic("train"), "badnets", 0, 0.02, seed=0)
+def test_data_audit_finds_the_poisoned_half_of_the_target_class_and_exits_0(scan_files, tmp_path):
+    # the set the model learnt from: 10% BadNets, so the 500 poisoned rows are half of class 0, the larger cluster
+    # as often as not; a "smaller cluster" rule would flag the clean half
+    poisoned, _ = poison_dataset(synthetic("train"), "badnets", 0, 0.1, seed=0)
     save_dataset(poisoned, tmp_path / "p.safetensors")
     result = runner.invoke(
         app,
@@ -371,6 +351,8 @@ def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
             str(scan_files / "bd.safetensors"),
             "--audit-data",
             str(tmp_path / "p.safetensors"),
+            "--write-clean",
+            str(tmp_path / "c.safetensors"),
             "-o",
             str(tmp_path / "a"),
             "--json",
@@ -378,13 +360,38 @@ def test_data_audit_ranks_poisoned_samples_and_exits_0(scan_files, tmp_path):
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)["audit"]
-    assert doc["k"] == 100 and doc["ground_truth"] is True
-    pr = doc["precision_recall"]
-    print(f"synthetic data audit at 2%, k=100: {pr}")
-    assert set(pr) == {"spectral", "activation-clustering", "combined"}
-    assert pr["combined"]["precision"] > 0.3  # chance is 0.02
+    c0 = doc["classes"][0]
+    print(
+        f"synthetic data audit at 10%: {doc['flagged_set']}, class 0: {c0['reason']}, at k: {doc['precision_recall']}"
+    )
+    assert doc["k"] == 500 and doc["ground_truth"] is True and doc["flagged_classes"] == [0]
+    assert doc["flagged_set"]["precision"] > 0.95 and doc["flagged_set"]["recall"] > 0.95
+    assert c0["decision"] == "split" and c0["poisoned_rows"] == 500
     ranking = json.loads((tmp_path / "a" / "audit.json").read_text())["ranking"]
-    assert len(ranking) == 5000 and ranking[0]["rank"] == 1 and ranking[0]["suspicion"] >= ranking[-1]["suspicion"]
+    assert len(ranking) == 5000 and ranking[0]["rank"] == 1 and ranking[0]["flagged"]
+    cleaned = load_data(str(tmp_path / "c.safetensors"))
+    assert len(cleaned) == 5000 - doc["flagged_rows"] and cleaned.poisoned is not None
+    assert int(cleaned.poisoned.sum()) == 500 - doc["flagged_set"]["true_positives"]
+    # the clean model on the clean set: nothing flagged
+    result = runner.invoke(
+        app,
+        [
+            "scan",
+            str(scan_files / "clean.safetensors"),
+            "--audit-data",
+            "synthetic",
+            "-o",
+            str(tmp_path / "b"),
+            "--json",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    clean = json.loads(result.stdout)["audit"]
+    print(
+        "synthetic clean audit:",
+        [(c["index"], round(c["separation"], 2), round(c["valley"], 2)) for c in clean["classes"]],
+    )
+    assert clean["flagged_rows"] == 0 and clean["flagged_classes"] == [] and clean["ground_truth"] is False
 
 
 @pytest.mark.parametrize(

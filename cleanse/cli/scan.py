@@ -16,7 +16,7 @@ from cleanse.cli.options import MODEL_FILE_PANEL, Common, ModelFlags, with_optio
 from cleanse.cli.render import LOOP_VIEWS, Column, float_cell, run_job, seconds_cell, show, view
 from cleanse.engine.events import Event
 from cleanse.jobs import ScanOptions, ScanResult, scan
-from cleanse.report.render import scan_table
+from cleanse.report.render import audit_table, scan_table
 from cleanse.scan import BUDGETS
 from cleanse.scan.detectors import DETECTORS
 
@@ -93,11 +93,24 @@ LayerOpt = Annotated[
     ),
 ]
 AuditDataOpt = Annotated[
-    str | None, typer.Option("--audit-data", help="Also rank this training DATA's samples by suspicion.")
+    str | None,
+    typer.Option(
+        "--audit-data",
+        help="Also audit this training DATA: flag the classes whose features split in two (or collapse) and "
+        "their poisoned rows (audit.json).",
+    ),
 ]
 PoisonRateOpt = Annotated[
     float | None,
-    typer.Option("--poison-rate", help="Expected poison rate for precision/recall (default: the file's own)."),
+    typer.Option("--poison-rate", help="Expected poison rate for precision/recall at k (default: the file's own)."),
+]
+WriteCleanOpt = Annotated[
+    Path | None,
+    typer.Option(
+        "--write-clean",
+        help="With --audit-data: write a copy of that DATA without the flagged rows to this .safetensors file "
+        "(train and unlearn accept it).",
+    ),
 ]
 DetectorsOpt = Annotated[
     str | None,
@@ -148,6 +161,7 @@ def scan_command(
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
     memory_budget: MemoryBudgetOpt = None,
+    write_clean: WriteCleanOpt = None,
 ) -> None:
     """Is this model backdoored, and which class? Several detectors, one verdict.
 
@@ -178,6 +192,7 @@ when it finishes.
         precision,
         no_cache,
         memory_budget=memory_budget,
+        write_clean=write_clean,
     )
     if run_job(scan, options, common).backdoored:
         raise typer.Exit(EXIT_SUSPECTED)
@@ -214,26 +229,50 @@ def show_scan(result: ScanResult) -> None:
     if "classes" in doc:
         _show_classes(doc)
     if "audit" in doc:
-        a = doc["audit"]
-        pr = a.get("precision_recall")
-        if pr:
-            say(
-                f"data audit at the expected poison count k={a['k']}: "
-                + "; ".join(
-                    f"{name} precision {fmt_rate(v['precision'])} recall {fmt_rate(v['recall'])}"
-                    for name, v in pr.items()
-                )
-            )
-        else:
-            say(
-                f"data audit: {a['n']} samples ranked in audit.json"
-                + ("" if a["ground_truth"] else " (no ground truth in the file)")
-            )
+        _show_audit(doc["audit"])
     pictures = ", class-*-<family>.png, sheet.png" if result.reversed_triggers else ""
     say(
         f"wrote scan.json{pictures}{', audit.json' if result.audited else ''} "
         f"to {result.output}/ ({doc['wall_seconds']:.0f}s)"
     )
+
+
+def _show_audit(a: dict[str, Any]) -> None:
+    header, rows = audit_table(a)
+    table = Table(
+        title=f"data audit per class: a split is flagged at separation >= {a['threshold']} and valley <= "
+        f"{a['valley_threshold']}, a class whose spread is < {a['collapse_ratio']} x the other classes' as a whole",
+        title_justify="left",
+    )
+    for i, heading in enumerate(header):
+        table.add_column(heading, justify="left" if i in (0, len(header) - 1) else "right")
+    for row in rows:
+        table.add_row(*row)
+    show(table)
+    flagged = a["flagged_classes"]
+    say(
+        f"data audit: {a['flagged_rows']} of {a['n']} rows flagged"
+        + (f" in class(es) {', '.join(map(str, flagged))}" if flagged else " (no class is split or collapsed)")
+    )
+    if a.get("flagged_set"):
+        f = a["flagged_set"]
+        say(
+            f"  against the file's {a['poisoned_rows']} poisoned rows: precision {fmt_rate(f['precision'])}, "
+            f"recall {fmt_rate(f['recall'])}"
+        )
+    for name, v in (a.get("precision_recall") or {}).items():
+        say(f"  {name} ranking at k={a['k']}: precision {fmt_rate(v['precision'])} recall {fmt_rate(v['recall'])}")
+    if not a["ground_truth"]:
+        say("  (the file marks no poisoned rows: no precision or recall)")
+    if a.get("cleaned_copy"):
+        c = a["cleaned_copy"]
+        left = c["rows_before"] - c["rows_removed"]
+        say(f"wrote {c['file']}: the audited set without its {c['rows_removed']} flagged rows ({left} left)")
+        if c["empty_classes"]:
+            say(
+                f"  class(es) {', '.join(map(str, c['empty_classes']))} have no rows left: train and unlearn need at "
+                "least one image of every class"
+            )
 
 
 def _show_classes(doc: dict[str, Any]) -> None:

@@ -10,18 +10,19 @@ from typing import Any
 
 import torch
 
-from cleanse.data import load_data
+from cleanse.data import Dataset, load_data, save_dataset
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.memory import MemoryPlan, format_bytes, is_out_of_memory, parse_memory, plan_memory
 from cleanse.errors import CleanseError
-from cleanse.files import atomic_directory, check_output_folder, write_json_atomic
+from cleanse.files import atomic_directory, check_output, check_output_folder, output_set, write_json_atomic
 from cleanse.jobs.inputs import RunSettings, check_classes, load_clean, load_job_model, tar_layer_for
 from cleanse.jobs.progress import SILENT, Progress
 from cleanse.models import ModelOptions
 from cleanse.record import describe_input, new_record, versions
 from cleanse.scan import BUDGETS, Budget, audit_data
 from cleanse.scan.anomaly import DEFAULT_THRESHOLDS, SCALES, STATISTICS
+from cleanse.scan.audit import Audit
 from cleanse.scan.detectors import DETECTORS, DetectorReport, ScanInputs
 from cleanse.scan.verdict import combine, corroborates
 from cleanse.viz import image_grid, save_png
@@ -45,7 +46,7 @@ class ScanOptions:
     threshold: float | None = None  # default per statistic
     scale: str = "log"
     layer: str | None = None
-    audit_data: str | None = None  # training DATA whose samples are ranked
+    audit_data: str | None = None  # training DATA whose poisoned rows are sought
     poison_rate: float | None = None
     detectors: list[str] | None = None  # default: every detector the inputs allow
     alpha: float = 0.05  # level of the p-value detectors (MM-BD)
@@ -53,6 +54,7 @@ class ScanOptions:
     precision: str = "auto"
     no_cache: bool = False
     memory_budget: str | int | None = None  # bytes one optimisation step may take ('4GiB'); default: free memory x 0.5
+    write_clean: Path | None = None  # with audit_data: a copy of it without the flagged rows
 
 
 @dataclass
@@ -113,6 +115,13 @@ def _plan(o: ScanOptions) -> tuple[Budget, float, list[str], int | None]:
         raise CleanseError(f"--alpha {o.alpha} must lie in (0, 1); MM-BD uses 0.05")
     if o.poison_rate is not None and not 0 < o.poison_rate < 1:
         raise CleanseError(f"--poison-rate {o.poison_rate} must lie in (0, 1)")
+    if o.write_clean is not None:
+        if o.audit_data is None:
+            raise CleanseError("--write-clean writes a cleaned copy of the --audit-data set; pass --audit-data DATA")
+        if o.write_clean.suffix != ".safetensors":
+            raise CleanseError(
+                f"--write-clean {o.write_clean}: the cleaned copy is a dataset file; give it a .safetensors name"
+            )
     memory_budget = None if o.memory_budget is None else parse_memory(o.memory_budget)
     return plan, threshold, _detectors(o), memory_budget
 
@@ -124,6 +133,13 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
     output = o.output or Path(o.model_path).with_name(Path(o.model_path).stem + ".scan")
     inputs = (o.model_path, o.data, o.audit_data)
     check_output_folder(output, force=s.force, inputs=inputs)
+    if o.write_clean is not None:
+        if output.resolve() in o.write_clean.resolve().parents:
+            raise CleanseError(
+                f"--write-clean {o.write_clean} lies inside the output folder {output}, which is replaced as a whole; "
+                "choose a path outside it"
+            )
+        check_output(o.write_clean, force=s.force, inputs=inputs)
     dev = s.torch_device()
     prec = resolve_precision(o.precision, dev)
     model = load_job_model(o.model_path, o.model, dev, progress)
@@ -187,17 +203,20 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
                 chunk = scan_inputs.chunk(images, model.spec.num_classes)
                 raise CleanseError(out_of_memory(str(dev), name, memory, chunk, images)) from None
         doc.update(_verdict_doc(model.spec.classes, reports, o, plan, threshold, measure_layer))
-    audit = None
+    audit = cleaned = None
     if o.audit_data is not None:
         suspect = load_data(o.audit_data, split="train", cache=not o.no_cache, image_size=(height, width))
         check_classes(model, suspect, o.audit_data)
         rate = o.poison_rate if o.poison_rate is not None else (suspect.meta.get("attack") or {}).get("rate")
-        progress.note(f"auditing {len(suspect)} samples of {o.audit_data} (spectral signature + activation clustering)")
+        progress.note(f"auditing {len(suspect)} samples of {o.audit_data} (per-class split test + spectral signature)")
         audit = audit_data(model, suspect, rate, prec)
-        doc["audit"] = {k: v for k, v in audit.items() if k != "ranking"} | {
+        doc["audit"] = {k: v for k, v in audit.doc.items() if k != "ranking"} | {
             "file": "audit.json",
-            "top": audit["ranking"][:20],
+            "top": audit.doc["ranking"][:20],
         }
+        if o.write_clean is not None:
+            cleaned = _cleaned_copy(suspect, audit, o)
+            doc["audit"]["cleaned_copy"] = {"file": str(o.write_clean), **cleaned.meta["audit"]}
     wall = time.perf_counter() - started
     doc["wall_seconds"] = wall
     record = new_record(
@@ -222,6 +241,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             "precision": prec,
             "poison_rate": o.poison_rate,
             "memory_budget": memory_budget,
+            "write_clean": None if o.write_clean is None else str(o.write_clean),
         },
         result="scan.json",
         verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
@@ -229,12 +249,17 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         versions=versions(dev),
         timings={"wall_seconds": wall, **{f"{n}_seconds": r.doc["seconds"] for n, r in reports.items()}},
     )
-    with atomic_directory(output, force=s.force, inputs=inputs) as folder:
-        _write_triggers(folder, model.spec.classes, reports, doc)
-        if audit is not None:
-            write_json_atomic(folder / "audit.json", audit)
-        write_json_atomic(folder / "scan.json", doc)
-        write_json_atomic(folder / "run.json", record)
+    if cleaned is not None:
+        record["outputs"] = {"cleaned_data": str(o.write_clean), "rows": len(cleaned)}
+    with output_set() as files:  # the cleaned copy is renamed into place only once the folder is
+        if cleaned is not None and o.write_clean is not None:
+            save_dataset(cleaned, files.reserve(o.write_clean))
+        with atomic_directory(output, force=s.force, inputs=inputs) as folder:
+            _write_triggers(folder, model.spec.classes, reports, doc)
+            if audit is not None:
+                write_json_atomic(folder / "audit.json", audit.doc)
+            write_json_atomic(folder / "scan.json", doc)
+            write_json_atomic(folder / "run.json", record)
     reversed_any = any(r.triggers for r in reports.values())
     return ScanResult(doc, output, reversed_any, audit is not None)
 
@@ -250,6 +275,25 @@ def out_of_memory(device: str, detector: str, memory: MemoryPlan, chunk: int, im
         f"{where}, one class per step already, {budget}): a smaller --memory-budget cannot go below one class; "
         "free memory on the device or scan on another --device"
     )
+
+
+def _cleaned_copy(data: Dataset, audit: Audit, o: ScanOptions) -> Dataset:
+    """The audited set without the flagged rows, as the audit read it (at the model's input size), with a note of
+    what was removed in its metadata; ground-truth columns are kept for the rows that stay."""
+    keep = (~audit.flagged).nonzero().flatten()
+    cleaned = data.subset(keep)
+    empty = [c for c in range(data.num_classes) if not bool((cleaned.labels == c).any())]
+    cleaned.meta["audit"] = {
+        "source": o.audit_data,
+        "model": o.model_path,
+        "rows_before": len(data),
+        "rows_removed": len(data) - len(keep),
+        "flagged_classes": audit.doc["flagged_classes"],
+        "empty_classes": empty,  # a class the audit flagged whole: training on the copy needs one image of each
+    }
+    if data.poisoned is not None:
+        cleaned.meta["audit"]["poisoned_rows_left"] = int(cleaned.poisoned.sum()) if cleaned.poisoned is not None else 0
+    return cleaned
 
 
 def _verdict_doc(

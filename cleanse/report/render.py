@@ -110,6 +110,66 @@ def trigger_table(scan: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     return header, rows
 
 
+AUDIT_ALL_CLASSES = 12  # up to this many classes the audit table shows them all; beyond, the flagged ones and
+AUDIT_NEAREST = 3  # the unflagged classes with the largest separation
+
+
+def audit_table(audit: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
+    """The data audit's per-class evidence: the split's separation and valley, the spread ratio, the decision, the
+    flagged rows (and the file's poisoned rows when it marks them)."""
+    classes = audit.get("classes") or []
+    if len(classes) > AUDIT_ALL_CLASSES:
+        near = sorted(
+            (c for c in classes if not c["flagged"] and c["separation"] is not None), key=lambda c: -c["separation"]
+        )[:AUDIT_NEAREST]
+        keep = {c["index"] for c in classes if c["flagged"]} | {c["index"] for c in near}
+        classes = [c for c in classes if c["index"] in keep]
+    truth = bool(audit.get("ground_truth"))
+    header = [
+        "class",
+        "rows",
+        "separation",
+        "valley",
+        "spread",
+        "split (flagged / kept side)",
+        "decision",
+        "flagged rows",
+    ]
+    header += ["poisoned rows (file)"] if truth else []
+    rows = []
+    for c in classes:
+        clusters = c.get("clusters")
+        row = [
+            f"{c['index']} {c['name']}",
+            str(c["rows"]),
+            num(c["separation"]),
+            num(c["valley"]),
+            num(c["spread_ratio"]),
+            "-" if not clusters else f"{clusters['poison_side']} / {clusters['kept_side']}",
+            c["decision"] + (" *" if c["flagged"] else ""),
+            str(c["flagged_rows"]),
+        ]
+        if truth:
+            row.append(f"{c.get('poisoned_rows', 0)} ({c.get('flagged_poisoned', 0)} flagged)")
+        rows.append(row)
+    return header, rows
+
+
+def audit_summary(audit: dict[str, Any]) -> str:
+    """One sentence: how many rows the audit flagged, where, and (with ground truth) how well."""
+    flagged = audit.get("flagged_classes") or []
+    text = f"{audit['flagged_rows']} of {audit['n']} rows flagged" + (
+        f" in class(es) {', '.join(map(str, flagged))}" if flagged else " (no class split or collapsed)"
+    )
+    f = audit.get("flagged_set")
+    if f:
+        text += (
+            f"; against the file's {audit['poisoned_rows']} poisoned rows: precision {pct(f['precision'])}, "
+            f"recall {pct(f['recall'])}"
+        )
+    return text + "."
+
+
 def _md_table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     lines += ["| " + " | ".join(r) + " |" for r in rows]
@@ -136,6 +196,15 @@ def to_markdown(doc: dict[str, Any]) -> str:
         caption = "CA, ASR and TAR over the unlearning history"
         out += [f"## {caption}", "", f"![{caption}]({doc['images']['history']})", ""]
     for scan in doc["scan"]:
+        if scan.get("audit"):
+            out += [
+                f"## Data audit with `{scan['model']}`{_role(scan)}",
+                "",
+                audit_summary(scan["audit"]),
+                "",
+                _md_table(*audit_table(scan["audit"])),
+                "",
+            ]
         if scan.get("classes"):
             out += [
                 f"## Scan of `{scan['model']}`{_role(scan)}",
@@ -225,6 +294,12 @@ def to_html(doc: dict[str, Any], folder: Path) -> str:
             _img(folder, doc["images"]["history"], "CA, ASR and TAR over the unlearning history"),
         ]
     for scan in doc["scan"]:
+        if scan.get("audit"):
+            parts += [
+                f"<h2>Data audit with <code>{e(str(scan['model']))}</code>{e(_role(scan))}</h2>",
+                f"<p>{e(audit_summary(scan['audit']))}</p>",
+                _html_table(*audit_table(scan["audit"])),
+            ]
         if scan.get("classes"):
             parts += [
                 f"<h2>Scan of <code>{e(str(scan['model']))}</code>{e(_role(scan))}</h2>",
