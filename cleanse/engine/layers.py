@@ -255,25 +255,32 @@ def _deepest(found: list[LayerInfo]) -> str:
     return (blocks or found)[-1].name
 
 
-def default_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
-    """explain's picture layer: the deepest block output among the candidates, else the deepest candidate."""
+def default_layers(model: nn.Module, input_size: tuple[int, int, int]) -> tuple[str, str]:
+    """(picture layer, TAR layer) from one probe; a CleanseError when the model has no candidate."""
     found = candidates(probe_layers(model, input_size))
     if not found:
         raise _no_map(model)
-    return _deepest(found)
+    return _deepest(found), _tar_of(found, input_size)
 
 
-def find_tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str | None:
-    """The TAR layer by the module's rule, or None when the model has no candidate."""
+def default_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
+    """explain's picture layer: the deepest block output among the candidates, else the deepest candidate."""
+    return default_layers(model, input_size)[0]
+
+
+def _tar_of(found: list[LayerInfo], input_size: tuple[int, int, int]) -> str:
     _, height, width = input_size
-    found = candidates(probe_layers(model, input_size))
-    if not found:
-        return None
     fine = [i for i in found if i.grid[0] >= height / 8 and i.grid[1] >= width / 8]
     if not fine:
         finest = max(i.grid[0] * i.grid[1] for i in found)
         fine = [i for i in found if i.grid[0] * i.grid[1] == finest]
     return _deepest(fine)
+
+
+def find_tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str | None:
+    """The TAR layer by the module's rule, or None when the model has no candidate."""
+    found = candidates(probe_layers(model, input_size))
+    return _tar_of(found, input_size) if found else None
 
 
 def tar_layer(model: nn.Module, input_size: tuple[int, int, int]) -> str:
@@ -296,11 +303,10 @@ def check_layer(model: nn.Module, spec: str, input_size: tuple[int, int, int]) -
     """Validate a --layer value before any work: it names a module whose output is an explainable feature map."""
     name, grid = parse_layer(spec)
     modules = dict(bare_net(model).named_modules())
-    infos = probe_layers(model, input_size)
+    infos = probe_layers(model, input_size, {name: grid} if grid is not None else None)
     if not name or name not in modules:
         raise CleanseError(f"unknown layer {name!r}; layers Grad-CAM can use (deepest last): {_listing(infos)}")
-    mine = probe_layers(model, input_size, {name: grid}) if grid is not None else infos
-    info = next((i for i in mine if i.name == name), None)
+    info = next((i for i in infos if i.name == name), None)
     if info is None:
         what = f"a {grid[0]}x{grid[1]} grid" if grid else "the image grid"
         raise CleanseError(

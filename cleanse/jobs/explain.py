@@ -12,7 +12,7 @@ import torch
 from cleanse.attacks import Trigger, load_trigger
 from cleanse.data import load_image_files
 from cleanse.engine.gradcam import CamResult, grad_cam, normalise, tar_and_share
-from cleanse.engine.layers import check_layer, default_layer, tar_layer
+from cleanse.engine.layers import check_layer, default_layers
 from cleanse.engine.tar import CamPair, cam_pair, tar_metrics
 from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, check_output_folder, write_json_atomic
@@ -117,8 +117,7 @@ def explain(options: ExplainOptions, settings: RunSettings | None = None, progre
         trig.check_size(channels, height, width, what="the model's inputs")
     if o.layer is not None:
         check_layer(model, o.layer, model.spec.input_size)
-    picture_layer = o.layer or default_layer(model, model.spec.input_size)
-    measure_layer = o.layer or tar_layer(model, model.spec.input_size)
+    picture_layer, measure_layer = (o.layer, o.layer) if o.layer else default_layers(model, model.spec.input_size)
     picked = _pick_images(o, model, trig, s.seed, progress)
     images, labels = picked.images, picked.labels
     cam_target = _target_classes(o.target, labels, model.spec.num_classes, len(images))

@@ -83,6 +83,10 @@ def audit_features(
     threshold: float = SEPARATION_THRESHOLD,
 ) -> Audit:
     """The audit from features already computed (the benchmark and the tests call this; `audit_data` adds the model)."""
+    # float64 statistics on an (N, D) matrix: on the CPU, where they are exact and cheap, whatever the model's device
+    # (MPS has no float64; CPU-made tensors must not meet device ones). One transfer, not one per batch.
+    features, labels = features.float().cpu(), labels.cpu()
+    truth = truth.cpu() if truth is not None else None
     result = audit_classes(features, labels, len(classes), threshold)
     per_method = {name: AUDITS.get(name)(features, labels) for name in AUDITS.names()}
     truth = truth if truth is not None and truth.any() else None
