@@ -5,7 +5,8 @@ wall time on 2 CPU cores, with `cleanse train`'s default settings.
 
     python benchmarks/train_cifar10.py [--attack badnets] [--seed 0] [--epochs N]
 
-Prints a table and writes benchmarks/results/train_cifar10-<attack>-s<seed>.json. The
+Prints a table and writes benchmarks/results/train_cifar10-<attack>[-r<rate>]-s<seed>.json (the rate
+only when it is not 10%). The
 trained model is cached under benchmarks/cache/ by configuration hash for the
 other benchmarks (delete it to retrain); a model of the same name in benchmarks/models/
 (kept in git) is used when the cache has none.
@@ -156,7 +157,8 @@ def main() -> None:
     )
     doc = {"benchmark": "train_cifar10", "settings": vars(args), "machine": machine(), "wall_seconds": wall, **result}
     kind = f"{args.attack}-all" if args.target == "all" else args.attack
-    name = f"train_cifar10-{kind}-s{args.seed}" + ("-cached" if result["cached"] else "")
+    rate = "" if args.rate == 0.1 or args.attack == "clean" else f"-r{args.rate:g}"  # 10% keeps its old name
+    name = f"train_cifar10-{kind}{rate}-s{args.seed}" + ("-cached" if result["cached"] else "")
     print("wrote", write_results(name, doc))
 
 
