@@ -12,14 +12,17 @@ import contextlib
 import errno
 import hashlib
 import json
+import mmap
 import os
 import struct
 import tempfile
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeGuard
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
@@ -61,8 +64,10 @@ def sha256_file(path: str | os.PathLike) -> str:
     return digest.hexdigest()
 
 
-def _check_header(raw: bytes, path: Path) -> dict[str, Any]:
-    size = len(raw)
+def _check_header(raw: bytes, path: Path, size: int | None = None) -> dict[str, Any]:
+    """The header of a safetensors file whose first bytes are `raw` (at least its header) and whose length is `size`
+    (default: all of it is in `raw`), checked so that every tensor lies inside the file."""
+    size = len(raw) if size is None else size
     if size < 8:
         raise CleanseError(
             f"{path}: file is truncated or not a safetensors file ({size} bytes); re-export it with safetensors"
@@ -121,12 +126,106 @@ def parse_safetensors(
     try:
         tensors = st_load(raw)
     except BaseException as exc:
-        # safetensors raises its own error type for damaged files, and a Rust panic surfaces as a BaseException
-        if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
-            raise
-        reason = " ".join(str(exc).split())[:200]
-        raise CleanseError(f"{path}: cannot read tensors ({reason}); the file is damaged") from None
+        raise _cannot_read(Path(path), exc) from None
     return tensors, dict(header.get("__metadata__") or {})
+
+
+# 1-byte dtypes a mapped tensor may have: any offset is aligned for them
+_MAPPABLE = {"U8": torch.uint8, "I8": torch.int8, "BOOL": torch.bool}
+# data_ptr of a mapped tensor -> (file, offset, file identity): `private_copy` maps the same bytes again
+_MAPPED: dict[int, tuple[Path, int, tuple[int, int, int]]] = {}
+
+
+def _cannot_read(path: Path, exc: BaseException) -> CleanseError:
+    # safetensors raises its own error type for damaged files, and a Rust panic surfaces as a BaseException
+    if not isinstance(exc, Exception) and type(exc).__name__ != "PanicException":
+        raise exc
+    reason = " ".join(str(exc).split())[:200]
+    return CleanseError(f"{path}: cannot read tensors ({reason}); the file is damaged")
+
+
+def read_safetensors_mapped(
+    path: str | os.PathLike, mapped: tuple[str, ...] = ("images",)
+) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Like `read_safetensors`, but the tensors named in `mapped` (1-byte dtypes) are zero-copy views of a private
+    memory map of the file: indexing reads only the rows used, and nothing but the header is read up front.
+
+    The map is copy-on-write (an in-place edit changes this process's pages, never the file); other tensors are
+    copied into memory. The file must not be truncated while a mapped tensor lives (the OS would fault on access):
+    cleanse only ever replaces files by renaming a new one over them.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise CleanseError(f"{path}: no such file; check the path")
+    with open(path, "rb") as fh:
+        size = os.fstat(fh.fileno()).st_size
+        raw = fh.read(8)
+        if len(raw) == 8:
+            raw += fh.read(min(struct.unpack("<Q", raw)[0], MAX_HEADER_BYTES + 1, size - 8))
+        header = _check_header(raw, path, size)
+        start = len(raw)
+        entries = {k: v for k, v in header.items() if k != "__metadata__"}
+        try:  # the library checks what the hand check leaves (overlapping or missing bytes) without reading data
+            with safe_open(path, framework="pt") as lazy:
+                # get_tensor views the library's own shared map: copy, so the tensors never change under us
+                tensors = {k: lazy.get_tensor(k).clone() for k in entries if not _mappable(k, entries[k], mapped)}
+        except BaseException as exc:
+            raise _cannot_read(path, exc) from None
+        names = [k for k in entries if _mappable(k, entries[k], mapped)]
+        if names:
+            buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+            identity = _identity(fh)
+            for name in names:
+                offset = start + int(entries[name]["data_offsets"][0])
+                shape = [int(d) for d in entries[name]["shape"]]
+                tensors[name] = _view(buffer, _MAPPABLE[entries[name]["dtype"]], shape, offset)
+                if tensors[name].numel():
+                    _remember(tensors[name], (path, offset, identity))
+    return tensors, dict(header.get("__metadata__") or {})
+
+
+def _mappable(name: str, info: dict[str, Any], mapped: tuple[str, ...]) -> bool:
+    return name in mapped and info["dtype"] in _MAPPABLE
+
+
+def _identity(fh: Any) -> tuple[int, int, int]:
+    st = os.fstat(fh.fileno())
+    return st.st_dev, st.st_ino, st.st_size
+
+
+def _view(buffer: mmap.mmap, dtype: torch.dtype, shape: list[int], offset: int) -> torch.Tensor:
+    count = 1
+    for dim in shape:
+        count *= dim
+    if count == 0:
+        return torch.empty(shape, dtype=dtype)
+    return torch.frombuffer(buffer, dtype=dtype, count=count, offset=offset).view(shape)
+
+
+def _remember(tensor: torch.Tensor, origin: tuple[Path, int, tuple[int, int, int]]) -> None:
+    key = tensor.data_ptr()
+    _MAPPED[key] = origin
+    weakref.finalize(tensor, _MAPPED.pop, key, None)
+
+
+def private_copy(tensor: torch.Tensor) -> torch.Tensor:
+    """A copy of `tensor` that may be edited in place: for an unedited tensor from `read_safetensors_mapped`, a fresh
+    copy-on-write map of the same file bytes (only the pages edited then take memory); else a clone."""
+    origin = _MAPPED.get(tensor.data_ptr())
+    # _version counts in-place edits (of the tensor or any view of it): an edited tensor differs from its file
+    if origin is None or tensor._version != 0 or not tensor.is_contiguous():
+        return tensor.clone()
+    path, offset, identity = origin
+    try:
+        with open(path, "rb") as fh:
+            if _identity(fh) != identity:
+                return tensor.clone()  # the file was replaced since
+            buffer = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
+    except OSError:
+        return tensor.clone()
+    copy = _view(buffer, tensor.dtype, list(tensor.shape), offset)
+    _remember(copy, (path, offset, identity))
+    return copy
 
 
 def read_cleanse_metadata(metadata: dict[str, str], path: str | os.PathLike) -> dict[str, Any] | None:
@@ -230,6 +329,19 @@ def _check_parent(path: Path, what: str = "output folder") -> Path:
     return parent
 
 
+def folder_writable(folder: Path) -> bool:
+    """Whether files can be created in `folder` (made if missing), tried for real: os.access says yes to root even on
+    a read-only file system."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(prefix=".cleanse-probe.", dir=folder)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError:
+        return False
+    return True
+
+
 def _check_name(path: Path) -> None:
     if len(os.fsencode(path.name)) > NAME_MAX:
         raise CleanseError(
@@ -290,6 +402,67 @@ def write_safetensors(path: str | os.PathLike, tensors: dict[str, torch.Tensor],
     tensors = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     data = st_save(tensors, metadata={METADATA_KEY: json.dumps(metadata, sort_keys=True)})
     write_bytes_atomic(path, data)
+
+
+_DTYPE_NAMES = {
+    torch.bool: "BOOL",
+    torch.uint8: "U8",
+    torch.int8: "I8",
+    torch.int16: "I16",
+    torch.int32: "I32",
+    torch.int64: "I64",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.float32: "F32",
+    torch.float64: "F64",
+}
+STREAM_CHUNK_BYTES = 64 << 20
+
+
+def safetensors_header(
+    entries: list[tuple[str, torch.dtype, list[int]]], metadata: dict[str, str], length: int | None = None
+) -> bytes:
+    """The bytes before the data of a safetensors file whose tensors (name, dtype, shape) follow in this order.
+
+    The JSON is padded with spaces (the format allows it) to a multiple of 8 bytes, or to `length` bytes in all so
+    that a header written last fits the room left for it.
+    """
+    doc: dict[str, Any] = {"__metadata__": metadata}
+    offset = 0
+    for name, dtype, shape in entries:
+        count = 1
+        for dim in shape:
+            count *= dim
+        end = offset + count * torch.empty(0, dtype=dtype).element_size()
+        doc[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": list(shape), "data_offsets": [offset, end]}
+        offset = end
+    text = json.dumps(doc, separators=(",", ":")).encode()
+    room = -(-(len(text) + 8) // 8) * 8 - 8 if length is None else length - 8
+    if room < len(text):
+        raise ValueError(f"a safetensors header of {len(text)} bytes does not fit {room}")
+    return struct.pack("<Q", room) + text + b" " * (room - len(text))
+
+
+def write_tensor_bytes(fh: Any, tensor: torch.Tensor, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
+    """Write a CPU tensor's bytes (little-endian, row-major) to `fh` a chunk of rows at a time."""
+    tensor = tensor.detach().reshape(1, -1) if tensor.dim() < 2 else tensor.detach()
+    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+    step = max(1, chunk_bytes // row_bytes)
+    for start in range(0, len(tensor), step):
+        block = tensor[start : start + step].to("cpu").contiguous()
+        fh.write(block.reshape(-1).view(torch.uint8).numpy())
+
+
+def write_safetensors_streamed(
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+) -> None:
+    """Like `write_safetensors`, but the tensors go to disk a chunk at a time: the file is never built in memory."""
+    entries = [(name, t.dtype, list(t.shape)) for name, t in tensors.items()]
+    head = safetensors_header(entries, {METADATA_KEY: json.dumps(metadata, sort_keys=True)})
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:
+        fh.write(head)
+        for tensor in tensors.values():
+            write_tensor_bytes(fh, tensor)
 
 
 RUN_RECORD = "run.json"

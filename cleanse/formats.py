@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from cleanse.errors import CleanseError
-from cleanse.files import read_cleanse_metadata, read_safetensors
+from cleanse.files import read_cleanse_metadata, read_safetensors, read_safetensors_mapped
 
 
 @dataclass(frozen=True)
@@ -62,12 +62,17 @@ class FileFormat:
         tensors, doc = _read(path)
         return tensors, self.check(doc, path)
 
-    def read_or_raw(self, path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-        """Like `read`, but a file without `cleanse` metadata gives None for the caller to judge (a raw state dict)."""
-        tensors, doc = _read(path)
+    def read_or_raw(
+        self, path: str | os.PathLike, mapped: tuple[str, ...] = ()
+    ) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+        """Like `read`, but a file without `cleanse` metadata gives None for the caller to judge (a raw state dict).
+        The tensors named in `mapped` are memory-mapped, not read (see `read_safetensors_mapped`)."""
+        tensors, doc = _read(path, mapped)
         return tensors, None if doc is None else self.check(doc, path)
 
 
-def _read(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
-    tensors, metadata = read_safetensors(path)
+def _read(
+    path: str | os.PathLike, mapped: tuple[str, ...] = ()
+) -> tuple[dict[str, torch.Tensor], dict[str, Any] | None]:
+    tensors, metadata = read_safetensors_mapped(path, mapped) if mapped else read_safetensors(path)
     return tensors, read_cleanse_metadata(metadata, path)

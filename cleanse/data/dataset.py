@@ -1,4 +1,8 @@
-"""The in-memory dataset: one uint8 image tensor plus labels, and its safetensors file format."""
+"""The dataset: one uint8 image tensor plus labels, and its safetensors file format.
+
+A dataset file's images are a copy-on-write memory map of the file (read by index, never loaded whole), so a
+dataset larger than memory works as long as each step touches only the rows it needs.
+"""
 
 from __future__ import annotations
 
@@ -9,7 +13,7 @@ from typing import Any
 import torch
 
 from cleanse.errors import CleanseError
-from cleanse.files import write_safetensors
+from cleanse.files import write_safetensors_streamed
 from cleanse.formats import FileFormat
 
 DATASET_FILE = FileFormat(
@@ -106,12 +110,12 @@ def save_dataset(dataset: Dataset, path: str | Path) -> None:
         if value is not None:
             tensors[name] = value
     meta = {**DATASET_FILE.header(), "classes": dataset.classes, **dataset.meta}
-    write_safetensors(path, tensors, meta)
+    write_safetensors_streamed(path, tensors, meta)
 
 
 def load_dataset_file(path: str | Path) -> Dataset:
     path = Path(path)
-    tensors, doc = DATASET_FILE.read_or_raw(path)
+    tensors, doc = DATASET_FILE.read_or_raw(path, mapped=("images",))
     if doc is None:
         if "images" in tensors and "labels" in tensors:
             raise CleanseError(

@@ -16,14 +16,17 @@ import torch
 from PIL import Image
 
 from cleanse.data.dataset import Dataset, load_dataset_file
+from cleanse.data.preprocess import check_preprocess, fit_array, fit_in_chunks
+from cleanse.data.store import RowArray, RowFile
 from cleanse.data.synthetic import make_synthetic
 from cleanse.errors import CleanseError
-from cleanse.files import read_safetensors, write_safetensors
+from cleanse.files import atomic_path, folder_writable, read_safetensors_mapped
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm"}
 MAX_IMAGE_PIXELS = 50_000_000  # refuse decompression bombs well before Pillow's own limit
 MAX_CLASSES = 100_000  # an .npz without class names gets one name per label up to the largest
 CACHE_VERSION = 1
+DECODE_CHUNK = 256  # images decoded (and held) at once
 
 
 def cache_dir() -> Path:
@@ -31,9 +34,17 @@ def cache_dir() -> Path:
 
 
 def load_data(
-    spec: str, *, split: str = "train", cache: bool = True, image_size: tuple[int, int] | None = None
+    spec: str,
+    *,
+    split: str = "train",
+    cache: bool = True,
+    image_size: tuple[int, int] | None = None,
+    preprocess: str = "resize",
 ) -> Dataset:
-    """Load DATA as one uint8 tensor. `split` picks train/test for CIFAR batch folders."""
+    """Load DATA as one uint8 tensor (memory-mapped for dataset files and ImageFolders read through the cache).
+    `split` picks train/test for CIFAR batch folders; images not of `image_size` are fitted to it by `preprocess`
+    (`resize` or `center-crop`, see cleanse/data/preprocess.py)."""
+    check_preprocess(preprocess)
     if spec == "synthetic" or spec.startswith("synthetic:"):
         name, _, part = spec.partition(":")
         part = part or "train"
@@ -49,7 +60,11 @@ def load_data(
             )
         if path.is_dir():
             batches = _find_cifar_batches(path)
-            dataset = _load_cifar_batches(batches, split) if batches else _load_image_folder(path, cache, image_size)
+            dataset = (
+                _load_cifar_batches(batches, split)
+                if batches
+                else _load_image_folder(path, cache, image_size, preprocess)
+            )
         elif path.suffix == ".npz":
             dataset = _load_npz(path)
         elif path.suffix == ".safetensors":
@@ -61,18 +76,17 @@ def load_data(
     if len(dataset) == 0:
         raise CleanseError(f"{spec}: the dataset holds no images; check the path")
     if image_size is not None and dataset.image_size != tuple(image_size):
-        dataset = resize_dataset(dataset, image_size)
+        dataset = resize_dataset(dataset, image_size, preprocess)
     return dataset
 
 
-def resize_dataset(dataset: Dataset, size: tuple[int, int]) -> Dataset:
+def resize_dataset(dataset: Dataset, size: tuple[int, int], preprocess: str = "resize") -> Dataset:
+    """Fit every image to `size` (a chunk at a time, so only the uint8 result is held whole)."""
     old = dataset.image_size
-    images = torch.nn.functional.interpolate(
-        dataset.chw_float(), size=tuple(size), mode="bilinear", antialias=True, align_corners=False
-    )
-    dataset.images = (images.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
+    dataset.images = fit_in_chunks(dataset.images, (size[0], size[1]), preprocess)
+    how = "resized" if preprocess == "resize" else "resized and center-cropped"
     dataset.notes.append(
-        f"{dataset.source}: images are {old[0]}x{old[1]}; resized to {size[0]}x{size[1]} to fit the model"
+        f"{dataset.source}: images are {old[0]}x{old[1]}; {how} to {size[0]}x{size[1]} to fit the model"
     )
     return dataset
 
@@ -234,63 +248,149 @@ def _decode(path: Path) -> np.ndarray | None:
         return None
 
 
-def _load_image_folder(root: Path, use_cache: bool, image_size: tuple[int, int] | None) -> Dataset:
-    root = root.resolve()
-    classes, files, non_images = _list_image_folder(root)
-    key_doc = json.dumps([CACHE_VERSION, str(root), files, non_images, list(image_size) if image_size else None])
-    key = hashlib.sha256(key_doc.encode()).hexdigest()[:32]
-    cached = cache_dir() / f"imagefolder-{key}.safetensors"
-    if use_cache and cached.is_file():
-        try:
-            tensors, metadata = read_safetensors(cached)
-            doc = json.loads(metadata["cleanse"])
-            return Dataset(
-                tensors["images"],
-                tensors["labels"],
-                doc["classes"],
-                str(root),
-                meta={"source": str(root)},
-                notes=doc["notes"],
-            )
-        except (CleanseError, KeyError, ValueError, TypeError):
-            pass  # a damaged cache entry is rebuilt below
-    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
-        arrays = list(pool.map(lambda f: _decode(root / f[0]), files, chunksize=256))
-    ok = [(a, f[1]) for a, f in zip(arrays, files, strict=True) if a is not None]
-    corrupt = len(files) - len(ok)
+def _probe(path: Path) -> tuple[int, int] | None:
+    """(height, width) from the image's header alone, or None for a file `_decode` would refuse by its header."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                width, height = im.size
+    except Exception:
+        return None
+    return None if width * height > MAX_IMAGE_PIXELS else (height, width)
+
+
+def _decode_fitted(path: Path, size: tuple[int, int], preprocess: str) -> tuple[np.ndarray | None, bool]:
+    """The decoded image fitted to `size`, and whether it had to be."""
+    a = _decode(path)
+    if a is None or a.shape[:2] == size:
+        return a, False
+    return fit_array(a, size, preprocess), True
+
+
+def _folder_notes(
+    root: Path, non_images: int, corrupt: int, empty: list[str], fitted: int, size: tuple[int, int], preprocess: str
+) -> list[str]:
     notes = []
     if corrupt or non_images:
         notes.append(f"{root}: skipped {non_images} non-image and {corrupt} unreadable/corrupt/oversized files")
-    if not ok:
-        raise CleanseError(f"{root}: no readable images in the ImageFolder; check the files")
-    empty = [c for i, c in enumerate(classes) if not any(lab == i for _, lab in ok)]
     if empty:
         notes.append(f"{root}: class folders with no readable images: {', '.join(empty[:5])}")
-    sizes = Counter(a.shape[:2] for a, _ in ok)
-    target = tuple(image_size) if image_size else sizes.most_common(1)[0][0]
-    resized = 0
-    images = np.empty((len(ok), target[0], target[1], 3), dtype=np.uint8)
-    for i, (a, _) in enumerate(ok):
-        if a.shape[:2] != target:
-            a = np.asarray(Image.fromarray(a).resize((target[1], target[0]), Image.Resampling.BILINEAR))
-            resized += 1
-        images[i] = a
-    if resized:
-        notes.append(f"{root}: resized {resized} images of another size to {target[0]}x{target[1]}")
-    labels = torch.tensor([lab for _, lab in ok], dtype=torch.int64)
-    dataset = Dataset(torch.from_numpy(images), labels, classes, str(root), meta={"source": str(root)}, notes=notes)
-    if use_cache:
+    if fitted:
+        how = "resized" if preprocess == "resize" else "resized and center-cropped"
+        notes.append(f"{root}: {how} {fitted} images of another size to {size[0]}x{size[1]}")
+    return notes
+
+
+def _read_cache(cached: Path, root: Path) -> Dataset | None:
+    try:
+        tensors, metadata = read_safetensors_mapped(cached, ("images",))
+        doc = json.loads(metadata["cleanse"])
+        return Dataset(
+            tensors["images"],
+            tensors["labels"],
+            doc["classes"],
+            str(root),
+            meta={"source": str(root)},
+            notes=doc["notes"],
+        )
+    except (CleanseError, KeyError, ValueError, TypeError):
+        return None  # a damaged cache entry is rebuilt
+
+
+def _load_image_folder(
+    root: Path, use_cache: bool, image_size: tuple[int, int] | None, preprocess: str = "resize"
+) -> Dataset:
+    root = root.resolve()
+    classes, files, non_images = _list_image_folder(root)
+    key_parts: list = [CACHE_VERSION, str(root), files, non_images, list(image_size) if image_size else None]
+    if preprocess != "resize":  # today's keys stay valid for plain resizing
+        key_parts.append(preprocess)
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
+    cached = cache_dir() / f"imagefolder-{key}.safetensors"
+    if use_cache and cached.is_file():
+        dataset = _read_cache(cached, root)
+        if dataset is not None:
+            return dataset
+    with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
+        sizes = list(pool.map(lambda f: _probe(root / f[0]), files, chunksize=256))
+        readable = [f for f, size in zip(files, sizes, strict=True) if size is not None]
+        if not readable:
+            raise CleanseError(f"{root}: no readable images in the ImageFolder; check the files")
+        target = tuple(image_size) if image_size else Counter(s for s in sizes if s is not None).most_common(1)[0][0]
+        target = (int(target[0]), int(target[1]))
+        folder = _Folder(root, classes, len(files), non_images, readable, target, preprocess)
+        if use_cache and folder_writable(cached.parent):
+            _decode_to_cache(folder, pool, cached)
+            dataset = _read_cache(cached, root)
+            if dataset is None:
+                raise CleanseError(f"{cached}: the decode cache just written cannot be read back; pass --no-cache")
+            return dataset
+        rows = RowArray(len(readable), (*target, 3))  # no cache: the images are held in memory
+        labels, notes = folder.decode(pool, rows)
+        return Dataset(rows.images(), labels, classes, str(root), meta={"source": str(root)}, notes=notes)
+
+
+class _Folder:
+    """What decoding an ImageFolder needs: its files that opened, the common size and how to fit the others."""
+
+    def __init__(
+        self,
+        root: Path,
+        classes: list[str],
+        listed: int,
+        non_images: int,
+        readable: list[tuple[str, int, int, int]],
+        size: tuple[int, int],
+        preprocess: str,
+    ) -> None:
+        self.root, self.classes, self.listed, self.non_images = root, classes, listed, non_images
+        self.readable, self.size, self.preprocess = readable, size, preprocess
+
+    def largest_doc(self) -> dict:
+        """A cache document at least as long as any this folder can give: it sizes the room kept for the header."""
+        longest = sorted(self.classes, key=lambda c: len(json.dumps(json.dumps(c))))[-5:]
+        notes = _folder_notes(self.root, self.non_images, self.listed, longest, self.listed, self.size, "center-crop")
+        return {"classes": self.classes, "notes": notes}
+
+    def decode(self, pool: ThreadPoolExecutor, rows: RowFile | RowArray) -> tuple[torch.Tensor, list[str]]:
+        """Decode a chunk at a time into `rows`; the labels of the rows written and the notes."""
+        labels: list[int] = []
+        fitted = 0
+        for start in range(0, len(self.readable), DECODE_CHUNK):
+            chunk = self.readable[start : start + DECODE_CHUNK]
+            decoded = list(pool.map(lambda f: _decode_fitted(self.root / f[0], self.size, self.preprocess), chunk))
+            good = [(a, f[1]) for (a, _), f in zip(decoded, chunk, strict=True) if a is not None]
+            fitted += sum(was for a, was in decoded if a is not None)
+            if good:
+                rows.append(np.stack([a for a, _ in good]))
+                labels.extend(label for _, label in good)
+        if not labels:
+            raise CleanseError(f"{self.root}: no readable images in the ImageFolder; check the files")
+        present = set(labels)
+        empty = [c for i, c in enumerate(self.classes) if i not in present]
+        corrupt = self.listed - len(labels)
+        notes = _folder_notes(self.root, self.non_images, corrupt, empty, fitted, self.size, self.preprocess)
+        return torch.tensor(labels, dtype=torch.int64), notes
+
+
+def _decode_to_cache(folder: _Folder, pool: ThreadPoolExecutor, cached: Path) -> None:
+    """Decode into a new cache file, renamed into place only when complete."""
+    with atomic_path(cached) as tmp, open(tmp, "wb") as fh:
         try:
-            cached.parent.mkdir(parents=True, exist_ok=True)
-            write_safetensors(
-                cached, {"images": dataset.images, "labels": labels}, {"classes": classes, "notes": notes}
-            )
-        except OSError:
-            pass  # an unwritable cache only costs speed
-    return dataset
+            rows = RowFile(fh, len(folder.readable), (*folder.size, 3), folder.largest_doc())
+            labels, notes = folder.decode(pool, rows)
+            rows.finish(labels, {"classes": folder.classes, "notes": notes})
+        except OSError as exc:
+            raise CleanseError(
+                f"{cached}: cannot write the ImageFolder decode cache ({exc.strerror or type(exc).__name__}); "
+                "free some space, set CLEANSE_CACHE_DIR to another folder, or pass --no-cache"
+            ) from None
 
 
-def load_image_files(paths: list[str], size: tuple[int, int]) -> tuple[torch.Tensor, list[str]]:
+def load_image_files(
+    paths: list[str], size: tuple[int, int], preprocess: str = "resize"
+) -> tuple[torch.Tensor, list[str]]:
     """Decode individual image files (for `explain IMAGE...`), resized to the model's input."""
     out, notes = [], []
     for p in paths:
@@ -303,7 +403,8 @@ def load_image_files(paths: list[str], size: tuple[int, int]) -> tuple[torch.Ten
                 "pass a PNG or JPEG file"
             )
         if a.shape[:2] != tuple(size):
-            notes.append(f"{p}: {a.shape[0]}x{a.shape[1]} resized to {size[0]}x{size[1]}")
-            a = np.asarray(Image.fromarray(a).resize((size[1], size[0]), Image.Resampling.BILINEAR))
+            how = "resized" if preprocess == "resize" else "resized and center-cropped"
+            notes.append(f"{p}: {a.shape[0]}x{a.shape[1]} {how} to {size[0]}x{size[1]}")
+            a = fit_array(a, (size[0], size[1]), preprocess)
         out.append(torch.from_numpy(a.copy()))
     return torch.stack(out), notes
