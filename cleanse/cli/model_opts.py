@@ -8,6 +8,7 @@ from typing import Annotated, Any
 
 import typer
 
+from cleanse.data.preprocess import PREPROCESSING, check_preprocess
 from cleanse.errors import CleanseError
 from cleanse.models import ARCHITECTURES, MAX_CHANNELS, MAX_INPUT_PIXELS, PRESETS, ModelOptions, check_arch_args
 
@@ -44,6 +45,16 @@ ArchArgOpt = Annotated[
         "--arch-arg",
         metavar="NAME=VALUE",
         help="Architecture argument, repeatable (e.g. width=32,64,64); stored in written checkpoints.",
+        rich_help_panel=PANEL,
+    ),
+]
+PreprocessOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--preprocess",
+        help=f"How images of another size are fitted to the model's input: {' | '.join(PREPROCESSING)} "
+        "(center-crop: ImageNet-style, shorter side to size/0.875 then the centre crop); stored in written "
+        "checkpoints (default: resize).",
         rich_help_panel=PANEL,
     ),
 ]
@@ -135,6 +146,7 @@ def model_options(
     std: str | None,
     classes: str | None,
     arch_args: list[str] | None = None,
+    preprocess: str | None = None,
 ) -> ModelOptions:
     """What the command line says about MODEL, checked and typed."""
     m, s = normalization(preset, mean, std)
@@ -146,4 +158,6 @@ def model_options(
     if num_classes is not None and num_classes < 1:
         raise CleanseError("--num-classes must be at least 1")
     names = [c.strip() for c in classes.split(",")] if classes else None
-    return ModelOptions(arch, num_classes, size, m, s, names, parse_arch_args(arch_args, arch) or None)
+    if preprocess is not None:
+        check_preprocess(preprocess)
+    return ModelOptions(arch, num_classes, size, m, s, names, parse_arch_args(arch_args, arch) or None, preprocess)

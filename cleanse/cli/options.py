@@ -3,7 +3,7 @@
 `@with_options()` appends the common flags (--device --seed --force --quiet --debug --json) to a
 command's signature and hands them to it as one `Common` object; `@with_options(model=PANEL)`
 also appends the model flags (--arch --arch-arg --num-classes --input-size --preset --mean --std
---classes) as one `ModelFlags`. Typer reads the signature the decorator builds, so the flags,
+--classes --preprocess) as one `ModelFlags`. Typer reads the signature the decorator builds, so the flags,
 their spelling and their help live only here.
 """
 
@@ -24,6 +24,7 @@ from cleanse.cli.model_opts import (
     InputSizeOpt,
     MeanOpt,
     NumClassesOpt,
+    PreprocessOpt,
     PresetOpt,
     StdOpt,
     model_options,
@@ -53,7 +54,7 @@ class Common:
 @dataclass
 class ModelFlags:
     """What the command line says about a model: --arch, --arch-arg, --num-classes, --input-size, --preset, --mean,
-    --std, --classes (raw text; `options()` checks and types them)."""
+    --std, --classes, --preprocess (raw text; `options()` checks and types them)."""
 
     arch: str | None = None
     arch_arg: list[str] | None = None
@@ -63,10 +64,19 @@ class ModelFlags:
     mean: str | None = None
     std: str | None = None
     classes: str | None = None
+    preprocess: str | None = None
 
     def options(self) -> ModelOptions:
         return model_options(
-            self.arch, self.num_classes, self.input_size, self.preset, self.mean, self.std, self.classes, self.arch_arg
+            self.arch,
+            self.num_classes,
+            self.input_size,
+            self.preset,
+            self.mean,
+            self.std,
+            self.classes,
+            self.arch_arg,
+            self.preprocess,
         )
 
 
@@ -87,6 +97,7 @@ MODEL_FLAGS: dict[str, Any] = {
     "mean": MeanOpt,
     "std": StdOpt,
     "classes": ClassesOpt,
+    "preprocess": PreprocessOpt,
 }
 
 

@@ -78,11 +78,11 @@ def _pick_images(
     """--n seeded images of --data (whose class is not the trigger's target), or the image files."""
     _, height, width = model.spec.input_size
     if not o.data:
-        images, notes = load_image_files(list(o.image_files), (height, width))
+        images, notes = load_image_files(list(o.image_files), (height, width), model.spec.preprocess)
         for note in notes:
             progress.note(f"note: {note}")
         return _Images(images, None, list(o.image_files))
-    dataset, _ = load_clean(o.data, "test", o.no_cache, (height, width))
+    dataset, _ = load_clean(o.data, "test", o.no_cache, (height, width), model.spec.preprocess)
     check_classes(model, dataset, o.data)
     note_data(dataset, progress)
     pool = torch.arange(len(dataset))

@@ -54,9 +54,12 @@ def tar_layer_for(model: ClassifierModel, given: str | None, progress: Progress)
     return found
 
 
-def load_clean(spec: str, split: str, no_cache: bool, size: tuple[int, int] | None = None) -> tuple[Dataset, int]:
-    """Load evaluation data with rows marked poisoned/noise dropped; returns (data, dropped count)."""
-    data = load_data(spec, split=split, cache=not no_cache, image_size=size)
+def load_clean(
+    spec: str, split: str, no_cache: bool, size: tuple[int, int] | None = None, preprocess: str = "resize"
+) -> tuple[Dataset, int]:
+    """Load evaluation data with rows marked poisoned/noise dropped; returns (data, dropped count). Images not of
+    `size` are fitted to it by `preprocess` (pass the model's `spec.preprocess`)."""
+    data = load_data(spec, split=split, cache=not no_cache, image_size=size, preprocess=preprocess)
     bad = data.suspicious_mask()
     if bad.any():
         data = data.subset((~bad).nonzero().flatten())

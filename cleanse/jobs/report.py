@@ -157,7 +157,7 @@ def _gradcam_sheets(
             after_model = load_model(src["cleaned"], device=dev)
             trig = load_trigger(src["trigger"]) if src["trigger"] else None
             size = (before_model.spec.input_size[1], before_model.spec.input_size[2])
-            clean, _ = load_clean(str(src["data"]), "test", o.no_cache, size)
+            clean, _ = load_clean(str(src["data"]), "test", o.no_cache, size, before_model.spec.preprocess)
         except CleanseError as exc:  # e.g. a raw parent that needs --arch: state it, keep the rest of the report
             doc["missing"].append({"section": key, "reason": exc.message})
             continue
@@ -170,7 +170,7 @@ def _direct(o: ReportOptions, model_path: str, data: str, dev: torch.device, pro
     """--model evaluated directly on --data (and --trigger)."""
     model = load_job_model(model_path, o.model, dev, progress)
     _, height, width = model.spec.input_size
-    clean, dropped = load_clean(data, "test", o.no_cache, (height, width))
+    clean, dropped = load_clean(data, "test", o.no_cache, (height, width), model.spec.preprocess)
     check_classes(model, clean, data)
     trig = load_trigger(o.trigger) if o.trigger else None
     if trig is not None:

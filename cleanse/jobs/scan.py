@@ -156,7 +156,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             raise CleanseError(f"the model has {model.spec.num_classes} classes; the anomaly test needs at least 3")
         split = None
         if o.data is not None:
-            clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width))
+            clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width), model.spec.preprocess)
             check_classes(model, clean, o.data)
             split = clean_subset(clean, n=n_clean, seed=s.seed, hold_back=HOLD_OUT, n_flag="--n-clean")
             doc.update(
@@ -205,7 +205,13 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         doc.update(_verdict_doc(model.spec.classes, reports, o, plan, threshold, measure_layer))
     audit = cleaned = None
     if o.audit_data is not None:
-        suspect = load_data(o.audit_data, split="train", cache=not o.no_cache, image_size=(height, width))
+        suspect = load_data(
+            o.audit_data,
+            split="train",
+            cache=not o.no_cache,
+            image_size=(height, width),
+            preprocess=model.spec.preprocess,
+        )
         check_classes(model, suspect, o.audit_data)
         rate = o.poison_rate if o.poison_rate is not None else (suspect.meta.get("attack") or {}).get("rate")
         progress.note(f"auditing {len(suspect)} samples of {o.audit_data} (per-class split test + spectral signature)")

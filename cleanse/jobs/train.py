@@ -126,7 +126,7 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
             f"{o.data} has {train_data.image_size[0]}x{train_data.image_size[1]} images but the model takes "
             f"{size[0]}x{size[1]}; resize the data"
         )
-    test_data, dropped = load_clean(o.test, "test", o.no_cache, size) if o.test else (None, 0)
+    test_data, dropped = load_clean(o.test, "test", o.no_cache, size, model.spec.preprocess) if o.test else (None, 0)
     if test_data is not None and o.test is not None:
         check_classes(model, test_data, o.test)
         note_data(test_data, progress)
@@ -247,5 +247,6 @@ def _model_to_train(
         std,
         m.arch_args or {},
         seed=seed,
+        preprocess=m.preprocess or "resize",
     ).to(dev)
     return model, None

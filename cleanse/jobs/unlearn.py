@@ -269,10 +269,12 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
             t.check_size(channels, height, width, what="the model's inputs")
             t.check_classes(model.spec.num_classes)
     assert o.data is not None  # _plan refused a missing --data
-    source = load_data(o.data, cache=not o.no_cache, image_size=(height, width))
+    source = load_data(o.data, cache=not o.no_cache, image_size=(height, width), preprocess=model.spec.preprocess)
     check_classes(model, source, o.data)
     split = clean_subset(source, o.clean_frac, o.clean_n, s.seed)
-    test_data, test_dropped = load_clean(o.test, "test", o.no_cache, (height, width)) if o.test else (None, 0)
+    test_data, test_dropped = (
+        load_clean(o.test, "test", o.no_cache, (height, width), model.spec.preprocess) if o.test else (None, 0)
+    )
     if test_data is not None and o.test is not None:
         check_classes(model, test_data, o.test)
     report_on, report_name = (

@@ -337,8 +337,10 @@ def new_model(
     std: list[float] | None = None,
     arch_args: dict[str, Any] | None = None,
     seed: int | None = None,
+    preprocess: str = "resize",
 ) -> ClassifierModel:
-    """A freshly initialised model for `input_size` inputs; with `seed`, its initial weights are reproducible."""
+    """A freshly initialised model for `input_size` inputs; with `seed`, its initial weights are reproducible.
+    `preprocess` is how data of another size will be fitted to it (recorded in its checkpoints)."""
     if seed is None:
         net, file_sha = build_net(arch, num_classes, arch_args, input_size)
     else:
@@ -356,5 +358,6 @@ def new_model(
         std,
         dict(arch_args or {}),
         file_sha,
+        preprocess=preprocess,
     )
     return ClassifierModel(net, spec)

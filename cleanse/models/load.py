@@ -85,6 +85,7 @@ def _spec_from_options(
         mean,
         std,
         dict(options.arch_args or {}),
+        preprocess=options.preprocess or "resize",
     )
     return spec, notes
 
@@ -110,6 +111,7 @@ def _reconcile(spec: ModelSpec, options: ModelOptions, path: Path) -> None:
         ("--input-size", options.input_size and tuple(options.input_size), tuple(spec.input_size)),
         ("--mean", options.mean, spec.mean),
         ("--std", options.std, spec.std),
+        ("--preprocess", options.preprocess, spec.preprocess),
     )
     for flag, given, stored in checks:
         if given is not None and _disagrees(given, stored):

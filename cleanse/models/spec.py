@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cleanse.data.preprocess import PREPROCESSING
 from cleanse.errors import CleanseError
 from cleanse.formats import FileFormat
 from cleanse.version import __version__
@@ -45,6 +46,8 @@ class ModelSpec:
     arch_args: dict[str, Any] = field(default_factory=dict)
     arch_file_sha256: str | None = None
     provenance: dict[str, Any] = field(default_factory=dict)
+    # how data of another size is fitted to input_size (cleanse/data/preprocess.py); older files: "resize"
+    preprocess: str = "resize"
 
     def to_metadata(self) -> dict[str, Any]:
         arch: dict[str, Any] = {"name": self.arch, "args": self.arch_args}
@@ -58,6 +61,7 @@ class ModelSpec:
             "classes": self.classes,
             "input_size": list(self.input_size),
             "normalization": {"mean": self.mean, "std": self.std},
+            "preprocess": self.preprocess,
             "provenance": self.provenance,
         }
 
@@ -73,6 +77,7 @@ class ModelOptions:
     std: list[float] | None = None
     classes: list[str] | None = None
     arch_args: dict[str, Any] | None = None  # --arch-arg NAME=VALUE, already typed
+    preprocess: str | None = None  # --preprocess resize|center-crop
 
 
 def _check_list(value: Any, kind: type | tuple[type, ...], length: int | None, what: str, path: Path) -> list:
@@ -126,6 +131,12 @@ def parse_model_metadata(doc: dict[str, Any], path: str | os.PathLike) -> ModelS
     classes = _check_list(doc.get("classes"), str, num_classes, "'classes'", path)
     given = doc.get("provenance")
     provenance = given if isinstance(given, dict) else {}
+    preprocess = doc.get("preprocess", "resize")
+    if preprocess not in PREPROCESSING:
+        raise CleanseError(
+            f"{path}: metadata 'preprocess' must be one of {', '.join(PREPROCESSING)}; "
+            "re-create the checkpoint with cleanse"
+        )
     return ModelSpec(
         arch["name"],
         num_classes,
@@ -136,4 +147,5 @@ def parse_model_metadata(doc: dict[str, Any], path: str | os.PathLike) -> ModelS
         dict(arch.get("args", {})),
         arch.get("file_sha256"),
         provenance,
+        preprocess,
     )
