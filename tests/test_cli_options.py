@@ -35,6 +35,8 @@ MODEL = [
     "0.25,0.25,0.25",
     "--classes",
     "a,b,c",
+    "--preprocess",
+    "center-crop",
 ]
 EXPECTED_MODEL = ModelOptions(
     arch="cnn",
@@ -44,6 +46,7 @@ EXPECTED_MODEL = ModelOptions(
     std=[0.25] * 3,
     classes=["a", "b", "c"],
     arch_args={"width": "8,16,16"},
+    preprocess="center-crop",
 )
 # command -> (module whose job is called, job name, the command's own required arguments, takes model flags)
 COMMANDS: dict[str, tuple[Any, str, list[str], bool]] = {
@@ -82,6 +85,7 @@ def test_help_lists_every_documented_flag(name: str) -> None:
     flags = ["--device", "--seed", "--force", "--quiet", "--debug", "--json"]
     if COMMANDS[name][3]:
         flags += ["--arch", "--arch-arg", "--num-classes", "--input-size", "--preset", "--mean", "--std", "--classes"]
+        flags += ["--preprocess"]
     for flag in flags:
         assert flag in result.output, f"{name} --help lacks {flag}"
 
@@ -93,3 +97,10 @@ def test_a_bad_model_flag_is_exit_2_before_the_job(monkeypatch: pytest.MonkeyPat
     )
     assert result.exit_code == 2
     assert "error: --mean '0.5,x' must be comma-separated numbers" in result.output
+
+
+def test_an_unknown_preprocessing_is_exit_2_before_the_job(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(cleanse.cli.train, "train", lambda *a: pytest.fail("the job ran"))
+    result = CliRunner().invoke(app, ["train", "synthetic", "-o", "m.safetensors", "--preprocess", "crop"])
+    assert result.exit_code == 2
+    assert "error: --preprocess 'crop' is unknown; choose one of resize, center-crop" in result.output

@@ -10,6 +10,9 @@ from cleanse.attacks.base import ATTACKS
 from cleanse.attacks.trigger import Trigger, parse_target
 from cleanse.data.dataset import Dataset
 from cleanse.errors import CleanseError
+from cleanse.files import private_copy
+
+ROWS_AT_ONCE = 1024  # poisoned rows triggered at once: bounds the copies when the rate is high
 
 
 def poison_dataset(
@@ -56,8 +59,11 @@ def poison_dataset(
         )
     chosen = candidates[torch.randperm(len(candidates), generator=gen)[:count]].sort().values
 
-    images, new_labels = dataset.images.clone(), labels.clone()
-    images[chosen] = trigger.apply_uint8(images[chosen])
+    # a memory-mapped source is mapped again copy-on-write: only the rows edited below take memory
+    images, new_labels = private_copy(dataset.images), labels.clone()
+    for start in range(0, len(chosen), ROWS_AT_ONCE):
+        rows = chosen[start : start + ROWS_AT_ONCE]
+        images[rows] = trigger.apply_uint8(images[rows])
     if not spec.clean_label:
         new_labels[chosen] = trigger.target_labels(labels[chosen], dataset.num_classes)
     poisoned = torch.zeros(len(dataset), dtype=torch.bool)

@@ -37,7 +37,7 @@ class RowFile:
         fh.seek(self.room)
 
     def append(self, rows: np.ndarray) -> None:
-        self.fh.write(np.ascontiguousarray(rows, dtype=np.uint8))
+        self.fh.write(np.ascontiguousarray(rows, dtype=np.uint8).data)
         self.count += len(rows)
 
     def finish(self, labels: torch.Tensor, doc: dict) -> None:

@@ -13,6 +13,7 @@ from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
 
 EVAL_BATCH = 1024
+TRIGGER_CHUNK = 4096  # eligible images triggered (and held) at once by `evaluate`
 
 
 @torch.no_grad()
@@ -47,14 +48,34 @@ class TriggeredSet:
 
     @classmethod
     def build(cls, dataset: Dataset, trigger: Trigger) -> TriggeredSet:
-        height, width = dataset.image_size
-        trigger.check_size(dataset.channels, height, width, what=f"the images of {dataset.source}")
-        trigger.check_classes(dataset.num_classes)
-        keep = trigger.eligible(dataset.labels)
+        keep = _eligible(dataset, trigger)
         labels = dataset.labels[keep]
         return cls(
             trigger.apply_uint8(dataset.images[keep]), labels, trigger.target_labels(labels, dataset.num_classes)
         )
+
+
+def _eligible(dataset: Dataset, trigger: Trigger) -> torch.Tensor:
+    """The rows of `dataset` whose triggered copies count for ASR/RA, after checking the trigger fits."""
+    height, width = dataset.image_size
+    trigger.check_size(dataset.channels, height, width, what=f"the images of {dataset.source}")
+    trigger.check_classes(dataset.num_classes)
+    return trigger.eligible(dataset.labels).nonzero().flatten()
+
+
+def predict_triggered(
+    model: nn.Module, dataset: Dataset, trigger: Trigger, precision: str = "fp32", chunk: int = TRIGGER_CHUNK
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Predictions on the triggered eligible images, with their true and target labels; `chunk` images are triggered
+    at a time, so the triggered set is never held whole."""
+    keep = _eligible(dataset, trigger)
+    preds = [
+        predict(model, trigger.apply_uint8(dataset.images[keep[start : start + chunk]]), precision=precision)
+        for start in range(0, len(keep), chunk)
+    ]
+    labels = dataset.labels[keep]
+    tpreds = torch.cat(preds) if preds else torch.empty(0, dtype=torch.long)
+    return tpreds, labels, trigger.target_labels(labels, dataset.num_classes)
 
 
 def rate(hits: torch.Tensor) -> float | None:
@@ -80,12 +101,16 @@ def evaluate(
         "n_triggered": 0,
         "per_class_accuracy": per_class,
     }
-    if trigger is not None or triggered is not None:
-        triggered = triggered or TriggeredSet.build(dataset, trigger)  # type: ignore[arg-type]
+    if triggered is not None:
         tpreds = predict(model, triggered.images, precision=precision)
-        result["attack_success_rate"] = rate(tpreds == triggered.target_labels)
-        result["robust_accuracy"] = rate(tpreds == triggered.true_labels)
-        result["n_triggered"] = len(triggered.images)
+        true, target = triggered.true_labels, triggered.target_labels
+    elif trigger is not None:
+        tpreds, true, target = predict_triggered(model, dataset, trigger, precision)
+    else:
+        return result
+    result["attack_success_rate"] = rate(tpreds == target)
+    result["robust_accuracy"] = rate(tpreds == true)
+    result["n_triggered"] = len(tpreds)
     return result
 
 

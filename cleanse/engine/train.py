@@ -369,7 +369,7 @@ def train_model(
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch, as airbench does
     total = steps_per_epoch * cfg.epochs
-    images = data.images.to(device)
+    images = data.images  # stays on the CPU (it may be memory-mapped): each batch is gathered there and moved alone
     labels = data.labels.to(device)
 
     if resume is not None:
@@ -379,7 +379,7 @@ def train_model(
                 f"the resume checkpoint is after epoch {resume.epoch} of {cfg.epochs}; nothing is left to train"
             )
     if airbench and cfg.init_whitening and resume is None:
-        sample = images[torch.randperm(n, generator=gen)[:5000].to(device)].permute(0, 3, 1, 2).float().div(255)
+        sample = images[torch.randperm(n, generator=gen)[:5000]].to(device).permute(0, 3, 1, 2).float().div(255)
         model.net.init_from_data((sample - model.mean) / model.std)  # type: ignore[operator]
     model.to(memory_format=torch.channels_last)
     optimizer: torch.optim.Optimizer
@@ -414,11 +414,13 @@ def train_model(
         if whiten_bias is not None:
             whiten_bias.requires_grad_(epoch <= cfg.whiten_bias_epochs)
         model.train()
-        order = torch.randperm(n, generator=gen).to(device)
+        order = torch.randperm(n, generator=gen)
+        device_order = order.to(device)
         loss_sum, correct, seen = 0.0, 0, 0
         for i in range(steps_per_epoch):
-            idx = order[i * batch : (i + 1) * batch]
-            x = images[idx].permute(0, 3, 1, 2).float().div_(255)
+            idx = device_order[i * batch : (i + 1) * batch]
+            rows = images[order[i * batch : (i + 1) * batch]].to(device, non_blocking=True)
+            x = rows.permute(0, 3, 1, 2).float().div_(255)
             x = flip_translate(x, cfg.translate, cfg.flip, gen).contiguous(memory_format=torch.channels_last)
             y = labels[idx]
             mult = lr_multiplier(step, total, cfg.warmup_frac)

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cleanse.data.preprocess import PREPROCESSING
 from cleanse.errors import CleanseError
 from cleanse.formats import FileFormat
 from cleanse.version import __version__
@@ -29,6 +28,9 @@ PRESETS: dict[str, tuple[tuple[float, ...], tuple[float, ...]]] = {
     "imagenet": ((0.485, 0.456, 0.406), (0.229, 0.224, 0.225)),
     "none": ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0)),
 }
+# how data of another size is fitted to the input: the names cleanse/data/preprocess.py implements (models sits
+# below data in the import layering, so the list is repeated here; a test keeps the two equal)
+PREPROCESSING = ("resize", "center-crop")
 MAX_INPUT_PIXELS = 50_000_000  # the ImageFolder decompression-bomb limit: no model input may be larger
 MAX_CHANNELS = 64
 
