@@ -41,12 +41,12 @@ def cam_pair(
     half the cost, for monitors that need TAR every epoch but the clean baseline only once.
     """
     device = next(model.parameters()).device
-    triggered = trigger.apply_uint8(images)
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("c", "t", "cl", "tl", "cc", "tc")}
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)
         tgt = None if target is None else target[sl]
-        batches = (("c", images[sl]), ("t", triggered[sl])) if with_clean else (("t", triggered[sl]),)
+        triggered = trigger.apply_uint8(images[sl])  # a batch at a time: the triggered set is never held whole
+        batches = (("c", images[sl]), ("t", triggered)) if with_clean else (("t", triggered),)
         for key, batch in batches:
             x = batch.to(device).permute(0, 3, 1, 2).float().div_(255)
             res = grad_cam(model, x, layer, tgt)
