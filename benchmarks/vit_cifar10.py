@@ -74,7 +74,7 @@ def main() -> None:
             doc["scan"][kind] = _scan(trained["model"], cifar)
         if kind == "badnets":
             names = RECIPES.names() if args.recipes == "all" else args.recipes.split(",")
-            doc["unlearn"] = _unlearn(
+            doc["unlearn"] |= _unlearn(
                 trained["model"], trigger, names, precision, doc["tar_layer"], doc["before"][kind]
             )
         write_results("vit_cifar10", doc)  # after each model, so a later run can add the other
@@ -128,12 +128,14 @@ def _unlearn(
     rows = {}
     for name in names:
         model = load_model(model_path)
+        recipe = RECIPES.get(name)
+        params = recipe.for_model(model, recipe.resolve_params({}), set())  # unlearn's defaults for this family
         try:
-            RECIPES.get(name).check_model(model, RECIPES.get(name).resolve_params({}))
+            recipe.check_model(model, params)
         except Exception as refusal:
             rows[name] = {"refused": str(refusal)}
             continue
-        result, wall = run_timed(name, RECIPES.get(name).resolve_params({}), model, split, trigger, precision, 0, layer)
+        result, wall = run_timed(name, params, model, split, trigger, precision, 0, layer)
         after = measure(model, test, trigger, layer)
         rows[name] = {
             "after": after,
@@ -141,6 +143,7 @@ def _unlearn(
             "ca_drop_points": 100 * (before["clean_accuracy"] - after["clean_accuracy"]),
             "wall_seconds": wall,
             "kept": result.kept["tag"],
+            "params": params,
         }
         print(
             f"{name}: CA {before['clean_accuracy']:.4f}->{after['clean_accuracy']:.4f} "

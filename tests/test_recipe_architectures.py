@@ -254,3 +254,15 @@ def test_every_recipe_runs_on_every_transformer_family(family, name):
     if name == "grad-prune":
         picked = {u.rsplit(":", 1)[0] for r in result.extra["rounds"] for u in r["filters"]}
         assert picked <= set(EXPECTED[family][0])
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_tar_ewc_takes_its_transformer_default_tau_unless_given(family):
+    recipe = RECIPES.get("tar-ewc")
+    params = recipe.resolve_params({})
+    assert params["tau"] == 3.0
+    assert recipe.for_model(family_model(family), params, set())["tau"] == 1.0
+    given = recipe.resolve_params({"tau": "2.5"})
+    assert recipe.for_model(family_model(family), given, {"tau"})["tau"] == 2.5
+    cnn = new_model("cnn", 10, None, (3, 32, 32), None, None, {}, seed=0)
+    assert recipe.for_model(cnn, params, set()) == params  # BatchNorm: not transformer-style, defaults unchanged

@@ -104,6 +104,7 @@ class _Plan:
     params: dict[str, dict[str, Any]]
     outputs: dict[str, Path]
     run_all: bool
+    given: set[str]  # the parameters the user set (--param, --epochs): architecture defaults leave them alone
 
 
 def _plan(o: UnlearnOptions) -> _Plan:
@@ -132,7 +133,7 @@ def _plan(o: UnlearnOptions) -> _Plan:
         outputs = {n: Path(f"{base}.{n}.safetensors") for n in names}
     else:
         outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
-    return _Plan(names, skipped, params, outputs, run_all)
+    return _Plan(names, skipped, params, outputs, run_all, set(raw))
 
 
 def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
@@ -254,6 +255,7 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
     measure_layer = tar_layer_for(model, o.layer, progress) if trig is not None or o.layer is not None else None
     need_trigger = list(plan.skipped)
     for name in list(plan.names):
+        plan.params[name] = RECIPES.get(name).for_model(model, plan.params[name], plan.given)
         RECIPES.get(name).check(plan.params[name], trig)
         try:
             RECIPES.get(name).check_model(model, plan.params[name])

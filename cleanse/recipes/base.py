@@ -28,6 +28,7 @@ from cleanse.engine.augment import flip_translate
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event
 from cleanse.engine.tar import measure_tar
+from cleanse.engine.train import is_transformer
 from cleanse.errors import CleanseError
 from cleanse.models import ClassifierModel
 from cleanse.recipes.resume import Checkpoints, RecipeState, capture
@@ -47,6 +48,9 @@ class Param:
     # True when adding the parameter changed what the recipe does by default, so a stored benchmark row that does not
     # record it ran the recipe differently (a parameter added with the old behaviour as its default leaves this False).
     changed_default_when_added: bool = False
+    # The default on transformer-style nets (LayerNorm or attention, no BatchNorm: engine.train.is_transformer), where
+    # it differs from `default` (None: the same); applied by Recipe.for_model unless the user gave the parameter.
+    transformer: Any = None
 
 
 @dataclass
@@ -108,6 +112,15 @@ class Recipe(ABC):
                 if (key == "batch_size" or key.endswith("lr")) and number <= 0:
                     raise CleanseError(f"recipe {self.name} parameter {key}={value!r} must be positive")
         return out
+
+    def for_model(self, model: ClassifierModel, params: dict[str, Any], given: set[str]) -> dict[str, Any]:
+        """`params` with the architecture family's defaults (Param.transformer) for the parameters not in `given`."""
+        if not is_transformer(model.net):
+            return params
+        return {
+            k: (p.transformer if p.transformer is not None and k not in given else params[k])
+            for k, p in self.params.items()
+        }
 
     def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
         """Refuse parameters that cannot work with this trigger, before any data is loaded (`unlearn` calls it for

@@ -103,7 +103,12 @@ class TarEwc(Recipe):
     params = {
         "epochs": Param(5, "phase 1 budget: at most this many passes over the clean subset"),
         "lr": Param(0.001, "phase 1 SGD learning rate (momentum 0.9)"),
-        "tau": Param(3.0, "bound on each triggered sample's ascended loss (3.0: target probability below 5%)"),
+        "tau": Param(
+            3.0,
+            "bound on each triggered sample's ascended loss (3.0: target probability below 5%; "
+            "1.0 on transformer-style nets: below 37%)",
+            transformer=1.0,
+        ),
         "ewc_lambda": Param(1.0, "EWC strength on the mean-normalised Fisher"),
         "asr_stop": Param(0.01, "stop phase 1 once held-back ASR is at or below this"),
         "reversed_min_epochs": Param(
