@@ -18,7 +18,9 @@ from cleanse.scan.activation_clustering import (
     VALLEY_THRESHOLD,
     audit_classes,
     discriminant_split,
+    likelihood_side,
     separation,
+    tail,
     two_means,
 )
 from cleanse.scan.audit import audit_features, precision_recall, ranking_order, set_precision_recall
@@ -96,6 +98,26 @@ def test_a_small_cluster_along_a_minor_direction_is_found():
     assert split is not None and split.separation >= SEPARATION_THRESHOLD
     result = audit_classes(feats, labels, 5)
     assert torch.equal(result.flagged, truth)
+
+
+def test_tail_starts_take_the_extreme_share_of_one_direction():
+    values = torch.tensor([3.0, -1.0, 7.0, 0.0, 5.0, -4.0, 2.0, 1.0, 6.0, -2.0], dtype=torch.float64)
+    assert tail(values, 0.2, 1).tolist() == [0, 0, 1, 0, 0, 0, 0, 0, 1, 0]  # the two largest
+    assert tail(values, 0.3, -1).tolist() == [0, 1, 0, 0, 0, 1, 0, 0, 0, 1]  # the three smallest
+    assert int(tail(values, 0.01, 1).sum()) == 2  # never a side of fewer than two rows
+
+
+def test_the_likelihood_side_takes_the_broad_clusters_tail_the_midpoint_cut_leaves():
+    # a tight clean cluster (sd 0.5 around 0) and a broad poison cluster (10 rows from 4 to 16): the 2-means cut
+    # midway between the means (about 5) leaves 4.0 and 4.5 with the clean rows, 8 and 9 clean sds out
+    clean = torch.linspace(-1.0, 1.0, 200, dtype=torch.float64)
+    broad = torch.tensor([4.0, 4.5, 8.0, 9.0, 10.0, 11.0, 12.0, 13.0, 14.0, 16.0], dtype=torch.float64)
+    p = torch.cat([clean, broad])
+    midpoint_cut = p > (clean.mean() + broad[2:].mean()) / 2
+    assert midpoint_cut[200:].tolist() == [False, False] + [True] * 8
+    side = likelihood_side(p, midpoint_cut)
+    assert side.tolist() == [False] * 200 + [True] * 10
+    assert torch.equal(likelihood_side(p, side), side)  # a fixed point
 
 
 def test_a_cut_off_tail_is_not_a_split():

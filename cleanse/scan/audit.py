@@ -34,11 +34,13 @@ AUDITS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registr
 AUDITS.register("spectral")(spectral_scores)
 
 RULE = (
-    f"per class: 2-means on the top principal directions of its penultimate features, refined along Fisher's "
+    f"per class: 2-means and tail starts on the top principal directions of its penultimate features, refined "
+    f"along Fisher's "
     f"discriminant (d = min({MAX_DIMS}, rows // {ROWS_PER_DIM})); a class is flagged when the split's separation "
     f"|mean_1 - mean_0| / pooled sd is at least {SEPARATION_THRESHOLD} and its valley (rows near the midpoint / "
     f"rows near the emptier mean) at most {VALLEY_THRESHOLD} (flagged rows: the cluster farther from the other "
-    f"classes along the split), or when its spread is under {COLLAPSE_RATIO} x the other classes' median "
+    f"classes along the split, drawn by a two-Gaussian likelihood along it), or when its spread is under "
+    f"{COLLAPSE_RATIO} x the other classes' median "
     "(flagged rows: the whole class)"
 )
 
