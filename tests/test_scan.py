@@ -409,6 +409,15 @@ def test_data_audit_finds_the_poisoned_half_of_the_target_class_and_exits_0(scan
         (["--data", "synthetic:test", "--threshold", "0"], "--threshold 0.0 must be positive"),
         (["--data", "synthetic:test", "--scale", "cubic"], "--scale 'cubic' is unknown; choose one of: log, linear"),
         (["--audit-data", "synthetic", "--poison-rate", "1.5"], "--poison-rate 1.5 must lie in (0, 1)"),
+        (
+            ["--data", "synthetic:test", "--schedule", "bandit"],
+            "--schedule 'bandit' is unknown; choose one of: every, screened",
+        ),
+        (
+            ["--data", "synthetic:test", "--schedule", "screened", "--steps", "15"],
+            "--schedule screened needs at least 20 steps (a screen of a quarter of them); raise --steps or use "
+            "--schedule every",
+        ),
     ],
 )
 def test_scan_bad_requests_exit_2(untrained_files, tmp_path, args, message):

@@ -61,6 +61,15 @@ EarlyStopOpt = Annotated[
         "every class for every step.",
     ),
 ]
+ScheduleOpt = Annotated[
+    str,
+    typer.Option(
+        "--schedule",
+        help="every | screened: every class gets the whole reverse-engineering budget (default), or all classes "
+        "a quarter of it and only the most suspicious (at least 3, 20% of the classes) the rest, for models "
+        "with many classes (docs/commands/scan.md).",
+    ),
+]
 StatisticOpt = Annotated[
     str,
     typer.Option(
@@ -162,6 +171,7 @@ def scan_command(
     no_cache: NoCacheOpt = False,
     memory_budget: MemoryBudgetOpt = None,
     write_clean: WriteCleanOpt = None,
+    schedule: ScheduleOpt = "every",
 ) -> None:
     """Is this model backdoored, and which class? Several detectors, one verdict.
 
@@ -193,6 +203,7 @@ when it finishes.
         no_cache,
         memory_budget=memory_budget,
         write_clean=write_clean,
+        schedule=schedule,
     )
     if run_job(scan, options, common).backdoored:
         raise typer.Exit(EXIT_SUSPECTED)

@@ -29,7 +29,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -51,6 +51,19 @@ class Budget:
     round_steps: int = 10  # the cost schedule and best-state bookkeeping act once per round
     patience: int = 2  # rounds (Neural Cleanse: 5 epochs; our rounds are much shorter)
     early_stop: int = 0  # rounds without progress that end a class (0: every class runs every step)
+    # The screened schedule (0: off): every class runs the first `screen_steps`; then only the `keep` classes with the
+    # smallest triggers so far (at least keep_min, a keep_frac share of the classes) run on to `steps`.
+    screen_steps: int = 0
+    keep_frac: float = 0.2
+    keep_min: int = 3
+
+    def screened(self) -> Budget:
+        """This budget with the screened schedule: a quarter of the steps (whole rounds) for every class."""
+        rounds = max(1, self.steps // self.round_steps // 4)
+        return replace(self, screen_steps=rounds * self.round_steps)
+
+    def kept_classes(self, k: int) -> int:
+        return min(k, max(self.keep_min, math.ceil(self.keep_frac * k)))
 
 
 # early_stop = 5 x patience, Neural Cleanse's ratio (its early_stop_patience is 5 x its patience).
@@ -85,6 +98,9 @@ class Reversed:
     )  # (K,) optimisation steps each class took part in (fewer than the budget's when it stopped early)
     history: list[dict[str, Any]] = field(default_factory=list)
     seconds: float = 0.0
+    # the screened schedule: which classes the screen stopped, and every class's best size when the screen ended
+    screened_out: torch.Tensor | None = None
+    screen_size: torch.Tensor | None = None
 
     def trigger_tensors(self, i: int) -> dict[str, torch.Tensor]:
         """The trigger tensors of the i-th class reversed."""
@@ -171,6 +187,8 @@ def reverse_triggers(
     batch = min(budget.batch, n)
     total = rounds * budget.round_steps
     chunk = k if chunk is None else max(1, chunk)
+    screened_out = torch.zeros(k, dtype=torch.bool, device=device)
+    screen_size: torch.Tensor | None = None
     with frozen(model):
         for step in range(total):
             idx = torch.randint(
@@ -246,6 +264,11 @@ def reverse_triggers(
                     if bool(done.any()):
                         active &= ~done
                         live = active.nonzero().squeeze(1)
+                if budget.screen_steps and step + 1 == budget.screen_steps:
+                    screen_size = best_size.clone()
+                    screened_out = active & ~_most_suspicious(best_size, acc, budget.kept_classes(k))
+                    active &= ~screened_out
+                    live = active.nonzero().squeeze(1)
                 row = {
                     "phase": "reverse",
                     "family": family.name,
@@ -258,6 +281,7 @@ def reverse_triggers(
                     "active": active.tolist(),
                     "chunk": chunk,  # classes per forward at most
                     "forwards": len(parts),  # forwards per step in this round
+                    "screened_out": screened_out.tolist(),
                     "elapsed": time.perf_counter() - began,
                 }
                 history.append(row)
@@ -282,4 +306,39 @@ def reverse_triggers(
         steps_run.cpu(),
         history,
         time.perf_counter() - began,
+        screened_out.cpu() if screen_size is not None else None,
+        screen_size.cpu() if screen_size is not None else None,
     )
+
+
+def _most_suspicious(best_size: torch.Tensor, success: torch.Tensor, keep: int) -> torch.Tensor:
+    """(K,) bool: the `keep` classes with the smallest working trigger so far; after them the classes with no working
+    trigger yet, highest attack success of the last round first; ties by class index (deterministic)."""
+    by_success = torch.sort(-success.cpu(), stable=True).indices
+    order = by_success[torch.sort(best_size.cpu()[by_success], stable=True).indices][:keep]
+    chosen = torch.zeros(len(best_size), dtype=torch.bool)
+    chosen[order] = True
+    return chosen.to(best_size.device)
+
+
+def projected_sizes(rev: Reversed) -> tuple[torch.Tensor, float]:
+    """The sizes the anomaly test compares, and the log shrink applied to the classes the screen stopped.
+
+    A class the screen stopped has its screen-end size, larger than what the full budget would have reached, and
+    mixing those with the full-budget sizes of the classes that ran on would make the latter look small. So the
+    stopped classes' sizes are scaled by the median shrink exp(median(log(final / screen-end))) of the classes
+    that ran on (those with a working trigger at both points): the full-budget size they would have reached if they
+    shrank like the others. Without the screened schedule, or with no class to measure the shrink on, the sizes are
+    returned unchanged (shrink 0).
+    """
+    if rev.screened_out is None or rev.screen_size is None or not bool(rev.screened_out.any()):
+        return rev.size, 0.0
+    ran_on = ~rev.screened_out & rev.reached & torch.isfinite(rev.screen_size) & (rev.steps_run > 0)
+    ran_on &= rev.steps_run > int(rev.steps_run[rev.screened_out].max())  # still optimising after the screen
+    if not bool(ran_on.any()):
+        return rev.size, 0.0
+    shrink = float((rev.size[ran_on].double().log() - rev.screen_size[ran_on].double().log()).median())
+    shrink = min(shrink, 0.0)  # more budget never grows a best size
+    cut = rev.screened_out & rev.reached
+    sizes = torch.where(cut, rev.size * math.exp(shrink), rev.size)
+    return sizes, shrink

@@ -9,13 +9,15 @@ success; TAR where the trigger has a region).
 
 from __future__ import annotations
 
+import torch
+
 from cleanse.engine.evaluate import predict
 from cleanse.engine.events import Callback
 from cleanse.engine.tar import measure_tar
 from cleanse.scan.anomaly import anomaly_index, flag_small, small_side
 from cleanse.scan.detectors.base import DETECTORS, Detector, DetectorReport, ScanInputs
 from cleanse.scan.families import ADDITIVE, PATCH, WARP, Family
-from cleanse.scan.reverse import reverse_triggers
+from cleanse.scan.reverse import projected_sizes, reverse_triggers
 
 
 class ReversalDetector(Detector):
@@ -50,7 +52,9 @@ class ReversalDetector(Detector):
         )
         # A class that never reached the success level keeps the size it stopped at: a lower bound of what it
         # needs, which makes the others look less anomalous, never more; it cannot be flagged itself.
-        sizes = rev.size
+        # With the screened schedule the classes the screen stopped are compared at their projected full-budget size
+        # (cleanse/scan/reverse.py, projected_sizes); otherwise these are the sizes reached.
+        sizes, shrink = projected_sizes(rev)
         index = anomaly_index(sizes, inputs.scale, inputs.statistic)
         mad = anomaly_index(sizes, inputs.scale, "mad")
         linear = anomaly_index(sizes, "linear", "mad")  # Neural Cleanse's own figure, for comparison
@@ -83,6 +87,9 @@ class ReversalDetector(Detector):
                     "attack_success_rate": float(hits.float().mean()) if len(hits) else None,
                     "optimisation_success": float(rev.success[k]),
                     "steps_run": int(rev.steps_run[k]),
+                    "screened_out": None if rev.screened_out is None else bool(rev.screened_out[k]),
+                    "size_at_screen": None if rev.screen_size is None else _finite(rev.screen_size[k]),
+                    "tested_size": float(sizes[k]),
                     "tar": None if tar is None else tar["tar"],
                     "tar_median": None if tar is None else tar["tar_median"],
                     "trigger_file": None,
@@ -100,6 +107,11 @@ class ReversalDetector(Detector):
             "steps": inputs.budget.steps,
             "batch": inputs.budget.batch,
             "early_stop_rounds": inputs.budget.early_stop,
+            "schedule": "screened" if inputs.budget.screen_steps else "every",
+            "screen_steps": inputs.budget.screen_steps or None,
+            "kept_after_screen": inputs.budget.kept_classes(num_classes) if inputs.budget.screen_steps else None,
+            "screened_out": None if rev.screened_out is None else int(rev.screened_out.sum()),
+            "log_shrink": shrink,
             "chunk_classes": chunk,  # classes per forward at most (the memory budget's)
             "images_per_class": self.images_per_class(inputs),
             "steps_run_total": int(rev.steps_run.sum()),
@@ -122,3 +134,7 @@ class ReversalDetector(Detector):
 
 for _family in (PATCH, ADDITIVE, WARP):
     DETECTORS.register(_family.name)(ReversalDetector(_family))
+
+
+def _finite(value: torch.Tensor) -> float | None:
+    return float(value) if bool(torch.isfinite(value)) else None
