@@ -116,3 +116,26 @@ def test_the_most_suspicious_are_the_smallest_then_the_unreached_by_success_then
     assert torch.nonzero(_most_suspicious(sizes, success, 3)).flatten().tolist() == [0, 2, 4]  # 0 before 3: index
     assert torch.nonzero(_most_suspicious(sizes, success, 5)).flatten().tolist() == [0, 2, 3, 4, 5]
     assert torch.nonzero(_most_suspicious(sizes, success, 6)).flatten().tolist() == [0, 1, 2, 3, 4, 5]
+
+
+def test_scan_cli_screened_schedule_reports_the_screen(untrained_files, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from cleanse.cli import app
+
+    args = ["scan", str(untrained_files / "bd.safetensors"), "--data", "synthetic:test", "--detectors", "patch"]
+    args += ["--budget", "fast", "--steps", "20", "--n-clean", "60", "--schedule", "screened", "--json"]
+    result = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "s")])
+    assert result.exit_code in (0, 1), result.output
+    doc = json.loads(result.stdout)
+    assert doc["schedule"] == "screened" and doc["screen_steps"] == 5
+    patch = doc["detectors"]["patch"]
+    assert patch["schedule"] == "screened" and patch["kept_after_screen"] == 3
+    rows = patch["classes"]
+    stopped = [r for r in rows if r["screened_out"]]
+    assert len(stopped) == patch["screened_out"] and all(r["steps_run"] == 5 for r in stopped)
+    assert all(r["steps_run"] <= 20 for r in rows) and sum(not r["screened_out"] for r in rows) >= 3
+    run = json.loads((tmp_path / "s" / "run.json").read_text())
+    assert run["parameters"]["schedule"] == "screened"
