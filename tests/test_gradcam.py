@@ -102,6 +102,22 @@ def test_tar_and_attention_share_by_hand():
     assert cam_shift(cams[:2], cams[:2]).abs().max() < 1e-6
 
 
+def test_tar_computes_in_float64_where_the_device_has_it_and_float32_on_mps(monkeypatch):
+    from cleanse.engine import gradcam
+    from cleanse.engine.device import wide_float
+
+    assert wide_float(torch.device("cpu")) == torch.float64 and wide_float(torch.device("cuda", 0)) == torch.float64
+    assert wide_float(torch.device("mps")) == torch.float32  # MPS has no float64
+    region = torch.zeros(8, 8, dtype=torch.bool)
+    region[:2, :2] = True
+    cams = torch.rand(5, 8, 8, generator=torch.Generator().manual_seed(0))
+    wide, wide_shift = tar_and_share(cams, region), cam_shift(cams, cams.flip(0))
+    monkeypatch.setattr(gradcam, "wide_float", lambda device: torch.float32)  # the MPS path, on the CPU
+    narrow, narrow_shift = tar_and_share(cams, region), cam_shift(cams, cams.flip(0))
+    assert torch.allclose(wide[0], narrow[0], rtol=1e-5) and torch.allclose(wide[1], narrow[1], rtol=1e-5)
+    assert torch.allclose(wide_shift, narrow_shift, atol=1e-6) and wide_shift.max() > 0.05
+
+
 @pytest.mark.slow
 def test_backdoored_model_attends_to_the_trigger_far_more_than_a_clean_model(
     badnets_setup, clean_model, record_property

@@ -32,6 +32,11 @@ def resolve_device(spec: str = "auto") -> torch.device:
     return device
 
 
+def wide_float(device: torch.device) -> torch.dtype:
+    """The widest float the device computes in: float64, except on MPS, which has none (float32 there)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
 def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from cleanse.engine.device import wide_float
 from cleanse.engine.layers import first_tensor, infer_layout, parse_layer, resolve_layer
 from cleanse.errors import CleanseError
 
@@ -126,8 +127,9 @@ def tar_and_share(cams: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tenso
     if inside == 0 or inside > total / 2:
         nan = torch.full((len(cams),), float("nan"), device=cams.device)
         return nan, nan
-    a = cams.flatten(1).double()
-    mf = m.flatten().double()
+    wide = wide_float(cams.device)  # sums over many pixels; float64 where the device has it (not MPS)
+    a = cams.flatten(1).to(wide)
+    mf = m.flatten().to(wide)
     sum_in = a @ mf
     sum_all = a.sum(1)
     mean_in = sum_in / inside
@@ -142,7 +144,8 @@ def tar_and_share(cams: torch.Tensor, region: torch.Tensor) -> tuple[torch.Tenso
 
 def cam_shift(clean: torch.Tensor, triggered: torch.Tensor) -> torch.Tensor:
     """1 - cosine similarity of the clean and triggered maps, per image (for full-image triggers)."""
-    return 1 - F.cosine_similarity(clean.flatten(1).double(), triggered.flatten(1).double(), dim=1, eps=EPS).float()
+    wide = wide_float(clean.device)
+    return 1 - F.cosine_similarity(clean.flatten(1).to(wide), triggered.flatten(1).to(wide), dim=1, eps=EPS).float()
 
 
 def summarise(values: torch.Tensor) -> dict[str, float | int | None]:
