@@ -146,3 +146,24 @@ def test_model_file_passed_as_data_is_refused(tmp_path):
     save_model(new_model("cnn", 10, arch_args={"width": "4,4,4"}), tmp_path / "m.safetensors")
     with pytest.raises(CleanseError, match="this is a cleanse.model file, not a dataset"):
         load_data(str(tmp_path / "m.safetensors"))
+
+
+def test_many_class_synthetic_set_is_balanced_deterministic_and_each_class_is_one_shape_and_hue():
+    from cleanse.data.synthetic import CLASSES, make_many_classes
+
+    data = make_many_classes(25, 110, size=32, seed=3, chunk=40)
+    again = make_many_classes(25, 110, size=32, seed=3, chunk=40)
+    assert torch.equal(data.images, again.images) and torch.equal(data.labels, again.labels)
+    assert data.images.shape == (110, 32, 32, 3) and data.images.dtype == torch.uint8
+    assert data.labels.bincount(minlength=25).tolist() == [5] * 10 + [4] * 15  # 110 = 4 x 25 + 10
+    assert data.classes[0] == f"{CLASSES[0]}-0" and data.classes[24] == f"{CLASSES[4]}-2" and len(data.classes) == 25
+
+    # classes 3 and 13 share a shape but not a hue: their shape pixels (far from the grey background) differ in colour
+    def shape_colour(k: int) -> torch.Tensor:
+        imgs = data.images[data.labels == k].float()
+        far = (imgs - imgs.mean(3, keepdim=True)).abs().amax(3) > 60  # saturated pixels: the shape
+        return imgs[far].mean(0)
+
+    assert (shape_colour(3) - shape_colour(13)).abs().max() > 40
+    with pytest.raises(ValueError, match="need at least 2 classes and one image per class"):
+        make_many_classes(30, 20)

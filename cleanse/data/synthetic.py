@@ -82,3 +82,48 @@ def make_synthetic(split: str = "train", n: int | None = None, size: int = 32) -
     images = (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1).contiguous()
     name = "synthetic" if split == "train" else f"synthetic:{split}"
     return Dataset(images, label.long(), list(CLASSES), name, meta={"source": name})
+
+
+def make_many_classes(classes: int, n: int, size: int = 64, seed: int = 0, chunk: int = 1000) -> Dataset:
+    """A synthetic set with any number of classes (for scale benchmarks): class k is shape k % 10 drawn in palette
+    colour k // 10 (evenly spaced hues), over a grey gradient with noise; `n` images, classes in equal shares (the
+    first n % classes one more), shuffled. Deterministic from `seed`; drawn `chunk` images at a time, so memory
+    stays that of the uint8 result."""
+    if classes < 2 or n < classes:
+        raise ValueError(f"need at least 2 classes and one image per class; got {classes} classes, {n} images")
+    g = torch.Generator().manual_seed(seed)
+    label = (torch.arange(n) % classes)[torch.randperm(n, generator=g)]
+    images = torch.empty((n, size, size, 3), dtype=torch.uint8)
+    groups = math.ceil(classes / len(CLASSES))
+    for start in range(0, n, chunk):
+        part = label[start : start + chunk]
+        images[start : start + len(part)] = _many_class_images(part, size, groups, g)
+    names = [f"{CLASSES[k % len(CLASSES)]}-{k // len(CLASSES)}" for k in range(classes)]
+    source = f"synthetic-{classes}-classes"
+    return Dataset(images, label.long(), names, source, meta={"source": source})
+
+
+def _many_class_images(label: torch.Tensor, size: int, groups: int, g: torch.Generator) -> torch.Tensor:
+    n = len(label)
+    rand = lambda *shape: torch.rand(*shape, generator=g)  # noqa: E731
+    hue = (label // len(CLASSES)).float() / groups
+    phase = torch.stack([hue, hue + 2 / 3, hue + 1 / 3], 1) * 2 * math.pi  # one hue per group of ten classes
+    fg = 0.45 + 0.45 * torch.cos(phase)
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    s = size / 32
+    cx, cy = (9 + 14 * rand(n)) * s, (9 + 14 * rand(n)) * s
+    r = (6 + 4 * rand(n)) * s
+    theta = 2 * math.pi * rand(n)
+    dx, dy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
+    cos, sin = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    mask = _shape_masks(u, v, r.view(-1, 1, 1), label % len(CLASSES)).float().unsqueeze(1)
+    grey = 0.15 + 0.7 * rand(n, 1)  # a grey background, so the hue belongs to the shape
+    angle = 2 * math.pi * rand(n)
+    ramp = (torch.cos(angle).view(-1, 1, 1) * xs + torch.sin(angle).view(-1, 1, 1) * ys) / size - 0.5
+    background = grey.view(-1, 1, 1, 1) + ramp.unsqueeze(1) * (0.3 * rand(n, 1, 1, 1))
+    image = background * (1 - mask) + (fg + 0.05 * torch.randn(n, 3, generator=g)).view(-1, 3, 1, 1) * mask
+    image = image + 0.05 * torch.randn(image.shape, generator=g)
+    return (image.clamp(0, 1) * 255).round().to(torch.uint8).permute(0, 2, 3, 1)

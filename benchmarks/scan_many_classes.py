@@ -1,0 +1,149 @@
+"""`cleanse scan` against the number of classes (issue 29 (a)): wall time, peak memory and the verdict on
+synthetic many-class backdoored models at 64x64.
+
+    python -m benchmarks.scan_many_classes [--classes 10,50,100,200] [--schedules every,screened]
+                                           [--detectors patch] [--per-class 100] [--epochs 8] [--threads 2]
+    python -m benchmarks.scan_many_classes --table
+
+For each K: `cleanse.data.synthetic.make_many_classes(K)` at 64x64 (shape x hue classes; per-class images for
+training, 20 per class for the clean data the scan draws from), BadNets at 10% with target 0, a `cnn` of widths
+32,64,128 trained by cleanse's engine (`--epochs`, cleanse train's defaults otherwise; cached under
+benchmarks/cache/ by configuration), then `cleanse scan MODEL --data CLEAN --detectors D --schedule S` in its own
+process per schedule, sampled every 20 ms for peak RSS (benchmarks/data_scale.py's `measured`). Target: a
+100-class model scanned, right target, in at most 10 minutes and 4 GiB RSS on 2 cores. Writes
+results/scan_many_classes.json and scan_many_classes-table.md (each K's row is stored as soon as it is measured).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from benchmarks.common import CACHE, RESULTS, config_hash, machine, write_results
+from benchmarks.data_scale import measured
+from cleanse.attacks import poison_dataset
+from cleanse.data.dataset import save_dataset
+from cleanse.data.synthetic import make_many_classes
+from cleanse.engine.device import resolve_precision
+from cleanse.engine.evaluate import evaluate
+from cleanse.engine.train import TrainConfig, train_model
+from cleanse.models import new_model, save_model
+from cleanse.training_defaults import data_normalization
+
+SIZE = 64
+WIDTH = "32,64,128"
+CLEAN_PER_CLASS = 20
+TABLE = RESULTS / "scan_many_classes-table.md"
+
+
+def trained(classes: int, per_class: int, epochs: int) -> dict[str, Any]:
+    """The backdoored K-class model (cached), its metrics and training seconds."""
+    key = {"classes": classes, "per_class": per_class, "epochs": epochs, "size": SIZE, "width": WIDTH, "seed": 0}
+    path = CACHE / f"many-{classes}-badnets-t0-{config_hash(key)}.safetensors"
+    info = path.with_suffix(".json")
+    if path.is_file() and info.is_file():
+        return {"model": str(path), **json.loads(info.read_text())}
+    train = make_many_classes(classes, per_class * classes, SIZE, seed=0)
+    test = make_many_classes(classes, max(2000, 10 * classes), SIZE, seed=1)
+    poisoned, trigger = poison_dataset(train, "badnets", 0, 0.1, seed=0)
+    mean, std = data_normalization(poisoned)
+    model = new_model("cnn", classes, train.classes, (3, SIZE, SIZE), mean, std, {"width": WIDTH}, seed=0)
+    started = time.perf_counter()
+    precision = resolve_precision("auto", torch.device("cpu"))
+    train_model(model, poisoned, TrainConfig(epochs=epochs, precision=precision))
+    seconds = time.perf_counter() - started
+    metrics = evaluate(model, test, trigger)
+    save_model(model, path)
+    doc = {
+        "train_seconds": seconds,
+        "clean_accuracy": metrics["clean_accuracy"],
+        "attack_success_rate": metrics["attack_success_rate"],
+    }
+    info.write_text(json.dumps(doc))
+    return {"model": str(path), **doc}
+
+
+def scan_row(classes: int, model: str, schedule: str, detectors: str, threads: int) -> dict[str, Any]:
+    clean = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
+    with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
+        data = Path(tmp) / "clean.safetensors"
+        save_dataset(clean, data)
+        argv = [sys.executable, "-m", "cleanse", "scan", model, "--data", str(data), "--detectors", detectors]
+        argv += ["--schedule", schedule, "-o", str(Path(tmp) / "scan"), "--json", "--quiet"]
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+        run = measured(argv, env)
+        doc = json.loads((Path(tmp) / "scan" / "scan.json").read_text())
+    return {
+        "schedule": schedule,
+        "detectors": detectors,
+        "suspected_targets": doc["suspected_targets"],
+        "right_target": doc["suspected_targets"] == [0],
+        "class_steps": {name: d.get("steps_run_total") for name, d in doc["detectors"].items()},
+        **run,
+    }
+
+
+def table(doc: dict[str, Any]) -> str:
+    lines = [
+        f"synthetic {SIZE}x{SIZE} many-class sets, `cnn` {WIDTH}, BadNets 10% target 0; {doc['machine']['cpu']}, "
+        f"torch {doc['machine']['torch']}, {doc['settings']['threads']} threads",
+        "",
+        "| K | CA | ASR | schedule | detectors | suspected | class-steps | wall s | peak RSS MiB | peak anon MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for row in doc["rows"]:
+        for s in row["scans"]:
+            steps = ", ".join(f"{k} {v}" for k, v in s["class_steps"].items() if v is not None)
+            lines.append(
+                f"| {row['classes']} | {row['clean_accuracy']:.3f} | {row['attack_success_rate']:.3f} | "
+                f"{s['schedule']} | {s['detectors']} | {s['suspected_targets']} | {steps} | {s['seconds']:.0f} | "
+                f"{s['peak_rss_mib']:.0f} | {s['peak_anon_mib']:.0f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--classes", default="10,50,100,200")
+    parser.add_argument("--schedules", default="every,screened")
+    parser.add_argument("--detectors", default="patch")
+    parser.add_argument("--per-class", type=int, default=100)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--table", action="store_true", help="only print the stored table")
+    args = parser.parse_args()
+    path = RESULTS / "scan_many_classes.json"
+    if args.table:
+        print(table(json.loads(path.read_text())))
+        return
+    torch.set_num_threads(args.threads)
+    settings = {"per_class": args.per_class, "epochs": args.epochs, "threads": args.threads}
+    doc = {"benchmark": "scan_many_classes", "settings": settings, "machine": machine(), "rows": []}
+    for classes in (int(k) for k in args.classes.split(",")):
+        model = trained(classes, args.per_class, args.epochs)
+        row = {"classes": classes, **{k: v for k, v in model.items() if k != "model"}, "scans": []}
+        for schedule in args.schedules.split(","):
+            row["scans"].append(scan_row(classes, model["model"], schedule, args.detectors, args.threads))
+            s = row["scans"][-1]
+            print(
+                f"K={classes:>4} CA {row['clean_accuracy']:.3f} ASR {row['attack_success_rate']:.3f} "
+                f"{schedule:9} suspected {s['suspected_targets']} {s['seconds']:.0f}s "
+                f"rss {s['peak_rss_mib']:.0f} MiB",
+                flush=True,
+            )
+        doc["rows"].append(row)
+        write_results("scan_many_classes", doc)
+        TABLE.write_text(table(doc))
+    print(table(doc))
+
+
+if __name__ == "__main__":
+    main()
