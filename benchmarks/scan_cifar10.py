@@ -9,6 +9,7 @@ Models, as comma-separated specs:
 
     python -m benchmarks.scan_cifar10 [--models badnets:0:0,clean:0:1,plain-sig:3:0] [--budget full]
                                       [--detectors mmbd,patch,additive,warp] [--unlearn] [--threads 2] [--redo]
+                                      [--schedule every|screened]
     python -m benchmarks.scan_cifar10 --table
 
 Each scan runs the scan job exactly as `cleanse scan MODEL --data cifar10/test` does (500 clean test images, 80%
@@ -81,6 +82,7 @@ def main() -> None:
     parser.add_argument("--unlearn", action="store_true", help="scan -> tar-ewc with the reversed trigger")
     parser.add_argument("--speedup-steps", type=int, default=0, help="batched vs class-by-class timing (0: skip)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's own)")
+    parser.add_argument("--schedule", default="every", choices=["every", "screened"], help="scan --schedule")
     parser.add_argument("--redo", action="store_true", help="scan models whose row is already stored again")
     parser.add_argument("--table", action="store_true", help="only print the table of every stored row")
     args = parser.parse_args()
@@ -99,6 +101,8 @@ def run(args: argparse.Namespace) -> None:
     for spec in args.models.split(","):
         trained = trained_model(spec)
         settings = {"model": spec, "budget": args.budget, "n_clean": args.n_clean, "detectors": detectors}
+        if args.schedule != "every":  # only when given, so the rows stored before the option keep their keys
+            settings["schedule"] = args.schedule
         settings.update(model_sha256=trained["model_sha256"], precision=precision, unlearn=args.unlearn)
         key = config_hash(settings)
         if key in done:
@@ -115,6 +119,7 @@ def run(args: argparse.Namespace) -> None:
                     budget=args.budget,
                     detectors=detectors,
                     output=Path(tmp) / "scan",
+                    schedule=args.schedule,
                 ),
                 RunSettings(),
             )
@@ -177,6 +182,7 @@ def _row(spec: str, key: str, trained: dict, doc: dict[str, Any], wall: float, p
         "false_positive": truth is None and doc["backdoored"],
         "detectors": per_detector,
         "reversed": reversed_trigger,
+        "schedule": doc.get("schedule", "every"),
         "wall_seconds": wall,
         "precision": precision,
         "machine": machine(),
@@ -314,7 +320,8 @@ def table(rows: list[dict[str, Any]]) -> None:
         )
         cells = " | ".join(_cell(r, n) for n in names)
         lines.append(
-            f"| {r['model']} | {100 * r['model_ca']:.1f}% / {asr} | {verdict} ({truth}) | {cells} | "
+            f"| {r['model']}{' (screened)' if r.get('schedule') == 'screened' else ''} | "
+            f"{100 * r['model_ca']:.1f}% / {asr} | {verdict} ({truth}) | {cells} | "
             f"{r['wall_seconds']:.0f}s |"
         )
     piped = [r for r in rows if r.get("pipeline")]
