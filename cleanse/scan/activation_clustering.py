@@ -9,10 +9,11 @@ decision and the choice of the poisoned side are separate tests, neither of whic
 (docs/commands/scan.md, "Data audit", gives the formulas and the measurements behind each constant):
 
 1. **Split.** The class's centred features are projected on their top d principal directions
-   (d = min(32, n // 20)). 2-means on the top 10 of them, and 1-D 2-means along each of those 10 alone, start a
+   (d = min(32, n // 20)). 2-means on the top 10 of them, 1-D 2-means along each of those 10 alone, and the top and
+   bottom 15% of the class along each of those 10, start a
    discriminant refinement (LDA-k-means, Ding & Li, ICML 2007): Fisher's direction w = S_w^-1 (m_1 - m_0) of the
    current two clusters, then 2-means on the projections p = z . w, until the assignment stops changing (at most 20
-   rounds). A split passes when its separation |mean_1 - mean_0| / pooled within-cluster sd along w is >= 5.5 and a
+   rounds). A split passes when its separation |mean_1 - mean_0| / pooled within-cluster sd along w is >= 6.0 and a
    valley separates the clusters (the rows near the midpoint are at most 0.3 x those near the emptier cluster's
    mean); a side under max(5, 1% of the class) rows does not count. Of the passing splits the one that explains
    the most variance is kept (the class is flagged), else the best-separated one is reported.
@@ -33,7 +34,7 @@ from typing import Any
 
 import torch
 
-SEPARATION_THRESHOLD = 5.5  # flag a class whose discriminant split separates at least this much
+SEPARATION_THRESHOLD = 6.0  # flag a class whose split separates at least this much (5.5 before the tail starts)
 VALLEY_THRESHOLD = 0.3  # and whose density between the two clusters is at most this share of theirs
 VALLEY_WINDOW = 0.1  # the density windows: +-0.1 x the distance between the two cluster means
 COLLAPSE_RATIO = 0.5  # flag a whole class whose spread is under this share of the other classes' median spread
@@ -43,10 +44,10 @@ INIT_DIMS = 10  # 2-means on this many top principal directions starts the refin
 ROUNDS = 20  # discriminant refinement rounds at most
 RIDGE = 1e-3  # S_w + RIDGE * trace(S_w) / d * I: a well-posed solve when a cluster is flat in some direction
 MIN_ROWS = 20  # a class with fewer rows is not tested
-# tail starts: the top and bottom 5% and 15% of the class along each of the first INIT_DIMS directions. 2-means
+# tail starts: the top and bottom 15% of the class along each of the first INIT_DIMS directions. 2-means
 # starts cut the bulk of a class in two and miss a cluster of a tenth of it (CIFAR-10 Blended at 1% poisoning: 500 of
 # 5,500 rows, separable at 7.6 along their discriminant, never found from the 2-means starts)
-TAIL_SHARES = (0.05, 0.15)
+TAIL_SHARES = (0.15,)
 MIN_SIDE, MIN_SIDE_SHARE = 5, 0.01  # a split whose smaller side holds fewer rows (or less of the class) is not one
 
 
@@ -177,7 +178,7 @@ def discriminant_split(
 
     Starts: 2-means on the top INIT_DIMS principal directions, 1-D 2-means along each of those directions on
     its own (a cluster of a tenth of the class can sit along the second or fourth direction while 2-means on ten
-    cuts the bulk of the class), and the 5% and 15% tails of each of those directions on either side (`tail`: a
+    cuts the bulk of the class), and the 15% tails of each of those directions on either side (`tail`: a
     cluster of a tenth or less that 2-means, which favours halves, cuts through); each start is refined by
     `_refine`. Of the refined splits that pass the test
     (separation >= threshold, valley <= valley_threshold) the one that explains the largest share of the class's
