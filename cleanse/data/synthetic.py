@@ -40,6 +40,37 @@ def _shape_masks(u: torch.Tensor, v: torch.Tensor, r: torch.Tensor, label: torch
     return shapes[label, torch.arange(len(label))]
 
 
+def _grid(size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pixel row and column coordinates, (size, size) each."""
+    ys, xs = torch.meshgrid(
+        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
+    )
+    return ys, xs
+
+
+def _placed_shapes(
+    shape: torch.Tensor, xs: torch.Tensor, ys: torch.Tensor, size: int, g: torch.Generator
+) -> torch.Tensor:
+    """(N, H, W) float masks: shape index `shape[i]` at a random centre, radius and rotation (drawn from `g` in
+    that order)."""
+    count = len(shape)
+    s = size / 32
+    cx = (9 + 14 * torch.rand(count, generator=g)) * s
+    cy = (9 + 14 * torch.rand(count, generator=g)) * s
+    r = (6 + 4 * torch.rand(count, generator=g)) * s
+    theta = 2 * math.pi * torch.rand(count, generator=g)
+    dx, dy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
+    cos, sin = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
+    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
+    return _shape_masks(u, v, r.view(-1, 1, 1), shape).float()
+
+
+def _ramp(count: int, xs: torch.Tensor, ys: torch.Tensor, size: int, g: torch.Generator) -> torch.Tensor:
+    """(count, H, W) linear gradients from -0.5 to 0.5 across the image, each along a random direction."""
+    angle = 2 * math.pi * torch.rand(count, generator=g)
+    return (torch.cos(angle).view(-1, 1, 1) * xs + torch.sin(angle).view(-1, 1, 1) * ys) / size - 0.5
+
+
 def make_synthetic(split: str = "train", n: int | None = None, size: int = 32) -> Dataset:
     count, seed = SPLITS[split]
     count = count if n is None else n
@@ -48,32 +79,20 @@ def make_synthetic(split: str = "train", n: int | None = None, size: int = 32) -
     label = torch.arange(count) % len(CLASSES)
     label = label[torch.randperm(count, generator=g)]
 
-    ys, xs = torch.meshgrid(
-        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
-    )
-    s = size / 32
-    cx = (9 + 14 * rand(count)) * s
-    cy = (9 + 14 * rand(count)) * s
-    r = (6 + 4 * rand(count)) * s
-    theta = 2 * math.pi * rand(count)
-    dx, dy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
-    cos, sin = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    fg_mask = _shape_masks(u, v, r.view(-1, 1, 1), label).float()
+    ys, xs = _grid(size)
+    fg_mask = _placed_shapes(label, xs, ys, size, g)
 
     bg = rand(count, 3)
     fg = rand(count, 3)
     # Keep enough contrast between shape and background: push the colour away along luminance.
     close = (fg.mean(1) - bg.mean(1)).abs() < 0.3
     fg[close] = (1 - bg[close]) * 0.8 + 0.1
-    angle = 2 * math.pi * rand(count)
-    ramp = (torch.cos(angle).view(-1, 1, 1) * xs + torch.sin(angle).view(-1, 1, 1) * ys) / size - 0.5
-    ramp = ramp.unsqueeze(1) * (0.4 * rand(count, 1, 1, 1))
+    ramp = _ramp(count, xs, ys, size, g).unsqueeze(1) * (0.4 * rand(count, 1, 1, 1))
     background = bg.view(-1, 3, 1, 1) + ramp
     image = background * (1 - fg_mask.unsqueeze(1)) + fg.view(-1, 3, 1, 1) * fg_mask.unsqueeze(1)
 
     # A distractor blob in about half of the images.
-    bx, by, br = rand(count) * size, rand(count) * size, (1.5 + 2 * rand(count)) * s
+    bx, by, br = rand(count) * size, rand(count) * size, (1.5 + 2 * rand(count)) * (size / 32)
     blob = ((xs - bx.view(-1, 1, 1)) ** 2 + (ys - by.view(-1, 1, 1)) ** 2 < br.view(-1, 1, 1) ** 2).float()
     blob = blob * (rand(count) < 0.5).float().view(-1, 1, 1)
     image = image * (1 - blob.unsqueeze(1)) + rand(count, 3, 1, 1) * blob.unsqueeze(1)
@@ -109,20 +128,10 @@ def _many_class_images(label: torch.Tensor, size: int, groups: int, g: torch.Gen
     hue = (label // len(CLASSES)).float() / groups
     phase = torch.stack([hue, hue + 2 / 3, hue + 1 / 3], 1) * 2 * math.pi  # one hue per group of ten classes
     fg = 0.45 + 0.45 * torch.cos(phase)
-    ys, xs = torch.meshgrid(
-        torch.arange(size, dtype=torch.float32), torch.arange(size, dtype=torch.float32), indexing="ij"
-    )
-    s = size / 32
-    cx, cy = (9 + 14 * rand(n)) * s, (9 + 14 * rand(n)) * s
-    r = (6 + 4 * rand(n)) * s
-    theta = 2 * math.pi * rand(n)
-    dx, dy = xs - cx.view(-1, 1, 1), ys - cy.view(-1, 1, 1)
-    cos, sin = torch.cos(theta).view(-1, 1, 1), torch.sin(theta).view(-1, 1, 1)
-    u, v = cos * dx + sin * dy, -sin * dx + cos * dy
-    mask = _shape_masks(u, v, r.view(-1, 1, 1), label % len(CLASSES)).float().unsqueeze(1)
+    ys, xs = _grid(size)
+    mask = _placed_shapes(label % len(CLASSES), xs, ys, size, g).unsqueeze(1)
     grey = 0.15 + 0.7 * rand(n, 1)  # a grey background, so the hue belongs to the shape
-    angle = 2 * math.pi * rand(n)
-    ramp = (torch.cos(angle).view(-1, 1, 1) * xs + torch.sin(angle).view(-1, 1, 1) * ys) / size - 0.5
+    ramp = _ramp(n, xs, ys, size, g)
     background = grey.view(-1, 1, 1, 1) + ramp.unsqueeze(1) * (0.3 * rand(n, 1, 1, 1))
     image = background * (1 - mask) + (fg + 0.05 * torch.randn(n, 3, generator=g)).view(-1, 3, 1, 1) * mask
     image = image + 0.05 * torch.randn(image.shape, generator=g)
