@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleanse.engine.device import autocast
+from cleanse.engine.device import autocast, wide_float
 from cleanse.engine.trace import Hook, trace_forward
 from cleanse.errors import CleanseError
 from cleanse.models import ClassifierModel
@@ -336,7 +336,7 @@ class ActEdit(Recipe):
         """X_t X_t^T, X_c X_c^T, X_c X_t^T of the layer's input columns (float64 where the device has it; eval mode),
         and the column count."""
         model.eval()
-        dtype = torch.float32 if ctx.device.type == "mps" else torch.float64
+        dtype = wide_float(ctx.device)
         captured: list[torch.Tensor] = []
         handle = module.register_forward_hook(lambda _m, args, _o: captured.append(input_columns(module, args[0])))
         grams: list[Any] = [0, 0, 0]

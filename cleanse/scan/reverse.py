@@ -333,8 +333,9 @@ def projected_sizes(rev: Reversed) -> tuple[torch.Tensor, float]:
     """
     if rev.screened_out is None or rev.screen_size is None or not bool(rev.screened_out.any()):
         return rev.size, 0.0
-    ran_on = ~rev.screened_out & rev.reached & torch.isfinite(rev.screen_size) & (rev.steps_run > 0)
-    ran_on &= rev.steps_run > int(rev.steps_run[rev.screened_out].max())  # still optimising after the screen
+    screen_steps = int(rev.steps_run[rev.screened_out].max())
+    # still optimising after the screen (kept, not finished early), with a working trigger at both points
+    ran_on = (rev.steps_run > screen_steps) & rev.reached & torch.isfinite(rev.screen_size)
     if not bool(ran_on.any()):
         return rev.size, 0.0
     shrink = float((rev.size[ran_on].double().log() - rev.screen_size[ran_on].double().log()).median())
