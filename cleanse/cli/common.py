@@ -41,7 +41,12 @@ JsonOpt = Annotated[
 NoCacheOpt = Annotated[bool, typer.Option("--no-cache", help="Decode image folders afresh instead of using the cache.")]
 SplitOpt = Annotated[str, typer.Option("--split", help="train | test, for CIFAR python-batch folders.")]
 PrecisionOpt = Annotated[
-    str, typer.Option("--precision", help="auto | fp32 | bf16 (auto: bf16 where the hardware runs it fast).")
+    str,
+    typer.Option(
+        "--precision",
+        help="auto | fp32 | bf16 | fp16 (auto: bf16 where the hardware runs it natively, else fp16 on CUDA GPUs with "
+        "tensor cores, else fp32; scan runs fp16 as fp32).",
+    ),
 ]
 ParamOpt = Annotated[list[str] | None, typer.Option("--param", help="NAME=VALUE, repeatable.")]
 

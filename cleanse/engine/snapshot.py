@@ -43,10 +43,12 @@ def restore_optimizer(
 
 
 def pack_rng(gen: torch.Generator, device: torch.device) -> dict[str, torch.Tensor]:
-    """The recipe's or trainer's own generator, torch's global generator and, on CUDA, the device's."""
+    """The recipe's or trainer's own generator, torch's global generator and, on CUDA or MPS, the device's."""
     tensors = {"rng.generator": gen.get_state(), "rng.torch": torch.get_rng_state()}
     if device.type == "cuda":
         tensors["rng.cuda"] = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        tensors["rng.mps"] = torch.mps.get_rng_state()
     return tensors
 
 
@@ -55,3 +57,5 @@ def restore_rng(tensors: dict[str, torch.Tensor], gen: torch.Generator, device: 
     torch.set_rng_state(tensors["rng.torch"])
     if "rng.cuda" in tensors and device.type == "cuda":
         torch.cuda.set_rng_state(tensors["rng.cuda"], device)
+    if "rng.mps" in tensors and device.type == "mps":
+        torch.mps.set_rng_state(tensors["rng.mps"])

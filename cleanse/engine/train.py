@@ -14,6 +14,7 @@ decay 5e-4). Label smoothing 0.1 for both.
 from __future__ import annotations
 
 import copy
+import math
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
 from cleanse.engine.augment import flip_translate
-from cleanse.engine.device import autocast
+from cleanse.engine.device import GradScaling, LaggedScalar, autocast, rows_to_device, wide_float
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event, silent
 from cleanse.engine.snapshot import pack_optimizer, pack_rng, restore_optimizer, restore_rng
@@ -225,6 +226,7 @@ def _capture(
     optimizer: torch.optim.Optimizer,
     lookahead: Lookahead | None,
     gen: torch.Generator,
+    scaling: GradScaling,
     epoch: int,
     step: int,
     history: list[dict[str, Any]],
@@ -237,6 +239,7 @@ def _capture(
     if lookahead is not None:
         tensors.update({f"lookahead.{k}": v.clone() for k, v in lookahead.ema.items()})
     tensors.update(pack_rng(gen, model.device))
+    tensors.update(scaling.state())
     return TrainState(epoch, step, copy.deepcopy(history), asdict(cfg), tensors, optimizer_doc, elapsed)
 
 
@@ -246,6 +249,7 @@ def _restore(
     optimizer: torch.optim.Optimizer,
     lookahead: Lookahead | None,
     gen: torch.Generator,
+    scaling: GradScaling,
 ) -> None:
     """Put the checkpointed weights, optimiser, lookahead and random states back; a file that does not fit exits 2."""
     try:
@@ -259,6 +263,7 @@ def _restore(
                 raise KeyError("lookahead")
             lookahead.ema = {k: ema[k].to(lookahead.ema[k].device, lookahead.ema[k].dtype) for k in lookahead.ema}
         restore_rng(state.tensors, gen, model.device)
+        scaling.restore(state.tensors)
     except (KeyError, ValueError, TypeError, RuntimeError, AttributeError) as exc:
         reason = " ".join(str(exc).split())[:160]
         raise CleanseError(
@@ -339,6 +344,11 @@ def load_train_state(path: str | Path) -> TrainState:
     )
 
 
+def _check_finite(loss: float | None, epoch: int) -> None:
+    if loss is not None and not math.isfinite(loss):
+        raise CleanseError(f"training diverged at epoch {epoch} (loss {loss}); lower --lr")
+
+
 def train_model(
     model: ClassifierModel,
     data: Dataset,
@@ -392,10 +402,12 @@ def train_model(
     triggered = TriggeredSet.build(test, trigger) if (test is not None and trigger is not None) else None
     monitor, monitor_triggered = _monitor_sample(test, triggered, cfg.monitor_size, cfg.seed)
 
+    scaling = GradScaling(device, cfg.precision)
+    watch = LaggedScalar(device)
     history: list[dict[str, Any]] = []
     step, first, before = 0, 1, 0.0
     if resume is not None:
-        _restore(resume, model, optimizer, lookahead, gen)
+        _restore(resume, model, optimizer, lookahead, gen, scaling)
         step, first, before, history = resume.step, resume.epoch + 1, resume.elapsed, copy.deepcopy(resume.history)
     callback(
         Event(
@@ -416,10 +428,13 @@ def train_model(
         model.train()
         order = torch.randperm(n, generator=gen)
         device_order = order.to(device)
-        loss_sum, correct, seen = 0.0, 0, 0
+        # running sums stay on the device; the host looks at the loss one step late on accelerators (LaggedScalar)
+        loss_sum = torch.zeros((), dtype=wide_float(device), device=device)
+        correct = torch.zeros((), dtype=torch.long, device=device)
+        seen = 0
         for i in range(steps_per_epoch):
             idx = device_order[i * batch : (i + 1) * batch]
-            rows = images[order[i * batch : (i + 1) * batch]].to(device, non_blocking=True)
+            rows = rows_to_device(images, order[i * batch : (i + 1) * batch], device)
             x = rows.permute(0, 3, 1, 2).float().div_(255)
             x = flip_translate(x, cfg.translate, cfg.flip, gen).contiguous(memory_format=torch.channels_last)
             y = labels[idx]
@@ -429,23 +444,21 @@ def train_model(
             with autocast(device, cfg.precision):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            if not torch.isfinite(loss):
-                raise CleanseError(f"training diverged at epoch {epoch} (loss {float(loss)}); lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            _check_finite(watch.exchange(loss), epoch)
+            scaling.step(optimizer, loss)
             step += 1
             if lookahead is not None and step % 5 == 0:
                 lookahead.update(model.net, decay=0.95**5 * (step / total) ** 3)
-            loss_sum += float(loss.detach()) * len(y)
-            correct += int((logits.argmax(1) == y).sum())
+            loss_sum += loss.detach() * len(y)
+            correct += (logits.argmax(1) == y).sum()
             seen += len(y)
+        _check_finite(watch.latest(), epoch)
         if lookahead is not None and epoch == cfg.epochs:
             lookahead.update(model.net, decay=1.0)
         row: dict[str, Any] = {
             "epoch": epoch,
-            "loss": loss_sum / seen,
-            "train_accuracy": correct / seen,
+            "loss": float(loss_sum) / seen,
+            "train_accuracy": int(correct) / seen,
             "lr": optimizer.param_groups[0]["lr"],
             "elapsed": time.perf_counter() - started,
         }
@@ -461,9 +474,8 @@ def train_model(
         history.append(row)
         callback(Event("row", row))
         if checkpoint_every and on_checkpoint is not None and epoch % checkpoint_every == 0 and epoch < cfg.epochs:
-            on_checkpoint(
-                _capture(model, optimizer, lookahead, gen, epoch, step, history, cfg, time.perf_counter() - started)
-            )
+            elapsed = time.perf_counter() - started
+            on_checkpoint(_capture(model, optimizer, lookahead, gen, scaling, epoch, step, history, cfg, elapsed))
     model.eval()
     train_seconds = time.perf_counter() - started
     final: dict[str, Any] = {"clean_accuracy": None, "attack_success_rate": None, "robust_accuracy": None}

@@ -153,6 +153,8 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
         check_output(o.write_clean, force=s.force, inputs=inputs)
     dev = s.torch_device()
     prec = resolve_precision(o.precision, dev)
+    if prec == "fp16":  # the scan optimises inputs with unscaled gradients, which fp16 would underflow
+        prec = "fp32"
     model = load_job_model(o.model_path, o.model, dev, progress)
     _, height, width = model.spec.input_size
     n_clean = o.n_clean or max(DEFAULT_N_CLEAN, N_CLEAN_PER_CLASS * model.spec.num_classes)

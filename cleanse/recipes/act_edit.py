@@ -300,7 +300,7 @@ class ActEdit(Recipe):
         try:
             for epoch in range(1, p["epochs"] + 1):
                 model.eval()
-                loss_sum, seen = 0.0, 0
+                loss_sum, seen = torch.zeros((), device=ctx.device), 0
                 for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                     cosine_lr(optimizer, p["lr"], step, total)
                     rows = idx[eligible[idx]] if triggered_all is not None else idx[:0]
@@ -310,13 +310,11 @@ class ActEdit(Recipe):
                         )
                     if run.diverged(loss):
                         return
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
+                    run.step(optimizer, loss)
                     step += 1
-                    loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
+                    loss_sum, seen = loss_sum + loss.detach() * len(y), seen + len(y)
                 metrics = run.measure()
-                run.row("repair", epoch, loss=loss_sum / max(1, seen), **metrics)
+                run.row("repair", epoch, loss=float(loss_sum) / max(1, seen), **metrics)
                 if run.judge(metrics, f"repair epoch {epoch}"):
                     return
         finally:

@@ -25,6 +25,7 @@ from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
 from cleanse.data.subset import CleanSplit
 from cleanse.engine.augment import flip_translate
+from cleanse.engine.device import GradScaling, LaggedScalar, rows_to_device, to_device
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event
 from cleanse.engine.tar import measure_tar
@@ -310,6 +311,8 @@ class RecipeRun:
         self.monitor, self.start, self.keeper = monitor, start, keeper
         self.result = RecipeResult()
         self.gen = torch.Generator().manual_seed(ctx.seed)  # the recipe's random stream: batches, draws; checkpointed
+        self.scaling = GradScaling(ctx.device, ctx.precision)  # fp16: torch's gradient scaler; else a plain step
+        self._loss = LaggedScalar(ctx.device)
         self.resume = ctx.checkpoints.resume
         began = time.perf_counter() if began is None else began
         self._began = began - self.resume.doc["elapsed"] if self.resume else began  # a resumed run's clock goes on
@@ -382,12 +385,19 @@ class RecipeRun:
         return self.keeper.offer(self.model, metrics, tag)
 
     def diverged(self, loss: torch.Tensor | float) -> bool:
-        """True when `loss` is not finite and the run rolled back (the caller stops stepping)."""
-        reason = self.keeper.tripped(loss=float(loss.detach() if isinstance(loss, torch.Tensor) else loss))
+        """True when the loss is not finite and the run rolled back (the caller stops stepping). On an accelerator the
+        host reads each step's loss one step late (LaggedScalar), so the device never waits for it; the step taken
+        meanwhile is undone by the same rollback."""
+        value = self._loss.exchange(loss) if isinstance(loss, torch.Tensor) else float(loss)
+        reason = self.keeper.tripped(loss=value) if value is not None else None
         if reason:
             self.rollback(reason)
             return True
         return False
+
+    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """zero_grad, backward and step (through the gradient scaler in fp16)."""
+        self.scaling.step(optimizer, loss)
 
     def rollback(self, reason: str) -> None:
         """Put the state kept so far back into the model, and say why."""
@@ -453,15 +463,15 @@ def batches(
     order = torch.randperm(len(data), generator=gen)
     for start in range(0, len(order), batch_size):
         idx = order[start : start + batch_size]
-        x = data.images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
+        x = rows_to_device(data.images, idx, device).permute(0, 3, 1, 2).float().div_(255)
         if augment:
             x = flip_translate(x, 2, True, gen)
-        yield x.contiguous(memory_format=torch.channels_last), data.labels[idx].to(device), idx
+        yield x.contiguous(memory_format=torch.channels_last), to_device(data.labels[idx], device), idx
 
 
 def as_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:
     """uint8 (N,H,W,C) images as a [0,1] float (N,C,H,W) channels-last batch on `device`, unaugmented."""
-    return images.to(device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
+    return to_device(images, device).permute(0, 3, 1, 2).float().div_(255).contiguous(memory_format=torch.channels_last)
 
 
 def joint_logits(

@@ -47,20 +47,18 @@ class FineTune(Recipe):
             step, first = at["step"], at["epoch"] + 1
         for epoch in range(first, p["epochs"] + 1):
             model.train()
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen = torch.zeros((), device=ctx.device), 0
             for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     loss = F.cross_entropy(model(x).float(), y)
                 if run.diverged(loss):
                     break  # the epoch ends at the state kept so far
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                run.step(optimizer, loss)
                 step += 1
-                loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
+                loss_sum, seen = loss_sum + loss.detach() * len(y), seen + len(y)
             metrics = run.measure()
-            run.row("finetune", epoch, loss=loss_sum / max(1, seen), **metrics)
+            run.row("finetune", epoch, loss=float(loss_sum) / max(1, seen), **metrics)
             if run.judge(metrics, f"epoch {epoch}"):
                 break
             run.passed({"epoch": epoch, "step": step}, optimizer)

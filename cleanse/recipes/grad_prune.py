@@ -286,23 +286,21 @@ class GradPrune(Recipe):
         stale = 0
         for epoch in range(1, p["epochs"] + 1):
             model.train(not p["freeze_bn"])
-            loss_sum, seen = 0.0, 0
+            loss_sum, seen = torch.zeros((), device=ctx.device), 0
             for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                 with autocast(ctx.device, ctx.precision):
                     loss = repair_loss(model, x, y, triggered_all, idx[eligible[idx]], train.labels, ctx.device)
                 if run.diverged(loss):
                     return
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                run.step(optimizer, loss)
                 masks.apply()
-                loss_sum, seen = loss_sum + float(loss.detach()) * len(y), seen + len(y)
+                loss_sum, seen = loss_sum + loss.detach() * len(y), seen + len(y)
             metrics = run.measure()
             held_loss = self._held_loss(model, held_trig, held, ctx)
             run.row(
                 "finetune",
                 epoch,
-                loss=loss_sum / max(1, seen),
+                loss=float(loss_sum) / max(1, seen),
                 **metrics,
                 detail=f"held loss {held_loss:.3f} (pruned state {start_loss:.3f})",
             )

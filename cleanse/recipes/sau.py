@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleanse.engine.device import autocast
+from cleanse.engine.device import GradScaling, autocast
 from cleanse.recipes.base import (
     Param,
     Recipe,
@@ -103,12 +103,13 @@ def sau_step(
     y: torch.Tensor,
     p: dict[str, Any],
     precision: str = "fp32",
+    scaling: GradScaling | None = None,
 ) -> dict[str, torch.Tensor]:
     """One SAU update on a batch: shared PGD, then one step on clean CE + the shared-adversarial unlearning term.
 
     Puts `model` in eval mode (BatchNorm frozen). Returns detached figures: loss, clean CE, the
-    unlearning term, and the share of shared / fooled samples. Does not step when the loss is
-    non-finite (the caller decides what to do).
+    unlearning term, and the share of shared / fooled samples. Steps whatever the loss (looking at it here would make
+    the host wait for the device every step): the caller's divergence check rolls a non-finite one back.
     """
     model.eval()
     x_adv, shared = shared_pgd(model, frozen, x, y, p["eps"], p["pgd_step"], p["pgd_steps"], p["beta"], precision)
@@ -122,10 +123,7 @@ def sau_step(
     sar = -(torch.log1p(-p_bd.clamp(max=1 - 1e-6)) * fooled).sum() / len(x)
     ce = F.cross_entropy(logits, y)
     loss = ce + p["sar_weight"] * sar
-    if torch.isfinite(loss):
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
+    (scaling or GradScaling(x.device, "fp32")).step(optimizer, loss)
     return {
         "loss": loss.detach(),
         "clean_ce": ce.detach(),
@@ -207,7 +205,7 @@ class Sau(Recipe):
         sums: dict[str, torch.Tensor] = {}
         seen = 0
         for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device, augment=p["augment"]):
-            figures = sau_step(run.model, frozen, optimizer, x, y, p, ctx.precision)
+            figures = sau_step(run.model, frozen, optimizer, x, y, p, ctx.precision, run.scaling)
             if run.diverged(figures["loss"]):
                 return None
             for k, v in figures.items():

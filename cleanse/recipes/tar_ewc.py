@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cleanse.attacks.trigger import Trigger
-from cleanse.engine.device import autocast
+from cleanse.engine.device import LaggedScalar, autocast
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (
     Param,
@@ -145,7 +145,7 @@ class TarEwc(Recipe):
         tau: float,
         ctx: RecipeContext,
         together: bool,
-    ) -> tuple[torch.Tensor, torch.Tensor, float]:
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """CE(f(x), y), the bounded ascent mean over `rows` of min(CE(f(T(x)), y_t), tau) (zero without eligible rows),
         and the share of the batch's triggered images still sent to the target (1.0 without eligible rows).
 
@@ -154,14 +154,15 @@ class TarEwc(Recipe):
         normalised by its own statistics, as before.
         """
         if len(rows) == 0:
-            return F.cross_entropy(model(x).float(), y), torch.zeros((), device=ctx.device), 1.0
+            zero, one = torch.zeros((), device=ctx.device), torch.ones((), device=ctx.device)
+            return F.cross_entropy(model(x).float(), y), zero, one
         yt = targets[rows].to(ctx.device)
         if together:
             clean_logits, trig_logits = joint_logits(model, x, triggered, rows, ctx.device)
         else:
             clean_logits, trig_logits = model(x).float(), model(as_batch(triggered[rows], ctx.device)).float()
         ascent = F.cross_entropy(trig_logits, yt, reduction="none").clamp(max=tau).mean()
-        hits = float((trig_logits.detach().argmax(1) == yt).float().mean())
+        hits = (trig_logits.detach().argmax(1) == yt).float().mean()
         return F.cross_entropy(clean_logits, y), ascent, hits
 
     def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
@@ -233,12 +234,13 @@ class TarEwc(Recipe):
         if saved is not None:
             at = run.restore(optimizer).position
             step, first = at["step"], at["epoch"] + 1
+        batch_hits = LaggedScalar(ctx.device)  # the batch's ASR, read by the host one step late on accelerators
         for epoch in range(first, p["epochs"] + 1):
             batch_checks = 0
             for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                 model.train(not p["freeze_bn"])
                 with autocast(ctx.device, ctx.precision):
-                    clean_ce, ascent, batch_asr = self._losses(
+                    clean_ce, ascent, hits = self._losses(
                         model,
                         x,
                         y,
@@ -253,10 +255,9 @@ class TarEwc(Recipe):
                 loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
                 if run.diverged(loss):
                     return step
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                run.step(optimizer, loss)
                 step += 1
+                batch_asr = batch_hits.exchange(hits)
                 # A held-back check on the schedule, and also as soon as this batch's triggered images have (nearly)
                 # stopped reaching the target: the backdoor often breaks within a few steps, and every step past that
                 # point costs clean accuracy that recovery must win back. The batch threshold is looser than asr_stop
@@ -267,6 +268,7 @@ class TarEwc(Recipe):
                 by_batch = (
                     not scheduled
                     and settled
+                    and batch_asr is not None
                     and batch_asr <= p["check_batch_asr"]
                     and batch_checks < p["checks_per_epoch"]
                 )
@@ -329,9 +331,7 @@ class TarEwc(Recipe):
                 # bounded ascent stays (weight recovery_ascent): without it the backdoor came back
                 # (docs/recipes/tar-ewc.md, step 3).
                 loss = clean_ce - p["recovery_ascent"] * ascent
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                run.step(optimizer, loss)
                 rstep += 1
             metrics = run.measure()
             run.row(

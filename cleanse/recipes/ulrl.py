@@ -249,9 +249,7 @@ class Ulrl(Recipe):
                 loss = ce + p["alpha"] * cos
                 if run.diverged(loss):
                     return
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                optimizer.step()
+                run.step(optimizer, loss)
                 step += 1
                 loss_sum += loss.detach() * len(y)
                 cos_sum += cos.detach() * len(y)
