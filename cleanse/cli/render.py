@@ -12,8 +12,11 @@ from rich.table import Table
 
 from cleanse.cli.common import SESSION, console, emit_json, fmt_rate, say
 from cleanse.cli.options import Common
+from cleanse.engine.distributed import current, launched, leave
 from cleanse.engine.events import Callback, Event
-from cleanse.jobs import Figures, Progress, RunSettings
+from cleanse.errors import CleanseError
+from cleanse.jobs import SPLIT_OVER_RANKS, Figures, Progress, RunSettings
+from cleanse.jobs.inputs import ONE_PROCESS
 
 Column = tuple[str, str, Callable[[Any], str]]
 
@@ -186,10 +189,16 @@ R = TypeVar("R", bound=JobResult)
 
 def run_job(job: Callable[[Opts, RunSettings, Progress], R], options: Opts, common: Common) -> R:
     """What every command does once its flags are parsed: run the job, show its result, print its JSON with --json."""
+    if launched() and job not in SPLIT_OVER_RANKS:  # N copies would each do the whole job and write the same files
+        raise CleanseError(ONE_PROCESS)
     result = job(options, common.settings(), PROGRESS)
+    if not current().main:  # under torchrun rank 0 reports; the others wait for it, then leave
+        leave()
+        return result
     PROGRESS.finished(result)
     if common.json_out:
         emit_json(result.to_json())
+    leave()
     return result
 
 

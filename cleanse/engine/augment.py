@@ -9,19 +9,31 @@ from cleanse.engine.device import to_device
 
 
 def flip_translate(
-    x: torch.Tensor, translate: int, flip: bool, generator: torch.Generator | None = None
+    x: torch.Tensor,
+    translate: int,
+    flip: bool,
+    generator: torch.Generator | None = None,
+    shard: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """Per-image horizontal flip and shift by up to `translate` pixels (reflect padding), (N,C,H,W). The random
-    numbers come from `generator` on the CPU (one seeded stream on every device) and reach the device asynchronously."""
+    numbers come from `generator` on the CPU (one seeded stream on every device) and reach the device asynchronously.
+
+    With `shard` = (rank, world), x holds every world-th image of a global batch of N*world from the rank on: the
+    numbers are drawn for the global batch, so each image gets exactly the draws it gets in one process."""
     n, _, h, w = x.shape
     device = x.device
+    rank, world = shard or (0, 1)
+
+    def mine(draws: torch.Tensor) -> torch.Tensor:
+        return to_device(draws[rank::world], device)
+
     if flip:
-        flips = to_device(torch.rand(n, generator=generator), device) < 0.5
+        flips = mine(torch.rand(n * world, generator=generator)) < 0.5
         x = torch.where(flips.view(-1, 1, 1, 1), x.flip(3), x)
     if translate > 0:
         padded = F.pad(x, (translate,) * 4, mode="reflect")
-        dy = to_device(torch.randint(0, 2 * translate + 1, (n,), generator=generator), device)
-        dx = to_device(torch.randint(0, 2 * translate + 1, (n,), generator=generator), device)
+        dy = mine(torch.randint(0, 2 * translate + 1, (n * world,), generator=generator))
+        dx = mine(torch.randint(0, 2 * translate + 1, (n * world,), generator=generator))
         rows = (torch.arange(h, device=device).view(1, h) + dy.view(n, 1)).view(n, 1, h, 1)
         cols = (torch.arange(w, device=device).view(1, w) + dx.view(n, 1)).view(n, 1, 1, w)
         batch = torch.arange(n, device=device).view(n, 1, 1, 1)

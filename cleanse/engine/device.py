@@ -136,12 +136,19 @@ class GradScaling:
         self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled) if self.enabled else None
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        self.backward(optimizer, loss)
+        self.apply(optimizer)
+
+    def backward(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
+        """zero_grad and the (scaled) backward: gradients may be reduced over ranks before `apply`."""
         optimizer.zero_grad(set_to_none=True)
+        (loss if self.scaler is None else self.scaler.scale(loss)).backward()
+
+    def apply(self, optimizer: torch.optim.Optimizer) -> None:
+        """The optimiser step (skipped by the scaler when fp16 gradients overflowed) and the scale's update."""
         if self.scaler is None:
-            loss.backward()
             optimizer.step()
             return
-        self.scaler.scale(loss).backward()
         self.scaler.step(optimizer)
         self.scaler.update()
 

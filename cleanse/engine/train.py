@@ -28,6 +28,16 @@ from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
 from cleanse.engine.augment import flip_translate
 from cleanse.engine.device import GradScaling, LaggedScalar, autocast, rows_to_device, wide_float
+from cleanse.engine.distributed import (
+    GradientSync,
+    Ranks,
+    all_sum,
+    average_buffers,
+    check_batch,
+    current,
+    shard,
+    sync_batchnorm,
+)
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event, silent
 from cleanse.engine.snapshot import pack_optimizer, pack_rng, restore_optimizer, restore_rng
@@ -359,11 +369,16 @@ def train_model(
     resume: TrainState | None = None,
     checkpoint_every: int = 0,
     on_checkpoint: Callable[[TrainState], None] | None = None,
+    ranks: Ranks | None = None,
 ) -> dict[str, Any]:
     """Train `model` in place on `data`; evaluate on `test` each epoch. Returns the history and final metrics.
 
     Every `checkpoint_every` epochs (not after the last) `on_checkpoint` receives a TrainState; passing it back as
     `resume` with the same data and config continues to the same weights as an uninterrupted run.
+
+    Under torchrun (`ranks`, default: the process group joined, if any) each rank trains on its shard of every global
+    batch with gradients summed over ranks (engine.distributed); only rank 0 evaluates, calls `callback` with figures
+    and checkpoints.
     """
     if data.num_classes != model.spec.num_classes:
         raise CleanseError(
@@ -379,6 +394,8 @@ def train_model(
     batch = min(cfg.batch_size, n)
     steps_per_epoch = max(1, n // batch)  # drop the last partial batch, as airbench does
     total = steps_per_epoch * cfg.epochs
+    ranks = ranks or current()
+    check_batch(batch, ranks)
     images = data.images  # stays on the CPU (it may be memory-mapped): each batch is gathered there and moved alone
     labels = data.labels.to(device)
 
@@ -391,6 +408,7 @@ def train_model(
     if airbench and cfg.init_whitening and resume is None:
         sample = images[torch.randperm(n, generator=gen)[:5000]].to(device).permute(0, 3, 1, 2).float().div(255)
         model.net.init_from_data((sample - model.mean) / model.std)  # type: ignore[operator]
+    model.net = sync_batchnorm(model.net, device, ranks)
     model.to(memory_format=torch.channels_last)
     optimizer: torch.optim.Optimizer
     if cfg.optimizer == "adamw":
@@ -404,6 +422,7 @@ def train_model(
 
     scaling = GradScaling(device, cfg.precision)
     watch = LaggedScalar(device)
+    gradients = GradientSync(model.net.parameters(), ranks)
     history: list[dict[str, Any]] = []
     step, first, before = 0, 1, 0.0
     if resume is not None:
@@ -433,10 +452,11 @@ def train_model(
         correct = torch.zeros((), dtype=torch.long, device=device)
         seen = 0
         for i in range(steps_per_epoch):
-            idx = device_order[i * batch : (i + 1) * batch]
-            rows = rows_to_device(images, order[i * batch : (i + 1) * batch], device)
+            idx = shard(device_order[i * batch : (i + 1) * batch], ranks)
+            rows = rows_to_device(images, shard(order[i * batch : (i + 1) * batch], ranks), device)
             x = rows.permute(0, 3, 1, 2).float().div_(255)
-            x = flip_translate(x, cfg.translate, cfg.flip, gen).contiguous(memory_format=torch.channels_last)
+            x = flip_translate(x, cfg.translate, cfg.flip, gen, (ranks.rank, ranks.world))
+            x = x.contiguous(memory_format=torch.channels_last)
             y = labels[idx]
             mult = lr_multiplier(step, total, cfg.warmup_frac)
             for group in optimizer.param_groups:
@@ -444,8 +464,10 @@ def train_model(
             with autocast(device, cfg.precision):
                 logits = model(x)
                 loss = F.cross_entropy(logits.float(), y, label_smoothing=cfg.label_smoothing)
-            _check_finite(watch.exchange(loss), epoch)
-            scaling.step(optimizer, loss)
+            scaling.backward(optimizer, loss)
+            (global_loss,) = gradients.reduce(len(y) / batch, [loss])
+            scaling.apply(optimizer)
+            _check_finite(watch.exchange(global_loss), epoch)  # after the step: it stops the run either way
             step += 1
             if lookahead is not None and step % 5 == 0:
                 lookahead.update(model.net, decay=0.95**5 * (step / total) ** 3)
@@ -455,13 +477,18 @@ def train_model(
         _check_finite(watch.latest(), epoch)
         if lookahead is not None and epoch == cfg.epochs:
             lookahead.update(model.net, decay=1.0)
+        average_buffers(model.net, ranks)
+        seen = int(all_sum(torch.tensor(seen, device=device), ranks))
         row: dict[str, Any] = {
             "epoch": epoch,
-            "loss": float(loss_sum) / seen,
-            "train_accuracy": int(correct) / seen,
+            "loss": float(all_sum(loss_sum, ranks)) / seen,
+            "train_accuracy": int(all_sum(correct, ranks)) / seen,
             "lr": optimizer.param_groups[0]["lr"],
             "elapsed": time.perf_counter() - started,
         }
+        if not ranks.main:
+            history.append(row)
+            continue
         if epoch == cfg.epochs and test is not None:  # reported figures: fp32, like every other command
             metrics = evaluate(model, test, triggered=triggered)
             row.update({k: metrics[k] for k in ("clean_accuracy", "attack_success_rate", "robust_accuracy")})

@@ -15,8 +15,12 @@ from cleanse.jobs.scan import ScanOptions, ScanResult, scan
 from cleanse.jobs.train import TrainOptions, TrainResult, train
 from cleanse.jobs.unlearn import RecipeOutcome, UnlearnOptions, UnlearnResult, unlearn
 
+# The jobs that split their work over torchrun's ranks; the CLI refuses every other command under torchrun.
+SPLIT_OVER_RANKS = (train,)
+
 __all__ = [
     "SILENT",
+    "SPLIT_OVER_RANKS",
     "DemoOptions",
     "DemoResult",
     "ExplainOptions",

@@ -10,10 +10,13 @@ import torch
 
 from cleanse.data import Dataset, load_data
 from cleanse.engine.device import resolve_device
+from cleanse.engine.distributed import join, launched
 from cleanse.engine.layers import check_layer, find_tar_layer
 from cleanse.errors import CleanseError
 from cleanse.jobs.progress import Progress
 from cleanse.models import ClassifierModel, ModelOptions, load_model
+
+ONE_PROCESS = "this command runs in one process: start it without torchrun (train splits its batches over ranks)"
 
 
 @dataclass
@@ -25,7 +28,16 @@ class RunSettings:
     force: bool = False
 
     def torch_device(self) -> torch.device:
+        """The job's device, for a job that runs in one process: under torchrun it refuses, rather than run the whole
+        job once per rank with every rank writing the same files."""
+        if launched():
+            raise CleanseError(ONE_PROCESS)
         return resolve_device(self.device)
+
+    def rank_device(self) -> torch.device:
+        """The job's device for a job that splits its work over torchrun's ranks: this rank's device (cuda:LOCAL_RANK
+        for --device auto or cuda), after joining the process group; one process: as torch_device."""
+        return join(resolve_device(self.device))
 
 
 def load_job_model(

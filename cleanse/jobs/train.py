@@ -15,6 +15,7 @@ import torch
 from cleanse.attacks import load_trigger
 from cleanse.data import Dataset, load_data
 from cleanse.engine.device import resolve_precision
+from cleanse.engine.distributed import current
 from cleanse.engine.train import TrainConfig, TrainState, load_train_state, save_train_state, train_model
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, write_json_atomic
@@ -111,7 +112,10 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
             checkpoint_every = int(state.extra.get("checkpoint_every") or 0) or None
     if checkpoint_every is not None:
         check_output(state_path, force=True, inputs=inputs)
-    dev = s.torch_device()
+    dev = s.rank_device()
+    ranks = current()
+    if not ranks.main:  # one live table, one set of notes: rank 0's
+        progress = SILENT
     prec = resolve_precision(o.precision, dev)
     started = time.perf_counter()
     train_data = load_data(o.data, split=o.split, cache=not o.no_cache)
@@ -158,7 +162,7 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
         snapshot.extra = facts
         save_train_state(state_path, snapshot)
 
-    resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
+    resumable = ranks.main and open_resume_file(state_path, checkpoint_every, state is not None, progress)
     with progress.loop("train", f"train {model.spec.arch}", o.epochs) as callback:
         result = train_model(
             model,
@@ -169,7 +173,8 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
             callback=callback,
             resume=state,
             checkpoint_every=checkpoint_every or 0,
-            on_checkpoint=checkpoint,
+            on_checkpoint=checkpoint if ranks.main else None,
+            ranks=ranks,
         )
     metrics: dict[str, Any] = dict(result["metrics"])
     wall = time.perf_counter() - started
@@ -197,6 +202,7 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
             **result["config"],
             "checkpoint_every": checkpoint_every,
             "resumed_after_epoch": state.epoch if state else None,
+            "ranks": ranks.world,  # torchrun processes; the batch is the global one
         },
         metrics=metrics,
         filtered={"test_rows_dropped_as_poisoned": dropped},
@@ -205,10 +211,11 @@ def train(options: TrainOptions, settings: RunSettings | None = None, progress: 
         versions=versions(dev),
         outputs={"model": str(o.output)},
     )
-    with output_set() as out:
-        save_model(model, out.reserve(o.output), provenance)
-        write_json_atomic(out.reserve(run_path), record)
-    close_resume_file(state_path, resumable, progress)
+    if ranks.main:  # the other ranks hold the same weights
+        with output_set() as out:
+            save_model(model, out.reserve(o.output), provenance)
+            write_json_atomic(out.reserve(run_path), record)
+        close_resume_file(state_path, resumable, progress)
     return TrainResult(
         metrics,
         o.output,
