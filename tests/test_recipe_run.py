@@ -69,6 +69,10 @@ CHEAP: dict[str, dict[str, Any]] = {
     "tar-ewc": {"epochs": 1, "recovery_epochs": 1, "fisher_samples": 16, "batch_size": 32, "ca_margin": 1.0},
     "grad-prune": {"epochs": 1, "max_rounds": 1, "grad_samples": 16, "batch_size": 32, "ca_margin": 1.0},
     "act-edit": {"epochs": 1, "samples": 16, "batch_size": 32, "ca_margin": 1.0},
+    "clp": {},
+    "fine-prune": {"epochs": 2, "batch_size": 32},
+    "nad": {"epochs": 2, "teacher_epochs": 1, "batch_size": 32},
+    "anp": {"iterations": 2, "batch_size": 32},
 }
 
 
@@ -103,7 +107,7 @@ def test_a_first_state_below_the_ca_floor_is_never_kept(monkeypatch: pytest.Monk
 def test_the_agnostic_recipes_are_the_ones_with_agnostic_keeper(monkeypatch: pytest.MonkeyPatch) -> None:
     scripted_monitor(monkeypatch, [START_CA])
     agnostic = [n for n in RECIPES.names() if isinstance(open_run(RECIPES.get(n), monkeypatch).keeper, AgnosticKeeper)]
-    assert sorted(agnostic) == ["finetune", "sau", "ulrl"]
+    assert sorted(agnostic) == ["anp", "clp", "fine-prune", "finetune", "nad", "sau", "ulrl"]
 
 
 # --- the run object ---

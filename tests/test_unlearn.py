@@ -266,7 +266,8 @@ def test_missing_trigger_names_both_ways_to_get_one(untrained_files, tmp_path):
     result = unlearn(untrained_files, "--method", "nope", "-o", tmp_path / "x.safetensors")
     assert (
         result.exit_code == 2
-        and "unknown recipe 'nope'; choose one of: act-edit, finetune, grad-prune, sau, tar-ewc, ulrl, or all"
+        and "unknown recipe 'nope'; choose one of: act-edit, anp, clp, fine-prune, finetune, grad-prune, nad, sau, "
+        "tar-ewc, ulrl, or all"
         in result.stderr
     )
     assert not list(tmp_path.iterdir())
@@ -286,13 +287,17 @@ def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_ea
         "max_rounds=3",
         "--param",
         "min_steps=0",
+        "--param",
+        "iterations=20",
+        "--param",
+        "teacher_epochs=1",
         "-o",
         tmp_path / "c.safetensors",
         "--json",
     )
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
-    names = ["act-edit", "finetune", "grad-prune", "sau", "tar-ewc", "ulrl"]
+    names = ["act-edit", "anp", "clp", "fine-prune", "finetune", "grad-prune", "nad", "sau", "tar-ewc", "ulrl"]
     assert sorted(doc["recipes"]) == names and doc["skipped"] == []
     befores = {json.dumps(s["before"], sort_keys=True) for s in doc["recipes"].values()}
     assert len(befores) == 1  # one before measurement, shared
@@ -321,6 +326,10 @@ def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_file
         "1",
         "--param",
         "min_steps=0",
+        "--param",
+        "iterations=20",
+        "--param",
+        "teacher_epochs=1",
         "-o",
         tmp_path / "c.safetensors",
         "--json",
@@ -328,15 +337,17 @@ def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_file
     assert result.exit_code == 0, result.output
     doc = json.loads(result.stdout)
     assert doc["skipped"] == ["act-edit", "grad-prune", "tar-ewc"] and sorted(doc["recipes"]) == [
+        "anp",
+        "clp",
+        "fine-prune",
         "finetune",
+        "nad",
         "sau",
         "ulrl",
     ]
     assert "skipped act-edit, grad-prune, tar-ewc: they need a trigger" in result.stderr
     assert sorted(p.name for p in tmp_path.glob("*.safetensors")) == [
-        "c.finetune.safetensors",
-        "c.sau.safetensors",
-        "c.ulrl.safetensors",
+        f"c.{name}.safetensors" for name in ("anp", "clp", "fine-prune", "finetune", "nad", "sau", "ulrl")
     ]
 
 

@@ -53,8 +53,18 @@ def measure(
     return out
 
 
-def class_changes(before: list[float | None], after: list[float | None], names: list[str]) -> list[tuple[str, float]]:
-    """(class name, change of its clean accuracy in points), largest change first; classes without images left out."""
+def unmeasured() -> dict[str, Any]:
+    """The before/after figures when there is no set to measure on: every key present, all null."""
+    return {k: None for k in SUMMARY_KEYS}
+
+
+def class_changes(
+    before: list[float | None] | None, after: list[float | None] | None, names: list[str]
+) -> list[tuple[str, float]]:
+    """(class name, change of its clean accuracy in points), largest change first; classes without images left out
+    (none at all when nothing was measured)."""
+    if before is None or after is None:
+        return []
     pairs = [
         (name, 100 * (a - b))
         for name, b, a in zip(names, before, after, strict=False)

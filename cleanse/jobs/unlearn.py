@@ -16,7 +16,7 @@ from cleanse.data import Dataset, load_data
 from cleanse.data.subset import CleanSplit, clean_subset
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import der
-from cleanse.engine.measure import measure
+from cleanse.engine.measure import measure, unmeasured
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
 from cleanse.jobs.inputs import (
@@ -105,6 +105,7 @@ class _Plan:
     outputs: dict[str, Path]
     run_all: bool
     given: set[str]  # the parameters the user set (--param, --epochs): architecture defaults leave them alone
+    no_data: list[str] = field(default_factory=list)  # skipped because they need --data and none was given
 
 
 def _plan(o: UnlearnOptions) -> _Plan:
@@ -117,12 +118,21 @@ def _plan(o: UnlearnOptions) -> _Plan:
     raw = dict(o.params)
     if o.epochs is not None:
         raw["epochs"] = str(o.epochs)
+    no_data: list[str] = []
     if o.data is None:
-        raise CleanseError("--data is required: the DATA to draw the clean subset from (e.g. the training folder)")
+        free = [n for n in names if not RECIPES.get(n).needs_data]
+        if not free:
+            data_free = ", ".join(n for n in RECIPES.names() if not RECIPES.get(n).needs_data)
+            raise CleanseError(
+                f"--data is required for {names[0]}: the DATA to draw the clean subset from (e.g. the training "
+                f"folder); only the data-free recipes ({data_free}) run without it"
+            )
+        no_data, names = [n for n in names if n not in free], free
     if not run_all and RECIPES.get(o.method).needs_trigger and o.trigger is None:
         raise CleanseError(NEEDS_TRIGGER.format(name=o.method))
     skipped = [n for n in names if RECIPES.get(n).needs_trigger and o.trigger is None]
     names = [n for n in names if n not in skipped]
+    skipped = sorted(no_data + skipped)
     params = {n: _params_for(n, raw, run_all) for n in names}
     unknown = sorted(set(raw) - {k for n in names for k in RECIPES.get(n).params})
     if run_all and unknown:
@@ -133,7 +143,7 @@ def _plan(o: UnlearnOptions) -> _Plan:
         outputs = {n: Path(f"{base}.{n}.safetensors") for n in names}
     else:
         outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
-    return _Plan(names, skipped, params, outputs, run_all, set(raw))
+    return _Plan(names, skipped, params, outputs, run_all, set(raw), no_data)
 
 
 def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
@@ -163,9 +173,9 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         "eval_triggers": [describe_input(p) for p in o.eval_triggers],
     }
     subset = {
-        "train_index": split.train_index.tolist(),
-        "held_index": split.held_index.tolist(),
-        "filtered_with_ground_truth": split.filtered,
+        "train_index": split.train_index.tolist() if split else None,
+        "held_index": split.held_index.tolist() if split else None,
+        "filtered_with_ground_truth": split.filtered if split else None,
         "test_rows_dropped": loaded.test_dropped,
     }
     facts = {
@@ -179,7 +189,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         "seed": s.seed,
         "precision": loaded.precision,
         "tar_layer": loaded.layer,
-        "subset": _subset_digest(split),
+        "subset": _subset_digest(split) if split else None,
     }
     if state is not None:
         check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
@@ -230,10 +240,10 @@ class _Loaded:
     """What the recipes work on and are measured with: the model, the clean split, the triggers and the report set."""
 
     model: ClassifierModel
-    split: CleanSplit
+    split: CleanSplit | None  # None without --data (data-free recipes only)
     trigger: Trigger | None
     extra_triggers: dict[str, Trigger]
-    report_on: Dataset
+    report_on: Dataset | None  # None: neither --data nor --test, so no before/after figures
     report_name: str
     test_dropped: int
     layer: str | None  # the TAR layer; None when no trigger is given or the model has no Grad-CAM layer
@@ -241,7 +251,9 @@ class _Loaded:
     precision: str
 
     def measure(self) -> dict[str, Any]:
-        """The before/after figures of the model as it stands, on the report set."""
+        """The before/after figures of the model as it stands, on the report set (all null without one)."""
+        if self.report_on is None:
+            return unmeasured()
         return measure(self.model, self.report_on, self.trigger, self.layer, self.extra_triggers)
 
 
@@ -253,7 +265,7 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
     channels, height, width = model.spec.input_size
     trig = load_trigger(o.trigger) if o.trigger else None
     measure_layer = tar_layer_for(model, o.layer, progress) if trig is not None or o.layer is not None else None
-    need_trigger = list(plan.skipped)
+    need_trigger = [n for n in plan.skipped if n not in plan.no_data]
     for name in list(plan.names):
         plan.params[name] = RECIPES.get(name).for_model(model, plan.params[name], plan.given)
         RECIPES.get(name).check(plan.params[name], trig)
@@ -265,27 +277,48 @@ def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) ->
             plan.names.remove(name)  # --method all runs the recipes that apply to this architecture
             plan.skipped.append(name)
             progress.note(f"skipped {name}: {refusal}")
+    if not plan.names:
+        raise CleanseError(
+            f"no recipe applies to this model here ({', '.join(sorted(plan.skipped))} skipped, see above); "
+            "give --data and --trigger to run the others"
+        )
     extra_triggers = {p.name: load_trigger(p) for p in o.eval_triggers}
     for t in [trig, *extra_triggers.values()]:
         if t is not None:
             t.check_size(channels, height, width, what="the model's inputs")
             t.check_classes(model.spec.num_classes)
-    assert o.data is not None  # _plan refused a missing --data
-    source = load_data(o.data, cache=not o.no_cache, image_size=(height, width), preprocess=model.spec.preprocess)
-    check_classes(model, source, o.data)
-    split = clean_subset(source, o.clean_frac, o.clean_n, s.seed)
+    split = None
+    if o.data is not None:
+        source = load_data(o.data, cache=not o.no_cache, image_size=(height, width), preprocess=model.spec.preprocess)
+        check_classes(model, source, o.data)
+        split = clean_subset(source, o.clean_frac, o.clean_n, s.seed)
     test_data, test_dropped = (
         load_clean(o.test, "test", o.no_cache, (height, width), model.spec.preprocess) if o.test else (None, 0)
     )
     if test_data is not None and o.test is not None:
         check_classes(model, test_data, o.test)
-    report_on, report_name = (
-        (test_data, f"--test {o.test}") if test_data is not None else (split.held, "the held-back clean images")
-    )
-    progress.note(
-        f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
-        f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}"
-    )
+    report_on: Dataset | None
+    if test_data is not None:
+        report_on, report_name = test_data, f"--test {o.test}"
+    elif split is not None:
+        report_on, report_name = split.held, "the held-back clean images"
+    else:
+        report_on, report_name = None, "no images (no --data or --test given)"
+    if split is not None:
+        progress.note(
+            f"clean subset: {len(split.train)} images to learn from, {len(split.held)} held back "
+            f"({split.filtered} rows dropped as marked poisoned/noise); before/after on {report_name}"
+        )
+    else:
+        progress.note(
+            f"no --data: no clean subset, so no held-back figures; before/after on {report_name}"
+            + (
+                f"; only the data-free recipes run ({', '.join(plan.names)}), skipped {', '.join(plan.no_data)}: "
+                "they need --data"
+                if plan.no_data
+                else ""
+            )
+        )
     if need_trigger:
         progress.note(
             f"skipped {', '.join(need_trigger)}: they need a trigger (--trigger from `cleanse poison`, "

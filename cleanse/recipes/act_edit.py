@@ -218,7 +218,7 @@ class ActEdit(Recipe):
     def run(self, ctx: RecipeContext) -> RecipeResult:
         names = self._layers(ctx.model, ctx.params)  # before any work
         run = RecipeRun.begin(self, ctx, asr_good=ctx.params["asr_good"])
-        p, model, trigger, train = ctx.params, ctx.model, ctx.trigger, ctx.split.train
+        p, model, trigger, train = ctx.params, ctx.model, ctx.trigger, ctx.clean.train
         assert trigger is not None  # begin() refused a missing one
 
         rows = trigger.eligible(train.labels).nonzero().flatten()
@@ -285,7 +285,7 @@ class ActEdit(Recipe):
     @staticmethod
     def _repair(run: RecipeRun, edited: list[torch.nn.Parameter]) -> None:
         """Repair: the edited layers only, on the clean subset; BatchNorm statistics stay put (eval mode)."""
-        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         assert ctx.trigger is not None
         # The repair keeps the edit's own objective as a term: with clean CE alone the backdoor came back
         # (docs/recipes/act-edit.md, step 5).

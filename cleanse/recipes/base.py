@@ -57,7 +57,7 @@ class Param:
 @dataclass
 class RecipeContext:
     model: ClassifierModel
-    split: CleanSplit
+    split: CleanSplit | None  # None: a data-free recipe run without --data (Recipe.needs_data False)
     trigger: Trigger | None
     params: dict[str, Any]
     callback: Callback
@@ -69,6 +69,13 @@ class RecipeContext:
     @property
     def device(self) -> torch.device:
         return self.model.device
+
+    @property
+    def clean(self) -> CleanSplit:
+        """The clean split; every recipe that needs data has one (`unlearn` refuses to run it without --data)."""
+        if self.split is None:
+            raise CleanseError("this recipe needs clean data: pass --data (and --clean-frac or --clean-n)")
+        return self.split
 
     def note(self, message: str) -> None:
         self.callback(Event("note", {"message": message}))
@@ -86,6 +93,8 @@ class Recipe(ABC):
     name: ClassVar[str]
     summary: ClassVar[str]
     needs_trigger: ClassVar[bool] = False
+    # False for a data-free recipe: it runs without --data (held-back figures only when data is given)
+    needs_data: ClassVar[bool] = True
     # checkpoints at the end of passes over the clean subset (unlearn --checkpoint-every)
     resumable: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
@@ -153,11 +162,15 @@ def register(cls: type[Recipe]) -> type[Recipe]:
 class HeldMonitor:
     """CA, ASR/RA and TAR on the held-back images: the figures recipes decide on and show live."""
 
-    def __init__(self, held: Dataset, trigger: Trigger | None, tar_layer: str | None, precision: str = "fp32") -> None:
+    def __init__(
+        self, held: Dataset | None, trigger: Trigger | None, tar_layer: str | None, precision: str = "fp32"
+    ) -> None:
         self.held, self.trigger, self.tar_layer, self.precision = held, trigger, tar_layer, precision
-        self.triggered = TriggeredSet.build(held, trigger) if trigger is not None else None
+        self.triggered = TriggeredSet.build(held, trigger) if trigger is not None and held is not None else None
 
     def __call__(self, model: ClassifierModel) -> dict[str, Any]:
+        if self.held is None:  # no --data: nothing held back to measure on
+            return {"clean_accuracy": None, "attack_success_rate": None}
         m = evaluate(model, self.held, precision=self.precision, triggered=self.triggered)
         out = {"clean_accuracy": m["clean_accuracy"], "attack_success_rate": m["attack_success_rate"]}
         if self.trigger is not None and self.tar_layer is not None:
@@ -271,6 +284,30 @@ class AgnosticKeeper(StateKeeper):
         return kept
 
 
+class LatestKeeper(StateKeeper):
+    """The state rule of a data-free recipe run without data: no held-back images to judge a state by, so the
+    recipe's latest offered state is kept; only a non-finite loss rolls back (to the start, or the latest offered)."""
+
+    def __init__(self, model: ClassifierModel, start: dict[str, Any]) -> None:
+        self.asr_good, self.use_asr = 0.0, False
+        self.best_state = copy.deepcopy(model.net.state_dict())
+        self.best = dict(start, tag="start")
+        self.rollbacks = []
+
+    def offer(self, model: ClassifierModel, metrics: dict[str, Any], tag: str) -> bool:
+        self.best_state = copy.deepcopy(model.net.state_dict())
+        self.best = dict(metrics, tag=tag)
+        return True
+
+    def tripped(self, metrics: dict[str, Any] | None = None, loss: float | None = None) -> str | None:
+        return super().tripped(None, loss)
+
+    def restore_best(self, model: ClassifierModel) -> dict[str, Any]:
+        kept = super().restore_best(model)
+        kept["rule"] = "the recipe's latest state (no --data: no held-back images to judge states by)"
+        return kept
+
+
 @dataclass(frozen=True)
 class Resumed:
     """What RecipeRun.restore hands back: where the interrupted run stood, the recipe's own saved values and tensors."""
@@ -324,12 +361,14 @@ class RecipeRun:
         if recipe.needs_trigger and ctx.trigger is None:
             raise CleanseError(NEEDS_TRIGGER.format(name=recipe.name))
         p, model = ctx.params, ctx.model
-        monitor = HeldMonitor(ctx.split.held, ctx.trigger, ctx.tar_layer)
+        monitor = HeldMonitor(ctx.clean.held if ctx.split is not None else None, ctx.trigger, ctx.tar_layer)
         began = time.perf_counter()
         model.eval()
         start = monitor(model)
         keeper: StateKeeper
-        if recipe.needs_trigger:
+        if ctx.split is None:
+            keeper = LatestKeeper(model, start)
+        elif recipe.needs_trigger:
             keeper = StateKeeper(
                 model,
                 start,

@@ -40,7 +40,7 @@ class FineTune(Recipe):
         optimizer = torch.optim.SGD(
             trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"], nesterov=True
         )
-        total = p["epochs"] * steps_per_pass(len(ctx.split.train), p["batch_size"])
+        total = p["epochs"] * steps_per_pass(len(ctx.clean.train), p["batch_size"])
         step, first = 0, 1
         if run.resuming():
             at = run.restore(optimizer).position
@@ -48,7 +48,7 @@ class FineTune(Recipe):
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, seen = torch.zeros((), device=ctx.device), 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
+            for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     loss = F.cross_entropy(model(x).float(), y)

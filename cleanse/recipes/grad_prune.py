@@ -170,7 +170,7 @@ class GradPrune(Recipe):
         layers, followers = self._units(ctx.model)  # before any work
         run = RecipeRun.begin(self, ctx, asr_good=ctx.params["asr_good"], start_row=False)  # its start row adds a loss
         p, model, trigger = ctx.params, ctx.model, ctx.trigger
-        train, held = ctx.split.train, ctx.split.held
+        train, held = ctx.clean.train, ctx.clean.held
         assert trigger is not None  # begin() refused a missing one
 
         # Triggered copies at their true labels, non-target rows only.
@@ -280,7 +280,7 @@ class GradPrune(Recipe):
     ) -> None:
         """Fine-tuning on clean CE + triggered-true-label CE, pruned units kept at zero, early stopping on the held-back
         loss."""
-        ctx, p, model, train, held = run.ctx, run.ctx.params, run.model, run.ctx.split.train, run.ctx.split.held
+        ctx, p, model, train, held = run.ctx, run.ctx.params, run.model, run.ctx.clean.train, run.ctx.clean.held
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, weight_decay=p["weight_decay"])
         best_loss = start_loss = self._held_loss(model, held_trig, held, ctx)
         stale = 0

@@ -169,7 +169,7 @@ class Sau(Recipe):
         frozen = copy.deepcopy(model).eval()
         frozen.requires_grad_(False)
         optimizer = torch.optim.Adam(trainable(model), lr=p["lr"])
-        n_train = len(ctx.split.train)
+        n_train = len(ctx.clean.train)
         passes = planned_passes(n_train, p["batch_size"], p["epochs"], p["min_steps"])
         if passes > p["epochs"]:
             ctx.note(
@@ -204,7 +204,7 @@ class Sau(Recipe):
         ctx, p = run.ctx, run.ctx.params
         sums: dict[str, torch.Tensor] = {}
         seen = 0
-        for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device, augment=p["augment"]):
+        for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device, augment=p["augment"]):
             figures = sau_step(run.model, frozen, optimizer, x, y, p, ctx.precision, run.scaling)
             if run.diverged(figures["loss"]):
                 return None

@@ -177,7 +177,7 @@ class TarEwc(Recipe):
         p = ctx.params
         self.check(p, ctx.trigger)
         run = RecipeRun.begin(self, ctx, asr_good=p["asr_stop"])
-        trigger, train = ctx.trigger, ctx.split.train
+        trigger, train = ctx.trigger, ctx.clean.train
         assert trigger is not None  # begin() refused a missing one
         ewc = self._ewc(run)
         run.result.extra["fisher_seconds"] = run.elapsed()
@@ -194,7 +194,7 @@ class TarEwc(Recipe):
     @staticmethod
     def _ewc(run: RecipeRun) -> Callable[[], torch.Tensor]:
         """sum_i F_i (theta_i - theta*_i)^2 with the Fisher F of the start weights theta* on the clean subset."""
-        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         n_fisher = min(p["fisher_samples"], len(train))
         fx = train.images[:n_fisher].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
         fisher = empirical_fisher(model, fx, train.labels[:n_fisher].to(ctx.device))
@@ -215,7 +215,7 @@ class TarEwc(Recipe):
 
     def _unlearn(self, run: RecipeRun, data: _Ascent, ewc: Callable[[], torch.Tensor]) -> int:
         """Phase 1: bounded ascent + clean CE + EWC, checked on the held-back images; returns the steps taken."""
-        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         trigger = ctx.trigger
         assert trigger is not None
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9, nesterov=True)
@@ -299,7 +299,7 @@ class TarEwc(Recipe):
 
     def _recover(self, run: RecipeRun, data: _Ascent, step: int) -> None:
         """Phase 2: recovery on the clean subset, from where phase 1 stopped (or the state a rollback restored)."""
-        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.split.train
+        ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         optimizer = torch.optim.SGD(
             trainable(model), lr=p["recovery_lr"], momentum=0.9, nesterov=True, weight_decay=5e-4
         )

@@ -144,7 +144,7 @@ class Ulrl(Recipe):
             ce_sum = torch.zeros((), device=ctx.device)
             correct = torch.zeros((), device=ctx.device)
             seen = 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
+            for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
                 with autocast(ctx.device, ctx.precision):
                     logits = model(x).float()
                 ce = F.cross_entropy(logits, y)
@@ -229,7 +229,7 @@ class Ulrl(Recipe):
                 head.bias[rows] = 0.0
         w_ref = w_orig[rows]
         optimizer = torch.optim.SGD(trainable(model), lr=p["lr"], momentum=0.9)
-        total = p["epochs"] * steps_per_pass(len(ctx.split.train), p["batch_size"])
+        total = p["epochs"] * steps_per_pass(len(ctx.clean.train), p["batch_size"])
         step, first = 0, 1
         if run.resuming("relearn"):
             at = run.restore(optimizer).position
@@ -237,7 +237,7 @@ class Ulrl(Recipe):
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, cos_sum, seen = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), 0
-            for x, y, _ in batches(ctx.split.train, p["batch_size"], run.gen, ctx.device):
+            for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     ce = F.cross_entropy(model(x).float(), y)
