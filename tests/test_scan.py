@@ -411,7 +411,7 @@ def test_data_audit_finds_the_poisoned_half_of_the_target_class_and_exits_0(scan
         (["--audit-data", "synthetic", "--poison-rate", "1.5"], "--poison-rate 1.5 must lie in (0, 1)"),
         (
             ["--data", "synthetic:test", "--schedule", "bandit"],
-            "--schedule 'bandit' is unknown; choose one of: every, screened",
+            "--schedule 'bandit' is unknown; choose one of: auto, every, screened",
         ),
         (
             ["--data", "synthetic:test", "--schedule", "screened", "--steps", "15"],

@@ -65,9 +65,9 @@ ScheduleOpt = Annotated[
     str,
     typer.Option(
         "--schedule",
-        help="every | screened: every class gets the whole reverse-engineering budget (default), or all classes "
-        "a quarter of it and only the most suspicious (at least 3, 20% of the classes) the rest, for models "
-        "with many classes (docs/commands/scan.md).",
+        help="auto | screened | every: all classes a quarter of the reverse-engineering budget and only the most "
+        "suspicious (at least 3, 20% of the classes) the rest, or every class the whole budget; auto (default): "
+        "screened when the budget has the 4 rounds a screen needs, else every (docs/commands/scan.md).",
     ),
 ]
 StatisticOpt = Annotated[
@@ -171,7 +171,7 @@ def scan_command(
     no_cache: NoCacheOpt = False,
     memory_budget: MemoryBudgetOpt = None,
     write_clean: WriteCleanOpt = None,
-    schedule: ScheduleOpt = "every",
+    schedule: ScheduleOpt = "auto",
 ) -> None:
     """Is this model backdoored, and which class? Several detectors, one verdict.
 

@@ -31,7 +31,7 @@ HOLD_OUT = 0.2  # share of the clean images held out to measure the reversed tri
 DEFAULT_N_CLEAN = 500
 SHEET_CLASSES = 24  # sheet.png's rows: every class up to this many, else the flagged and the most suspicious
 N_CLEAN_PER_CLASS = 3  # the default grows with the class count: at least 2 per class must survive the hold-out
-SCHEDULES = ("every", "screened")  # docs/commands/scan.md, "Screened schedule"
+SCHEDULES = ("auto", "every", "screened")  # docs/commands/scan.md, "Screened schedule"
 
 
 @dataclass
@@ -56,7 +56,9 @@ class ScanOptions:
     no_cache: bool = False
     memory_budget: str | int | None = None  # bytes one optimisation step may take ('4GiB'); default: free memory x 0.5
     write_clean: Path | None = None  # with audit_data: a copy of it without the flagged rows
-    schedule: str = "every"  # every | screened (reverse-engineering: all classes the full budget, or a screen first)
+    # auto | every | screened (reverse-engineering: a screen first, then the full budget for the most suspicious
+    # classes; or every class the full budget). auto: screened when the budget has the 4 rounds a screen needs.
+    schedule: str = "auto"
 
 
 @dataclass
@@ -103,7 +105,7 @@ def _plan(o: ScanOptions) -> tuple[Budget, float, list[str], int | None]:
         raise CleanseError(f"--steps {o.steps} is too few; give at least {plan.round_steps}")
     if o.schedule not in SCHEDULES:
         raise CleanseError(f"--schedule {o.schedule!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
-    if o.schedule == "screened":
+    if o.schedule == "screened" or (o.schedule == "auto" and plan.steps >= 4 * plan.round_steps):
         if plan.steps < 4 * plan.round_steps:
             raise CleanseError(
                 f"--schedule screened needs at least {4 * plan.round_steps} steps (a screen of a quarter of them); "
@@ -251,7 +253,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             "budget": o.budget,
             "steps": plan.steps,
             "early_stop_rounds": plan.early_stop,
-            "schedule": o.schedule,
+            "schedule": "screened" if plan.screen_steps else "every",
             "statistic": o.statistic,
             "threshold": threshold,
             "scale": o.scale,
@@ -357,7 +359,7 @@ def _verdict_doc(
         "steps": plan.steps,
         "batch": plan.batch,
         "early_stop_rounds": plan.early_stop,
-        "schedule": o.schedule,
+        "schedule": "screened" if plan.screen_steps else "every",
         "screen_steps": plan.screen_steps or None,
         "tar_layer": layer,
         "classes": rows,
