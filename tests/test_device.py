@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -134,3 +136,45 @@ def test_rows_and_tensors_reach_the_device_unchanged():
     index = torch.tensor([4, 0, 2])
     assert torch.equal(rows_to_device(images, index, torch.device("cpu")), images[index])
     assert torch.equal(to_device(index, torch.device("cpu")), index)
+
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+        RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 9663676416 bytes"),
+    ],
+)
+def test_running_out_of_memory_in_train_is_exit_2_naming_the_flag(monkeypatch, tmp_path, error):
+    from typer.testing import CliRunner
+
+    from cleanse.cli import app
+
+    train_job = importlib.import_module("cleanse.jobs.train")  # the module, not the function cleanse.jobs exports
+
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(train_job, "train_model", fail)
+    out = tmp_path / "m.safetensors"
+    result = CliRunner().invoke(app, ["train", "synthetic", "-o", str(out), "--epochs", "1"])
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip() == (
+        "error: out of memory in cleanse train: lower --batch-size, free memory on the device, or run on another "
+        "--device"
+    )
+    assert not out.exists() and not out.with_name("m.safetensors.run.json").exists()
+
+
+def test_the_fisher_chunk_fits_the_model_and_does_not_change_the_fisher():
+    from cleanse.recipes.tar_ewc import empirical_fisher, fisher_chunk
+
+    small = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(12, 3))
+    assert fisher_chunk(small) == 32 and fisher_chunk(small, 5) == 5
+    big = torch.nn.Linear(4096, 8192)  # 33.6M parameters: 134 MB of float32 gradients per sample
+    assert fisher_chunk(big) == 1
+    assert fisher_chunk(torch.nn.Linear(1024, 8192)) == 7  # 8.4M parameters: 256 MiB // 33.6 MB = 7
+    images, labels = torch.rand(10, 1, 2, 6), torch.randint(0, 3, (10,))
+    one, all_at_once = empirical_fisher(small, images, labels, 1), empirical_fisher(small, images, labels, 32)
+    for name in one:
+        assert torch.allclose(one[name], all_at_once[name], rtol=1e-5, atol=1e-7)

@@ -20,6 +20,7 @@ from cleanse.cli.report import report_command
 from cleanse.cli.scan import scan_command
 from cleanse.cli.train import train_command
 from cleanse.cli.unlearn import unlearn_command
+from cleanse.engine.memory import is_out_of_memory
 from cleanse.errors import EXIT_INTERNAL, EXIT_SIGINT, EXIT_SIGTERM, EXIT_USAGE, CleanseError, Terminated
 from cleanse.files import is_write_error
 from cleanse.version import __version__
@@ -108,6 +109,17 @@ class CleanseGroup(TyperGroup):
             console.print(_stopped("terminated (SIGTERM)"), markup=False, highlight=False, soft_wrap=True)
             return EXIT_SIGTERM
         except Exception as exc:
+            if is_out_of_memory(exc):  # a usage limit, not a bug: name what lowers the footprint
+                command = next((a for a in argv if a in LOWER_FOOTPRINT), None)
+                fix = LOWER_FOOTPRINT.get(command or "", "use a smaller input")
+                console.print(
+                    f"error: out of memory{f' in cleanse {command}' if command else ''}: {fix}, free memory on the "
+                    "device, or run on another --device",
+                    markup=False,
+                    highlight=False,
+                    soft_wrap=True,
+                )
+                return EXIT_USAGE
             if is_write_error(exc):  # the file system refused (read-only, full, name too long): bad input, not a bug
                 where = getattr(exc, "filename", None) or "a file"
                 console.print(
@@ -126,6 +138,19 @@ class CleanseGroup(TyperGroup):
                 soft_wrap=True,
             )
             return EXIT_INTERNAL
+
+
+# What lowers each command's memory footprint, for the one line an allocation failure exits 2 with (scan's own
+# out-of-memory message, from inside the job, names the detector and chunk as well).
+LOWER_FOOTPRINT = {
+    "train": "lower --batch-size",
+    "unlearn": "lower the recipe's batch with --param batch_size=N (tar-ewc also fisher_chunk=N)",
+    "scan": "lower --memory-budget",
+    "explain": "explain fewer images (--n)",
+    "report": "draw fewer images per sheet (--n)",
+    "poison": "poison a smaller DATA",
+    "demo": "run cleanse demo --quick",
+}
 
 
 app = typer.Typer(

@@ -47,6 +47,17 @@ from cleanse.recipes.base import (
     trainable,
 )
 
+FISHER_CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by the automatic fisher_chunk
+
+
+def fisher_chunk(model: torch.nn.Module, given: int = 0) -> int:
+    """Samples whose gradients the Fisher holds at once: `given`, or (0) as many as fit in 256 MiB of float32
+    per-sample gradients, at most 32 (the `cnn`: 32; ResNet-50: 2; ViT-B/16: 1)."""
+    if given > 0:
+        return given
+    count = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    return max(1, min(32, FISHER_CHUNK_BYTES // max(1, 4 * count)))
+
 
 def empirical_fisher(
     model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32
@@ -128,6 +139,9 @@ class TarEwc(Recipe):
         "recovery_lr": Param(0.001, "phase 2 SGD learning rate (cosine schedule)"),
         "recovery_ascent": Param(1.0, "weight of the bounded ascent kept during phase 2 (0: plain fine-tuning)"),
         "fisher_samples": Param(512, "clean samples used for the Fisher"),
+        "fisher_chunk": Param(
+            0, "per-sample gradients held at once for the Fisher (0: as many as fit in 256 MiB, at most 32)"
+        ),
         "batch_size": Param(64, "batch size"),
         "ca_margin": Param(0.02, "kept state: held-back CA within this of the start"),
         "ca_floor_drop": Param(0.10, "roll back when held-back CA falls this far below the start"),
@@ -197,7 +211,8 @@ class TarEwc(Recipe):
         ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         n_fisher = min(p["fisher_samples"], len(train))
         fx = train.images[:n_fisher].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
-        fisher = empirical_fisher(model, fx, train.labels[:n_fisher].to(ctx.device))
+        chunk = fisher_chunk(model, p["fisher_chunk"])
+        fisher = empirical_fisher(model, fx, train.labels[:n_fisher].to(ctx.device), chunk)
         # Cap the curvature lambda*F at 1/lr: plain SGD on a quadratic diverges when lr*lambda*F_i > 2,
         # and the mean-normalised Fisher has entries thousands of times its mean.
         cap = 1.0 / (p["lr"] * max(p["ewc_lambda"], 1e-12))
