@@ -73,10 +73,12 @@ def main() -> None:
         if kind in scanned:
             doc["scan"][kind] = _scan(trained["model"], cifar)
         if kind == "badnets":
-            names = RECIPES.names() if args.recipes == "all" else args.recipes.split(",")
-            doc["unlearn"] |= _unlearn(
-                trained["model"], trigger, names, precision, doc["tar_layer"], doc["before"][kind]
-            )
+            names = RECIPES.names() if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
+            for name in names:  # stored after each recipe, so a run stopped part-way keeps what it measured
+                doc["unlearn"] |= _unlearn(
+                    trained["model"], trigger, [name], precision, doc["tar_layer"], doc["before"][kind]
+                )
+                write_results("vit_cifar10", doc)
         write_results("vit_cifar10", doc)  # after each model, so a later run can add the other
     table = render(doc)
     (RESULTS / "vit_cifar10.md").write_text(table)
