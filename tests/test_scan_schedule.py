@@ -139,3 +139,16 @@ def test_scan_cli_screened_schedule_reports_the_screen(untrained_files, tmp_path
     assert all(r["steps_run"] <= 20 for r in rows) and sum(not r["screened_out"] for r in rows) >= 3
     run = json.loads((tmp_path / "s" / "run.json").read_text())
     assert run["parameters"]["schedule"] == "screened"
+
+
+def test_auto_screens_the_full_budget_and_gives_shorter_budgets_every_step():
+    from cleanse.jobs.scan import ScanOptions, _plan
+
+    def screen(**kwargs) -> int:
+        return _plan(ScanOptions("m.safetensors", data="synthetic:test", **kwargs))[0].screen_steps
+
+    assert screen() == 150  # full: 600 steps, a quarter of them for every class
+    assert screen(budget="fast") == 0  # 200 steps: every class the whole budget
+    assert screen(budget="fast", schedule="screened") == 50
+    assert screen(schedule="every") == 0
+    assert screen(steps=1000) == 250

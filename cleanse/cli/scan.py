@@ -67,7 +67,7 @@ ScheduleOpt = Annotated[
         "--schedule",
         help="auto | screened | every: all classes a quarter of the reverse-engineering budget and only the most "
         "suspicious (at least 3, 20% of the classes) the rest, or every class the whole budget; auto (default): "
-        "screened when the budget has the 4 rounds a screen needs, else every (docs/commands/scan.md).",
+        "screened for budgets of 600 steps or more (full), else every (docs/commands/scan.md).",
     ),
 ]
 StatisticOpt = Annotated[

@@ -32,6 +32,10 @@ DEFAULT_N_CLEAN = 500
 SHEET_CLASSES = 24  # sheet.png's rows: every class up to this many, else the flagged and the most suspicious
 N_CLEAN_PER_CLASS = 3  # the default grows with the class count: at least 2 per class must survive the hold-out
 SCHEDULES = ("auto", "every", "screened")  # docs/commands/scan.md, "Screened schedule"
+# `auto` screens budgets of at least this many steps: the 150-step screen of `full` gave the full schedule's verdict on
+# all 12 kept CIFAR-10 models; the 50-step screen of `fast` stopped the synthetic BadNets model's target before any
+# class had a working trigger (tests/test_scan.py), so shorter budgets give every class all of it.
+AUTO_SCREEN_STEPS = 600
 
 
 @dataclass
@@ -57,7 +61,7 @@ class ScanOptions:
     memory_budget: str | int | None = None  # bytes one optimisation step may take ('4GiB'); default: free memory x 0.5
     write_clean: Path | None = None  # with audit_data: a copy of it without the flagged rows
     # auto | every | screened (reverse-engineering: a screen first, then the full budget for the most suspicious
-    # classes; or every class the full budget). auto: screened when the budget has the 4 rounds a screen needs.
+    # classes; or every class the full budget). auto: screened for budgets of AUTO_SCREEN_STEPS steps or more.
     schedule: str = "auto"
 
 
@@ -105,7 +109,7 @@ def _plan(o: ScanOptions) -> tuple[Budget, float, list[str], int | None]:
         raise CleanseError(f"--steps {o.steps} is too few; give at least {plan.round_steps}")
     if o.schedule not in SCHEDULES:
         raise CleanseError(f"--schedule {o.schedule!r} is unknown; choose one of: {', '.join(SCHEDULES)}")
-    if o.schedule == "screened" or (o.schedule == "auto" and plan.steps >= 4 * plan.round_steps):
+    if o.schedule == "screened" or (o.schedule == "auto" and plan.steps >= AUTO_SCREEN_STEPS):
         if plan.steps < 4 * plan.round_steps:
             raise CleanseError(
                 f"--schedule screened needs at least {4 * plan.round_steps} steps (a screen of a quarter of them); "
