@@ -62,7 +62,19 @@ from cleanse.models import load_model
 from cleanse.recipes import RECIPES, RecipeContext
 
 ROWS = RESULTS / "unlearn_cifar10-rows.jsonl"
-RECIPE_ORDER = ("finetune", "tar-ewc", "ulrl", "grad-prune", "act-edit", "sau", "fine-prune", "nad", "anp", "clp")
+RECIPE_ORDER = (
+    "finetune",
+    "tar-ewc",
+    "ulrl",
+    "grad-prune",
+    "act-edit",
+    "sau",
+    "fine-prune",
+    "nad",
+    "anp",
+    "i-bau",
+    "clp",
+)
 ATTACK_ORDER = ("badnets", "blended", "sig", "wanet")
 
 

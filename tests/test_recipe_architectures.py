@@ -240,6 +240,7 @@ CHEAP: dict[str, dict[str, Any]] = {
     "fine-prune": {"epochs": 1, "batch_size": 32},
     "nad": {"epochs": 1, "teacher_epochs": 1, "batch_size": 32},
     "anp": {"iterations": 2, "batch_size": 32},
+    "i-bau": {"epochs": 1, "K": 2, "batch_size": 32},
 }
 # BatchNorm-based recipes refuse the transformer families (LayerNorm only), each in one line before any work.
 NEEDS_BATCHNORM = {"clp", "anp"}

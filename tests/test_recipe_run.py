@@ -73,6 +73,7 @@ CHEAP: dict[str, dict[str, Any]] = {
     "fine-prune": {"epochs": 2, "batch_size": 32},
     "nad": {"epochs": 2, "teacher_epochs": 1, "batch_size": 32},
     "anp": {"iterations": 2, "batch_size": 32},
+    "i-bau": {"epochs": 2, "K": 2, "batch_size": 32},
 }
 
 
@@ -107,7 +108,7 @@ def test_a_first_state_below_the_ca_floor_is_never_kept(monkeypatch: pytest.Monk
 def test_the_agnostic_recipes_are_the_ones_with_agnostic_keeper(monkeypatch: pytest.MonkeyPatch) -> None:
     scripted_monitor(monkeypatch, [START_CA])
     agnostic = [n for n in RECIPES.names() if isinstance(open_run(RECIPES.get(n), monkeypatch).keeper, AgnosticKeeper)]
-    assert sorted(agnostic) == ["anp", "clp", "fine-prune", "finetune", "nad", "sau", "ulrl"]
+    assert sorted(agnostic) == ["anp", "clp", "fine-prune", "finetune", "i-bau", "nad", "sau", "ulrl"]
 
 
 # --- the run object ---

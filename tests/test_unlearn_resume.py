@@ -81,6 +81,7 @@ CASES = [
     ("ulrl", {"unlearn_epochs": 3, "epochs": 2, "unlearn_acc": 0.0}, 2, {"phase": "unlearn", "epoch": 2}),
     ("ulrl", {"unlearn_epochs": 3, "epochs": 2, "unlearn_acc": 0.0}, 4, {"phase": "relearn", "epoch": 1}),
     ("sau", {"epochs": 2, "pgd_steps": 2, "min_steps": 0}, 1, {"epoch": 1}),
+    ("i-bau", {"epochs": 2, "K": 2}, 1, {"epoch": 1}),
 ]
 
 
