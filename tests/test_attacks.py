@@ -197,3 +197,12 @@ def test_badnets_and_blended_take_a_user_image(tmp_path):
     (tmp_path / "bad.png").write_bytes(b"nope")
     with pytest.raises(CleanseError, match="cannot read the patch image"):
         make("badnets", image=str(tmp_path / "bad.png"))
+
+
+def test_rows_triggered_at_once_are_bounded_by_their_float32_size():
+    from cleanse.attacks.trigger import rows_at_once
+
+    assert rows_at_once((32, 32, 3), 1024) == 1024  # 12 KiB per row: the cap
+    assert rows_at_once((224, 224, 3), 1024) == 111  # 588 KiB per row: 64 MiB // 602,112 bytes
+    assert rows_at_once((224, 224, 3), 50) == 50
+    assert rows_at_once((8192, 8192, 3), 1024) == 1

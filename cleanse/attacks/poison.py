@@ -7,12 +7,12 @@ from typing import Any
 import torch
 
 from cleanse.attacks.base import ATTACKS
-from cleanse.attacks.trigger import Trigger, parse_target
+from cleanse.attacks.trigger import Trigger, parse_target, rows_at_once
 from cleanse.data.dataset import Dataset
 from cleanse.errors import CleanseError
 from cleanse.files import private_copy
 
-ROWS_AT_ONCE = 1024  # poisoned rows triggered at once: bounds the copies when the rate is high
+MAX_ROWS_AT_ONCE = 1024  # poisoned rows triggered at once (fewer for large images: Trigger.rows_at_once)
 
 
 def poison_dataset(
@@ -61,8 +61,9 @@ def poison_dataset(
 
     # a memory-mapped source is mapped again copy-on-write: only the rows edited below take memory
     images, new_labels = private_copy(dataset.images), labels.clone()
-    for start in range(0, len(chosen), ROWS_AT_ONCE):
-        rows = chosen[start : start + ROWS_AT_ONCE]
+    chunk = rows_at_once(tuple(images.shape[1:]), MAX_ROWS_AT_ONCE)
+    for start in range(0, len(chosen), chunk):
+        rows = chosen[start : start + chunk]
         images[rows] = trigger.apply_uint8(images[rows])
     if not spec.clean_label:
         new_labels[chosen] = trigger.target_labels(labels[chosen], dataset.num_classes)

@@ -12,6 +12,7 @@ evaluation matches the poisoned training data exactly.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -34,6 +35,16 @@ TRIGGER_FILE = FileFormat(
 KIND_TENSORS = {"blend": ("mask", "pattern"), "additive": ("delta",), "warp": ("grid",)}
 ALL_TO_ALL = {"all_to_all": {"shift": 1}}
 _CHUNK = 4096
+
+
+# Triggers compute in float32 with a few temporaries, so the rows triggered at once are bounded by their float32 size
+# as well as by a row cap: at 32 px the caps as before, at 224 px 111 rows (1,024 rows' temporaries took 2 GB).
+TRIGGER_CHUNK_BYTES = 64 * 2**20
+
+
+def rows_at_once(image_shape: tuple[int, ...], cap: int) -> int:
+    """Rows of shape (H, W, C) to trigger at once: at most `cap`, and at most TRIGGER_CHUNK_BYTES of float32."""
+    return max(1, min(cap, TRIGGER_CHUNK_BYTES // (4 * math.prod(image_shape))))
 
 
 @dataclass

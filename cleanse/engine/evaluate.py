@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from cleanse.attacks.trigger import Trigger
+from cleanse.attacks.trigger import Trigger, rows_at_once
 from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
 
@@ -69,6 +69,7 @@ def predict_triggered(
     """Predictions on the triggered eligible images, with their true and target labels; `chunk` images are triggered
     at a time, so the triggered set is never held whole."""
     keep = _eligible(dataset, trigger)
+    chunk = rows_at_once(tuple(dataset.images.shape[1:]), chunk)
     preds = [
         predict(model, trigger.apply_uint8(dataset.images[keep[start : start + chunk]]), precision=precision)
         for start in range(0, len(keep), chunk)
