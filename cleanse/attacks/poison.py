@@ -12,7 +12,7 @@ from cleanse.data.dataset import Dataset
 from cleanse.errors import CleanseError
 from cleanse.files import private_copy
 
-MAX_ROWS_AT_ONCE = 1024  # poisoned rows triggered at once (fewer for large images: Trigger.rows_at_once)
+MAX_ROWS_AT_ONCE = 1024  # poisoned rows triggered at once (fewer for large images: trigger.rows_at_once)
 
 
 def poison_dataset(

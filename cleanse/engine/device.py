@@ -95,10 +95,6 @@ def wide_float(device: torch.device, cap: Capability | None = None) -> torch.dty
     return torch.float64 if has_float64 else torch.float32
 
 
-def bf16_supported(device: torch.device) -> bool:
-    return capability(device).bf16
-
-
 def resolve_precision(precision: str, device: torch.device, cap: Capability | None = None) -> str:
     """--precision for `device`: auto is bf16 where native, else fp16 where the device has fp16 tensor cores, else
     fp32. An explicit fp16 needs those tensor cores; an explicit bf16 is honoured anywhere (emulated where not
@@ -132,8 +128,7 @@ class GradScaling:
     scaled gradients) are how fp16 training is meant to recover, not a divergence."""
 
     def __init__(self, device: torch.device, precision: str) -> None:
-        self.enabled = precision == "fp16"
-        self.scaler = torch.amp.GradScaler(device.type, enabled=self.enabled) if self.enabled else None
+        self.scaler = torch.amp.GradScaler(device.type) if precision == "fp16" else None
 
     def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
         self.backward(optimizer, loss)

@@ -478,7 +478,7 @@ def train_model(
         if lookahead is not None and epoch == cfg.epochs:
             lookahead.update(model.net, decay=1.0)
         average_buffers(model.net, ranks)
-        seen = int(all_sum(torch.tensor(seen, device=device), ranks))
+        seen *= ranks.world  # every rank's shard of a global batch is the same size (check_batch)
         row: dict[str, Any] = {
             "epoch": epoch,
             "loss": float(all_sum(loss_sum, ranks)) / seen,

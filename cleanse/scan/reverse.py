@@ -62,6 +62,11 @@ class Budget:
         rounds = max(1, self.steps // self.round_steps // 4)
         return replace(self, screen_steps=rounds * self.round_steps)
 
+    @property
+    def schedule(self) -> str:
+        """The schedule's name, as scan.json records it."""
+        return "screened" if self.screen_steps else "every"
+
     def kept_classes(self, k: int) -> int:
         return min(k, max(self.keep_min, math.ceil(self.keep_frac * k)))
 
