@@ -54,9 +54,9 @@ from benchmarks.common import (
 )
 from benchmarks.train_cifar10 import model_key
 from cleanse.data import load_data
+from cleanse.engine.features import penultimate
 from cleanse.models import load_model
 from cleanse.scan.audit import audit_features, set_precision_recall
-from cleanse.scan.features import penultimate
 
 DEFAULT_SETS = (
     "badnets:0:0.01,badnets:0:0.05,badnets:0:0.1,blended:1:0.01,blended:1:0.05,blended:1:0.1,"

@@ -20,6 +20,7 @@ from torch import nn
 from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
 from cleanse.engine.evaluate import evaluate
+from cleanse.engine.features import penultimate
 from cleanse.errors import CleanseError
 from cleanse.models import ClassifierModel
 from cleanse.models.layers import class_head
@@ -29,7 +30,6 @@ from cleanse.recipes.base import (
     RecipeContext,
     RecipeResult,
     RecipeRun,
-    as_batch,
     batches,
     cosine_lr,
     register,
@@ -43,21 +43,10 @@ NOT_FLAT = (
 )
 
 
-@torch.no_grad()
 def mean_head_input(model: ClassifierModel, head: nn.Linear, data: Dataset, batch_size: int = 256) -> torch.Tensor:
     """Mean over `data` of each feature the head reads (eval mode, no augmentation), float32 (features,)."""
-    total = torch.zeros(head.in_features, device=model.device)
-    seen: list[torch.Tensor] = []
-    handle = head.register_forward_hook(lambda m, args, out: seen.append(args[0]))
-    model.eval()
-    try:
-        for start in range(0, len(data), batch_size):
-            seen.clear()
-            model(as_batch(data.images[start : start + batch_size], model.device))
-            total += seen[-1].float().sum(0)
-    finally:
-        handle.remove()
-    return total / max(1, len(data))
+    features = penultimate(model, data.images, model.spec.num_classes, head=head, batch_size=batch_size)
+    return features.sum(0) / max(1, len(data))
 
 
 def pruning_order(activation: torch.Tensor) -> torch.Tensor:

@@ -17,6 +17,7 @@ from typing import Any
 import torch
 
 from cleanse.data.dataset import Dataset
+from cleanse.engine.features import penultimate
 from cleanse.models import ClassifierModel
 from cleanse.registry import Registry
 from cleanse.scan.activation_clustering import (
@@ -27,7 +28,6 @@ from cleanse.scan.activation_clustering import (
     VALLEY_THRESHOLD,
     audit_classes,
 )
-from cleanse.scan.features import penultimate
 from cleanse.scan.spectral import spectral_scores
 
 AUDITS: Registry[Callable[[torch.Tensor, torch.Tensor], torch.Tensor]] = Registry("data audit")
