@@ -127,6 +127,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = {"per_class": args.per_class, "epochs": args.epochs, "threads": args.threads}
     doc = {"benchmark": "scan_many_classes", "settings": settings, "machine": machine(), "rows": []}
+    if path.is_file():  # rows merge by K, so one K can be (re)measured alone
+        stored = json.loads(path.read_text())
+        if stored.get("settings") == settings:
+            doc["rows"] = stored["rows"]
     for classes in (int(k) for k in args.classes.split(",")):
         model = trained(classes, args.per_class, args.epochs)
         row = {"classes": classes, **{k: v for k, v in model.items() if k != "model"}, "scans": []}
@@ -139,7 +143,7 @@ def main() -> None:
                 f"rss {s['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
-        doc["rows"].append(row)
+        doc["rows"] = sorted([r for r in doc["rows"] if r["classes"] != classes] + [row], key=lambda r: r["classes"])
         write_results("scan_many_classes", doc)
         TABLE.write_text(table(doc))
     print(table(doc))
