@@ -81,3 +81,167 @@ def test_ranks_take_every_world_th_row_and_the_batch_must_split_evenly():
     with pytest.raises(CleanseError) as err:
         check_batch(100, Ranks(0, 3))
     assert str(err.value) == "--batch-size 100 does not split evenly over 3 ranks; use a multiple of 3"
+
+
+# --- unlearn under torchrun ------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def unlearn_inputs(tmp_path_factory) -> Path:
+    """Untrained models and a BadNets trigger: a 1-block ViT (no BatchNorm, so ranks can match one process to float
+    rounding as they fine-tune), vit.safetensors; the tiny cnn (tar-ewc keeps its BatchNorm frozen), cnn.safetensors;
+    t.safetensors."""
+    from helpers import MEAN, STD, tiny_model
+
+    from cleanse.attacks import poison_dataset
+    from cleanse.data.synthetic import make_synthetic
+    from cleanse.models import new_model, save_model
+
+    folder = tmp_path_factory.mktemp("unlearn_ranks")
+    _, trigger = poison_dataset(make_synthetic("train"), "badnets", 0, 0.1, seed=0)
+    trigger.save(folder / "t.safetensors")
+    vit = new_model("vit", 10, None, (3, 32, 32), MEAN, STD, {"depth": 1, "dim": 32, "heads": 2, "mlp": 64}, seed=0)
+    save_model(vit, folder / "vit.safetensors")
+    save_model(tiny_model(10), folder / "cnn.safetensors")
+    return folder
+
+
+def _unlearn(folder: Path, out: str, ranks: int, args: list[str], model: str = "vit") -> subprocess.CompletedProcess:
+    base = ["unlearn", f"{model}.safetensors", "--data", "synthetic", "--clean-frac", "0.05", "-o", out]
+    return _cleanse([*base, "--device", "cpu", "--precision", "fp32", "--json", "-q", *args], folder, ranks)
+
+
+def _history(folder: Path, out: str) -> list[dict]:
+    return [
+        {k: v for k, v in row.items() if k != "elapsed"}
+        for row in json.loads((folder / f"{out}.run.json").read_text())["history"]
+    ]
+
+
+def test_tar_ewc_over_two_ranks_follows_the_one_process_run_and_only_rank_0_writes(unlearn_inputs):
+    """Each rank takes half of every batch, of the Fisher's samples and of each batch's triggered images; the loss,
+    its parts and the batch ASR come back as the global batch's, so every figure of every check matches one process
+    to float rounding (measured: 4e-7 on the losses, held-back figures equal)."""
+    folder = unlearn_inputs
+    args = ["--method", "tar-ewc", "--trigger", "t.safetensors", "--param", "epochs=2", "--param", "recovery_epochs=1"]
+    for name, ranks in (("one", 1), ("two", 2)):
+        done = _unlearn(folder, f"{name}.safetensors", ranks, args, model="cnn")
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert json.loads(done.stdout)["method"] == "tar-ewc"  # one JSON document: rank 0's
+    one, two = _history(folder, "one.safetensors"), _history(folder, "two.safetensors")
+    assert [(r["phase"], r["epoch"]) for r in two] == [(r["phase"], r["epoch"]) for r in one]
+    assert len(one) == 9  # 8 checks over 2 passes of phase 1, then 1 recovery epoch
+    for a, b in zip(one, two, strict=True):
+        for key in ("loss", "clean_ce", "ascent", "ewc", "batch_asr", "clean_accuracy", "attack_success_rate", "tar"):
+            if key in a:
+                assert b[key] == pytest.approx(a[key], abs=1e-5), (key, a, b)
+    record = json.loads((folder / "two.safetensors.run.json").read_text())
+    assert record["parameters"]["ranks"] == 2
+    written = {p.name for p in folder.iterdir() if p.name.startswith(("one", "two"))}
+    assert written == {"one.safetensors", "one.safetensors.run.json", "two.safetensors", "two.safetensors.run.json"}
+
+
+@pytest.mark.slow
+def test_finetune_over_two_ranks_gives_the_weights_of_one_process(unlearn_inputs):
+    folder = unlearn_inputs
+    args = ["--method", "finetune", "--epochs", "2", "--param", "ca_margin=1"]  # keeps the latest epoch's weights
+    for name, ranks in (("ft1", 1), ("ft2", 2)):
+        done = _unlearn(folder, f"{name}.safetensors", ranks, args)
+        assert done.returncode == 0, done.stderr[-2000:]
+    from safetensors.torch import load_file
+
+    a, b = load_file(folder / "ft1.safetensors"), load_file(folder / "ft2.safetensors")
+    assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-4
+    one, two = _history(folder, "ft1.safetensors"), _history(folder, "ft2.safetensors")
+    assert [r["loss"] for r in two if "loss" in r] == pytest.approx([r["loss"] for r in one if "loss" in r], abs=1e-5)
+
+
+def test_a_recipe_that_does_not_split_its_batches_refuses_under_torchrun(unlearn_inputs):
+    done = _unlearn(unlearn_inputs, "gp.safetensors", 2, ["--method", "ulrl"])
+    assert done.returncode != 0
+    assert (
+        "error: ulrl does not split its batches over torchrun's ranks (those that do: finetune, tar-ewc); run it in "
+        "one process, or use --method all under torchrun to give each rank whole recipes"
+    ) in done.stderr
+    assert not (unlearn_inputs / "gp.safetensors").exists()
+
+
+@pytest.mark.slow
+def test_method_all_over_two_ranks_runs_whole_recipes_and_rank_0_writes_them_all(unlearn_inputs):
+    """Each rank runs every other recipe from the same start, subset and seed as one process would, so each recipe's
+    weights are those of the one-process run."""
+    folder = unlearn_inputs
+    args = ["--method", "all", "--trigger", "t.safetensors", "--epochs", "1"]
+    runs = {}
+    for name, ranks in (("all1", 1), ("all2", 2)):
+        done = _unlearn(folder, f"{name}.safetensors", ranks, args)
+        assert done.returncode == 0, done.stderr[-2000:]
+        runs[name] = json.loads(done.stdout)
+    assert list(runs["all2"]["recipes"]) == list(runs["all1"]["recipes"])
+    from safetensors.torch import load_file
+
+    for recipe in runs["all1"]["recipes"]:
+        a, b = load_file(folder / f"all1.{recipe}.safetensors"), load_file(folder / f"all2.{recipe}.safetensors")
+        assert max(float((a[k].float() - b[k].float()).abs().max()) for k in a) < 1e-5, recipe
+        after1, after2 = runs["all1"]["recipes"][recipe]["after"], runs["all2"]["recipes"][recipe]["after"]
+        assert after2["clean_accuracy"] == pytest.approx(after1["clean_accuracy"], abs=1e-6), recipe
+
+
+@pytest.mark.slow
+def test_an_interrupted_two_rank_run_leaves_nothing(tmp_path):
+    """SIGTERM to torchrun reaches every rank; each stops as one process does and nothing is written."""
+    import signal
+    import threading
+    import time
+
+    out = tmp_path / "out"
+    out.mkdir()
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "cleanse"]
+    args = ["train", "synthetic", "-o", str(out / "m.safetensors"), "--epochs", "200", "--device", "cpu"]
+    env = dict(os.environ, OMP_NUM_THREADS="1", CLEANSE_CACHE_DIR=str(tmp_path / "cache"), PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([*launcher, *args], env=env, stderr=subprocess.PIPE, stdout=subprocess.DEVNULL, text=True)
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.extend(iter(proc.stderr.readline, "")), daemon=True)
+    reader.start()
+    deadline = time.monotonic() + 120
+    while not any("epoch 2/200" in line for line in lines):
+        assert proc.poll() is None and time.monotonic() < deadline, "".join(lines)
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    proc.wait(timeout=120)
+    reader.join(timeout=5)
+    assert proc.returncode != 0
+    text = "".join(lines)
+    assert "terminated (SIGTERM) during epoch" in text and "no output was written" in text, text[-3000:]
+    assert list(out.iterdir()) == []
+
+
+def test_each_rank_gets_its_rows_of_every_batch_with_the_one_process_augmentation_even_when_batches_split_unevenly():
+    from cleanse.data.synthetic import make_synthetic
+    from cleanse.recipes.base import _batches, batches
+
+    data = make_synthetic("test")
+    data = type(data)(data.images[:21], data.labels[:21], data.classes)  # batches of 8, 8 and 5 rows
+    cpu = torch.device("cpu")
+    whole = list(batches(data, 8, torch.Generator().manual_seed(4), cpu))
+    parts = [list(_batches(data, 8, torch.Generator().manual_seed(4), cpu, True, Ranks(r, 2))) for r in range(2)]
+    assert [len(b[2]) for b in whole] == [8, 8, 5]
+    for i, (x, y, idx) in enumerate(whole):
+        for rank in range(2):
+            px, py, pidx, rows = parts[rank][i]
+            assert torch.equal(rows, idx) and torch.equal(pidx, idx[rank::2])
+            assert torch.equal(px, x[rank::2]) and torch.equal(py, y[rank::2])
+
+
+def test_a_mean_over_part_of_the_batch_sums_over_ranks_to_the_one_process_mean():
+    from cleanse.recipes.base import RecipeRun
+
+    run = RecipeRun.__new__(RecipeRun)  # batch_mean needs only the ranks and this batch's share
+    values = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])  # the batch's 5 eligible rows, of a global batch of 8 rows
+    run.ranks, run._share = Ranks(), 1.0
+    assert float(run.batch_mean(values, 5)) == pytest.approx(4.0)
+    total = 0.0
+    for rank, (mine, share) in enumerate(((values[:4], 5 / 8), (values[4:], 3 / 8))):  # rows fall unevenly
+        run.ranks, run._share = Ranks(rank, 2), share
+        total += share * float(run.batch_mean(mine, 5))  # what GradientSync's reduction adds up
+    assert total == pytest.approx(4.0)

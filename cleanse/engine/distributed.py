@@ -14,12 +14,14 @@ from __future__ import annotations
 import os
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
 
 from cleanse.errors import CleanseError
 
+T = TypeVar("T")
 BUCKET_ELEMENTS = 16 * 2**20  # 64 MiB of float32 per all-reduce
 
 
@@ -156,3 +158,27 @@ def sync_batchnorm(net: torch.nn.Module, device: torch.device, ranks: Ranks) -> 
     if ranks.parallel and device.type == "cuda":
         return torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
     return net
+
+
+def from_rank_0(value: T, ranks: Ranks) -> T:
+    """Rank 0's `value` on every rank (figures that drive a decision: rank 0 measures, every rank decides alike)."""
+    if not ranks.parallel:
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def gather_to_rank_0(value: T, ranks: Ranks) -> list[T] | None:
+    """Every rank's `value`, in rank order, on rank 0 (None elsewhere). Tensors should be on the CPU: they travel
+    pickled between this job's own processes."""
+    if not ranks.parallel:
+        return [value]
+    out: list[T] | None = [value] * ranks.world if ranks.main else None
+    dist.gather_object(value, out, dst=0)
+    return out
+
+
+def turns(count: int, ranks: Ranks) -> list[int]:
+    """The items of `count` (in order) that this rank takes when each rank takes whole items: every world-th."""
+    return list(range(ranks.rank, count, ranks.world))

@@ -15,6 +15,7 @@ from cleanse.attacks import Trigger, load_trigger
 from cleanse.data import Dataset, load_data
 from cleanse.data.subset import CleanSplit, clean_subset
 from cleanse.engine.device import resolve_precision
+from cleanse.engine.distributed import SINGLE, Ranks, current, gather_to_rank_0, launched, sync_batchnorm, turns
 from cleanse.engine.evaluate import der
 from cleanse.engine.measure import measure, unmeasured
 from cleanse.errors import CleanseError
@@ -107,6 +108,13 @@ class _Plan:
     given: set[str]  # the parameters the user set (--param, --epochs): architecture defaults leave them alone
     no_data: list[str] = field(default_factory=list)  # skipped because they need --data and none was given
 
+    def ranks_split(self, ranks: Ranks) -> str:
+        """How torchrun's ranks share the work: "recipes" (--method all: each rank runs whole recipes), "batches"
+        (one data-parallel recipe), or "none" (one process)."""
+        if not ranks.parallel:
+            return "none"
+        return "recipes" if self.run_all else "batches"
+
 
 def _plan(o: UnlearnOptions) -> _Plan:
     """Which recipes run with which parameters, and where they write: usage errors before any file is read."""
@@ -130,6 +138,12 @@ def _plan(o: UnlearnOptions) -> _Plan:
         no_data, names = [n for n in names if n not in free], free
     if not run_all and RECIPES.get(o.method).needs_trigger and o.trigger is None:
         raise CleanseError(NEEDS_TRIGGER.format(name=o.method))
+    if launched() and not run_all and not RECIPES.get(o.method).data_parallel:
+        parallel = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).data_parallel)
+        raise CleanseError(
+            f"{o.method} does not split its batches over torchrun's ranks (those that do: {parallel}); run it in "
+            "one process, or use --method all under torchrun to give each rank whole recipes"
+        )
     skipped = [n for n in names if RECIPES.get(n).needs_trigger and o.trigger is None]
     names = [n for n in names if n not in skipped]
     skipped = sorted(no_data + skipped)
@@ -151,6 +165,10 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
     started = time.perf_counter()
     plan = _plan(o)
     names, run_all = plan.names, plan.run_all
+    dev = s.rank_device()  # under torchrun: joins the process group (this rank's device)
+    ranks = current()
+    if not ranks.main:  # one live table, one set of notes: rank 0's
+        progress = SILENT
     guarded = (o.model_path, o.data, o.test, str(o.trigger) if o.trigger else None, *map(str, o.eval_triggers))
     for path in [p for out in plan.outputs.values() for p in (out, record_path(out))]:
         check_output(path, force=s.force, inputs=guarded)
@@ -161,8 +179,15 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         checkpoint_every = state.extra.get("checkpoint_every")
     if checkpoint_every is not None:
         check_output(state_path, force=True, inputs=guarded)
-    loaded = _load(o, s, plan, progress)
+    loaded = _load(o, s, dev, plan, progress)
     model, split, trig = loaded.model, loaded.split, loaded.trigger
+    split_by = plan.ranks_split(ranks)
+    if split_by == "batches":
+        model.net = sync_batchnorm(model.net, dev, ranks)  # CUDA: BatchNorm over the global batch
+        progress.note(f"{names[0]} splits each batch over {ranks.world} ranks; rank 0 measures and writes")
+    mine = [names[i] for i in turns(len(names), ranks)] if split_by == "recipes" else names
+    if split_by == "recipes":
+        progress.note(f"{len(names)} recipes over {ranks.world} ranks, whole recipes each; rank 0 runs {mine}")
     before = loaded.measure()
     start_state = copy.deepcopy(model.net.state_dict())
     inputs = {
@@ -199,12 +224,13 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         snapshot.extra = {**facts, "checkpoint_every": checkpoint_every}
         save_recipe_state(state_path, snapshot)
 
-    checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every else None, state)
-    resumable = open_resume_file(state_path, checkpoint_every, state is not None, progress)
-    shared = _Facts(o, s, plan, loaded, inputs, subset, checkpoint_every, state)
-    summaries: dict[str, dict[str, Any]] = {}
-    finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]] = []
-    for name in names:
+    checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every and ranks.main else None, state)
+    resumable = ranks.main and open_resume_file(state_path, checkpoint_every, state is not None, progress)
+    shared = _Facts(
+        o, s, plan, loaded, inputs, subset, checkpoint_every, state, ranks.world if split_by == "batches" else 1
+    )
+    finished: list[_Finished] = []
+    for name in mine:
         model.net.load_state_dict(start_state)
         recipe_started = time.perf_counter()
         ctx = RecipeContext(
@@ -217,6 +243,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
             seed=s.seed,
             tar_layer=loaded.layer,
             checkpoints=checkpoints if not run_all else Checkpoints(),
+            ranks=ranks if split_by == "batches" else SINGLE,
         )
         with progress.loop("unlearn", f"unlearn {name}") as callback:
             ctx.callback = callback
@@ -225,14 +252,33 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         after = loaded.measure()
         wall = time.perf_counter() - (started if not run_all else recipe_started)
         summary, provenance, record = _outcome(shared, name, result, before, after, wall)
-        summaries[name] = summary
-        finished.append((plan.outputs[name], provenance, record, copy.deepcopy(model.net.state_dict())))
-        progress.finished(RecipeOutcome(summary))
-    _write(model, finished)
-    close_resume_file(state_path, resumable, progress)
+        weights = {k: v.detach().to("cpu", copy=True) for k, v in model.net.state_dict().items()}
+        finished.append(_Finished(name, summary, provenance, record, weights))
+        if split_by != "recipes":
+            progress.finished(RecipeOutcome(summary))
+    if split_by == "recipes":  # every rank's recipes, to rank 0, in the plan's order
+        gathered = gather_to_rank_0(finished, ranks)
+        finished = sorted((f for part in gathered or [] for f in part), key=lambda f: names.index(f.name))
+        for done in finished:
+            progress.finished(RecipeOutcome(done.summary))
+    if ranks.main:  # under torchrun the other ranks hold the same weights (batches) or sent theirs (recipes)
+        _write(model, plan, finished)
+        close_resume_file(state_path, resumable, progress)
+    summaries = {f.name: f.summary for f in finished}
     return UnlearnResult(
         summaries, before, loaded.report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started
     )
+
+
+@dataclass
+class _Finished:
+    """One recipe's finished run: its summary, checkpoint provenance, run record and weights (on the CPU)."""
+
+    name: str
+    summary: dict[str, Any]
+    provenance: dict[str, Any]
+    record: dict[str, Any]
+    weights: dict[str, torch.Tensor]
 
 
 @dataclass
@@ -257,9 +303,8 @@ class _Loaded:
         return measure(self.model, self.report_on, self.trigger, self.layer, self.extra_triggers)
 
 
-def _load(o: UnlearnOptions, s: RunSettings, plan: _Plan, progress: Progress) -> _Loaded:
+def _load(o: UnlearnOptions, s: RunSettings, dev: torch.device, plan: _Plan, progress: Progress) -> _Loaded:
     """Load and check the model, triggers, clean subset and test set; say what the recipes will learn from."""
-    dev = s.torch_device()
     prec = resolve_precision(o.precision, dev)
     model = load_job_model(o.model_path, o.model, dev, progress)
     channels, height, width = model.spec.input_size
@@ -339,6 +384,7 @@ class _Facts:
     subset: dict[str, Any]
     checkpoint_every: int | None
     state: RecipeState | None
+    ranks: int  # torchrun processes that split each batch (1: one process, or whole recipes per rank)
 
 
 def _outcome(
@@ -384,6 +430,7 @@ def _outcome(
             "all": plan.run_all,
             "checkpoint_every": facts.checkpoint_every,
             "resumed_after_pass": state.passes if state else None,
+            "ranks": facts.ranks,
         },
         clean_subset=facts.subset,
         before=before,
@@ -401,19 +448,17 @@ def _outcome(
     return summary, provenance, record
 
 
-def _write(
-    model: ClassifierModel, finished: list[tuple[Path, dict[str, Any], dict[str, Any], dict[str, torch.Tensor]]]
-) -> None:
+def _write(model: ClassifierModel, plan: _Plan, finished: list[_Finished]) -> None:
     """Every recipe's checkpoint and run record, all or none."""
     with output_set() as out:
-        for path, provenance, record, weights in finished:
-            model.net.load_state_dict(weights)
+        for done in finished:
+            path = plan.outputs[done.name]
+            model.net.load_state_dict(done.weights)
             written = out.reserve(path)
-            save_model(model, written, provenance)
-            record["outputs"]["model_sha256"] = sha256_file(
-                written
-            )  # lets `report` recognise scans of it after the file is gone
-            write_json_atomic(out.reserve(record_path(path)), record)
+            save_model(model, written, done.provenance)
+            # lets `report` recognise scans of it after the file is gone
+            done.record["outputs"]["model_sha256"] = sha256_file(written)
+            write_json_atomic(out.reserve(record_path(path)), done.record)
 
 
 def _check_resume_options(method: str, checkpoint_every: int | None, resume: bool) -> None:

@@ -26,6 +26,7 @@ from cleanse.data.dataset import Dataset
 from cleanse.data.subset import CleanSplit
 from cleanse.engine.augment import flip_translate
 from cleanse.engine.device import GradScaling, LaggedScalar, rows_to_device, to_device
+from cleanse.engine.distributed import SINGLE, GradientSync, Ranks, all_sum, average_buffers, from_rank_0, shard
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event
 from cleanse.engine.tar import measure_tar
@@ -65,6 +66,7 @@ class RecipeContext:
     seed: int = 0
     tar_layer: str | None = None
     checkpoints: Checkpoints = field(default_factory=Checkpoints)  # --checkpoint-every / --resume
+    ranks: Ranks = SINGLE  # under torchrun: the ranks that split each batch (Recipe.data_parallel)
 
     @property
     def device(self) -> torch.device:
@@ -97,6 +99,9 @@ class Recipe(ABC):
     needs_data: ClassVar[bool] = True
     # checkpoints at the end of passes over the clean subset (unlearn --checkpoint-every)
     resumable: ClassVar[bool] = False
+    # splits each batch over torchrun's ranks: its loops draw batches, step and measure through RecipeRun, and every
+    # figure that drives a decision is the same on every rank (docs/scaling.md)
+    data_parallel: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -349,6 +354,10 @@ class RecipeRun:
         self.result = RecipeResult()
         self.gen = torch.Generator().manual_seed(ctx.seed)  # the recipe's random stream: batches, draws; checkpointed
         self.scaling = GradScaling(ctx.device, ctx.precision)  # fp16: torch's gradient scaler; else a plain step
+        self.ranks = ctx.ranks
+        self._sync = GradientSync(self.model.net.parameters(), ctx.ranks) if ctx.ranks.parallel else None
+        self._share = 1.0  # this rank's rows / the global batch's rows, for the batch being stepped
+        self.batch_rows = torch.empty(0, dtype=torch.long)  # the global batch's row indices (every rank's)
         self._loss = LaggedScalar(ctx.device)
         self.resume = ctx.checkpoints.resume
         began = time.perf_counter() if began is None else began
@@ -363,8 +372,7 @@ class RecipeRun:
         p, model = ctx.params, ctx.model
         monitor = HeldMonitor(ctx.clean.held if ctx.split is not None else None, ctx.trigger, ctx.tar_layer)
         began = time.perf_counter()
-        model.eval()
-        start = monitor(model)
+        start = _figures(monitor, model, ctx.ranks)
         keeper: StateKeeper
         if ctx.split is None:
             keeper = LatestKeeper(model, start)
@@ -391,9 +399,35 @@ class RecipeRun:
         return time.perf_counter() - self._began
 
     def measure(self) -> dict[str, Any]:
-        """Held-back CA and ASR (and TAR) of the model as it stands; leaves the model in eval mode."""
-        self.model.eval()
-        return self.monitor(self.model)
+        """Held-back CA and ASR (and TAR) of the model as it stands; leaves the model in eval mode. Under torchrun rank
+        0 measures and every rank gets its figures, so the state rule decides alike everywhere."""
+        return _figures(self.monitor, self.model, self.ranks)
+
+    # --- batches and steps, split over torchrun's ranks for a data-parallel recipe ---
+
+    def batches(
+        self, data: Dataset, batch_size: int, augment: bool = True
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """`batches` of the clean subset from the run's random stream; under torchrun this rank's shard of each global
+        batch (a global batch with fewer rows than ranks, a short last one, is skipped on every rank). `batch_rows`
+        holds the global batch's rows while it is stepped."""
+        for x, y, idx, whole in _batches(data, batch_size, self.gen, self.ctx.device, augment, self.ranks):
+            if len(whole) < self.ranks.world:
+                continue
+            self._share, self.batch_rows = len(idx) / len(whole), whole
+            yield x, y, idx
+
+    def batch_mean(self, values: torch.Tensor, count: int) -> torch.Tensor:
+        """The mean of a per-row figure over `count` rows of the global batch, of which `values` are this rank's: in
+        one process values.mean(); under torchrun scaled so that the share-weighted sum over ranks that `step`
+        applies to gradients and scalars is the mean over the global batch's `count` rows."""
+        if not self.ranks.parallel:
+            return values.mean()
+        return values.sum() / (count * self._share)
+
+    def globally(self, value: torch.Tensor) -> torch.Tensor:
+        """A per-batch mean of this rank's rows as the global batch's mean (itself in one process)."""
+        return all_sum(value.detach().float() * self._share, self.ranks) if self.ranks.parallel else value
 
     def row(self, phase: str, epoch: float, elapsed: float | None = None, **figures: Any) -> dict[str, Any]:
         """Append a history row {phase, epoch, **figures, elapsed} and show it live."""
@@ -427,16 +461,24 @@ class RecipeRun:
         """True when the loss is not finite and the run rolled back (the caller stops stepping). On an accelerator the
         host reads each step's loss one step late (LaggedScalar), so the device never waits for it; the step taken
         meanwhile is undone by the same rollback."""
-        value = self._loss.exchange(loss) if isinstance(loss, torch.Tensor) else float(loss)
+        value = self._loss.exchange(self.globally(loss)) if isinstance(loss, torch.Tensor) else float(loss)
         reason = self.keeper.tripped(loss=value) if value is not None else None
         if reason:
             self.rollback(reason)
             return True
         return False
 
-    def step(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """zero_grad, backward and step (through the gradient scaler in fp16)."""
-        self.scaling.step(optimizer, loss)
+    def step(
+        self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scalars: tuple[torch.Tensor, ...] = ()
+    ) -> list[torch.Tensor]:
+        """zero_grad, backward and step (through the gradient scaler in fp16). Under torchrun the gradients are summed
+        over the ranks, each rank's weighted by its share of the global batch, before the step; `scalars` (per-batch
+        means of this rank's rows) ride in the same reduction and come back as the global batch's figures (in one
+        process, as they are)."""
+        self.scaling.backward(optimizer, loss)
+        out = self._sync.reduce(self._share, list(scalars)) if self._sync is not None else list(scalars)
+        self.scaling.apply(optimizer)
+        return out
 
     def rollback(self, reason: str) -> None:
         """Put the state kept so far back into the model, and say why."""
@@ -490,6 +532,16 @@ class RecipeRun:
         return self.result
 
 
+def _figures(monitor: HeldMonitor, model: ClassifierModel, ranks: Ranks) -> dict[str, Any]:
+    """The held-back figures (model left in eval mode); under torchrun rank 0's, after averaging BatchNorm's running
+    statistics (each rank's saw only its own rows), on every rank."""
+    model.eval()
+    if not ranks.parallel:
+        return monitor(model)
+    average_buffers(model.net, ranks)
+    return from_rank_0(monitor(model) if ranks.main else {}, ranks)
+
+
 def steps_per_pass(n_train: int, batch_size: int) -> int:
     """Batches (optimiser steps) in one pass of `batches` over `n_train` images: the last one may be short."""
     return max(1, -(-n_train // batch_size))
@@ -499,13 +551,23 @@ def batches(
     data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device, augment: bool = True
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
     """Shuffled [0,1] image batches (N,C,H,W) with labels and row indices, flips and 2-pixel shifts."""
+    for x, y, idx, _ in _batches(data, batch_size, gen, device, augment, SINGLE):
+        yield x, y, idx
+
+
+def _batches(
+    data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device, augment: bool, ranks: Ranks
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """`batches`, each global batch's rows last; under torchrun every rank draws the same order and augmentation and
+    keeps its shard (every world-th row) of each batch."""
     order = torch.randperm(len(data), generator=gen)
     for start in range(0, len(order), batch_size):
-        idx = order[start : start + batch_size]
+        whole = order[start : start + batch_size]
+        idx = shard(whole, ranks)
         x = rows_to_device(data.images, idx, device).permute(0, 3, 1, 2).float().div_(255)
         if augment:
-            x = flip_translate(x, 2, True, gen)
-        yield x.contiguous(memory_format=torch.channels_last), to_device(data.labels[idx], device), idx
+            x = flip_translate(x, 2, True, gen, (ranks.rank, ranks.world), len(whole))
+        yield x.contiguous(memory_format=torch.channels_last), to_device(data.labels[idx], device), idx, whole
 
 
 def as_batch(images: torch.Tensor, device: torch.device) -> torch.Tensor:

@@ -12,7 +12,6 @@ from cleanse.recipes.base import (
     RecipeContext,
     RecipeResult,
     RecipeRun,
-    batches,
     cosine_lr,
     register,
     steps_per_pass,
@@ -25,6 +24,7 @@ class FineTune(Recipe):
     name = "finetune"
     summary = "plain fine-tuning on the clean subset (baseline; trigger used for monitoring only)"
     resumable = True
+    data_parallel = True
     params = {
         "epochs": Param(10, "passes over the clean subset"),
         "lr": Param(0.01, "SGD learning rate (momentum 0.9, cosine schedule)"),
@@ -48,15 +48,15 @@ class FineTune(Recipe):
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, seen = torch.zeros((), device=ctx.device), 0
-            for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
+            for x, y, _ in run.batches(ctx.clean.train, p["batch_size"]):
                 cosine_lr(optimizer, p["lr"], step, total)
                 with autocast(ctx.device, ctx.precision):
                     loss = F.cross_entropy(model(x).float(), y)
                 if run.diverged(loss):
                     break  # the epoch ends at the state kept so far
-                run.step(optimizer, loss)
+                (loss,) = run.step(optimizer, loss, (loss,))  # under torchrun: the global batch's loss
                 step += 1
-                loss_sum, seen = loss_sum + loss.detach() * len(y), seen + len(y)
+                loss_sum, seen = loss_sum + loss.detach() * len(run.batch_rows), seen + len(run.batch_rows)
             metrics = run.measure()
             run.row("finetune", epoch, loss=float(loss_sum) / max(1, seen), **metrics)
             if run.judge(metrics, f"epoch {epoch}"):

@@ -31,6 +31,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.engine.device import LaggedScalar, autocast
+from cleanse.engine.distributed import SINGLE, Ranks, all_sum, shard
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (
     Param,
@@ -39,7 +40,6 @@ from cleanse.recipes.base import (
     RecipeResult,
     RecipeRun,
     as_batch,
-    batches,
     cosine_lr,
     joint_logits,
     register,
@@ -60,9 +60,16 @@ def fisher_chunk(model: torch.nn.Module, given: int = 0) -> int:
 
 
 def empirical_fisher(
-    model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor, chunk: int = 32
+    model: torch.nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    chunk: int = 32,
+    ranks: Ranks = SINGLE,
+    total: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher: mean of squared per-sample gradients of log p(y|x), normalised by its mean.
+
+    Under torchrun `images` are this rank's share of the `total` samples; the sums are added over the ranks.
 
     Per-sample gradients come from vmap over functional_call. Attention runs on the math kernel of
     scaled_dot_product_attention here, which vmap batches (the fused CPU kernels have no batching rule); the few ops
@@ -87,10 +94,12 @@ def empirical_fisher(
             g = per_sample(params, images[start : start + chunk], labels[start : start + chunk])
             for n in names:
                 fisher[n] += g[n].pow(2).sum(0)
-    total = torch.stack([f.sum() for f in fisher.values()]).sum()
+    fisher = {n: all_sum(f, ranks) for n, f in fisher.items()}
+    samples = len(images) if total is None else total
+    summed = torch.stack([f.sum() for f in fisher.values()]).sum()
     count = sum(f.numel() for f in fisher.values())
-    mean = (total / (len(images) * count)).clamp_min(1e-30)
-    return {n: f / len(images) / mean for n, f in fisher.items()}
+    mean = (summed / (samples * count)).clamp_min(1e-30)
+    return {n: f / samples / mean for n, f in fisher.items()}
 
 
 @dataclass(frozen=True)
@@ -111,6 +120,7 @@ class TarEwc(Recipe):
     )
     needs_trigger = True
     resumable = True
+    data_parallel = True
     params = {
         "epochs": Param(5, "phase 1 budget: at most this many passes over the clean subset"),
         "lr": Param(0.001, "phase 1 SGD learning rate (momentum 0.9)"),
@@ -156,27 +166,31 @@ class TarEwc(Recipe):
         triggered: torch.Tensor,
         targets: torch.Tensor,
         rows: torch.Tensor,
+        count: int,
         tau: float,
-        ctx: RecipeContext,
+        run: RecipeRun,
         together: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CE(f(x), y), the bounded ascent mean over `rows` of min(CE(f(T(x)), y_t), tau) (zero without eligible rows),
-        and the share of the batch's triggered images still sent to the target (1.0 without eligible rows).
+        """CE(f(x), y), the bounded ascent mean over the batch's `count` eligible rows of min(CE(f(T(x)), y_t), tau)
+        (zero without eligible rows), and the share of the batch's triggered images still sent to the target (1.0
+        without eligible rows). `rows` are this process's eligible rows: under torchrun a rank's share of the `count`
+        (RecipeRun.batch_mean); in one process all of them.
 
         `together` runs clean and triggered images through one forward pass: exactly the same figures when BatchNorm
         statistics are frozen, and cheaper than two passes. In train mode they stay two passes, so each batch is
         normalised by its own statistics, as before.
         """
-        if len(rows) == 0:
-            zero, one = torch.zeros((), device=ctx.device), torch.ones((), device=ctx.device)
-            return F.cross_entropy(model(x).float(), y), zero, one
-        yt = targets[rows].to(ctx.device)
+        device = run.ctx.device
+        if len(rows) == 0:  # none here; under torchrun another rank may have some (count > 0): it adds them
+            zero, one = torch.zeros((), device=device), torch.ones((), device=device)
+            return F.cross_entropy(model(x).float(), y), zero, one if count == 0 else zero
+        yt = targets[rows].to(device)
         if together:
-            clean_logits, trig_logits = joint_logits(model, x, triggered, rows, ctx.device)
+            clean_logits, trig_logits = joint_logits(model, x, triggered, rows, device)
         else:
-            clean_logits, trig_logits = model(x).float(), model(as_batch(triggered[rows], ctx.device)).float()
-        ascent = F.cross_entropy(trig_logits, yt, reduction="none").clamp(max=tau).mean()
-        hits = (trig_logits.detach().argmax(1) == yt).float().mean()
+            clean_logits, trig_logits = model(x).float(), model(as_batch(triggered[rows], device)).float()
+        ascent = run.batch_mean(F.cross_entropy(trig_logits, yt, reduction="none").clamp(max=tau), count)
+        hits = run.batch_mean((trig_logits.detach().argmax(1) == yt).float(), count)
         return F.cross_entropy(clean_logits, y), ascent, hits
 
     def check(self, params: dict[str, Any], trigger: Trigger | None) -> None:
@@ -210,9 +224,10 @@ class TarEwc(Recipe):
         """sum_i F_i (theta_i - theta*_i)^2 with the Fisher F of the start weights theta* on the clean subset."""
         ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         n_fisher = min(p["fisher_samples"], len(train))
-        fx = train.images[:n_fisher].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
+        mine = shard(torch.arange(n_fisher), run.ranks)  # under torchrun each rank takes its share of the samples
+        fx = train.images[mine].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
         chunk = fisher_chunk(model, p["fisher_chunk"])
-        fisher = empirical_fisher(model, fx, train.labels[:n_fisher].to(ctx.device), chunk)
+        fisher = empirical_fisher(model, fx, train.labels[mine].to(ctx.device), chunk, run.ranks, n_fisher)
         # Cap the curvature lambda*F at 1/lr: plain SGD on a quadratic diverges when lr*lambda*F_i > 2,
         # and the mean-normalised Fisher has entries thousands of times its mean.
         cap = 1.0 / (p["lr"] * max(p["ewc_lambda"], 1e-12))
@@ -252,7 +267,7 @@ class TarEwc(Recipe):
         batch_hits = LaggedScalar(ctx.device)  # the batch's ASR, read by the host one step late on accelerators
         for epoch in range(first, p["epochs"] + 1):
             batch_checks = 0
-            for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
+            for x, y, idx in run.batches(train, p["batch_size"]):
                 model.train(not p["freeze_bn"])
                 with autocast(ctx.device, ctx.precision):
                     clean_ce, ascent, hits = self._losses(
@@ -262,15 +277,17 @@ class TarEwc(Recipe):
                         data.triggered,
                         data.targets,
                         idx[data.eligible[idx]],
+                        int(data.eligible[run.batch_rows].sum()),
                         p["tau"],
-                        ctx,
+                        run,
                         together=p["freeze_bn"],
                     )
                 penalty = ewc()
                 loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
                 if run.diverged(loss):
                     return step
-                run.step(optimizer, loss)
+                # under torchrun the figures come back as the global batch's, so every rank decides alike
+                loss, clean_ce, ascent, hits = run.step(optimizer, loss, (loss, clean_ce, ascent, hits))
                 step += 1
                 batch_asr = batch_hits.exchange(hits)
                 # A held-back check on the schedule, and also as soon as this batch's triggered images have (nearly)
@@ -325,7 +342,7 @@ class TarEwc(Recipe):
             rstep, first = at["rstep"], at["epoch"] + 1
         for epoch in range(first, p["recovery_epochs"] + 1):
             model.train(not p["freeze_bn"])
-            for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
+            for x, y, idx in run.batches(train, p["batch_size"]):
                 cosine_lr(optimizer, p["recovery_lr"], rstep, total)
                 with autocast(ctx.device, ctx.precision):
                     if p["recovery_ascent"]:
@@ -336,8 +353,9 @@ class TarEwc(Recipe):
                             data.triggered,
                             data.targets,
                             idx[data.eligible[idx]],
+                            int(data.eligible[run.batch_rows].sum()),
                             p["tau"],
-                            ctx,
+                            run,
                             together=p["freeze_bn"],
                         )
                     else:
@@ -346,7 +364,7 @@ class TarEwc(Recipe):
                 # bounded ascent stays (weight recovery_ascent): without it the backdoor came back
                 # (docs/recipes/tar-ewc.md, step 3).
                 loss = clean_ce - p["recovery_ascent"] * ascent
-                run.step(optimizer, loss)
+                loss, clean_ce, ascent = run.step(optimizer, loss, (loss, clean_ce, ascent))
                 rstep += 1
             metrics = run.measure()
             run.row(
