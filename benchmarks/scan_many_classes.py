@@ -92,6 +92,15 @@ def scan_row(classes: int, model: str, schedule: str, detectors: str, threads: i
     }
 
 
+def _merged(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
+    """`rows` with K's row updated: its scans replaced by schedule and thread count, the others kept."""
+    old = next((r for r in rows if r["classes"] == row["classes"]), None)
+    if old is not None:
+        new = {(s["schedule"], s.get("threads")) for s in row["scans"]}
+        row["scans"] = [s for s in old["scans"] if (s["schedule"], s.get("threads")) not in new] + row["scans"]
+    return sorted([r for r in rows if r["classes"] != row["classes"]] + [row], key=lambda r: r["classes"])
+
+
 def _cpu(scan: dict[str, Any]) -> str:
     return f"{scan['cpu_seconds']:.0f}" if "cpu_seconds" in scan else "-"
 
@@ -151,7 +160,7 @@ def main() -> None:
                 f"rss {s['peak_rss_mib']:.0f} MiB",
                 flush=True,
             )
-        doc["rows"] = sorted([r for r in doc["rows"] if r["classes"] != classes] + [row], key=lambda r: r["classes"])
+        doc["rows"] = _merged(doc["rows"], row)
         write_results("scan_many_classes", doc)
         TABLE.write_text(table(doc))
     print(table(doc))
