@@ -72,6 +72,7 @@ def main() -> None:
         print(_before_line(kind, doc), flush=True)
         if kind in scanned:
             doc["scan"][kind] = _scan(trained["model"], cifar)
+            write_results("vit_cifar10", doc)
         if kind == "badnets":
             names = RECIPES.names() if args.recipes == "all" else [n for n in args.recipes.split(",") if n]
             for name in names:  # stored after each recipe, so a run stopped part-way keeps what it measured
@@ -109,12 +110,17 @@ def _scan(model_path: str, cifar: Path) -> dict[str, Any]:
         result = scan(ScanOptions(model_path, data=str(cifar / "test"), output=Path(tmp) / "scan"), RunSettings())
         wall = time.perf_counter() - started
     d = result.doc
+    # the whole scan.json first, so that nothing below can lose an hour's scan
+    (RESULTS / f"vit_cifar10-scan-{Path(model_path).stem}.json").write_text(json.dumps(d, indent=1) + "\n")
     out = {
         "suspected_targets": d["suspected_targets"],
         "unconfirmed": d.get("unconfirmed", []),
         "rule": d.get("rule"),
         "detectors_run": d["detectors_run"],
-        "flagged_by": {str(r["class"]): r.get("flagged_by", []) for r in d["classes"] if r.get("flagged_by")},
+        "flagged_by": {str(r["index"]): r["flagged_by"] for r in d["classes"] if r["flagged_by"]},
+        "detectors": {
+            name: {"flagged": det.get("flagged"), "seconds": det.get("seconds")} for name, det in d["detectors"].items()
+        },
         "wall_seconds": wall,
     }
     print(f"scan {Path(model_path).name}: {out['suspected_targets']} ({wall:.0f}s)", flush=True)
