@@ -1,5 +1,6 @@
 """Data parallelism under torchrun (gloo on the CPU): a 2-process run against one process with the same global batch,
-only rank 0 writing, and the pieces (sharded augmentation, batch split) checked in one process."""
+only rank 0 writing, and the pieces (sharded augmentation, batch split) checked in one process; `scan` with its
+classes split over 2 ranks against one process, and its pieces (tests/scan_ranks_worker.py) under torchrun."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from cleanse.engine.augment import flip_translate
-from cleanse.engine.distributed import Ranks, check_batch, shard
+from cleanse.engine.distributed import SINGLE, Ranks, check_batch, class_block, gather_rows, shard
 from cleanse.errors import CleanseError
+from cleanse.jobs.scan import _check_ranks
 
 VIT = ["--arch", "vit", *(a for kv in ("depth=1", "dim=32", "heads=2", "mlp=64") for a in ("--arch-arg", kv))]
 
@@ -245,3 +247,105 @@ def test_a_mean_over_part_of_the_batch_sums_over_ranks_to_the_one_process_mean()
         run.ranks, run._share = Ranks(rank, 2), share
         total += share * float(run.batch_mean(mine, 5))  # what GradientSync's reduction adds up
     assert total == pytest.approx(4.0)
+
+
+# --- scan under torchrun ---------------------------------------------------------------------------------------------
+
+
+SCAN_ALL = ["--budget", "fast", "--steps", "20", "--schedule", "screened"]  # every detector, a 5-step screen
+
+
+def _scan(tmp_path: Path, name: str, ranks: int, options: list[str]) -> tuple[dict, dict]:
+    """A scan of the untrained 7-class cnn of `_scan_inputs` (16x16 images)."""
+    args = ["scan", "inputs/tiny.safetensors", "--data", "inputs/seven.npz", "--n-clean", "70", "-o", name, *options]
+    done = _cleanse([*args, "--device", "cpu", "--precision", "fp32", "--json", "-q"], tmp_path, ranks)
+    assert done.returncode in (0, 1), done.stderr[-2000:]
+    assert json.loads(done.stdout) == json.loads((tmp_path / name / "scan.json").read_text())  # rank 0's document
+    return json.loads(done.stdout), json.loads((tmp_path / name / "run.json").read_text())
+
+
+def _scan_inputs(folder: Path) -> None:
+    from helpers import MEAN, STD, write_npz
+
+    from cleanse.models import new_model, save_model
+
+    folder.mkdir()
+    write_npz(folder / "seven.npz", 7, 10, size=16, seed=1)
+    save_model(
+        new_model("cnn", 7, None, (3, 16, 16), MEAN, STD, {"width": "4,8,8"}, seed=0), folder / "tiny.safetensors"
+    )
+
+
+def _written(tmp_path: Path) -> set[str]:
+    """Every file and folder a run left in tmp_path, the inputs and the decode cache aside."""
+    return {
+        p.relative_to(tmp_path).as_posix()
+        for p in tmp_path.rglob("*")
+        if p.relative_to(tmp_path).parts[0] not in ("cache", "inputs")
+    }
+
+
+def test_a_scan_over_two_ranks_writes_only_rank_0s_output_folder(tmp_path):
+    _scan_inputs(tmp_path / "inputs")
+    doc, record = _scan(tmp_path, "two", 2, ["--detectors", "patch", "--budget", "fast", "--steps", "10"])
+    assert record["parameters"]["ranks"] == 2 and len(doc["classes"]) == 7
+    pictures = {f"two/class-{k}-patch.png" for k in range(7)}
+    triggers = {f"two/{c['trigger_file']}" for c in doc["detectors"]["patch"]["classes"] if c["trigger_file"]}
+    assert _written(tmp_path) == {"two", "two/scan.json", "two/run.json", "two/sheet.png"} | pictures | triggers
+
+
+@pytest.mark.slow
+def test_two_ranks_scan_the_classes_of_one_process_and_only_rank_0_writes(tmp_path):
+    """7 classes over 2 ranks (blocks of 4 and 3), every detector. Measured: every figure equal to the last bit."""
+    _scan_inputs(tmp_path / "inputs")
+    one, one_record = _scan(tmp_path, "one", 1, SCAN_ALL)
+    two, two_record = _scan(tmp_path, "two", 2, SCAN_ALL)
+    assert two["detectors_run"] == ["mmbd", "patch", "additive", "warp"]
+    assert (two["backdoored"], two["suspected_targets"]) == (one["backdoored"], one["suspected_targets"])
+    assert two["detectors"]["patch"]["screened_out"], "the screen must stop some classes"
+    for name, detector in one["detectors"].items():
+        other = two["detectors"][name]
+        assert other["flagged"] == detector["flagged"], name
+        for a, b in zip(detector["classes"], other["classes"], strict=True):
+            assert [b[k] for k in ("flagged", "steps_run")] == [a[k] for k in ("flagged", "steps_run")], name
+            assert b.get("screened_out") == a.get("screened_out"), name
+            for key in ("statistic", "score", "attack_success_rate", "tar"):
+                x, y = a.get(key), b.get(key)
+                assert (x is None) == (y is None), (name, key, a["index"])
+                assert x is None or y == pytest.approx(x, rel=1e-4, abs=1e-6), (name, key, a["index"])
+    assert (one_record["parameters"]["ranks"], two_record["parameters"]["ranks"]) == (1, 2)
+    assert len(two_record["history"]) == len(one_record["history"])  # every class's rows, gathered
+    same_files = {f"{d}/{p.name}" for d in ("one", "two") for p in (tmp_path / "one").iterdir()}
+    assert _written(tmp_path) == {"one", "two"} | same_files
+
+
+def test_the_scan_pieces_split_over_two_ranks_give_what_one_process_gives(tmp_path):
+    """gather_rows (uneven blocks, bool rows) and the reversal's screened schedule with early stopping, whose screen
+    stops every class of rank 1 while rank 0's run on (tests/scan_ranks_worker.py)."""
+    worker = Path(__file__).with_name("scan_ranks_worker.py")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", str(worker)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    done = subprocess.run(launcher, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not any(tmp_path.iterdir())
+
+
+def test_class_blocks_are_contiguous_in_rank_order_and_differ_by_at_most_one():
+    for count, world in ((7, 2), (7, 3), (10, 4), (3, 3), (1000, 7)):
+        blocks = [class_block(count, Ranks(r, world)) for r in range(world)]
+        assert [k for b in blocks for k in b] == list(range(count))
+        assert max(map(len, blocks)) - min(map(len, blocks)) <= 1 and len(blocks[0]) == max(map(len, blocks))
+    assert [list(class_block(7, Ranks(r, 3))) for r in range(3)] == [[0, 1, 2], [3, 4], [5, 6]]
+    assert class_block(5, SINGLE) == range(5)
+    rows = torch.rand(5, 2)
+    assert gather_rows(rows, 5, SINGLE) is rows  # one process: the rows themselves
+
+
+def test_scan_refuses_more_ranks_than_classes():
+    _check_ranks(3, Ranks(0, 3))
+    with pytest.raises(CleanseError) as err:
+        _check_ranks(3, Ranks(1, 4))
+    assert str(err.value) == (
+        "scan splits the model's 3 classes over 4 torchrun ranks, which leaves some rank without a class; "
+        "start at most 3 processes"
+    )

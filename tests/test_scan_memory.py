@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 
 from cleanse.cli import app
 from cleanse.engine import memory
+from cleanse.engine.distributed import Ranks, class_block
 from cleanse.engine.events import Event
 from cleanse.engine.memory import (
     FALLBACK_BYTES,
@@ -113,6 +114,18 @@ def test_chunked_mmbd_equals_unchunked_and_reports_progress_across_chunks(monkey
     assert rows[-1]["classes_done"] == 5 and rows[-1]["active"] == 0
     assert all(r["classes_done"] + r["active"] == min(2 * r["chunk"], 5) for r in rows)  # no chunk not yet begun
     assert all(p.requires_grad for p in model.parameters())  # frozen during the climb only
+
+
+def test_mmbd_on_a_block_of_classes_climbs_from_the_starts_of_one_process(monkeypatch):
+    """A torchrun rank's block (class_block) draws and drops the starts of the classes before it, chunk by chunk."""
+    monkeypatch.setattr(mmbd, "STEPS", 20)
+    model = Tiny().eval()
+    whole, steps = max_margins(model, 5, (3, 6, 6), seed=1, precision="fp32")
+    for world, chunk in ((2, 2), (3, None)):  # blocks 3+2 (the second drops 3 classes' starts in pieces) and 2+2+1
+        blocks = [class_block(5, Ranks(r, world)) for r in range(world)]
+        parts = [max_margins(model, 5, (3, 6, 6), seed=1, precision="fp32", chunk=chunk, classes=b) for b in blocks]
+        assert torch.cat([s for _, s in parts]).tolist() == steps.tolist()
+        assert torch.allclose(torch.cat([m for m, _ in parts]), whole, rtol=1e-6, atol=1e-6), (world, chunk)
 
 
 def test_the_chunk_arithmetic_by_hand():

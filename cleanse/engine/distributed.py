@@ -141,6 +141,30 @@ def all_sum(values: torch.Tensor, ranks: Ranks) -> torch.Tensor:
     return out
 
 
+def class_block(count: int, ranks: Ranks) -> range:
+    """This rank's contiguous block of `count` classes: blocks in rank order, the first `count % world` one longer."""
+    size, longer = divmod(count, ranks.world)
+    start = ranks.rank * size + min(ranks.rank, longer)
+    return range(start, start + size + (ranks.rank < longer))
+
+
+def gather_rows(rows: torch.Tensor, count: int, ranks: Ranks) -> torch.Tensor:
+    """Every rank's `rows` (one per class of its class_block(count)) stacked in class order: the (count, ...) tensor,
+    on every rank (`rows` itself outside torchrun). The rows travel on their device, which nccl needs to be the rank's
+    GPU; bool rows travel as uint8."""
+    if not ranks.parallel:
+        return rows
+    if len(rows) != len(class_block(count, ranks)):
+        raise ValueError(f"rank {ranks.rank} holds {len(rows)} rows, not its block of {count}")
+    wire = rows.to(torch.uint8) if rows.dtype == torch.bool else rows
+    padded = wire.new_zeros((len(class_block(count, Ranks(0, ranks.world))), *rows.shape[1:]))  # block 0 is longest
+    padded[: len(rows)] = wire
+    parts = [torch.empty_like(padded) for _ in range(ranks.world)]
+    dist.all_gather(parts, padded)
+    whole = torch.cat([part[: len(class_block(count, Ranks(r, ranks.world)))] for r, part in enumerate(parts)])
+    return whole.to(rows.dtype)
+
+
 def average_buffers(module: torch.nn.Module, ranks: Ranks) -> None:
     """Average floating-point buffers (BatchNorm running statistics) over the ranks: where BatchNorm is not
     synchronised (gloo on the CPU), each rank's running statistics saw only its own rows."""

@@ -16,7 +16,7 @@ from cleanse.jobs.train import TrainOptions, TrainResult, train
 from cleanse.jobs.unlearn import RecipeOutcome, UnlearnOptions, UnlearnResult, unlearn
 
 # The jobs that split their work over torchrun's ranks; the CLI refuses every other command under torchrun.
-SPLIT_OVER_RANKS = (train, unlearn)
+SPLIT_OVER_RANKS = (train, scan, unlearn)
 
 __all__ = [
     "SILENT",

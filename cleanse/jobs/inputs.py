@@ -16,7 +16,9 @@ from cleanse.errors import CleanseError
 from cleanse.jobs.progress import Progress
 from cleanse.models import ClassifierModel, ModelOptions, load_model
 
-ONE_PROCESS = "this command runs in one process: start it without torchrun (train splits its batches over ranks)"
+ONE_PROCESS = (
+    "this command runs in one process: start it without torchrun (train, unlearn and scan split their work over ranks)"
+)
 
 
 @dataclass

@@ -1,4 +1,9 @@
-"""The scan job: run the chosen detectors, combine their verdicts, and/or rank training samples by suspicion."""
+"""The scan job: run the chosen detectors, combine their verdicts, and/or rank training samples by suspicion.
+
+Under torchrun every rank runs the detectors on its block of classes and gathers every class's results
+(cleanse/engine/distributed.py), so every rank reaches the same verdict; rank 0 alone reports, runs the data audit
+and writes the output folder. docs/scaling.md.
+"""
 
 from __future__ import annotations
 
@@ -13,6 +18,7 @@ import torch
 from cleanse.data import Dataset, load_data, save_dataset
 from cleanse.data.subset import clean_subset
 from cleanse.engine.device import resolve_precision
+from cleanse.engine.distributed import Ranks, current
 from cleanse.engine.memory import MemoryPlan, format_bytes, is_out_of_memory, parse_memory, plan_memory
 from cleanse.errors import CleanseError
 from cleanse.files import atomic_directory, check_output, check_output_folder, output_set, write_json_atomic
@@ -157,7 +163,10 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
                 "choose a path outside it"
             )
         check_output(o.write_clean, force=s.force, inputs=inputs)
-    dev = s.torch_device()
+    dev = s.rank_device()
+    ranks = current()
+    if not ranks.main:  # one live table, one set of notes: rank 0's
+        progress = SILENT
     prec = resolve_precision(o.precision, dev)
     if prec == "fp16":  # the scan optimises inputs with unscaled gradients, which fp16 would underflow
         prec = "fp32"
@@ -173,6 +182,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
     if names:
         if model.spec.num_classes < 3:
             raise CleanseError(f"the model has {model.spec.num_classes} classes; the anomaly test needs at least 3")
+        _check_ranks(model.spec.num_classes, ranks)
         split = None
         if o.data is not None:
             clean, dropped = load_clean(o.data, "test", o.no_cache, (height, width), model.spec.preprocess)
@@ -208,6 +218,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             threshold,
             o.alpha,
             memory,
+            ranks,
         )
         for name in names:
             detector = DETECTORS.get(name)
@@ -223,7 +234,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
                 raise CleanseError(out_of_memory(str(dev), name, memory, chunk, images)) from None
         doc.update(_verdict_doc(model.spec.classes, reports, o, plan, threshold, measure_layer))
     audit = cleaned = None
-    if o.audit_data is not None:
+    if o.audit_data is not None and ranks.main:  # not split over the ranks: rank 0 alone audits, and writes
         suspect = load_data(
             o.audit_data,
             split="train",
@@ -268,6 +279,7 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
             "poison_rate": o.poison_rate,
             "memory_budget": memory_budget,
             "write_clean": None if o.write_clean is None else str(o.write_clean),
+            "ranks": ranks.world,  # torchrun processes, each scanning a block of the classes
         },
         result="scan.json",
         verdict={"backdoored": doc.get("backdoored"), "suspected_targets": doc.get("suspected_targets")},
@@ -277,17 +289,27 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
     )
     if cleaned is not None:
         record["outputs"] = {"cleaned_data": str(o.write_clean), "rows": len(cleaned)}
-    with output_set() as files:  # the cleaned copy is renamed into place only once the folder is
-        if cleaned is not None and o.write_clean is not None:
-            save_dataset(cleaned, files.reserve(o.write_clean))
-        with atomic_directory(output, force=s.force, inputs=inputs) as folder:
-            _write_triggers(folder, model.spec.classes, reports, doc)
-            if audit is not None:
-                write_json_atomic(folder / "audit.json", audit.doc)
-            write_json_atomic(folder / "scan.json", doc)
-            write_json_atomic(folder / "run.json", record)
+    if ranks.main:  # the other ranks hold the same verdict
+        with output_set() as files:  # the cleaned copy is renamed into place only once the folder is
+            if cleaned is not None and o.write_clean is not None:
+                save_dataset(cleaned, files.reserve(o.write_clean))
+            with atomic_directory(output, force=s.force, inputs=inputs) as folder:
+                _write_triggers(folder, model.spec.classes, reports, doc)
+                if audit is not None:
+                    write_json_atomic(folder / "audit.json", audit.doc)
+                write_json_atomic(folder / "scan.json", doc)
+                write_json_atomic(folder / "run.json", record)
     reversed_any = any(r.triggers for r in reports.values())
     return ScanResult(doc, output, reversed_any, audit is not None)
+
+
+def _check_ranks(num_classes: int, ranks: Ranks) -> None:
+    """Every rank needs a class of its own to scan."""
+    if ranks.world > num_classes:
+        raise CleanseError(
+            f"scan splits the model's {num_classes} classes over {ranks.world} torchrun ranks, which leaves some rank "
+            f"without a class; start at most {num_classes} processes"
+        )
 
 
 def out_of_memory(device: str, detector: str, memory: MemoryPlan, chunk: int, images: int) -> str:

@@ -22,6 +22,13 @@ so is a class still out of reach half-way through the budget (ours). A finished 
 leaves the batch, so later steps forward only the classes still improving (this is where the arithmetic is saved;
 the images a step draws do not change, so a class stops at the same step batched or alone), and the chunks are
 re-formed from the classes still live, so every forward but the last of a step is full.
+
+Under torchrun each rank optimises a contiguous block of the classes (cleanse/engine/distributed.py, class_block).
+A rank draws every step's images from the same seeded generator, so its classes see the images they see in one
+process. At each round's end the ranks exchange their classes' figures (one all-gather): the screen ranks every
+class, and a rank whose classes have all stopped keeps stepping until every class has, as one process would (a
+retired class's state still moves with Adam's momentum, and the last state is what a class that never reached the
+success level keeps).
 """
 
 from __future__ import annotations
@@ -37,6 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from cleanse.engine.device import autocast
+from cleanse.engine.distributed import SINGLE, Ranks, class_block, gather_rows
 from cleanse.engine.events import Callback, Event
 from cleanse.engine.memory import frozen
 from cleanse.scan.families import PATCH, Family
@@ -154,6 +162,7 @@ def reverse_triggers(
     callback: Callback | None = None,
     family: Family = PATCH,
     chunk: int | None = None,
+    ranks: Ranks = SINGLE,
 ) -> Reversed:
     """Reverse a `family` trigger for each of `classes` from clean uint8 (N,H,W,C) images; one batched optimisation.
 
@@ -161,17 +170,21 @@ def reverse_triggers(
     one at a time with the same seed sees exactly the same images (the speed-up benchmark relies on it).
     Each step forwards the live classes in groups of at most `chunk` classes (None: all at once).
     The model's parameters are frozen for the run (gradients flow to the trigger parameters only).
+    Under torchrun (`ranks`) this rank optimises its block of `classes`; the result holds every class, on every rank.
     """
     began = time.perf_counter()
     device = next(model.parameters()).device
     model.eval()
     n, height, width, channels = images.shape
     shape = (channels, height, width)
-    k = len(classes)
+    everyone = list(classes)
+    n_all, mine = len(everyone), class_block(len(everyone), ranks)
+    own = everyone[mine.start : mine.stop]
+    k = len(own)
     gen = torch.Generator().manual_seed(seed)
-    params = [p.to(device).requires_grad_(True) for p in family.init(list(classes), shape, seed)]
+    params = [p.to(device).requires_grad_(True) for p in family.init(own, shape, seed)]
     optimizer = torch.optim.Adam(params, lr=family.lr, betas=settings.betas)
-    targets = torch.tensor(list(classes), device=device)
+    targets = torch.tensor(own, device=device)
     cost = torch.full((k,), family.start_cost, device=device)
     up = torch.zeros(k, dtype=torch.long, device=device)
     down = torch.zeros(k, dtype=torch.long, device=device)
@@ -193,6 +206,7 @@ def reverse_triggers(
     total = rounds * budget.round_steps
     chunk = k if chunk is None else max(1, chunk)
     screened_out = torch.zeros(k, dtype=torch.bool, device=device)
+    screened_all = torch.zeros(n_all, dtype=torch.bool, device=device)
     screen_size: torch.Tensor | None = None
     with frozen(model):
         for step in range(total):
@@ -201,7 +215,7 @@ def reverse_triggers(
             )  # drawn every step, even by a finished class: same images alone or batched
             x = images[idx].to(device).permute(0, 3, 1, 2).float().div_(255)
             y = labels[idx].to(device)
-            parts = live.split(chunk)
+            parts = live.split(chunk) if len(live) else ()  # a rank's classes may all have stopped before others'
             grads = [torch.zeros_like(p) for p in params]  # a retired class's gradient is 0, as when batched
             for part in parts:
                 sub = [p[part].detach().requires_grad_(True) for p in params]
@@ -269,9 +283,14 @@ def reverse_triggers(
                     if bool(done.any()):
                         active &= ~done
                         live = active.nonzero().squeeze(1)
-                if budget.screen_steps and step + 1 == budget.screen_steps:
+                figures = torch.stack([acc, size_now, best_size, cost, active.float()], 1)
+                acc_all, size_all, best_all, cost_all, active_all = gather_rows(figures, n_all, ranks).unbind(1)
+                active_all = active_all.bool()
+                if budget.screen_steps and step + 1 == budget.screen_steps:  # a decision on every class
                     screen_size = best_size.clone()
-                    screened_out = active & ~_most_suspicious(best_size, acc, budget.kept_classes(k))
+                    screened_all = active_all & ~_most_suspicious(best_all, acc_all, budget.kept_classes(n_all))
+                    active_all &= ~screened_all
+                    screened_out = screened_all[mine.start : mine.stop]
                     active &= ~screened_out
                     live = active.nonzero().squeeze(1)
                 row = {
@@ -279,20 +298,20 @@ def reverse_triggers(
                     "family": family.name,
                     "step": step + 1,
                     "steps": total,
-                    "attack_success": acc.tolist(),
-                    "size": size_now.tolist(),
-                    "best_size": best_size.tolist(),
-                    "cost": cost.tolist(),
-                    "active": active.tolist(),
+                    "attack_success": acc_all.tolist(),
+                    "size": size_all.tolist(),
+                    "best_size": best_all.tolist(),
+                    "cost": cost_all.tolist(),
+                    "active": active_all.tolist(),
                     "chunk": chunk,  # classes per forward at most
-                    "forwards": len(parts),  # forwards per step in this round
-                    "screened_out": screened_out.tolist(),
+                    "forwards": len(parts),  # forwards per step in this round (this rank's)
+                    "screened_out": screened_all.tolist(),
                     "elapsed": time.perf_counter() - began,
                 }
                 history.append(row)
                 if callback is not None:
                     callback(Event("row", row))
-                if not bool(active.any()):
+                if not bool(active_all.any()):
                     break
     with torch.no_grad():
         never = ~reached  # a class that never succeeded keeps its last state
@@ -300,19 +319,23 @@ def reverse_triggers(
             kept[never] = p[never]
         best_size = torch.where(never, family.size(params), best_size)
         best_success = torch.where(never, last_acc, best_success)
-        tensors = {name: t.cpu() for name, t in family.tensors(best, shape).items()}
+
+        def every(rows: torch.Tensor) -> torch.Tensor:
+            return gather_rows(rows, n_all, ranks).cpu()
+
+        tensors = {name: every(t) for name, t in family.tensors(best, shape).items()}
     return Reversed(
-        list(classes),
+        everyone,
         tensors,
-        best_size.cpu(),
-        best_success.cpu(),
-        reached.cpu(),
-        cost.cpu(),
-        steps_run.cpu(),
+        every(best_size),
+        every(best_success),
+        every(reached),
+        every(cost),
+        every(steps_run),
         history,
         time.perf_counter() - began,
-        screened_out.cpu() if screen_size is not None else None,
-        screen_size.cpu() if screen_size is not None else None,
+        every(screened_out) if screen_size is not None else None,
+        every(screen_size) if screen_size is not None else None,
     )
 
 

@@ -15,6 +15,7 @@ import torch
 
 from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
+from cleanse.engine.distributed import SINGLE, Ranks
 from cleanse.engine.events import Callback
 from cleanse.engine.memory import MemoryPlan
 from cleanse.models import ClassifierModel
@@ -37,6 +38,7 @@ class ScanInputs:
     threshold: float = 3.5
     alpha: float = 0.05  # p-value detectors' level
     memory: MemoryPlan | None = None  # the step memory budget (None: every class in one step)
+    ranks: Ranks = SINGLE  # under torchrun each rank scores its block of classes (distributed.class_block)
 
     def chunk(self, images_per_class: int, num_classes: int) -> int:
         """Classes per forward for a detector that optimises `images_per_class` images per class: the memory plan's

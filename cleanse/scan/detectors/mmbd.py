@@ -14,6 +14,9 @@ gradient steps are the same algorithm. It fits the null only for the class with 
 compute every class's p-value the same way (the largest class's is the published one). Our departure: the gamma
 is fitted by maximum likelihood with its location fixed at 0 (scipy's three-parameter fit on nine points is
 ill-posed; margins are positive), shifted below the smallest statistic when one is not.
+
+Under torchrun each rank climbs a contiguous block of the classes; it first draws and drops the random starts of the
+classes before its block, so its classes start from the images they start from in one process.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from typing import Any
 import torch
 
 from cleanse.engine.device import autocast
+from cleanse.engine.distributed import class_block, gather_rows
 from cleanse.engine.events import Callback, Event
 from cleanse.engine.memory import frozen
 from cleanse.scan.detectors.base import DETECTORS, Detector, DetectorReport, ScanInputs
@@ -94,32 +98,43 @@ def max_margins(
     precision: str,
     callback: Callback | None = None,
     chunk: int | None = None,
+    classes: range | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per class, the largest margin reached from IMAGES random starts, and the steps each class ran.
+    """Per class of `classes` (a contiguous block; None: every class), the largest margin reached from IMAGES random
+    starts, and the steps each class ran.
 
     The classes climb in chunks of at most `chunk` classes (None: all at once), one chunk after the other. The
     classes do not interact and each chunk draws its starts from the one seeded generator in class order (torch's
     CPU generator gives the same numbers drawn in pieces as at once), so every class starts from the same images and
-    takes the same steps whatever the chunking.
+    takes the same steps whatever the chunking. A block starting past class 0 first draws and drops the starts of the
+    classes before it.
     """
+    block = range(num_classes) if classes is None else classes
     chunk = num_classes if chunk is None else max(1, min(chunk, num_classes))
     gen = torch.Generator().manual_seed(seed)
-    stats = torch.empty(num_classes)
-    steps_run = torch.zeros(num_classes, dtype=torch.long)
-    chunks = math.ceil(num_classes / chunk)
+    _skip_starts(gen, block.start, shape, chunk)
+    stats = torch.empty(len(block))
+    steps_run = torch.zeros(len(block), dtype=torch.long)
+    chunks = math.ceil(len(block) / chunk)
     began = time.perf_counter()
     with frozen(model):  # gradients go to the images only
         for c in range(chunks):
-            first, end = c * chunk, min((c + 1) * chunk, num_classes)
+            first, end = c * chunk, min((c + 1) * chunk, len(block))
 
             def report(step: int, active: int, c: int = c, end: int = end) -> None:
                 if callback is not None:
                     row = {"phase": "mmbd", "step": step, "steps": STEPS, "active": active, "chunk": c + 1}
-                    row |= {"chunks": chunks, "classes": num_classes, "classes_done": end - active}
+                    row |= {"chunks": chunks, "classes": len(block), "classes_done": end - active}
                     callback(Event("row", row | {"elapsed": time.perf_counter() - began}))
 
-            stats[first:end], steps_run[first:end] = _climb(model, range(first, end), shape, gen, precision, report)
+            stats[first:end], steps_run[first:end] = _climb(model, block[first:end], shape, gen, precision, report)
     return stats, steps_run
+
+
+def _skip_starts(gen: torch.Generator, classes: int, shape: tuple[int, int, int], piece: int) -> None:
+    """Draw and drop the random starts of `classes` classes, `piece` classes at a time (a chunk's memory at most)."""
+    for first in range(0, classes, piece):
+        torch.rand((min(piece, classes - first), IMAGES, *shape), generator=gen)
 
 
 def _climb(
@@ -179,12 +194,17 @@ class MaxMargin(Detector):
 
     def run(self, inputs: ScanInputs, callback: Callback | None = None) -> DetectorReport:
         began = time.perf_counter()
-        model = inputs.model
+        model, ranks = inputs.model, inputs.ranks
         num_classes = model.spec.num_classes
         chunk = inputs.chunk(IMAGES, num_classes)
+        block = class_block(num_classes, ranks)
         stats, steps_run = max_margins(
-            model, num_classes, model.spec.input_size, inputs.seed, inputs.precision, callback, chunk
+            model, num_classes, model.spec.input_size, inputs.seed, inputs.precision, callback, chunk, block
         )
+        if ranks.parallel:  # the rows travel on the rank's device (nccl)
+            device = next(model.parameters()).device
+            stats = gather_rows(stats.to(device), num_classes, ranks).cpu()
+            steps_run = gather_rows(steps_run.to(device), num_classes, ranks).cpu()
         p_values, fits = class_p_values(stats)
         flagged = sorted((c for c, p in enumerate(p_values) if p < inputs.alpha), key=lambda c: p_values[c])
         rows: list[dict[str, Any]] = [

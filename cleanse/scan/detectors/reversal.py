@@ -4,13 +4,19 @@ Per class, the smallest trigger of the family that sends the clean images of oth
 (on 99% of them for a patch, 90% for the smooth families; cleanse/scan/reverse.py). A class whose smallest
 trigger is an outlier on the small side among the classes (leave-one-out z of the log sizes,
 cleanse/scan/anomaly.py) is flagged. Each reversed trigger is measured on held-out clean images (attack
-success; TAR where the trigger has a region).
+success; TAR where the trigger has a region). Under torchrun each rank reverses and measures its block of classes.
 """
 
 from __future__ import annotations
 
+import math
+from typing import Any
+
 import torch
 
+from cleanse.attacks.trigger import Trigger
+from cleanse.data.dataset import Dataset
+from cleanse.engine.distributed import class_block, gather_rows
 from cleanse.engine.evaluate import predict
 from cleanse.engine.events import Callback
 from cleanse.engine.tar import measure_tar
@@ -49,6 +55,7 @@ class ReversalDetector(Detector):
             callback=callback,
             family=family,
             chunk=chunk,
+            ranks=inputs.ranks,
         )
         # A class that never reached the success level keeps the size it stopped at: a lower bound of what it
         # needs, which makes the others look less anomalous, never more; it cannot be flagged itself.
@@ -61,17 +68,12 @@ class ReversalDetector(Detector):
         flagged = [k for k in flag_small(sizes, inputs.threshold, inputs.scale, inputs.statistic) if rev.reached[k]]
         small = small_side(sizes, inputs.scale, inputs.statistic)
         shape = model.spec.input_size
-        triggers, rows, pictures = {}, [], []
+        triggers = {k: family.trigger(rev.trigger_tensors(k), k, shape, inputs.budget_name) for k in range(num_classes)}
+        measured = _held_out_figures(inputs, held, triggers)
+        rows, pictures = [], []
         for k in range(num_classes):
-            tensors = rev.trigger_tensors(k)
-            trig = family.trigger(tensors, k, shape, inputs.budget_name)
-            triggers[k] = trig
-            pictures.append(family.pictures(tensors))
-            keep = held.labels != k
-            hits = predict(model, trig.apply_uint8(held.images[keep]), precision="fp32") == k
-            tar = None
-            if inputs.layer is not None and trig.region_mask() is not None:
-                tar = measure_tar(model, held.images, held.labels, trig, inputs.layer, with_clean=False)
+            pictures.append(family.pictures(rev.trigger_tensors(k)))
+            hit_rate, tar, tar_median = (None if math.isnan(v) else v for v in measured[k].tolist())
             rows.append(
                 {
                     "index": k,
@@ -84,14 +86,14 @@ class ReversalDetector(Detector):
                     "anomaly_index": float(index[k]),
                     "anomaly_index_mad": float(mad[k]),
                     "anomaly_index_linear": float(linear[k]),
-                    "attack_success_rate": float(hits.float().mean()) if len(hits) else None,
+                    "attack_success_rate": hit_rate,
                     "optimisation_success": float(rev.success[k]),
                     "steps_run": int(rev.steps_run[k]),
                     "screened_out": None if rev.screened_out is None else bool(rev.screened_out[k]),
                     "size_at_screen": None if rev.screen_size is None else _finite(rev.screen_size[k]),
                     "tested_size": float(sizes[k]),
-                    "tar": None if tar is None else tar["tar"],
-                    "tar_median": None if tar is None else tar["tar_median"],
+                    "tar": tar,
+                    "tar_median": tar_median,
                     "trigger_file": None,
                 }
             )
@@ -134,6 +136,23 @@ class ReversalDetector(Detector):
 
 for _family in (PATCH, ADDITIVE, WARP):
     DETECTORS.register(_family.name)(ReversalDetector(_family))
+
+
+def _held_out_figures(inputs: ScanInputs, held: Dataset, triggers: dict[int, Trigger]) -> torch.Tensor:
+    """(K, 3) float32 per class: its trigger's attack success on the held-out images of the other classes, TAR and
+    TAR median (NaN where undefined). Each rank measures its block of classes; the rows are gathered."""
+    model, count = inputs.model, len(triggers)
+    figures = []
+    for k in class_block(count, inputs.ranks):
+        trig = triggers[k]
+        hits = predict(model, trig.apply_uint8(held.images[held.labels != k]), precision="fp32") == k
+        tar: dict[str, Any] = {}
+        if inputs.layer is not None and trig.region_mask() is not None:
+            tar = measure_tar(model, held.images, held.labels, trig, inputs.layer, with_clean=False)
+        figures.append([float(hits.float().mean()) if len(hits) else None, tar.get("tar"), tar.get("tar_median")])
+    device = next(model.parameters()).device
+    rows = torch.tensor([[math.nan if v is None else v for v in row] for row in figures], device=device)
+    return gather_rows(rows.view(-1, 3), count, inputs.ranks).cpu()
 
 
 def _finite(value: torch.Tensor) -> float | None:
