@@ -71,16 +71,22 @@ def trained(classes: int, per_class: int, epochs: int) -> dict[str, Any]:
     return {"model": str(path), **doc}
 
 
-def scan_row(classes: int, model: str, schedule: str, detectors: str, threads: int) -> dict[str, Any]:
+def scan_row(
+    classes: int, model: str, schedule: str, detectors: str, threads: int, memory_budget: str | None
+) -> dict[str, Any]:
     clean = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         data = Path(tmp) / "clean.safetensors"
         save_dataset(clean, data)
         argv = [sys.executable, "-m", "cleanse", "scan", model, "--data", str(data), "--detectors", detectors]
         argv += ["--schedule", schedule, "-o", str(Path(tmp) / "scan"), "--json", "--quiet"]
+        argv += ["--memory-budget", memory_budget] if memory_budget else []
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         run = measured(argv, env)
-        doc = json.loads((Path(tmp) / "scan" / "scan.json").read_text())
+        text = (Path(tmp) / "scan" / "scan.json").read_text()
+        # the whole scan.json, kept: a many-class scan takes an hour and its evidence must outlive the temp folder
+        (RESULTS / f"scan_many_classes-scan-K{classes}-{schedule}-t{threads}.json").write_text(text)
+        doc = json.loads(text)
     return {
         "schedule": schedule,
         "detectors": detectors,
@@ -88,6 +94,7 @@ def scan_row(classes: int, model: str, schedule: str, detectors: str, threads: i
         "right_target": doc["suspected_targets"] == [0],
         "class_steps": {name: d.get("steps_run_total") for name, d in doc["detectors"].items()},
         "threads": threads,
+        "memory_budget": memory_budget,
         **run,
     }
 
@@ -135,6 +142,7 @@ def main() -> None:
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--memory-budget", default=None, help="scan --memory-budget (default: the scan's own)")
     parser.add_argument("--table", action="store_true", help="only print the stored table")
     args = parser.parse_args()
     path = RESULTS / "scan_many_classes.json"
@@ -152,7 +160,8 @@ def main() -> None:
         model = trained(classes, args.per_class, args.epochs)
         row = {"classes": classes, **{k: v for k, v in model.items() if k != "model"}, "scans": []}
         for schedule in args.schedules.split(","):
-            row["scans"].append(scan_row(classes, model["model"], schedule, args.detectors, args.threads))
+            scan = scan_row(classes, model["model"], schedule, args.detectors, args.threads, args.memory_budget)
+            row["scans"].append(scan)
             s = row["scans"][-1]
             print(
                 f"K={classes:>4} CA {row['clean_accuracy']:.3f} ASR {row['attack_success_rate']:.3f} "
