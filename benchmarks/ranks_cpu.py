@@ -90,8 +90,12 @@ def _weights_gap(a: Path, b: Path) -> float:
     return max(float((x[k].float() - y[k].float()).abs().max()) for k in x)
 
 
-def _history_gap(a: Path, b: Path) -> float:
+def _history_gap(a: Path, b: Path) -> float | None:
+    """The largest difference of a history figure, or None when the two runs took different paths (a different number
+    of rows: a decision such as an early stop fell the other way)."""
     ha, hb = (json.loads(p.read_text())["history"] for p in (a, b))
+    if len(ha) != len(hb):
+        return None
     gaps = [0.0]
     for ra, rb in zip(ha, hb, strict=True):
         for key, value in ra.items():
@@ -110,9 +114,22 @@ def compare(folder: Path, name: str, one: str, two: str) -> dict[str, Any]:
         same = a["suspected_targets"] == b["suspected_targets"]
         return {"same_verdict": same, "suspected": a["suspected_targets"], "statistic_rel_gap": max(rel)}
     models = sorted(p.name for p in folder.glob(f"{one}*.safetensors"))
-    weights = max(_weights_gap(folder / m, folder / m.replace(one, two, 1)) for m in models)
-    history = max(_history_gap(folder / f"{m}.run.json", folder / f"{m.replace(one, two, 1)}.run.json") for m in models)
-    return {"models": len(models), "weights_gap": weights, "history_gap": history}
+    per_model = {}
+    for m in models:
+        other = m.replace(one, two, 1)
+        history = _history_gap(folder / f"{m}.run.json", folder / f"{other}.run.json")
+        per_model[m.removeprefix(one).removesuffix(".safetensors").strip(".")] = {
+            "weights_gap": _weights_gap(folder / m, folder / other),
+            "history_gap": history,
+        }
+    same_path = [v["history_gap"] for v in per_model.values() if v["history_gap"] is not None]
+    return {
+        "models": len(models),
+        "weights_gap": max(v["weights_gap"] for v in per_model.values()),
+        "history_gap": max(same_path) if same_path else None,
+        "other_path": sorted(k or "model" for k, v in per_model.items() if v["history_gap"] is None),
+        "per_model": per_model,
+    }
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -132,10 +149,10 @@ def table(doc: dict[str, Any]) -> str:
             verdict = "same" if c["same_verdict"] else "DIFFERENT"
             agree = f"verdict {verdict} ({c['suspected']}), statistics within {c['statistic_rel_gap']:.1e} relative"
         else:
-            agree = (
-                f"{c['models']} model(s): weights within {c['weights_gap']:.1e}, "
-                f"history figures within {c['history_gap']:.1e}"
-            )
+            history = "-" if c["history_gap"] is None else f"{c['history_gap']:.1e}"
+            agree = f"{c['models']} model(s): weights within {c['weights_gap']:.1e}, history figures within {history}"
+            if c.get("other_path"):
+                agree += f"; a decision fell the other way in: {', '.join(c['other_path'])}"
         lines.append(
             f"| {row['case']} | {row['one_seconds']:.1f} | {row['two_seconds']:.1f} | "
             f"{row['two_seconds'] / row['one_seconds']:.2f} | {agree} |"
@@ -146,16 +163,23 @@ def table(doc: dict[str, Any]) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--table", action="store_true", help="only print the stored table")
+    parser.add_argument("--cases", default="", help="comma-separated case numbers (0-based) to (re)run; default all")
     args = parser.parse_args()
     if args.table:
         print(table(json.loads((RESULTS / "ranks_cpu.json").read_text())))
         return
     torch.set_num_threads(2)
     doc: dict[str, Any] = {"benchmark": "ranks_cpu", "machine": machine(), "rows": []}
+    chosen = {int(c) for c in args.cases.split(",") if c} or set(range(len(CASES)))
+    stored = RESULTS / "ranks_cpu.json"
+    if chosen != set(range(len(CASES))) and stored.is_file():  # rerun some cases: keep the others' rows
+        doc["rows"] = [r for r in json.loads(stored.read_text())["rows"] if list(CASES).index(r["case"]) not in chosen]
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
         inputs(folder)
         for i, (case, argv) in enumerate(CASES.items()):
+            if i not in chosen:
+                continue
             one, two = f"c{i}one", f"c{i}two"
             row = {"case": case, "one_seconds": run(folder, argv, one, 1), "two_seconds": run(folder, argv, two, 2)}
             try:
@@ -167,6 +191,7 @@ def main() -> None:
             ) as failed:  # keep the timings of a case whose outputs differ in shape
                 row["comparison"] = {"error": repr(failed)}
             doc["rows"].append(row)
+            doc["rows"].sort(key=lambda r: list(CASES).index(r["case"]))
             write_results("ranks_cpu", doc)
             print(f"{case}: {row['one_seconds']:.1f}s vs {row['two_seconds']:.1f}s {row['comparison']}", flush=True)
     text = table(doc)

@@ -90,7 +90,8 @@ def test_anp_refuses_a_model_without_batchnorm():
         == NO_BATCHNORM
         == (
             "anp masks and perturbs BatchNorm neurons and this model has no affine BatchNorm "
-            "(ViT, Swin and ConvNeXt use LayerNorm); use --method fine-prune or nad"
+            "(ViT, Swin and ConvNeXt use LayerNorm); "
+            "use --method tar-ewc with a trigger (cleanse scan reverses one) or fine-prune"
         )
     )
 

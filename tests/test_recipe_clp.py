@@ -71,7 +71,8 @@ def test_clp_refuses_a_vit_before_any_work():
         == NO_CONV_BN
         == (
             "clp needs convolutions followed by a BatchNorm (it bounds each channel by the conv filter scaled by the "
-            "BatchNorm's gamma/std) and this model has none; use --method fine-prune or nad"
+            "BatchNorm's gamma/std) and this model has none; "
+            "use --method tar-ewc with a trigger (cleanse scan reverses one) or fine-prune"
         )
     )
 

@@ -35,7 +35,7 @@ from cleanse.recipes.base import Param, Recipe, RecipeContext, RecipeResult, Rec
 
 NO_BATCHNORM = (
     "anp masks and perturbs BatchNorm neurons and this model has no affine BatchNorm (ViT, Swin and ConvNeXt use "
-    "LayerNorm); use --method fine-prune or nad"
+    "LayerNorm); use --method tar-ewc with a trigger (cleanse scan reverses one) or fine-prune"
 )
 
 BatchNorm = nn.modules.batchnorm._BatchNorm

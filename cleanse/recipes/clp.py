@@ -32,7 +32,8 @@ from cleanse.recipes.units import trace_units
 
 NO_CONV_BN = (
     "clp needs convolutions followed by a BatchNorm (it bounds each channel by the conv filter scaled by the "
-    "BatchNorm's gamma/std) and this model has none; use --method fine-prune or nad"
+    "BatchNorm's gamma/std) and this model has none; "
+    "use --method tar-ewc with a trigger (cleanse scan reverses one) or fine-prune"
 )
 
 
