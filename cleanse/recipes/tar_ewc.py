@@ -163,24 +163,23 @@ class TarEwc(Recipe):
         model: torch.nn.Module,
         x: torch.Tensor,
         y: torch.Tensor,
-        triggered: torch.Tensor,
-        targets: torch.Tensor,
-        rows: torch.Tensor,
-        count: int,
+        idx: torch.Tensor,
+        data: _Ascent,
         tau: float,
         run: RecipeRun,
         together: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """CE(f(x), y), the bounded ascent mean over the batch's `count` eligible rows of min(CE(f(T(x)), y_t), tau)
-        (zero without eligible rows), and the share of the batch's triggered images still sent to the target (1.0
-        without eligible rows). `rows` are this process's eligible rows: under torchrun a rank's share of the `count`
-        (RecipeRun.batch_mean); in one process all of them.
+        """CE(f(x), y), the bounded ascent mean over the batch's eligible rows of min(CE(f(T(x)), y_t), tau) (zero
+        without eligible rows), and the share of the batch's triggered images still sent to the target (1.0 without
+        eligible rows). `idx` are this process's rows of the batch: under torchrun a rank's share of the global batch
+        (RecipeRun.batch_rows, RecipeRun.batch_mean); in one process all of them.
 
         `together` runs clean and triggered images through one forward pass: exactly the same figures when BatchNorm
         statistics are frozen, and cheaper than two passes. In train mode they stay two passes, so each batch is
         normalised by its own statistics, as before.
         """
-        device = run.ctx.device
+        device, triggered, targets = run.ctx.device, data.triggered, data.targets
+        rows, count = idx[data.eligible[idx]], int(data.eligible[run.batch_rows].sum())
         if len(rows) == 0:  # none here; under torchrun another rank may have some (count > 0): it adds them
             zero, one = torch.zeros((), device=device), torch.ones((), device=device)
             return F.cross_entropy(model(x).float(), y), zero, one if count == 0 else zero
@@ -271,16 +270,7 @@ class TarEwc(Recipe):
                 model.train(not p["freeze_bn"])
                 with autocast(ctx.device, ctx.precision):
                     clean_ce, ascent, hits = self._losses(
-                        model,
-                        x,
-                        y,
-                        data.triggered,
-                        data.targets,
-                        idx[data.eligible[idx]],
-                        int(data.eligible[run.batch_rows].sum()),
-                        p["tau"],
-                        run,
-                        together=p["freeze_bn"],
+                        model, x, y, idx, data, p["tau"], run, together=p["freeze_bn"]
                     )
                 penalty = ewc()
                 loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
@@ -347,16 +337,7 @@ class TarEwc(Recipe):
                 with autocast(ctx.device, ctx.precision):
                     if p["recovery_ascent"]:
                         clean_ce, ascent, _ = self._losses(
-                            model,
-                            x,
-                            y,
-                            data.triggered,
-                            data.targets,
-                            idx[data.eligible[idx]],
-                            int(data.eligible[run.batch_rows].sum()),
-                            p["tau"],
-                            run,
-                            together=p["freeze_bn"],
+                            model, x, y, idx, data, p["tau"], run, together=p["freeze_bn"]
                         )
                     else:
                         clean_ce, ascent = F.cross_entropy(model(x).float(), y), torch.zeros((), device=ctx.device)

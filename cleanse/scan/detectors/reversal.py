@@ -68,11 +68,12 @@ class ReversalDetector(Detector):
         flagged = [k for k in flag_small(sizes, inputs.threshold, inputs.scale, inputs.statistic) if rev.reached[k]]
         small = small_side(sizes, inputs.scale, inputs.statistic)
         shape = model.spec.input_size
-        triggers = {k: family.trigger(rev.trigger_tensors(k), k, shape, inputs.budget_name) for k in range(num_classes)}
+        tensors = [rev.trigger_tensors(k) for k in range(num_classes)]
+        triggers = {k: family.trigger(tensors[k], k, shape, inputs.budget_name) for k in range(num_classes)}
         measured = _held_out_figures(inputs, held, triggers)
-        rows, pictures = [], []
+        pictures = [family.pictures(t) for t in tensors]
+        rows = []
         for k in range(num_classes):
-            pictures.append(family.pictures(rev.trigger_tensors(k)))
             hit_rate, tar, tar_median = (None if math.isnan(v) else v for v in measured[k].tolist())
             rows.append(
                 {
