@@ -17,7 +17,7 @@ from cleanse.cli import app
 from cleanse.engine.layers import probe_layers
 from cleanse.models import ClassifierModel, new_model
 from cleanse.models.spec import ModelSpec
-from cleanse.recipes.nad import NO_MAPS, attention_loss, attention_map, pick_layers
+from cleanse.recipes.nad import NO_MAPS, attention_loss, attention_map, layer_weights, pick_layers
 
 runner = CliRunner()
 
@@ -35,6 +35,21 @@ def test_attention_map_and_loss_by_hand():
     assert float(attention_loss(teacher, teacher)) == 0.0
     # p = 1: sum_c |a| -> student (3, 2) / sqrt(13)
     assert attention_map(student, p=1).flatten().tolist() == pytest.approx([3 / 13**0.5, 2 / 13**0.5], rel=1e-5)
+
+
+def test_layer_weights_scale_each_beta_by_its_grid_over_the_official_wrn_grid():
+    # the cnn's 15x15, 7x7, 3x3 maps against the official 32x32, 16x16, 8x8
+    weights = layer_weights([500.0, 1000.0, 1000.0], [(15, 15), (7, 7), (3, 3)], True)
+    assert weights == pytest.approx([500 * 225 / 1024, 1000 * 49 / 256, 1000 * 9 / 64])
+    # one layer (a ViT's 8x8 token grid) takes the deepest beta and the deepest official grid: unchanged
+    assert layer_weights([500.0, 1000.0, 1000.0], [(8, 8)], True) == [1000.0]
+    # two layers: the deepest two betas against 16x16 and 8x8
+    assert layer_weights([500.0, 700.0, 1000.0], [(32, 32), (4, 4)], True) == pytest.approx([2800.0, 250.0])
+    assert layer_weights([500.0, 1000.0, 1000.0], [(15, 15), (7, 7), (3, 3)], False) == [500.0, 1000.0, 1000.0]
+    # the scaled loss is the official loss of the same maps on the official grid: squared distance / official cells
+    s, t = torch.rand(1, 4, 3, 3), torch.rand(1, 4, 3, 3)
+    distance = float(((attention_map(s) - attention_map(t)) ** 2).sum())
+    assert 1000.0 * 9 / 64 * float(attention_loss(s, t)) == pytest.approx(1000.0 * distance / 64, rel=1e-5)
 
 
 def test_the_teacher_gets_no_gradient_from_the_attention_loss():
@@ -87,9 +102,9 @@ def test_unlearn_nad_end_to_end(untrained_files, tmp_path):
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     assert s["extra"]["layers"] == {
-        "layer1": {"beta": 500.0, "grid": [15, 15]},
-        "layer2": {"beta": 1000.0, "grid": [7, 7]},
-        "layer3": {"beta": 1000.0, "grid": [3, 3]},
+        "layer1": {"beta": 500.0, "grid": [15, 15], "weight": 109.8633},
+        "layer2": {"beta": 1000.0, "grid": [7, 7], "weight": 191.4062},
+        "layer3": {"beta": 1000.0, "grid": [3, 3], "weight": 140.625},
     }
     history = json.loads((tmp_path / "c.safetensors.run.json").read_text())["history"]
     assert [r["phase"] for r in history] == ["teacher", "distil"]
