@@ -76,6 +76,16 @@ RECIPE_ORDER = (
     "clp",
 )
 ATTACK_ORDER = ("badnets", "blended", "sig", "wanet")
+# BackdoorBench's CIFAR-10 PreAct-ResNet18 leaderboard (10% poisoning, SIG 5%), CA / ASR % as issue 31 quotes it: the
+# reference for the recipes it also runs. "none" is the undefended model, from which its CA drops are taken.
+BACKDOORBENCH = {
+    "none": {"badnets": (91.3, 95.0), "blended": (93.5, 99.9), "sig": (93.6, 97.1), "wanet": (91.3, 89.7)},
+    "fine-prune": {"badnets": (91.3, 57.1), "blended": (93.2, 99.3), "sig": (93.3, 99.8), "wanet": (91.5, 1.1)},
+    "nad": {"badnets": (89.9, 2.1), "blended": (92.2, 97.7), "sig": (92.5, 97.0), "wanet": (93.2, 23.0)},
+    "anp": {"badnets": (84.2, 0.7), "blended": (86.6, 2.2), "sig": (86.6, 0.2), "wanet": (85.7, 0.4)},
+    "i-bau": {"badnets": (89.2, 1.3), "blended": (87.0, 50.5), "sig": (86.1, 3.5), "wanet": (89.5, 5.2)},
+    "clp": {"badnets": (90.1, 77.6), "blended": (91.3, 99.7), "sig": (93.2, 97.2), "wanet": (81.9, 78.4)},
+}
 
 
 def main() -> None:
@@ -395,6 +405,8 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
         + "\n".join(lines)
         + "\n\n"
         + "\n".join(detail)
+        + "\n\n"
+        + against_backdoorbench(cells)
         + "\n\nEvery run counted above:\n\n"
         + "\n".join(per_run)
     )
@@ -403,6 +415,41 @@ def table(rows: list[dict[str, Any]], write: bool = True) -> None:
         return
     write_results("unlearn_cifar10-table", {"benchmark": "unlearn_cifar10", "cells": cells, "rows": len(rows)})
     (RESULTS / "unlearn_cifar10-table.md").write_text(text + "\n")
+
+
+def against_backdoorbench(cells: dict[str, dict[str, Any]]) -> str:
+    """Each recipe BackdoorBench also runs, per attack: its leaderboard CA drop and ASR against ours (mean over runs).
+    Met: our ASR at most BackdoorBench's, at a CA drop no larger than BackdoorBench's (issue 31's target)."""
+    lines = [
+        "Against BackdoorBench (PreAct-ResNet18; its CA drop from its undefended row). Met: ASR no higher, at a CA "
+        "drop no larger.",
+        "",
+        "| recipe | attack | BackdoorBench CA drop / ASR | ours CA drop / ASR (max) | ASR | CA drop | target |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for name in (n for n in RECIPE_ORDER if n in BACKDOORBENCH):
+        for attack in ATTACK_ORDER:
+            cell = cells.get(f"{name}/{attack}")
+            if cell is None:
+                continue
+            bb_ca, bb_asr = BACKDOORBENCH[name][attack]
+            bb_drop = BACKDOORBENCH["none"][attack][0] - bb_ca
+            asr, drop = 100 * cell["asr"], cell["ca_drop_points"]
+            asr_ok, drop_ok = asr <= bb_asr, drop <= bb_drop
+            lines.append(
+                f"| {name} | {attack} | {bb_drop:.1f} / {bb_asr:.1f} | {drop:.2f} ({cell['ca_drop_max']:.2f}) / "
+                f"{asr:.2f} ({100 * cell['asr_max']:.2f}) | {asr - bb_asr:+.2f} | {drop - bb_drop:+.2f} | "
+                f"{_verdict(asr_ok, drop_ok)} |"
+            )
+    return "\n".join(lines)
+
+
+def _verdict(asr_ok: bool, drop_ok: bool) -> str:
+    if asr_ok and drop_ok:
+        return "**met**"
+    if asr_ok:
+        return "ASR met, CA drop larger"
+    return "ASR higher, CA drop smaller" if drop_ok else "missed both"
 
 
 def _todays_defaults(row: dict[str, Any]) -> bool:
