@@ -14,7 +14,7 @@ from torch import nn
 from typer.testing import CliRunner
 
 from cleanse.cli import app
-from cleanse.recipes.anp import NO_BATCHNORM, NeuronPerturbation, batchnorms, below_threshold, mask_step
+from cleanse.recipes.anp import NO_BATCHNORM, NeuronPerturbation, batchnorms, below_threshold, mask_step, sweep
 
 runner = CliRunner()
 X = torch.tensor([[1.0, 0.0], [2.0, 4.0], [0.0, 1.0], [3.0, -1.0]])
@@ -83,6 +83,13 @@ def test_pruning_by_threshold_takes_masks_at_or_below_it():
     assert below_threshold(masks, 0.2) == {"a": [0, 1], "b": [0], "c": []}
 
 
+def test_the_threshold_sweep():
+    assert sweep(0.2, 0.9, 0.05) == [round(0.2 + 0.05 * i, 6) for i in range(15)]
+    assert sweep(0.2, 0.9, 0.05)[-1] == 0.9 and len(sweep(0.05, 0.9, 0.05)) == 18  # BackdoorBench's sweep
+    assert sweep(0.2, 0.2, 0.05) == [0.2]  # pruning_max = threshold: the official single pruning
+    assert sweep(0.2, 0.3, 0.04) == [0.2, 0.24, 0.28]
+
+
 def test_anp_refuses_a_model_without_batchnorm():
     message = refused_before_work(family_model("convnext"), "anp", {})
     assert (
@@ -96,17 +103,33 @@ def test_anp_refuses_a_model_without_batchnorm():
     )
 
 
-def test_unlearn_anp_end_to_end_zeroes_the_gamma_of_each_pruned_neuron(untrained_files, tmp_path):
+def test_unlearn_anp_end_to_end_sweeps_thresholds_and_zeroes_the_gamma_of_each_kept_pruned_neuron(
+    untrained_files, tmp_path
+):
     args = ["unlearn", str(untrained_files / "bd.safetensors"), "--method", "anp", "--data", "synthetic"]
-    args += ["--clean-frac", "0.05", "--param", "iterations=4", "--param", "report_every=2"]
+    args += ["--clean-frac", "0.05", "--param", "iterations=4", "--param", "report_every=2", "--param", "lr=5"]
+    # 4 iterations move the masks of this untrained net only to 0.8-1: a sweep 0.90, 0.93, 0.96 prunes some
+    args += ["--param", "threshold=0.9", "--param", "pruning_step=0.03", "--param", "ca_floor_drop=1"]
+    args += ["--param", "pruning_max=0.96"]
     result = runner.invoke(app, [*args, "-o", str(tmp_path / "c.safetensors"), "--json"])
     assert result.exit_code == 0, result.output
     s = json.loads(result.stdout)
     history = json.loads((tmp_path / "c.safetensors.run.json").read_text())["history"]
-    assert [(r["phase"], r["epoch"]) for r in history] == [("mask", 2), ("mask", 4), ("prune", 4)]
-    assert set(s["extra"]["masks"]) == {f"layer{i}.norm{j}" for i in (1, 2, 3) for j in (1, 2)}
-    assert all(0.0 <= v <= 1.0 for m in s["extra"]["masks"].values() for v in m)
+    assert [(r["phase"], r["epoch"]) for r in history] == [("mask", 2), ("mask", 4)] + [("prune", 4)] * 3
+    details = [r["detail"] for r in history if r["phase"] == "prune"]
+    assert [d.split(":")[0] for d in details] == ["threshold 0.90", "threshold 0.93", "threshold 0.96"]
+    masks = {k: torch.tensor(v) for k, v in s["extra"]["masks"].items()}
+    assert set(masks) == {f"layer{i}.norm{j}" for i in (1, 2, 3) for j in (1, 2)}
+    assert all(0.0 <= float(m.min()) and float(m.max()) <= 1.0 for m in masks.values())
+    # the kept state is one threshold's pruning: exactly the channels whose mask is at or below it have gamma 0
+    tag = s["kept"]["tag"]
+    assert tag.startswith("threshold ")
+    expected = {k: v for k, v in below_threshold(masks, float(tag.split()[1])).items() if v}
+    assert s["extra"]["pruned"] == expected and expected, "some masks end below 0.9"
     weights = load_file(tmp_path / "c.safetensors")
-    for layer, channels in s["extra"]["pruned"].items():
-        if s["kept"]["tag"] == "pruned":
-            assert not weights[f"{layer}.weight"][channels].any()
+    for layer in masks:
+        zero = (weights[f"{layer}.weight"] == 0).nonzero().flatten().tolist()
+        assert zero == expected.get(layer, [])
+    bad = runner.invoke(app, [*args[:-2], "--param", "pruning_max=0.8", "-o", str(tmp_path / "x.safetensors")])
+    assert bad.exit_code == 2 and "anp: need threshold <= pruning_max <= 1 and pruning_step > 0" in bad.stderr
+    assert not (tmp_path / "x.safetensors").exists()

@@ -13,9 +13,13 @@ train-mode forward; the running statistics are not touched). Each iteration, on 
 2. one SGD step (momentum 0.9) on the masks of alpha * CE(unperturbed) + (1 - alpha) * CE(perturbed), then the masks
    are clipped to [0, 1].
 
-Neurons whose mask ends at or below `threshold` are pruned: the BatchNorm's gamma_k is zeroed (the official
+Neurons whose mask ends at or below a threshold are pruned: the BatchNorm's gamma_k is zeroed (the official
 pruning zeroes the weight only, so the channel outputs its shift beta_k). Backdoor neurons are the ones that
-small perturbations easily turn into misclassification, so their masks fall.
+small perturbations easily turn into misclassification, so their masks fall. The threshold is swept from
+`threshold` (official 0.2) up to `pruning_max` in steps of `pruning_step` (BackdoorBench's and backdoor-toolbox's
+ANP: 0.05 to 0.90 by 0.05, keeping the largest within a CA-drop budget); each threshold's model is a candidate
+state, so the trigger-agnostic rule keeps the largest threshold whose held-back CA is within `ca_margin` of the
+best candidate's, and a threshold below the CA floor ends the sweep.
 """
 
 from __future__ import annotations
@@ -124,6 +128,12 @@ def below_threshold(masks: dict[str, torch.Tensor], threshold: float) -> dict[st
     return {n: (m.detach() <= threshold).nonzero().flatten().tolist() for n, m in masks.items()}
 
 
+def sweep(first: float, last: float, step: float) -> list[float]:
+    """The thresholds first, first + step, ... while at most last (within float rounding), rounded to 1e-6."""
+    count = int(round((last - first) / step, 6)) + 1 if last > first else 1
+    return [round(min(first + i * step, last), 6) for i in range(count)]
+
+
 def endless_batches(
     data: Dataset, batch_size: int, gen: torch.Generator, device: torch.device
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -146,7 +156,13 @@ class Anp(Recipe):
         "alpha": Param(0.2, "weight of the unperturbed loss (1 - alpha: the perturbed loss)"),
         "lr": Param(0.2, "mask SGD learning rate (momentum 0.9)"),
         "batch_size": Param(128, "batch size"),
-        "threshold": Param(0.2, "prune the neurons whose mask is at or below this"),
+        "threshold": Param(0.2, "the sweep's first threshold: prune the neurons whose mask is at or below it"),
+        "pruning_max": Param(
+            0.9,
+            "the sweep's last threshold (equal to threshold: prune once at threshold, the official script's default)",
+            changed_default_when_added=True,
+        ),
+        "pruning_step": Param(0.05, "the sweep's step between thresholds"),
         "report_every": Param(100, "iterations between live rows"),
         "ca_margin": Param(0.02, "kept state: within this of the best held-back CA (as every recipe)"),
         "ca_floor_drop": Param(0.10, "keep the model unchanged when pruning costs more held-back CA than this"),
@@ -155,6 +171,8 @@ class Anp(Recipe):
     def check(self, params: dict[str, Any], trigger: Any) -> None:
         if params["alpha"] > 1 or params["threshold"] > 1 or params["steps"] < 1:
             raise CleanseError("anp: alpha and threshold must lie in [0, 1] and steps be at least 1")
+        if not params["threshold"] <= params["pruning_max"] <= 1 or params["pruning_step"] <= 0:
+            raise CleanseError("anp: need threshold <= pruning_max <= 1 and pruning_step > 0; set --param pruning_max")
 
     def check_model(self, model: ClassifierModel, params: dict[str, Any]) -> None:
         if not batchnorms(model.net):
@@ -185,22 +203,30 @@ class Anp(Recipe):
                     mean = float(loss_sum) / since
                     run.row("mask", it, loss=mean, detail=f"{low} of {total} masks <= {p['threshold']:g}")
                     loss_sum, since = torch.zeros((), device=ctx.device), 0
-            pruned = below_threshold(neurons.mask, p["threshold"])
-            masks = {n: m.detach().cpu().tolist() for n, m in neurons.mask.items()}
+            masks = {n: m.detach().clone() for n, m in neurons.mask.items()}
         finally:
             neurons.close()
             for q, flag in zip(model.net.parameters(), flags, strict=True):
                 q.requires_grad_(flag)
-        with torch.no_grad():
-            for name, channels in pruned.items():
-                if channels:
-                    weight = norms[name].weight
-                    assert weight is not None
-                    weight.index_fill_(0, torch.tensor(channels, device=weight.device), 0.0)
-        count = sum(len(v) for v in pruned.values())
-        metrics = run.measure()
-        run.row("prune", p["iterations"], **metrics, detail=f"pruned {count} of {total} neurons")
-        run.judge(metrics, "pruned")
+        kept: dict[str, list[int]] = {}
+        for threshold in sweep(p["threshold"], p["pruning_max"], p["pruning_step"]):
+            pruned = below_threshold(masks, threshold)
+            with torch.no_grad():  # cumulative: a larger threshold prunes a superset of the channels
+                for name, channels in pruned.items():
+                    if channels:
+                        weight = norms[name].weight
+                        assert weight is not None
+                        weight.index_fill_(0, torch.tensor(channels, device=weight.device), 0.0)
+            count = sum(len(v) for v in pruned.values())
+            metrics = run.measure()
+            tag = f"threshold {threshold:.2f}"
+            run.row("prune", p["iterations"], **metrics, detail=f"{tag}: pruned {count} of {total} neurons")
+            if run.judge(metrics, tag):
+                break
+            if run.keeper.best["tag"] == tag:
+                kept = pruned
         result = run.finish()
-        result.extra.update({"pruned": {n: v for n, v in pruned.items() if v}, "masks": masks})
+        result.extra.update(
+            {"pruned": {n: v for n, v in kept.items() if v}, "masks": {n: m.cpu().tolist() for n, m in masks.items()}}
+        )
         return result
