@@ -152,28 +152,3 @@ def test_auto_screens_the_full_budget_and_gives_shorter_budgets_every_step():
     assert screen(budget="fast", schedule="screened") == 50
     assert screen(schedule="every") == 0
     assert screen(steps=1000) == 250
-
-
-def test_the_screen_draws_fewer_images_per_step_beyond_ten_classes():
-    full = Budget(steps=600, batch=32, round_steps=5)
-    screened = full.screened()
-    # not screened, or at most 10 classes: the full batch; beyond, 32 x 10 / K images, at least 8
-    assert [full.screen_batch(k) for k in (10, 100)] == [32, 32]
-    assert [screened.screen_batch(k) for k in (2, 10, 11, 20, 40, 100, 1000)] == [32, 32, 29, 16, 8, 8, 8]
-    assert Budget(steps=600, batch=6, round_steps=5).screened().screen_batch(100) == 6  # never above the batch
-
-    # the reversal forwards screen_batch images a class during the screen and the full batch after it
-    seen: list[int] = []
-
-    class Counting(ManyClasses):
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            seen.append(len(x))
-            return super().forward(x)
-
-    budget = Budget(steps=40, batch=16, round_steps=5, patience=1).screened()  # screen: 10 steps of 16 x 10 / 20 = 8
-    images, labels = _data()
-    rev = reverse_triggers(Counting().eval(), images, labels, list(range(K)), budget, seed=1, chunk=1)
-    # one forward per class (chunk 1) per step and per round end: the screen's 10 steps and 2 round ends for all 20
-    # classes at 8 images, then 30 steps and 6 round ends for the 4 kept classes at 16
-    assert seen == [8] * (12 * K) + [16] * (36 * 4)
-    assert rev.steps_run[~rev.screened_out].tolist() == [40] * 4

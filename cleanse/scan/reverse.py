@@ -64,11 +64,6 @@ class Budget:
     screen_steps: int = 0
     keep_frac: float = 0.2
     keep_min: int = 3
-    # The screen only ranks classes, so with many classes it draws fewer images per step: up to `screen_full_classes`
-    # classes it uses `batch`; beyond, batch x screen_full_classes / K (at least screen_min_batch), so a screen step
-    # costs about what a 10-class model's step costs. The classes kept after the screen run on with `batch`.
-    screen_full_classes: int = 10
-    screen_min_batch: int = 8
 
     def screened(self) -> Budget:
         """This budget with the screened schedule: a quarter of the steps (whole rounds) for every class."""
@@ -82,12 +77,6 @@ class Budget:
 
     def kept_classes(self, k: int) -> int:
         return min(k, max(self.keep_min, math.ceil(self.keep_frac * k)))
-
-    def screen_batch(self, k: int) -> int:
-        """Images per step during the screen of `k` classes (`batch` when not screened or k is small)."""
-        if not self.screen_steps or k <= self.screen_full_classes:
-            return self.batch
-        return max(min(self.batch, self.screen_min_batch), self.batch * self.screen_full_classes // k)
 
 
 # early_stop = 5 x patience, Neural Cleanse's ratio (its early_stop_patience is 5 x its patience).
@@ -213,7 +202,7 @@ def reverse_triggers(
     last_acc = torch.zeros(k, device=device)
     history: list[dict[str, Any]] = []
     rounds = max(1, budget.steps // budget.round_steps)
-    full_batch, screen_batch = min(budget.batch, n), min(budget.screen_batch(n_all), n)
+    batch = min(budget.batch, n)
     total = rounds * budget.round_steps
     chunk = k if chunk is None else max(1, chunk)
     screened_out = torch.zeros(k, dtype=torch.bool, device=device)
@@ -221,7 +210,6 @@ def reverse_triggers(
     screen_size: torch.Tensor | None = None
     with frozen(model):
         for step in range(total):
-            batch = screen_batch if step < budget.screen_steps else full_batch
             idx = torch.randint(
                 0, n, (batch,), generator=gen
             )  # drawn every step, even by a finished class: same images alone or batched

@@ -113,7 +113,6 @@ class ReversalDetector(Detector):
             "schedule": "screened" if inputs.budget.screen_steps else "every",
             "screen_steps": inputs.budget.screen_steps or None,
             "kept_after_screen": inputs.budget.kept_classes(num_classes) if inputs.budget.screen_steps else None,
-            "screen_batch": inputs.budget.screen_batch(num_classes) if inputs.budget.screen_steps else None,
             "screened_out": None if rev.screened_out is None else int(rev.screened_out.sum()),
             "log_shrink": shrink,
             "chunk_classes": chunk,  # classes per forward at most (the memory budget's)
