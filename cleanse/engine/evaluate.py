@@ -12,19 +12,28 @@ from cleanse.attacks.trigger import Trigger, rows_at_once
 from cleanse.data.dataset import Dataset
 from cleanse.engine.device import autocast
 
-EVAL_BATCH = 1024
+EVAL_BATCH = 1024  # images per eval forward at 32x32; larger inputs take fewer (eval_batch)
+EVAL_PIXELS = EVAL_BATCH * 32 * 32  # pixels per eval forward: activations grow with H x W, so the batch shrinks
 TRIGGER_CHUNK = 4096  # eligible images triggered (and held) at once by `evaluate`
+
+
+def eval_batch(images: torch.Tensor) -> int:
+    """Images per eval forward for uint8 (N,H,W,C) images: 1024 at 32x32 or smaller, fewer as H x W grows (256 at
+    64x64, 20 at 224x224), so the activations of one forward stay near what 1024 CIFAR images take."""
+    return max(1, min(EVAL_BATCH, EVAL_PIXELS // (images.shape[1] * images.shape[2])))
 
 
 @torch.no_grad()
 def predict(
     model: nn.Module,
     images: torch.Tensor,
-    batch_size: int = EVAL_BATCH,
+    batch_size: int | None = None,
     precision: str = "fp32",
     return_logits: bool = False,
 ) -> torch.Tensor:
-    """Predicted classes (or logits) for uint8 (N,H,W,C) images, computed on the model's device."""
+    """Predicted classes (or logits) for uint8 (N,H,W,C) images, computed on the model's device, `batch_size` images
+    at a time (None: eval_batch)."""
+    batch_size = batch_size or eval_batch(images)
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
