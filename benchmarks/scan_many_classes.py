@@ -1,24 +1,28 @@
-"""`cleanse scan` against the number of classes (issue 29 (a)): wall time, peak memory and the verdict on
-synthetic many-class backdoored models at 64x64.
+"""`cleanse scan` against the number of classes (issue 29 (a)): wall time, peak memory and the verdict on synthetic
+many-class backdoored models at 64x64.
 
     python -m benchmarks.scan_many_classes [--classes 10,50,100,200] [--schedules every,screened]
-                                           [--detectors patch] [--per-class 100] [--epochs 8] [--threads 2]
+                                           [--detectors patch] [--per-class 100] [--epochs 8] [--patch 3] [--threads 2]
     python -m benchmarks.scan_many_classes --table
+    python -m benchmarks.scan_many_classes --replay benchmarks/results/scan_many_classes-run-K100-screened-t1.json
 
 For each K: `cleanse.data.synthetic.make_many_classes(K)` at 64x64 (shape x hue classes; per-class images for
-training, 20 per class for the clean data the scan draws from), BadNets at 10% with target 0, a `cnn` of widths
-32,64,128 trained by cleanse's engine (`--epochs`, cleanse train's defaults otherwise; cached under
-benchmarks/cache/ by configuration), then `cleanse scan MODEL --data CLEAN --detectors D --schedule S` in its own
-process per schedule, sampled every 20 ms for peak RSS (benchmarks/data_scale.py's `measured`). Target: a
-100-class model scanned, right target, in at most 10 minutes and 4 GiB RSS on 2 cores. Writes
-results/scan_many_classes.json and scan_many_classes-table.md (each K's row is stored as soon as it is measured).
+training, 20 per class for the clean data the scan draws from), BadNets (a `--patch`-pixel white square, default 3)
+at 10% with target 0, a `cnn` of widths 32,64,128 trained by cleanse's engine (`--epochs`, cleanse train's defaults
+otherwise; cached under benchmarks/cache/ by configuration), then `cleanse scan MODEL --data CLEAN --detectors D
+--schedule S` in its own process per schedule, sampled every 20 ms for peak RSS (benchmarks/data_scale.py's
+`measured`). Target: a 100-class model scanned, right target, in at most 10 minutes and 4 GiB RSS on 2 cores. Writes
+results/scan_many_classes.json and scan_many_classes-table.md (each K's row is stored as soon as it is measured;
+another --patch writes scan_many_classes-patch<N>*).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
+import shutil
 import sys
 import tempfile
 import time
@@ -39,21 +43,31 @@ from cleanse.models import new_model, save_model
 from cleanse.training_defaults import data_normalization
 
 SIZE = 64
+# The planted patch's side. 3 pixels (BadNets' 3x3 square, unscaled): with badnets' default at 64 px, 6x6, the
+# `cnn`'s clean classes flip with masks of 20-40 pixels and the true trigger itself reverses to 26, so no statistic
+# can single the backdoor out (docs/commands/scan.md, "Many classes"); `--patch 6` reproduces that testbed.
+PATCH = 3
 WIDTH = "32,64,128"
 CLEAN_PER_CLASS = 20
-TABLE = RESULTS / "scan_many_classes-table.md"
 
 
-def trained(classes: int, per_class: int, epochs: int) -> dict[str, Any]:
-    """The backdoored K-class model (cached), its metrics and training seconds."""
+def stem(patch: int) -> str:
+    """Results file names: the default patch's plain, another's marked (scan_many_classes-patch6...)."""
+    return "scan_many_classes" if patch == PATCH else f"scan_many_classes-patch{patch}"
+
+
+def trained(classes: int, per_class: int, epochs: int, patch: int = PATCH) -> dict[str, Any]:
+    """The backdoored K-class model (cached), its metrics and training seconds; `patch`: the BadNets side in
+    pixels."""
     key = {"classes": classes, "per_class": per_class, "epochs": epochs, "size": SIZE, "width": WIDTH, "seed": 0}
+    key |= {"patch": patch} if patch != 6 else {}  # 6 (badnets' default at 64 px) keeps the first models' names
     path = CACHE / f"many-{classes}-badnets-t0-{config_hash(key)}.safetensors"
     info = path.with_suffix(".json")
     if path.is_file() and info.is_file():
         return {"model": str(path), **json.loads(info.read_text())}
     train = make_many_classes(classes, per_class * classes, SIZE, seed=0)
     test = make_many_classes(classes, max(2000, 10 * classes), SIZE, seed=1)
-    poisoned, trigger = poison_dataset(train, "badnets", 0, 0.1, seed=0)
+    poisoned, trigger = poison_dataset(train, "badnets", 0, 0.1, seed=0, params={"size": str(patch)})
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", classes, train.classes, (3, SIZE, SIZE), mean, std, {"width": WIDTH}, seed=0)
     started = time.perf_counter()
@@ -72,7 +86,7 @@ def trained(classes: int, per_class: int, epochs: int) -> dict[str, Any]:
 
 
 def scan_row(
-    classes: int, model: str, schedule: str, detectors: str, threads: int, memory_budget: str | None
+    classes: int, model: str, schedule: str, detectors: str, threads: int, memory_budget: str | None, patch: int
 ) -> dict[str, Any]:
     clean = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -84,8 +98,11 @@ def scan_row(
         env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
         run = measured(argv, env)
         text = (Path(tmp) / "scan" / "scan.json").read_text()
-        # the whole scan.json, kept: a many-class scan takes an hour and its evidence must outlive the temp folder
-        (RESULTS / f"scan_many_classes-scan-K{classes}-{schedule}-t{threads}.json").write_text(text)
+        # the whole scan.json, kept: a many-class scan takes an hour and its evidence must outlive the temp folder;
+        # run.json too, for its per-round history (what a shorter screen would have kept can be read off it)
+        name = f"{stem(patch)}-{{}}-K{classes}-{schedule}-t{threads}.json"
+        (RESULTS / name.format("scan")).write_text(text)
+        shutil.copyfile(Path(tmp) / "scan" / "run.json", RESULTS / name.format("run"))
         doc = json.loads(text)
     return {
         "schedule": schedule,
@@ -97,6 +114,31 @@ def scan_row(
         "memory_budget": memory_budget,
         **run,
     }
+
+
+def replay_screens(run: dict[str, Any], target: int, lengths: list[int]) -> str:
+    """What a screen of each length would have kept, read off a stored run.json's patch-reversal history (a class's
+    trajectory up to the cut does not depend on where the cut falls): the target's rank under the screen's rule
+    (smallest working trigger first, then highest attack success, ties by index), and the screen's class-steps."""
+    rows = {r["step"]: r for r in run["history"] if r.get("phase") == "reverse" and r.get("family") == "patch"}
+    k = len(next(iter(rows.values()))["best_size"])
+    keep = min(k, max(3, math.ceil(0.2 * k)))  # reverse.Budget.kept_classes with its defaults
+    lines = [
+        f"K = {k}, the screen keeps {keep}; target {target}",
+        "",
+        "| screen steps | classes with a working trigger | target's rank | target kept | screen class-steps |",
+        "|---|---|---|---|---|",
+    ]
+    for length in lengths:
+        if length not in rows:
+            continue
+        best = [math.inf if b is None else b for b in rows[length]["best_size"]]
+        success = rows[length]["attack_success"]
+        order = sorted(range(k), key=lambda c: (0, best[c], c) if math.isfinite(best[c]) else (1, -success[c], c))
+        rank = order.index(target)
+        reached = sum(math.isfinite(b) for b in best)
+        lines.append(f"| {length} | {reached} | {rank + 1} | {'yes' if rank < keep else 'no'} | {k * length} |")
+    return "\n".join(lines) + "\n"
 
 
 def _merged(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
@@ -114,7 +156,8 @@ def _cpu(scan: dict[str, Any]) -> str:
 
 def table(doc: dict[str, Any]) -> str:
     lines = [
-        f"synthetic {SIZE}x{SIZE} many-class sets, `cnn` {WIDTH}, BadNets 10% target 0; {doc['machine']['cpu']}, "
+        f"synthetic {SIZE}x{SIZE} many-class sets, `cnn` {WIDTH}, BadNets {doc['settings'].get('patch', 6)}x"
+        f"{doc['settings'].get('patch', 6)} patch at 10%, target 0; {doc['machine']['cpu']}, "
         f"torch {doc['machine']['torch']}; wall times only from a run with nothing beside it count against the target "
         "(CPU s: the process's user + system time)",
         "",
@@ -141,26 +184,34 @@ def main() -> None:
     parser.add_argument("--detectors", default="patch")
     parser.add_argument("--per-class", type=int, default=100)
     parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument("--patch", type=int, default=PATCH, help="the planted BadNets patch's side in pixels")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-budget", default=None, help="scan --memory-budget (default: the scan's own)")
     parser.add_argument("--table", action="store_true", help="only print the stored table")
+    parser.add_argument("--replay", metavar="RUN_JSON", help="only replay shorter screens on a stored run.json")
     args = parser.parse_args()
-    path = RESULTS / "scan_many_classes.json"
+    if args.replay:
+        print(replay_screens(json.loads(Path(args.replay).read_text()), 0, [25, 50, 75, 100, 125, 150]))
+        return
+    path = RESULTS / f"{stem(args.patch)}.json"
+    table_path = RESULTS / f"{stem(args.patch)}-table.md"
     if args.table:
         print(table(json.loads(path.read_text())))
         return
     torch.set_num_threads(args.threads)
-    settings = {"per_class": args.per_class, "epochs": args.epochs}  # threads: per scan
+    settings = {"per_class": args.per_class, "epochs": args.epochs, "patch": args.patch}  # threads: per scan
     doc = {"benchmark": "scan_many_classes", "settings": settings, "machine": machine(), "rows": []}
     if path.is_file():  # rows merge by K, so one K can be (re)measured alone
         stored = json.loads(path.read_text())
-        if {k: stored.get("settings", {}).get(k) for k in settings} == settings:
+        if {k: stored.get("settings", {}).get(k, 6 if k == "patch" else None) for k in settings} == settings:
             doc["rows"] = stored["rows"]
     for classes in (int(k) for k in args.classes.split(",")):
-        model = trained(classes, args.per_class, args.epochs)
+        model = trained(classes, args.per_class, args.epochs, args.patch)
         row = {"classes": classes, **{k: v for k, v in model.items() if k != "model"}, "scans": []}
         for schedule in args.schedules.split(","):
-            scan = scan_row(classes, model["model"], schedule, args.detectors, args.threads, args.memory_budget)
+            scan = scan_row(
+                classes, model["model"], schedule, args.detectors, args.threads, args.memory_budget, args.patch
+            )
             row["scans"].append(scan)
             s = row["scans"][-1]
             print(
@@ -170,8 +221,8 @@ def main() -> None:
                 flush=True,
             )
         doc["rows"] = _merged(doc["rows"], row)
-        write_results("scan_many_classes", doc)
-        TABLE.write_text(table(doc))
+        write_results(stem(args.patch), doc)
+        table_path.write_text(table(doc))
     print(table(doc))
 
 
