@@ -424,8 +424,8 @@ def against_backdoorbench(cells: dict[str, dict[str, Any]]) -> str:
         "Against BackdoorBench (PreAct-ResNet18; its CA drop from its undefended row). Met: ASR no higher, at a CA "
         "drop no larger.",
         "",
-        "| recipe | attack | BackdoorBench CA drop / ASR | ours CA drop / ASR (max) | ASR | CA drop | target |",
-        "|---|---|---|---|---|---|---|",
+        "| recipe | attack | runs | BackdoorBench CA drop / ASR | ours CA drop / ASR (max) | ASR | CA drop | target |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in (n for n in RECIPE_ORDER if n in BACKDOORBENCH):
         for attack in ATTACK_ORDER:
@@ -437,7 +437,8 @@ def against_backdoorbench(cells: dict[str, dict[str, Any]]) -> str:
             asr, drop = 100 * cell["asr"], cell["ca_drop_points"]
             asr_ok, drop_ok = asr <= bb_asr, drop <= bb_drop
             lines.append(
-                f"| {name} | {attack} | {bb_drop:.1f} / {bb_asr:.1f} | {drop:.2f} ({cell['ca_drop_max']:.2f}) / "
+                f"| {name} | {attack} | {cell['n']} | {bb_drop:.1f} / {bb_asr:.1f} | "
+                f"{drop:.2f} ({cell['ca_drop_max']:.2f}) / "
                 f"{asr:.2f} ({100 * cell['asr_max']:.2f}) | {asr - bb_asr:+.2f} | {drop - bb_drop:+.2f} | "
                 f"{_verdict(asr_ok, drop_ok)} |"
             )
