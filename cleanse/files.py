@@ -12,6 +12,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 import struct
@@ -19,7 +20,7 @@ import tempfile
 import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, TypeGuard
+from typing import Any, Protocol, TypeGuard
 
 import torch
 from safetensors import safe_open
@@ -443,18 +444,35 @@ def safetensors_header(
     return struct.pack("<Q", room) + text + b" " * (room - len(text))
 
 
-def write_tensor_bytes(fh: Any, tensor: torch.Tensor, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
-    """Write a CPU tensor's bytes (little-endian, row-major) to `fh` a chunk of rows at a time."""
-    tensor = tensor.detach().reshape(1, -1) if tensor.dim() < 2 else tensor.detach()
-    row_bytes = max(1, tensor[0].numel() * tensor.element_size())
+class RowSource(Protocol):
+    """A tensor computed a block of rows at a time (never whole in memory), for the streamed writer; `rows` is called
+    once per block, in ascending order."""
+
+    @property
+    def dtype(self) -> torch.dtype: ...
+
+    @property
+    def shape(self) -> tuple[int, ...]: ...
+
+    def rows(self, start: int, stop: int) -> torch.Tensor: ...
+
+
+def write_tensor_bytes(fh: Any, tensor: torch.Tensor | RowSource, chunk_bytes: int = STREAM_CHUNK_BYTES) -> None:
+    """Write a CPU tensor's (or a row source's) bytes (little-endian, row-major) to `fh` a chunk of rows at a time."""
+    if isinstance(tensor, torch.Tensor):
+        tensor = tensor.detach().reshape(1, -1) if tensor.dim() < 2 else tensor.detach()
+        shape, rows = tuple(tensor.shape), lambda a, b: tensor[a:b]
+    else:
+        shape, rows = tuple(tensor.shape), tensor.rows
+    row_bytes = max(1, math.prod(shape[1:]) * torch.empty(0, dtype=tensor.dtype).element_size())
     step = max(1, chunk_bytes // row_bytes)
-    for start in range(0, len(tensor), step):
-        block = tensor[start : start + step].to("cpu").contiguous()
+    for start in range(0, shape[0], step):
+        block = rows(start, min(start + step, shape[0])).to("cpu").contiguous()
         fh.write(block.reshape(-1).view(torch.uint8).numpy())
 
 
 def write_safetensors_streamed(
-    path: str | os.PathLike, tensors: dict[str, torch.Tensor], metadata: dict[str, Any]
+    path: str | os.PathLike, tensors: dict[str, torch.Tensor | RowSource], metadata: dict[str, Any]
 ) -> None:
     """Like `write_safetensors`, but the tensors go to disk a chunk at a time: the file is never built in memory."""
     entries = [(name, t.dtype, list(t.shape)) for name, t in tensors.items()]

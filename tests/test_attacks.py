@@ -11,6 +11,7 @@ import torch
 from cleanse.attacks import ATTACKS, Trigger, load_trigger, poison_dataset
 from cleanse.attacks.wanet import identity_grid
 from cleanse.data import Dataset
+from cleanse.data.synthetic import make_synthetic
 from cleanse.errors import CleanseError
 
 
@@ -206,3 +207,40 @@ def test_rows_triggered_at_once_are_bounded_by_their_float32_size():
     assert rows_at_once((224, 224, 3), 1024) == 111  # 588 KiB per row: 64 MiB // 602,112 bytes
     assert rows_at_once((224, 224, 3), 50) == 50
     assert rows_at_once((8192, 8192, 3), 1024) == 1
+
+
+@pytest.mark.parametrize("attack", ["badnets", "wanet", "sig"])
+def test_streamed_poisoning_writes_the_bytes_poisoning_in_memory_does(attack, tmp_path, monkeypatch):
+    import cleanse.attacks.poison as poison
+    from cleanse.data import load_data, save_dataset
+
+    data = make_synthetic("train", n=300)
+    source = tmp_path / "clean.safetensors"
+    save_dataset(data, source)
+    mapped = load_data(str(source))
+    in_memory, _ = poison_dataset(mapped, attack, 0, 0.1, seed=4)
+    save_dataset(in_memory, tmp_path / "a.safetensors")
+    plan = poison.plan_poison(mapped, attack, 0, 0.1, seed=4)
+
+    def no_copy(images):
+        raise AssertionError("streamed poisoning must not copy the whole image tensor")
+
+    monkeypatch.setattr(poison, "private_copy", no_copy)
+    poison.save_poisoned(plan, tmp_path / "b.safetensors")
+    assert (tmp_path / "a.safetensors").read_bytes() == (tmp_path / "b.safetensors").read_bytes()
+    if attack == "wanet":
+        assert in_memory.noise is not None and int(in_memory.noise.sum()) == 60  # noise rows are drawn too
+
+
+def test_poison_plan_rows_in_uneven_blocks_equal_the_poisoned_images():
+    from cleanse.attacks.poison import plan_poison
+
+    data = make_synthetic("train", n=200)
+    plan = plan_poison(data, "wanet", 0, 0.1, seed=1)
+    whole = plan.dataset().images
+    bounds = [0, 7, 8, 90, 150, 200]  # the noise draws run on across block boundaries
+    blocks = torch.cat([plan.rows(a, b) for a, b in zip(bounds, bounds[1:], strict=False)])
+    assert torch.equal(blocks, whole)
+    assert torch.equal(torch.cat([plan.rows(0, 120), plan.rows(120, 200)]), whole)  # row 0 starts the draws again
+    assert not torch.equal(whole[plan.picked], data.images[plan.picked])  # the noise rows did change
+    assert torch.equal(data.images, make_synthetic("train", n=200).images)  # the source is untouched

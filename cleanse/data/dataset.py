@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from cleanse.errors import CleanseError
-from cleanse.files import write_safetensors_streamed
+from cleanse.files import RowSource, write_safetensors_streamed
 from cleanse.formats import FileFormat
 
 DATASET_FILE = FileFormat(
@@ -104,13 +104,19 @@ class Dataset:
 
 
 def save_dataset(dataset: Dataset, path: str | Path) -> None:
-    tensors = {"images": dataset.images, "labels": dataset.labels}
+    tensors: dict[str, torch.Tensor | RowSource] = {"images": dataset.images, "labels": dataset.labels}
     for name in ("poisoned", "original_labels", "noise"):
         value = getattr(dataset, name)
         if value is not None:
             tensors[name] = value
-    meta = {**DATASET_FILE.header(), "classes": dataset.classes, **dataset.meta}
-    write_safetensors_streamed(path, tensors, meta)
+    write_dataset_tensors(path, tensors, dataset.classes, dataset.meta)
+
+
+def write_dataset_tensors(
+    path: str | Path, tensors: dict[str, torch.Tensor | RowSource], classes: list[str], meta: dict[str, Any]
+) -> None:
+    """A dataset file from its tensors (images may be a row source, computed a block at a time), streamed."""
+    write_safetensors_streamed(path, tensors, {**DATASET_FILE.header(), "classes": classes, **meta})
 
 
 def load_dataset_file(path: str | Path) -> Dataset:

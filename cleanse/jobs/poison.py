@@ -7,8 +7,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cleanse.attacks import poison_dataset
-from cleanse.data import Dataset, load_data, save_dataset
+import torch
+
+from cleanse.attacks.poison import plan_poison, save_poisoned
+from cleanse.data import Dataset, load_data
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, write_json_atomic
 from cleanse.jobs.inputs import RunSettings, note_data
@@ -58,13 +60,10 @@ def poison(options: PoisonOptions, settings: RunSettings | None = None, progress
     started = time.perf_counter()
     data = load_data(o.source, split=o.split, cache=not o.no_cache)
     note_data(data, progress)
-    poisoned, trigger = poison_dataset(data, o.attack, o.target, o.rate, seed=s.seed, params=o.params)
-    assert poisoned.poisoned is not None  # a poisoned set always marks its rows
-    counts = {
-        "rows": len(poisoned),
-        "poisoned": int(poisoned.poisoned.sum()),
-        "noise": int(poisoned.noise.sum()) if poisoned.noise is not None else 0,
-    }
+    # planned, then streamed to disk a block at a time: the edited rows are never all in memory
+    plan = plan_poison(data, o.attack, o.target, o.rate, seed=s.seed, params=o.params)
+    trigger = plan.trigger
+    counts = {"rows": len(data), "poisoned": len(plan.chosen), "noise": len(plan.picked)}
     summary = {
         "output": str(o.output),
         "trigger": str(trigger_path),
@@ -92,13 +91,13 @@ def poison(options: PoisonOptions, settings: RunSettings | None = None, progress
         versions=versions(),
     )
     with output_set() as out:
-        save_dataset(poisoned, out.reserve(o.output))
+        save_poisoned(plan, out.reserve(o.output))
         trigger.save(out.reserve(trigger_path))
         if o.preview:
-            idx = poisoned.poisoned.nonzero().flatten()[:8]
+            idx = plan.chosen[:8]
             sheet = image_grid(
-                [data.images[idx], poisoned.images[idx]],
-                col_labels=[_preview_heading(int(i), data, poisoned) for i in idx],
+                [data.images[idx], trigger.apply_uint8(data.images[idx])],
+                col_labels=[_preview_heading(int(i), data, plan.labels) for i in idx],
                 row_labels=["original", "poisoned"],
                 title=f"{o.attack}, target {trigger.describe_target()}: the first {len(idx)} of {counts['poisoned']} "
                 "poisoned rows, before and after",
@@ -108,7 +107,7 @@ def poison(options: PoisonOptions, settings: RunSettings | None = None, progress
     return PoisonResult(summary, counts, trigger.describe_target())
 
 
-def _preview_heading(row: int, data: Dataset, poisoned: Dataset) -> str:
+def _preview_heading(row: int, data: Dataset, labels: torch.Tensor) -> str:
     """A preview column's heading: the row's index and its label, with the new label where poisoning changed it."""
-    before, after = data.classes[int(data.labels[row])], poisoned.classes[int(poisoned.labels[row])]
+    before, after = data.classes[int(data.labels[row])], data.classes[int(labels[row])]
     return f"row {row}\n{before}" if before == after else f"row {row}\n{before} -> {after}"
