@@ -13,7 +13,8 @@ process, with its own decode cache (CLEANSE_CACHE_DIR under benchmarks/cache/), 
 3. `scan MODEL --data FOLDER` with the patch detector, a short budget and a 1 GiB step budget (`--steps 10
    --n-clean 200 --memory-budget 1GiB`: by default a step may take half the free memory, which is the reversal's
    working memory, not the data's);
-4. `unlearn MODEL --data FOLDER --method finetune --clean-frac 0.05 --epochs 1`.
+4. `unlearn MODEL --data FOLDER --method finetune --clean-frac 0.05 --epochs 1`, then again with `--param
+   batch_size=64` (the fine-tuning batch is the fixed part of its footprint).
 
 MODEL is an untrained `cnn` of widths 8,16,16 at 224x224 (memory, not verdicts, is measured here). The parent
 samples each process's /proc/PID/status every 20 ms: peak VmRSS, peak RssAnon (memory the process owns: the
@@ -122,7 +123,7 @@ def measured(argv: list[str], env: dict[str, str]) -> dict[str, Any]:
     }
 
 
-def run_size(n: int, side: int, threads: int) -> dict[str, Any]:
+def run_size(n: int, side: int, threads: int, commands: set[str]) -> dict[str, Any]:
     folder = image_folder(n, side)
     model = tiny_model(side)
     cache = CACHE / f"data-scale-decode-{side}-{n}"
@@ -144,12 +145,19 @@ def run_size(n: int, side: int, threads: int) -> dict[str, Any]:
                 *cli, "unlearn", str(model), "--data", str(folder), "--method", "finetune", "--clean-frac", "0.05",
                 "--epochs", "1", "-o", str(out / "u.safetensors"),
             ],
+            "unlearn batch 64": [  # the fine-tuning batch's activations are the fixed part of unlearn's footprint
+                *cli, "unlearn", str(model), "--data", str(folder), "--method", "finetune", "--clean-frac", "0.05",
+                "--epochs", "1", "--param", "batch_size=64", "-o", str(out / "u64.safetensors"),
+            ],
         }  # fmt: skip
         for name, argv in steps.items():
+            if name.split(" ")[0] not in commands:
+                continue
             row["commands"][name] = measured(argv, env)
             print(f"N={n:>6} {name:20} " + _cells(row["commands"][name]), flush=True)
         row["cache_file_mib"] = sum(f.stat().st_size for f in cache.glob("*.safetensors")) / MIB
-        row["poisoned_file_mib"] = (out / "p.safetensors").stat().st_size / MIB
+        if "poison" in commands:
+            row["poisoned_file_mib"] = (out / "p.safetensors").stat().st_size / MIB
     shutil.rmtree(cache, ignore_errors=True)
     return row
 
@@ -183,6 +191,7 @@ def main() -> None:
     parser.add_argument("--sizes", default="2000,10000,20000")
     parser.add_argument("--side", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--commands", default="poison,scan,unlearn", help="measure only these (rows merge by N)")
     parser.add_argument("--table", action="store_true", help="only print the stored table")
     args = parser.parse_args()
     if args.table:
@@ -193,8 +202,20 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     settings = {"side": args.side, "threads": args.threads}
     doc = {"benchmark": "data_scale", "settings": settings, "machine": machine(), "rows": []}
+    path = RESULTS / "data_scale.json"
+    if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
+        doc["rows"] = json.loads(path.read_text())["rows"]
+    commands = set(args.commands.split(","))
     for n in (int(s) for s in args.sizes.split(",")):
-        doc["rows"].append(run_size(n, args.side, args.threads))
+        row = run_size(n, args.side, args.threads, commands)
+        old = next((r for r in doc["rows"] if r["n"] == n), None)
+        if old is not None:  # this run's commands replace the stored ones; the others stay
+            row = {
+                **old,
+                **{k: v for k, v in row.items() if k != "commands"},
+                "commands": {**old["commands"], **row["commands"]},
+            }
+        doc["rows"] = sorted([r for r in doc["rows"] if r["n"] != n] + [row], key=lambda r: r["n"])
     write_results("data_scale", doc)
     TABLE.write_text(table(doc))
     print(table(doc))
