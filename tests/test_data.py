@@ -53,6 +53,18 @@ def test_image_folder_cache_is_reused_and_invalidated(tmp_path, monkeypatch):
         load_data(str(root))
 
 
+def test_a_model_sized_read_reuses_the_folder_read_at_its_own_size(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "f")
+    native = load_data(str(root))  # poison and train read a folder at its own size, with no model
+    caches = sorted(sources.cache_dir().glob("imagefolder-*.safetensors"))
+    monkeypatch.setattr(sources, "_decode", lambda path: pytest.fail("decoded although cached"))
+    fitted = load_data(str(root), image_size=(32, 32))  # unlearn or scan with a 32x32 model
+    assert torch.equal(fitted.images, native.images) and fitted.notes == native.notes
+    assert sorted(sources.cache_dir().glob("imagefolder-*.safetensors")) == caches  # no second cache file
+    with pytest.raises(BaseException, match="decoded although cached"):
+        load_data(str(root), image_size=(16, 16))  # another size is a different decode
+
+
 def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
     root = tmp_path / "bomb"
     (root / "a").mkdir(parents=True)

@@ -298,6 +298,11 @@ def _read_cache(cached: Path, root: Path) -> Dataset | None:
         return None  # a damaged cache entry is rebuilt
 
 
+def _cache_file(key_parts: list) -> Path:
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
+    return cache_dir() / f"imagefolder-{key}.safetensors"
+
+
 def _load_image_folder(
     root: Path, use_cache: bool, image_size: tuple[int, int] | None, preprocess: str = "resize"
 ) -> Dataset:
@@ -306,11 +311,17 @@ def _load_image_folder(
     key_parts: list = [CACHE_VERSION, str(root), files, non_images, list(image_size) if image_size else None]
     if preprocess != "resize":  # today's keys stay valid for plain resizing
         key_parts.append(preprocess)
-    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
-    cached = cache_dir() / f"imagefolder-{key}.safetensors"
+    cached = _cache_file(key_parts)
     if use_cache and cached.is_file():
         dataset = _read_cache(cached, root)
         if dataset is not None:
+            return dataset
+    if use_cache and image_size and preprocess == "resize":
+        # The folder read at its own size (by poison or train, with no model) fits a model of that size as it is:
+        # the same decode, so the cache is reused instead of decoding the folder into a second file.
+        native = _cache_file(key_parts[:4] + [None])
+        dataset = _read_cache(native, root) if native.is_file() else None
+        if dataset is not None and dataset.image_size == tuple(image_size):
             return dataset
     with ThreadPoolExecutor(max_workers=min(8, (os.cpu_count() or 1) * 2)) as pool:
         sizes = list(pool.map(lambda f: _probe(root / f[0]), files, chunksize=256))
