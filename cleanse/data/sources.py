@@ -298,7 +298,11 @@ def _read_cache(cached: Path, root: Path) -> Dataset | None:
         return None  # a damaged cache entry is rebuilt
 
 
-def _cache_file(key_parts: list) -> Path:
+def _cache_file(root: Path, files: list, non_images: int, image_size: tuple[int, int] | None, preprocess: str) -> Path:
+    """The decode cache of an ImageFolder listing, read at `image_size` (None: its own) with `preprocess`."""
+    key_parts: list = [CACHE_VERSION, str(root), files, non_images, list(image_size) if image_size else None]
+    if preprocess != "resize":  # today's keys stay valid for plain resizing
+        key_parts.append(preprocess)
     key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:32]
     return cache_dir() / f"imagefolder-{key}.safetensors"
 
@@ -308,10 +312,7 @@ def _load_image_folder(
 ) -> Dataset:
     root = root.resolve()
     classes, files, non_images = _list_image_folder(root)
-    key_parts: list = [CACHE_VERSION, str(root), files, non_images, list(image_size) if image_size else None]
-    if preprocess != "resize":  # today's keys stay valid for plain resizing
-        key_parts.append(preprocess)
-    cached = _cache_file(key_parts)
+    cached = _cache_file(root, files, non_images, image_size, preprocess)
     if use_cache and cached.is_file():
         dataset = _read_cache(cached, root)
         if dataset is not None:
@@ -319,7 +320,7 @@ def _load_image_folder(
     if use_cache and image_size and preprocess == "resize":
         # The folder read at its own size (by poison or train, with no model) fits a model of that size as it is:
         # the same decode, so the cache is reused instead of decoding the folder into a second file.
-        native = _cache_file(key_parts[:4] + [None])
+        native = _cache_file(root, files, non_images, None, "resize")
         dataset = _read_cache(native, root) if native.is_file() else None
         if dataset is not None and dataset.image_size == tuple(image_size):
             return dataset
