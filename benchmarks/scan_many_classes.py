@@ -40,6 +40,7 @@ from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import evaluate
 from cleanse.engine.train import TrainConfig, train_model
 from cleanse.models import new_model, save_model
+from cleanse.scan.reverse import BUDGETS
 from cleanse.training_defaults import data_normalization
 
 SIZE = 64
@@ -122,7 +123,7 @@ def replay_screens(run: dict[str, Any], target: int, lengths: list[int]) -> str:
     (smallest working trigger first, then highest attack success, ties by index), and the screen's class-steps."""
     rows = {r["step"]: r for r in run["history"] if r.get("phase") == "reverse" and r.get("family") == "patch"}
     k = len(next(iter(rows.values()))["best_size"])
-    keep = min(k, max(3, math.ceil(0.2 * k)))  # reverse.Budget.kept_classes with its defaults
+    keep = BUDGETS["full"].kept_classes(k)
     lines = [
         f"K = {k}, the screen keeps {keep}; target {target}",
         "",
