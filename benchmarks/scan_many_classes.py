@@ -57,18 +57,21 @@ def stem(patch: int) -> str:
     return "scan_many_classes" if patch == PATCH else f"scan_many_classes-patch{patch}"
 
 
-def trained(classes: int, per_class: int, epochs: int, patch: int = PATCH) -> dict[str, Any]:
+def trained(classes: int, per_class: int, epochs: int, patch: int = PATCH, clean: bool = False) -> dict[str, Any]:
     """The backdoored K-class model (cached), its metrics and training seconds; `patch`: the BadNets side in
-    pixels."""
+    pixels; `clean`: trained on the unpoisoned set instead (its ASR is the planted trigger's on a clean model)."""
     key = {"classes": classes, "per_class": per_class, "epochs": epochs, "size": SIZE, "width": WIDTH, "seed": 0}
     key |= {"patch": patch} if patch != 6 else {}  # 6 (badnets' default at 64 px) keeps the first models' names
-    path = CACHE / f"many-{classes}-badnets-t0-{config_hash(key)}.safetensors"
+    key |= {"clean": True} if clean else {}
+    kind = "clean" if clean else "badnets-t0"
+    path = CACHE / f"many-{classes}-{kind}-{config_hash(key)}.safetensors"
     info = path.with_suffix(".json")
     if path.is_file() and info.is_file():
         return {"model": str(path), **json.loads(info.read_text())}
     train = make_many_classes(classes, per_class * classes, SIZE, seed=0)
     test = make_many_classes(classes, max(2000, 10 * classes), SIZE, seed=1)
     poisoned, trigger = poison_dataset(train, "badnets", 0, 0.1, seed=0, params={"size": str(patch)})
+    poisoned = train if clean else poisoned
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", classes, train.classes, (3, SIZE, SIZE), mean, std, {"width": WIDTH}, seed=0)
     started = time.perf_counter()
@@ -87,7 +90,14 @@ def trained(classes: int, per_class: int, epochs: int, patch: int = PATCH) -> di
 
 
 def scan_row(
-    classes: int, model: str, schedule: str, detectors: str, threads: int, memory_budget: str | None, patch: int
+    classes: int,
+    model: str,
+    schedule: str,
+    detectors: str,
+    threads: int,
+    memory_budget: str | None,
+    patch: int,
+    clean: bool = False,
 ) -> dict[str, Any]:
     clean = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
@@ -101,7 +111,7 @@ def scan_row(
         text = (Path(tmp) / "scan" / "scan.json").read_text()
         # the whole scan.json, kept: a many-class scan takes an hour and its evidence must outlive the temp folder;
         # run.json too, for its per-round history (what a shorter screen would have kept can be read off it)
-        name = f"{stem(patch)}-{{}}-K{classes}-{schedule}-t{threads}.json"
+        name = f"{stem(patch)}-{{}}-K{classes}{'-clean' if clean else ''}-{schedule}-t{threads}.json"
         (RESULTS / name.format("scan")).write_text(text)
         shutil.copyfile(Path(tmp) / "scan" / "run.json", RESULTS / name.format("run"))
         doc = json.loads(text)
@@ -109,9 +119,10 @@ def scan_row(
         "schedule": schedule,
         "detectors": detectors,
         "suspected_targets": doc["suspected_targets"],
-        "right_target": doc["suspected_targets"] == [0],
+        "right_target": doc["suspected_targets"] == ([] if clean else [0]),  # a clean model: nothing flagged
         "class_steps": {name: d.get("steps_run_total") for name, d in doc["detectors"].items()},
         "threads": threads,
+        "cpu": machine()["cpu"],  # rows merge across sessions, whose machines differ
         "memory_budget": memory_budget,
         **run,
     }
@@ -143,12 +154,17 @@ def replay_screens(run: dict[str, Any], target: int, lengths: list[int]) -> str:
 
 
 def _merged(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, Any]]:
-    """`rows` with K's row updated: its scans replaced by schedule and thread count, the others kept."""
-    old = next((r for r in rows if r["classes"] == row["classes"]), None)
+    """`rows` with the row of K (backdoored or clean) updated: its scans replaced by schedule and thread count, the
+    others kept."""
+
+    def same(r: dict[str, Any]) -> bool:
+        return r["classes"] == row["classes"] and r.get("clean", False) == row.get("clean", False)
+
+    old = next((r for r in rows if same(r)), None)
     if old is not None:
         new = {(s["schedule"], s.get("threads")) for s in row["scans"]}
         row["scans"] = [s for s in old["scans"] if (s["schedule"], s.get("threads")) not in new] + row["scans"]
-    return sorted([r for r in rows if r["classes"] != row["classes"]] + [row], key=lambda r: r["classes"])
+    return sorted([r for r in rows if not same(r)] + [row], key=lambda r: (r["classes"], r.get("clean", False)))
 
 
 def _cpu(scan: dict[str, Any]) -> str:
@@ -158,20 +174,24 @@ def _cpu(scan: dict[str, Any]) -> str:
 def table(doc: dict[str, Any]) -> str:
     lines = [
         f"synthetic {SIZE}x{SIZE} many-class sets, `cnn` {WIDTH}, BadNets {doc['settings'].get('patch', 6)}x"
-        f"{doc['settings'].get('patch', 6)} patch at 10%, target 0; {doc['machine']['cpu']}, "
-        f"torch {doc['machine']['torch']}; wall times only from a run with nothing beside it count against the target "
-        "(CPU s: the process's user + system time)",
+        f"{doc['settings'].get('patch', 6)} patch at 10%, target 0; torch {doc['machine']['torch']}; wall times only "
+        "from a run with nothing beside it count against the target, and compare only within one machine (CPU s: the "
+        "process's user + system time)",
         "",
-        "| K | CA | ASR | schedule | detectors | threads | suspected | class-steps | wall s | CPU s | peak RSS MiB "
-        "| peak anon MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| K | model | CA | ASR | schedule | detectors | machine | threads | suspected | verdict | class-steps "
+        "| wall s | CPU s | peak RSS MiB | peak anon MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in doc["rows"]:
         for s in row["scans"]:
             steps = ", ".join(f"{k} {v}" for k, v in s["class_steps"].items() if v is not None)
             lines.append(
-                f"| {row['classes']} | {row['clean_accuracy']:.3f} | {row['attack_success_rate']:.3f} | "
-                f"{s['schedule']} | {s['detectors']} | {s.get('threads', '-')} | {s['suspected_targets']} | {steps} | "
+                f"| {row['classes']} | {'clean' if row.get('clean') else 'backdoored'} | "
+                f"{row['clean_accuracy']:.3f} | {row['attack_success_rate']:.3f} | "
+                f"{s['schedule']} | {s['detectors']} | {s.get('cpu', doc['machine']['cpu'])} | "
+                f"{s.get('threads', '-')} | "
+                f"{s['suspected_targets']} | "
+                f"{'right' if s['right_target'] else 'wrong'} | {steps} | "
                 f"{s['seconds']:.0f} | {_cpu(s)} | "
                 f"{s['peak_rss_mib']:.0f} | {s['peak_anon_mib']:.0f} |"
             )
@@ -188,6 +208,9 @@ def main() -> None:
     parser.add_argument("--patch", type=int, default=PATCH, help="the planted BadNets patch's side in pixels")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--memory-budget", default=None, help="scan --memory-budget (default: the scan's own)")
+    parser.add_argument(
+        "--clean", action="store_true", help="scan clean K-class models instead (the right verdict: nothing flagged)"
+    )
     parser.add_argument("--table", action="store_true", help="only print the stored table")
     parser.add_argument("--replay", metavar="RUN_JSON", help="only replay shorter screens on a stored run.json")
     args = parser.parse_args()
@@ -207,16 +230,25 @@ def main() -> None:
         if {k: stored.get("settings", {}).get(k, 6 if k == "patch" else None) for k in settings} == settings:
             doc["rows"] = stored["rows"]
     for classes in (int(k) for k in args.classes.split(",")):
-        model = trained(classes, args.per_class, args.epochs, args.patch)
-        row = {"classes": classes, **{k: v for k, v in model.items() if k != "model"}, "scans": []}
+        model = trained(classes, args.per_class, args.epochs, args.patch, args.clean)
+        row = {"classes": classes, "clean": args.clean, **{k: v for k, v in model.items() if k != "model"}}
+        row["scans"] = []
         for schedule in args.schedules.split(","):
             scan = scan_row(
-                classes, model["model"], schedule, args.detectors, args.threads, args.memory_budget, args.patch
+                classes,
+                model["model"],
+                schedule,
+                args.detectors,
+                args.threads,
+                args.memory_budget,
+                args.patch,
+                args.clean,
             )
             row["scans"].append(scan)
             s = row["scans"][-1]
             print(
-                f"K={classes:>4} CA {row['clean_accuracy']:.3f} ASR {row['attack_success_rate']:.3f} "
+                f"K={classes:>4} {'clean ' if args.clean else ''}CA {row['clean_accuracy']:.3f} "
+                f"ASR {row['attack_success_rate']:.3f} "
                 f"{schedule:9} suspected {s['suspected_targets']} {s['seconds']:.0f}s "
                 f"rss {s['peak_rss_mib']:.0f} MiB",
                 flush=True,

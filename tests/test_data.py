@@ -65,6 +65,27 @@ def test_a_model_sized_read_reuses_the_folder_read_at_its_own_size(tmp_path, mon
         load_data(str(root), image_size=(16, 16))  # another size is a different decode
 
 
+def test_a_read_at_the_folders_own_size_reuses_an_earlier_model_sized_read(tmp_path, monkeypatch):
+    root = make_folder(tmp_path / "f")
+    before = set(sources.cache_dir().glob("imagefolder-*.safetensors"))
+    fitted = load_data(str(root), image_size=(32, 32))  # unlearn first, with a 32x32 model: the folder's own size
+    caches = sorted(sources.cache_dir().glob("imagefolder-*.safetensors"))
+    assert len(set(caches) - before) == 1
+    monkeypatch.setattr(sources, "_decode", lambda path: pytest.fail("decoded although cached"))
+    native = load_data(str(root))  # then poison, with no model
+    assert torch.equal(native.images, fitted.images) and native.notes == fitted.notes
+    assert sorted(sources.cache_dir().glob("imagefolder-*.safetensors")) == caches
+    assert load_data(str(root), image_size=(32, 32)).images.shape == (5, 32, 32, 3)
+
+
+def test_a_model_sized_read_at_another_size_keeps_its_own_cache(tmp_path):
+    root = make_folder(tmp_path / "f")
+    before = set(sources.cache_dir().glob("imagefolder-*.safetensors"))
+    load_data(str(root), image_size=(16, 16))
+    load_data(str(root))
+    assert len(set(sources.cache_dir().glob("imagefolder-*.safetensors")) - before) == 2  # two different decodes
+
+
 def test_decompression_bomb_is_skipped(tmp_path, monkeypatch):
     root = tmp_path / "bomb"
     (root / "a").mkdir(parents=True)

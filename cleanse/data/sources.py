@@ -317,10 +317,10 @@ def _load_image_folder(
         dataset = _read_cache(cached, root)
         if dataset is not None:
             return dataset
+    native = _cache_file(root, files, non_images, None, "resize")
     if use_cache and image_size and preprocess == "resize":
         # The folder read at its own size (by poison or train, with no model) fits a model of that size as it is:
         # the same decode, so the cache is reused instead of decoding the folder into a second file.
-        native = _cache_file(root, files, non_images, None, "resize")
         dataset = _read_cache(native, root) if native.is_file() else None
         if dataset is not None and dataset.image_size == tuple(image_size):
             return dataset
@@ -329,8 +329,12 @@ def _load_image_folder(
         readable = [f for f, size in zip(files, sizes, strict=True) if size is not None]
         if not readable:
             raise CleanseError(f"{root}: no readable images in the ImageFolder; check the files")
-        target = tuple(image_size) if image_size else Counter(s for s in sizes if s is not None).most_common(1)[0][0]
-        target = (int(target[0]), int(target[1]))
+        own = Counter(s for s in sizes if s is not None).most_common(1)[0][0]
+        target = (int(image_size[0]), int(image_size[1])) if image_size else (int(own[0]), int(own[1]))
+        if preprocess == "resize" and target == tuple(own):
+            # A model-sized read at the folder's own size decodes exactly what the own-size read does: it writes
+            # that cache, so a later read without a model (poison, train) finds it too.
+            cached = native
         folder = _Folder(root, classes, len(files), non_images, readable, target, preprocess)
         if use_cache and folder_writable(cached.parent):
             _decode_to_cache(folder, pool, cached)
