@@ -86,9 +86,12 @@ def test_warp_reversal_recovers_a_planted_shift():
     assert rev.reached.tolist() == [False, False, True] and rev.size[2] < 1.0
     trig = WARP.trigger({"grid": grid[2]}, 2, (3, SIZE, SIZE), "fast")
     assert trig.kind == "warp" and trig.align_corners
-    # the smallest trigger that worked on 16-image batches sits near the 90% boundary on all 60 others
+    # The smallest warp that worked on 16-image batches sits near the 90% boundary, so on all 60 others it moves
+    # most but not a fixed share: 0.65-1.0 over scan seeds 0-2 on an AVX2 CPU (fp32), above 0.7 on AVX-512; no image
+    # goes to class 2 without it.
     x = images[labels != 2].permute(0, 3, 1, 2).float() / 255
-    assert (model(trig.apply(x)).argmax(1) == 2).float().mean() > 0.7
+    assert (model(x).argmax(1) == 2).float().mean() == 0
+    assert (model(trig.apply(x)).argmax(1) == 2).float().mean() > 0.5
 
 
 def test_each_family_sizes_by_hand():

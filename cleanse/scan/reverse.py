@@ -247,9 +247,11 @@ def reverse_triggers(
                 ok = active & (acc >= family.success)
                 reached |= ok
                 # The state a class keeps must itself work, not only the round's average over changing states:
-                # the round's last batch, stamped with the state as it ends the round.
+                # the round's last batch, stamped with the state as it ends the round. Only a class whose round
+                # succeeded can keep its state, so only those are checked (most of a many-class screen is not).
                 works = torch.zeros(k, dtype=torch.bool, device=device)
-                for part in parts:
+                checked = ok.nonzero().squeeze(1)
+                for part in checked.split(chunk) if len(checked) else ():
                     end = _stamped_logits(model, family, x, [p[part] for p in params], precision)
                     valid = (y.unsqueeze(0) != targets[part].unsqueeze(1)).float()
                     works[part] = _hit_rate(end, targets[part], valid) >= family.success
