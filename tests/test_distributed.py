@@ -36,6 +36,7 @@ def _train(tmp_path: Path, name: str, ranks: int, extra: list[str]) -> dict:
     return json.loads((tmp_path / f"{name}.safetensors.run.json").read_text())
 
 
+@pytest.mark.slow  # trains (or unlearns) in two torchrun ranks and one process: 40-50 s on one thread
 def test_two_ranks_train_the_weights_of_one_process_and_only_rank_0_writes(tmp_path):
     """Without BatchNorm the only difference is the order of float sums: measured 1.3e-6 after 2 epochs (AdamW)."""
     from safetensors.torch import load_file
@@ -120,6 +121,7 @@ def _history(folder: Path, out: str) -> list[dict]:
     ]
 
 
+@pytest.mark.slow  # trains (or unlearns) in two torchrun ranks and one process: 40-50 s on one thread
 def test_tar_ewc_over_two_ranks_follows_the_one_process_run_and_only_rank_0_writes(unlearn_inputs):
     """Each rank takes half of every batch, of the Fisher's samples and of each batch's triggered images; the loss,
     its parts and the batch ASR come back as the global batch's, so every figure of every check matches one process
