@@ -74,6 +74,7 @@ def trained(classes: int, per_class: int, epochs: int, patch: int = PATCH, clean
     poisoned = train if clean else poisoned
     mean, std = data_normalization(poisoned)
     model = new_model("cnn", classes, train.classes, (3, SIZE, SIZE), mean, std, {"width": WIDTH}, seed=0)
+    CACHE.mkdir(parents=True, exist_ok=True)  # a fresh checkout has none
     started = time.perf_counter()
     precision = resolve_precision("auto", torch.device("cpu"))
     train_model(model, poisoned, TrainConfig(epochs=epochs, precision=precision))
@@ -99,10 +100,10 @@ def scan_row(
     patch: int,
     clean: bool = False,
 ) -> dict[str, Any]:
-    clean = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
+    clean_set = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         data = Path(tmp) / "clean.safetensors"
-        save_dataset(clean, data)
+        save_dataset(clean_set, data)
         argv = [sys.executable, "-m", "cleanse", "scan", model, "--data", str(data), "--detectors", detectors]
         argv += ["--schedule", schedule, "-o", str(Path(tmp) / "scan"), "--json", "--quiet"]
         argv += ["--memory-budget", memory_budget] if memory_budget else []

@@ -460,3 +460,25 @@ def test_the_sheet_shows_a_bounded_set_of_classes_flagged_first():
     even_top = sorted(range(98, -1, -2))[-(SHEET_CLASSES - 2) :]  # the largest small-side scores
     assert set(shown) == {3, 5, *even_top}
     assert sheet_classes(10, {"patch": report}, flagged=set()) == list(range(10))
+
+
+def test_a_class_whose_rounds_succeed_but_whose_state_never_holds_keeps_its_last_state(monkeypatch):
+    """Every round's average success reaches the level, but the end-of-round check (every sixth hit-rate call here:
+    five steps, then the check) always fails: no state is ever kept. Each class then keeps its last state and its
+    finite size, and counts as not having reached a working trigger; an inf size would make every anomaly index
+    NaN and hide a real target (seen on a 10-class synthetic model)."""
+    from cleanse.scan import reverse
+
+    calls = iter(range(1, 10_000))
+
+    def hit_rate(logits: torch.Tensor, targets: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+        return torch.full((len(targets),), 0.0 if next(calls) % 6 == 0 else 1.0)
+
+    monkeypatch.setattr(reverse, "_hit_rate", hit_rate)
+    model = Tiny().eval()
+    images, labels = tiny_data()
+    rev = reverse_triggers(model, images, labels, [0, 1, 2], Budget(steps=20, batch=8, round_steps=5), seed=3)
+    assert rev.reached.tolist() == [False, False, False]
+    assert torch.isfinite(rev.size).all() and rev.success.tolist() == [1.0, 1.0, 1.0]
+    assert torch.allclose(rev.size, rev.masks.sum((1, 2)), rtol=1e-5)  # the last state's own size
+    assert torch.isfinite(anomaly_index(rev.size, "log", "loo-z")).all()

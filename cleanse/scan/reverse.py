@@ -104,7 +104,7 @@ class Reversed:
     tensors: dict[str, torch.Tensor]  # the best trigger tensors per class, leading class dimension
     size: torch.Tensor  # (K,) the family's size of each best trigger
     success: torch.Tensor  # (K,) attack success (optimisation batches) of the round the best state came from
-    reached: torch.Tensor  # (K,) bool: did the class ever reach the family's success level?
+    reached: torch.Tensor  # (K,) bool: did the class keep a working trigger (a state that reached the success level)?
     cost: torch.Tensor  # (K,) final cost
     steps_run: (
         torch.Tensor
@@ -316,7 +316,11 @@ def reverse_triggers(
                 if not bool(active_all.any()):
                     break
     with torch.no_grad():
-        never = ~reached  # a class that never succeeded keeps its last state
+        # A class with no kept state keeps its last one: it never succeeded, or its rounds succeeded on average but
+        # the state that ended them never held on the round's last batch (an inf size would turn every class's
+        # anomaly index into NaN). Only a kept state counts as a working trigger.
+        never = ~torch.isfinite(best_size)
+        reached = ~never
         for kept, p in zip(best, params, strict=True):
             kept[never] = p[never]
         best_size = torch.where(never, family.size(params), best_size)
