@@ -22,14 +22,14 @@ from __future__ import annotations
 
 import argparse
 import re
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from benchmarks.common import CACHE, KEPT_MODELS, RESULTS, machine, require_cifar, write_results
+from benchmarks.scan_many_classes import clean_set
 from cleanse.data import load_data
-from cleanse.data.synthetic import make_many_classes
+from cleanse.engine.evaluate import predict
 from cleanse.models import load_model
 
 GLOBAL_THETA = 0.95
@@ -55,12 +55,6 @@ def rank(values: torch.Tensor, target: int) -> int:
     return order.index(target) + 1
 
 
-def logits_of(model_path: Path, images: torch.Tensor) -> torch.Tensor:
-    model = load_model(model_path).eval()
-    with torch.no_grad():
-        return torch.cat([model(x.permute(0, 3, 1, 2).float().div(255)).float() for x in images.split(250)])
-
-
 def models(n: int) -> list[dict[str, Any]]:
     """(name, model path, target or None for a clean model, clean images, labels) for every model to screen."""
     found = []
@@ -78,7 +72,7 @@ def models(n: int) -> list[dict[str, Any]]:
         if match is None or not path.with_suffix(".json").is_file():
             continue
         classes, kind = int(match.group(1)), match.group(2)
-        clean = make_many_classes(classes, 20 * classes, 64, seed=2)  # scan_many_classes.py's clean set
+        clean = clean_set(classes)
         found.append(
             {
                 "name": f"synthetic {classes}-class cnn {'clean' if kind == 'clean' else 'badnets'} ({path.stem[-8:]})",
@@ -123,7 +117,7 @@ def main() -> None:
     rows = []
     for m in models(args.n):
         images, labels = m["data"].images[m["pick"]], m["data"].labels[m["pick"]]
-        logits = logits_of(m["path"], images)
+        logits = predict(load_model(m["path"]), images, return_logits=True)
         num = logits.shape[1]
         k = max(2, round(args.gamma * num))
         glob, local = shares(logits, labels, k)

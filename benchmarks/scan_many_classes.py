@@ -34,7 +34,7 @@ import torch
 from benchmarks.common import CACHE, RESULTS, config_hash, machine, write_results
 from benchmarks.data_scale import measured
 from cleanse.attacks import poison_dataset
-from cleanse.data.dataset import save_dataset
+from cleanse.data.dataset import Dataset, save_dataset
 from cleanse.data.synthetic import make_many_classes
 from cleanse.engine.device import resolve_precision
 from cleanse.engine.evaluate import evaluate
@@ -90,6 +90,11 @@ def trained(classes: int, per_class: int, epochs: int, patch: int = PATCH, clean
     return {"model": str(path), **doc}
 
 
+def clean_set(classes: int) -> Dataset:
+    """The clean images a K-class model is scanned with (held apart from its training and test sets by the seed)."""
+    return make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
+
+
 def scan_row(
     classes: int,
     model: str,
@@ -100,10 +105,9 @@ def scan_row(
     patch: int,
     clean: bool = False,
 ) -> dict[str, Any]:
-    clean_set = make_many_classes(classes, CLEAN_PER_CLASS * classes, SIZE, seed=2)
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         data = Path(tmp) / "clean.safetensors"
-        save_dataset(clean_set, data)
+        save_dataset(clean_set(classes), data)
         argv = [sys.executable, "-m", "cleanse", "scan", model, "--data", str(data), "--detectors", detectors]
         argv += ["--schedule", schedule, "-o", str(Path(tmp) / "scan"), "--json", "--quiet"]
         argv += ["--memory-budget", memory_budget] if memory_budget else []
