@@ -184,19 +184,24 @@ def table(doc: dict[str, Any]) -> str:
         "process's user + system time)",
         "",
         "| K | model | CA | ASR | schedule | detectors | machine | threads | suspected | verdict | class-steps "
-        "| wall s | CPU s | peak RSS MiB | peak anon MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| image-steps | wall s | CPU s | peak RSS MiB | peak anon MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in doc["rows"]:
         for s in row["scans"]:
             steps = ", ".join(f"{k} {v}" for k, v in s["class_steps"].items() if v is not None)
+            # one clean image through a forward and backward; every step takes the full budget's whole batch, except
+            # in the shared-batch screen experiment, whose rows recorded their own count
+            counted = s.get("image_steps") or {k: v * BUDGETS["full"].batch for k, v in s["class_steps"].items() if v}
+            images = ", ".join(f"{k} {v}" for k, v in counted.items() if v is not None)
             lines.append(
                 f"| {row['classes']} | {'clean' if row.get('clean') else 'backdoored'} | "
-                f"{row['clean_accuracy']:.3f} | {row['attack_success_rate']:.3f} | "
+                f"{s.get('model_ca', row['clean_accuracy']):.3f} | "
+                f"{s.get('model_asr', row['attack_success_rate']):.3f} | "
                 f"{s['schedule']} | {s['detectors']} | {s.get('cpu', doc['machine']['cpu'])} | "
                 f"{s.get('threads', '-')} | "
                 f"{s['suspected_targets']} | "
-                f"{'right' if s['right_target'] else 'wrong'} | {steps} | "
+                f"{'right' if s['right_target'] else 'wrong'} | {steps} | {images} | "
                 f"{s['seconds']:.0f} | {_cpu(s)} | "
                 f"{s['peak_rss_mib']:.0f} | {s['peak_anon_mib']:.0f} |"
             )
@@ -249,6 +254,9 @@ def main() -> None:
                 args.patch,
                 args.clean,
             )
+            # the model's own figures beside its scan: a K retrained on another machine replaces the row's, not the
+            # older scans' (rows merge by K)
+            scan |= {"model_ca": model["clean_accuracy"], "model_asr": model["attack_success_rate"]}
             row["scans"].append(scan)
             s = row["scans"][-1]
             print(
