@@ -126,6 +126,8 @@ def scan_row(
         "suspected_targets": doc["suspected_targets"],
         "right_target": doc["suspected_targets"] == ([] if clean else [0]),  # a clean model: nothing flagged
         "class_steps": {name: d.get("steps_run_total") for name, d in doc["detectors"].items()},
+        # classes per forward: the memory plan's chunk (on a CPU at most 256 MiB a forward since 2026-12-07)
+        "chunk_classes": {name: d.get("chunk_classes") for name, d in doc["detectors"].items()},
         "threads": threads,
         "cpu": machine()["cpu"],  # rows merge across sessions, whose machines differ
         "memory_budget": memory_budget,
@@ -172,6 +174,11 @@ def _merged(rows: list[dict[str, Any]], row: dict[str, Any]) -> list[dict[str, A
     return sorted([r for r in rows if not same(r)] + [row], key=lambda r: (r["classes"], r.get("clean", False)))
 
 
+def _chunks(scan: dict[str, Any]) -> str:
+    chunks = scan.get("chunk_classes") or {}
+    return ", ".join(f"{k} {v}" for k, v in chunks.items() if v is not None) or "-"
+
+
 def _cpu(scan: dict[str, Any]) -> str:
     return f"{scan['cpu_seconds']:.0f}" if "cpu_seconds" in scan else "-"
 
@@ -184,8 +191,8 @@ def table(doc: dict[str, Any]) -> str:
         "process's user + system time)",
         "",
         "| K | model | CA | ASR | schedule | detectors | machine | threads | suspected | verdict | class-steps "
-        "| image-steps | wall s | CPU s | peak RSS MiB | peak anon MiB |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "| image-steps | classes per forward | wall s | CPU s | peak RSS MiB | peak anon MiB |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for row in doc["rows"]:
         for s in row["scans"]:
@@ -201,7 +208,7 @@ def table(doc: dict[str, Any]) -> str:
                 f"{s['schedule']} | {s['detectors']} | {s.get('cpu', doc['machine']['cpu'])} | "
                 f"{s.get('threads', '-')} | "
                 f"{s['suspected_targets']} | "
-                f"{'right' if s['right_target'] else 'wrong'} | {steps} | {images} | "
+                f"{'right' if s['right_target'] else 'wrong'} | {steps} | {images} | {_chunks(s)} | "
                 f"{s['seconds']:.0f} | {_cpu(s)} | "
                 f"{s['peak_rss_mib']:.0f} | {s['peak_anon_mib']:.0f} |"
             )

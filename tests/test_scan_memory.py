@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -18,18 +19,20 @@ from cleanse.engine import memory
 from cleanse.engine.distributed import Ranks, class_block
 from cleanse.engine.events import Event
 from cleanse.engine.memory import (
+    CPU_FORWARD_BYTES,
     FALLBACK_BYTES,
     IMAGE_COPIES,
     MemoryPlan,
     default_budget,
     is_out_of_memory,
     parse_memory,
+    plan_memory,
     saved_bytes,
     saved_bytes_per_image,
     units_per_chunk,
 )
 from cleanse.errors import CleanseError
-from cleanse.scan.detectors import mmbd
+from cleanse.scan.detectors import mmbd, reversal
 from cleanse.scan.detectors.mmbd import max_margins
 from cleanse.scan.families import PATCH, WARP
 from cleanse.scan.reverse import Budget, reverse_triggers
@@ -60,14 +63,14 @@ def _into(rows: list[dict]):
     return lambda event: rows.append(event.data)
 
 
-def _same_rows(a: list[dict], b: list[dict]) -> bool:
+def _same_rows(a: list[dict], b: list[dict], rel: float = 1e-6, abs_: float | None = None) -> bool:
     """History rows equal up to float rounding, the chunking's own fields aside."""
     if len(a) != len(b):
         return False
     for x, y in zip(a, b, strict=True):
-        for key in x.keys() - {"chunk", "forwards", "elapsed"}:
+        for key in x.keys() - {"chunk", "forwards", "slices", "elapsed"}:
             if isinstance(x[key], list) and all(isinstance(v, float) for v in x[key]):
-                if y[key] != pytest.approx(x[key], rel=1e-6):
+                if y[key] != pytest.approx(x[key], rel=rel, abs=abs_):
                     return False
             elif x[key] != y[key]:
                 return False
@@ -98,6 +101,47 @@ def test_chunked_reversal_equals_unchunked(family, chunks):
         assert rows[0]["chunk"] == chunk and rows[0]["forwards"] == math.ceil(5 / chunk)
         after = [sum(r["active"]) for r in rows]  # a round's forwards: the classes live as it began, in chunks
         assert [r["forwards"] for r in rows[1:]] == [math.ceil(n / chunk) for n in after[:-1]]
+
+
+@pytest.mark.parametrize("family, tol", [(PATCH, 1e-5), (WARP, 1e-3)], ids=["patch", "warp"])
+def test_a_class_batch_cut_into_slices_reverses_as_the_whole_batch(family, tol):
+    """One class per forward, its 8 images in slices of 3, 3 and 2 (or 1 each): the cross-entropy is the whole
+    batch's mean, the size term counted once, so triggers, sizes, the end-of-round check and the history agree.
+    Up to rounding, which Adam's normalised steps carry further in the warp's smooth field (1e-4 after 40 steps)."""
+    model = Tiny().eval()
+    images, labels = _data()
+    budget = Budget(steps=40, batch=8, round_steps=5, patience=1, early_stop=2)
+    whole = reverse_triggers(model, images, labels, range(5), budget, seed=3, family=family)
+    for piece in (3, 1):
+        rows: list[dict] = []
+        parts = reverse_triggers(
+            model,
+            images,
+            labels,
+            range(5),
+            budget,
+            seed=3,
+            family=family,
+            chunk=1,
+            images_per_forward=piece,
+            callback=_into(rows),
+        )
+        assert parts.steps_run.tolist() == whole.steps_run.tolist()
+        assert parts.reached.tolist() == whole.reached.tolist()
+        for name, t in whole.tensors.items():
+            assert torch.allclose(parts.tensors[name], t, rtol=0, atol=tol), (name, piece)
+        assert torch.allclose(parts.size, whole.size, rtol=tol, atol=tol / 10)
+        assert _same_rows(parts.history, whole.history, rel=tol, abs_=tol / 10)
+        assert {r["slices"] for r in rows} == {math.ceil(8 / piece)} and {r["chunk"] for r in rows} == {1}
+
+
+def test_the_slice_arithmetic_by_hand():
+    # 1,000 bytes per image-step, a 10,000-byte forward: 10 images; a class of 32 is cut into slices of 10
+    plan = MemoryPlan(budget=10**9, source="test", saved_per_image=1000, image_bytes=0, forward_bytes=10_000)
+    assert plan.chunk(32, 100) == 1 and plan.images_per_forward(32) == 10
+    assert plan.images_per_forward(8) == 8  # a class that fits is never cut
+    assert replace(plan, forward_bytes=999).images_per_forward(32) == 1  # at least one image
+    assert replace(plan, forward_bytes=None, budget=32_000).images_per_forward(32) == 32  # the budget alone decides
 
 
 def test_chunked_mmbd_equals_unchunked_and_reports_progress_across_chunks(monkeypatch):
@@ -142,6 +186,24 @@ def test_the_chunk_arithmetic_by_hand():
     doc = plan.to_json()
     assert doc["bytes_per_image_step"] == plan.per_image and doc["saved_bytes_per_image"] == 500
     assert doc["budget_bytes"] == plan.budget and doc["image_copies"] == IMAGE_COPIES
+
+
+def test_a_cpu_forward_is_cut_to_the_cpu_forward_bytes_whatever_the_budget():
+    # 1,000 bytes per image-step, 32 images per class: a 1 MiB forward cap holds 32 classes, a 10 GiB budget 335,544
+    plan = MemoryPlan(budget=10 * 2**30, source="test", saved_per_image=1000, image_bytes=0, forward_bytes=2**20)
+    assert plan.forward_budget == 2**20 and plan.chunk(32, 1000) == 32 and plan.chunk(32, 10) == 10
+    assert plan.to_json()["forward_bytes"] == 2**20
+    # a budget below the cap decides, and a chunk still holds one class however large a class's images are
+    assert replace(plan, budget=64_000).chunk(32, 1000) == 2
+    assert replace(plan, saved_per_image=10**6).chunk(32, 1000) == 1
+    # devices with their own memory: the budget alone
+    unbounded = replace(plan, forward_bytes=None)
+    assert unbounded.forward_budget == 10 * 2**30 and unbounded.chunk(32, 1000) == 1000
+    assert unbounded.to_json()["forward_bytes"] is None
+    # the plan for a model on the CPU carries the cap, and a --memory-budget does not lift it
+    cpu = plan_memory(Tiny(), (3, 6, 6), "fp32", budget=10 * 2**30)
+    assert cpu.forward_bytes == CPU_FORWARD_BYTES == 256 * 2**20 and cpu.forward_budget == CPU_FORWARD_BYTES
+    assert cpu.chunk(32, 10**6) == CPU_FORWARD_BYTES // (cpu.per_image * 32)
 
 
 def test_saved_tensor_estimate_against_a_hand_count():
@@ -304,6 +366,10 @@ def test_a_tiny_memory_budget_scans_in_chunks_to_the_same_verdict(shortcut_files
     a, b = json.loads(whole.stdout), json.loads(chunked.stdout)
     assert a["detectors"]["patch"]["chunk_classes"] == 5 and a["detectors"]["mmbd"]["chunk_classes"] == 5
     assert b["detectors"]["patch"]["chunk_classes"] == 1 and b["detectors"]["mmbd"]["chunks"] == 5
+    # a class's batch fits a forward by default, and is cut to one image per forward within 1 KiB (MM-BD's is not cut)
+    whole_batch = a["detectors"]["patch"]["images_per_class"]
+    assert a["detectors"]["patch"]["images_per_forward"] == whole_batch == b["detectors"]["patch"]["images_per_class"]
+    assert b["detectors"]["patch"]["images_per_forward"] == 1 and "images_per_forward" not in b["detectors"]["mmbd"]
     assert b["memory"]["budget_bytes"] == 1024 and b["memory"]["budget_source"] == "--memory-budget"
     assert a["memory"]["bytes_per_image_step"] == b["memory"]["bytes_per_image_step"] > 0
     for key in ("backdoored", "suspected_targets", "unconfirmed", "evidence"):
@@ -337,11 +403,28 @@ def test_out_of_memory_exits_2_naming_the_memory_budget_and_writes_nothing(
     assert [line for line in lines if line.startswith("error")] == lines[-1:]
     assert lines[-1] == (
         "error: out of memory on cpu in the mmbd detector (5 class(es) x 30 images per step, memory budget 1 GiB from "
-        "--memory-budget); pass a smaller --memory-budget, e.g. --memory-budget 256MiB"
-    )
+        "--memory-budget); pass a smaller --memory-budget, e.g. --memory-budget 64MiB"
+    )  # a quarter of what a CPU forward held: the CPU's 256 MiB cap, below the 1 GiB budget
     assert not (tmp_path / "s").exists() and not list(tmp_path.iterdir())  # no half-written folder, no temp left
     one = runner.invoke(app, _scan_args(shortcut_files, tmp_path / "s", "--memory-budget", "1"))
     assert one.exit_code == 2 and "one class per step already" in one.stderr and "another --device" in one.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_out_of_memory_in_the_reversal_names_its_slices(shortcut_files, tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(reversal, "reverse_triggers", fail)
+    args = _scan_args(shortcut_files, tmp_path / "s", "--memory-budget", "1")
+    args[args.index("mmbd,patch")] = "patch"
+    result = runner.invoke(app, args)
+    assert result.exit_code == 2, result.output
+    assert result.stderr.strip().splitlines()[-1] == (
+        "error: out of memory on cpu in the patch detector (1 class(es) x 24 images per step, in slices of 1, "
+        "one image per forward already, memory budget 1 B from --memory-budget): a smaller --memory-budget cannot "
+        "go below that; free memory on the device or scan on another --device"
+    )
     assert not list(tmp_path.iterdir())
 
 

@@ -139,7 +139,8 @@ MemoryBudgetOpt = Annotated[
         "--memory-budget",
         metavar="SIZE",
         help="Memory one optimisation step may take, e.g. 4GiB, 512MiB, 2GB or plain bytes; the classes are "
-        "optimised in chunks that fit (default: half the device's free memory; docs/commands/scan.md).",
+        "optimised in chunks that fit (default: half the device's free memory; on a CPU a forward also holds at "
+        "most 256 MiB, which is faster; docs/commands/scan.md).",
     ),
 ]
 OutputOpt = Annotated[

@@ -231,7 +231,8 @@ def scan(options: ScanOptions, settings: RunSettings | None = None, progress: Pr
                     raise
                 images = detector.images_per_class(scan_inputs)
                 chunk = scan_inputs.chunk(images, model.spec.num_classes)
-                raise CleanseError(out_of_memory(str(dev), name, memory, chunk, images)) from None
+                piece = detector.images_per_forward(scan_inputs) if detector.cuts_batches else None
+                raise CleanseError(out_of_memory(str(dev), name, memory, chunk, images, piece)) from None
         doc.update(_verdict_doc(model.spec.classes, reports, o, plan, threshold, measure_layer))
     audit = cleaned = None
     if o.audit_data is not None and ranks.main:  # not split over the ranks: rank 0 alone audits, and writes
@@ -312,15 +313,22 @@ def _check_ranks(num_classes: int, ranks: Ranks) -> None:
         )
 
 
-def out_of_memory(device: str, detector: str, memory: MemoryPlan, chunk: int, images: int) -> str:
-    """The one line a scan that ran out of memory exits 2 with: what ran out, and the option that lowers it."""
-    where = f"out of memory on {device} in the {detector} detector ({chunk} class(es) x {images} images per step"
+def out_of_memory(
+    device: str, detector: str, memory: MemoryPlan, chunk: int, images: int, piece: int | None = None
+) -> str:
+    """The one line a scan that ran out of memory exits 2 with: what ran out, and the option that lowers it. `piece`:
+    one class's images per forward for a detector that can cut a class's batch (None: it cannot)."""
+    sliced = f", in slices of {piece}" if piece is not None and piece < images else ""
+    where = (
+        f"out of memory on {device} in the {detector} detector ({chunk} class(es) x {images} images per step{sliced}"
+    )
     budget = f"memory budget {format_bytes(memory.budget)} from {memory.source}"
-    if chunk > 1:
-        smaller = f"{max(1, memory.budget // 4 // 2**20)}MiB"
+    if chunk > 1 or (piece is not None and piece > 1):
+        smaller = f"{max(1, memory.forward_budget // 4 // 2**20)}MiB"  # a CPU's forward is already below the budget
         return f"{where}, {budget}); pass a smaller --memory-budget, e.g. --memory-budget {smaller}"
+    least = "one class per step" if piece is None else "one image per forward"
     return (
-        f"{where}, one class per step already, {budget}): a smaller --memory-budget cannot go below one class; "
+        f"{where}, {least} already, {budget}): a smaller --memory-budget cannot go below that; "
         "free memory on the device or scan on another --device"
     )
 

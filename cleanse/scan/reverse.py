@@ -7,14 +7,18 @@ pattern p_k; an additive signal; a smooth warp) that sends clean images of the o
 
 Neural Cleanse's method, generalised from masks to families. The family's parameters are optimised with Adam.
 The classes still optimising are stacked into (L*B)-image forwards and backwards per step, at most `chunk` classes
-each (the memory budget decides it, cleanse/engine/memory.py; by default every class in one): the model is frozen
-and in eval mode, so no sample influences another, each class's gradient comes from its own chunk alone, and one
-Adam step (elementwise) on the assembled gradients is exactly K independent optimisations, only computed together,
-whatever the chunking (equal up to float rounding: the tests check it). Each class keeps its own cost schedule:
-the cost starts at the family's `start_cost` and stays there until the class's trigger first succeeds; from then
-on, as in Neural Cleanse, `patience` successful rounds raise it by 1.5x and `patience` failing rounds lower it by
-1.5^1.5. Each class keeps its best state: the smallest size among rounds whose attack success on the optimisation
-batches reached the family's success level and whose end-of-round state also reaches it on the round's last batch.
+each (the memory budget decides it, cleanse/engine/memory.py; by default every class in one); where one class's B
+images are more than a forward may hold, the batch is cut into slices of `images_per_forward` images whose gradients
+are summed (the cross-entropy is the whole batch's mean, so each slice's sum is divided by the batch's count). The
+model is frozen and in eval mode, so no sample influences another, each class's gradient comes from its own chunk
+alone, and one Adam step (elementwise) on the assembled gradients is exactly K independent optimisations, only
+computed together, whatever the chunking and slicing (equal up to float rounding: the tests check it).
+
+Each class keeps its own cost schedule: the cost starts at the family's `start_cost` and stays there until the
+class's trigger first succeeds; from then on, as in Neural Cleanse, `patience` successful rounds raise it by 1.5x
+and `patience` failing rounds lower it by 1.5^1.5. Each class keeps its best state: the smallest size among rounds
+whose attack success on the optimisation batches reached the family's success level and whose end-of-round state
+also reaches it on the round's last batch.
 
 Early stopping, per class, as in Neural Cleanse: a class whose cost has been raised and lowered at least once and
 whose best size has not shrunk below `early_stop_threshold` x its previous best for `early_stop` rounds is done;
@@ -163,12 +167,15 @@ def reverse_triggers(
     family: Family = PATCH,
     chunk: int | None = None,
     ranks: Ranks = SINGLE,
+    images_per_forward: int | None = None,
 ) -> Reversed:
     """Reverse a `family` trigger for each of `classes` from clean uint8 (N,H,W,C) images; one batched optimisation.
 
     The images drawn at each step depend only on `seed` and the step, so running the classes
     one at a time with the same seed sees exactly the same images (the speed-up benchmark relies on it).
-    Each step forwards the live classes in groups of at most `chunk` classes (None: all at once).
+    Each step forwards the live classes in groups of at most `chunk` classes (None: all at once), and each group's
+    batch in slices of at most `images_per_forward` images (None: the whole batch; it matters only for a one-class
+    chunk).
     The model's parameters are frozen for the run (gradients flow to the trigger parameters only).
     Under torchrun (`ranks`) this rank optimises its block of `classes`; the result holds every class, on every rank.
     """
@@ -205,6 +212,8 @@ def reverse_triggers(
     batch = min(budget.batch, n)
     total = rounds * budget.round_steps
     chunk = k if chunk is None else max(1, chunk)
+    piece = max(1, images_per_forward or batch)
+    slices = [slice(i, i + piece) for i in range(0, batch, piece)]
     screened_out = torch.zeros(k, dtype=torch.bool, device=device)
     screened_all = torch.zeros(n_all, dtype=torch.bool, device=device)
     screen_size: torch.Tensor | None = None
@@ -219,18 +228,23 @@ def reverse_triggers(
             grads = [torch.zeros_like(p) for p in params]  # a retired class's gradient is 0, as when batched
             for part in parts:
                 sub = [p[part].detach().requires_grad_(True) for p in params]
-                logits = _stamped_logits(model, family, x, sub, precision)
                 part_targets = targets[part]
                 valid = (y.unsqueeze(0) != part_targets.unsqueeze(1)).float()  # images already of class k do not count
-                ce = F.cross_entropy(
-                    logits.flatten(0, 1), part_targets.repeat_interleave(batch), reduction="none"
-                ).view(len(part), batch)
-                ce_k = (ce * valid).sum(1) / valid.sum(1).clamp_min(1)
-                loss = (ce_k + cost[part] * family.size(sub)).sum()
-                for full, g in zip(grads, torch.autograd.grad(loss, sub), strict=True):
-                    full[part] = g
+                count = valid.sum(1).clamp_min(1)
+                outputs = []
+                loss = (cost[part] * family.size(sub)).sum()  # the size term once; each slice adds its share of the CE
+                for cut in slices:
+                    logits = _stamped_logits(model, family, x[cut], sub, precision)
+                    ce = F.cross_entropy(
+                        logits.flatten(0, 1), part_targets.repeat_interleave(logits.shape[1]), reduction="none"
+                    ).view_as(valid[:, cut])
+                    loss = loss + ((ce * valid[:, cut]).sum(1) / count).sum()
+                    for full, g in zip(grads, torch.autograd.grad(loss, sub), strict=True):
+                        full[part] += g
+                    loss = torch.zeros((), device=device)
+                    outputs.append(logits.detach())
                 with torch.no_grad():
-                    acc_sum[part] += _hit_rate(logits.detach(), part_targets, valid)
+                    acc_sum[part] += _hit_rate(torch.cat(outputs, 1), part_targets, valid)
             optimizer.zero_grad(set_to_none=True)
             for p, g in zip(params, grads, strict=True):
                 p.grad = g
@@ -252,7 +266,13 @@ def reverse_triggers(
                 works = torch.zeros(k, dtype=torch.bool, device=device)
                 checked = ok.nonzero().squeeze(1)
                 for part in checked.split(chunk) if len(checked) else ():
-                    end = _stamped_logits(model, family, x, [p[part] for p in params], precision)
+                    end = torch.cat(
+                        [
+                            _stamped_logits(model, family, x[cut], [p[part] for p in params], precision)
+                            for cut in slices
+                        ],
+                        1,
+                    )
                     valid = (y.unsqueeze(0) != targets[part].unsqueeze(1)).float()
                     works[part] = _hit_rate(end, targets[part], valid) >= family.success
                 better = ok & works & (size_now < best_size)
@@ -306,6 +326,7 @@ def reverse_triggers(
                     "cost": cost_all.tolist(),
                     "active": active_all.tolist(),
                     "chunk": chunk,  # classes per forward at most
+                    "slices": len(slices),  # forwards each chunk's batch is cut into
                     "forwards": len(parts),  # forwards per step in this round (this rank's)
                     "screened_out": screened_all.tolist(),
                     "elapsed": time.perf_counter() - began,

@@ -45,6 +45,11 @@ class ScanInputs:
         chunk (cleanse/engine/memory.py), or every class without a plan."""
         return num_classes if self.memory is None else self.memory.chunk(images_per_class, num_classes)
 
+    def images_per_forward(self, images_per_class: int) -> int:
+        """One class's images per forward for a detector that can cut a class's batch: the memory plan's slice, or
+        the whole batch without a plan."""
+        return images_per_class if self.memory is None else self.memory.images_per_forward(images_per_class)
+
 
 @dataclass
 class DetectorReport:
@@ -74,6 +79,7 @@ class Detector(ABC):
     needs_data: bool  # False: runs on the model alone
     summary: str
     loop_kind: str  # the progress loop kind whose rows it emits
+    cuts_batches = False  # can a class's images per step be split over several forwards (the reversal's can)
 
     @abstractmethod
     def run(self, inputs: ScanInputs, callback: Callback | None = None) -> DetectorReport:
@@ -82,6 +88,12 @@ class Detector(ABC):
     @abstractmethod
     def images_per_class(self, inputs: ScanInputs) -> int:
         """Images each class puts through the model per optimisation step (what the memory plan divides by)."""
+
+    def images_per_forward(self, inputs: ScanInputs) -> int:
+        """Images of one class in one forward: the memory plan's slice for a detector that can cut a class's batch
+        (`cuts_batches`), else all of them."""
+        whole = self.images_per_class(inputs)
+        return inputs.images_per_forward(whole) if self.cuts_batches else whole
 
 
 DETECTORS: Registry[Detector] = Registry("detector")

@@ -29,6 +29,7 @@ from cleanse.scan.reverse import projected_sizes, reverse_triggers
 class ReversalDetector(Detector):
     needs_data = True
     loop_kind = "scan"
+    cuts_batches = True  # a class's batch can be cut into slices (cleanse/scan/reverse.py)
 
     def __init__(self, family: Family) -> None:
         self.family = family
@@ -56,6 +57,7 @@ class ReversalDetector(Detector):
             family=family,
             chunk=chunk,
             ranks=inputs.ranks,
+            images_per_forward=self.images_per_forward(inputs),
         )
         # A class that never reached the success level keeps the size it stopped at: a lower bound of what it
         # needs, which makes the others look less anomalous, never more; it cannot be flagged itself.
@@ -117,6 +119,7 @@ class ReversalDetector(Detector):
             "log_shrink": shrink,
             "chunk_classes": chunk,  # classes per forward at most (the memory budget's)
             "images_per_class": self.images_per_class(inputs),
+            "images_per_forward": self.images_per_forward(inputs),  # of one class: fewer when a class is cut
             "steps_run_total": int(rev.steps_run.sum()),
             f"median_{family.size_name}": float(rev.size.double().quantile(0.5)),
             "seconds": rev.seconds,
