@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from benchmarks.common import RESULTS, machine, write_results
+from benchmarks.data_scale import tiny_model
 from benchmarks.scan_many_classes import clean_set, trained
 from cleanse.data.synthetic import make_many_classes
 from cleanse.engine.memory import plan_memory
@@ -51,10 +52,10 @@ CASES: dict[str, tuple[int, int, tuple[tuple[int, int], ...]]] = {
 def _model(name: str) -> torch.nn.Module:
     if name == "many-100":
         return load_model(trained(100, 100, 8)["model"])
-    side = CASES[name][0]
-    width = "64,256,256" if name == "cnn-32" else "8,16,16"
+    if name == "cnn-224":
+        return load_model(tiny_model(224))
     names = [str(c) for c in range(10)]
-    return new_model("cnn", 10, names, (3, side, side), [0.5] * 3, [0.25] * 3, {"width": width}, seed=0)
+    return new_model("cnn", 10, names, (3, 32, 32), [0.5] * 3, [0.25] * 3, {"width": "64,256,256"}, seed=0)
 
 
 def _images(name: str) -> tuple[torch.Tensor, torch.Tensor]:

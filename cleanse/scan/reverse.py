@@ -232,16 +232,16 @@ def reverse_triggers(
                 valid = (y.unsqueeze(0) != part_targets.unsqueeze(1)).float()  # images already of class k do not count
                 count = valid.sum(1).clamp_min(1)
                 outputs = []
-                loss = (cost[part] * family.size(sub)).sum()  # the size term once; each slice adds its share of the CE
-                for cut in slices:
+                for i, cut in enumerate(slices):
                     logits = _stamped_logits(model, family, x[cut], sub, precision)
                     ce = F.cross_entropy(
                         logits.flatten(0, 1), part_targets.repeat_interleave(logits.shape[1]), reduction="none"
                     ).view_as(valid[:, cut])
-                    loss = loss + ((ce * valid[:, cut]).sum(1) / count).sum()
+                    loss = ((ce * valid[:, cut]).sum(1) / count).sum()  # this slice's share of the batch mean
+                    if i == 0:
+                        loss = loss + (cost[part] * family.size(sub)).sum()  # the size term once
                     for full, g in zip(grads, torch.autograd.grad(loss, sub), strict=True):
                         full[part] += g
-                    loss = torch.zeros((), device=device)
                     outputs.append(logits.detach())
                 with torch.no_grad():
                     acc_sum[part] += _hit_rate(torch.cat(outputs, 1), part_targets, valid)

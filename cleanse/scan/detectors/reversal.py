@@ -45,6 +45,7 @@ class ReversalDetector(Detector):
             raise ValueError(f"the {self.name} detector needs clean images")  # the job checks this first
         family, num_classes = self.family, model.spec.num_classes
         chunk = inputs.chunk(self.images_per_class(inputs), num_classes)
+        piece = self.images_per_forward(inputs)
         rev = reverse_triggers(
             model,
             optimise.images,
@@ -57,7 +58,7 @@ class ReversalDetector(Detector):
             family=family,
             chunk=chunk,
             ranks=inputs.ranks,
-            images_per_forward=self.images_per_forward(inputs),
+            images_per_forward=piece,
         )
         # A class that never reached the success level keeps the size it stopped at: a lower bound of what it
         # needs, which makes the others look less anomalous, never more; it cannot be flagged itself.
@@ -119,7 +120,7 @@ class ReversalDetector(Detector):
             "log_shrink": shrink,
             "chunk_classes": chunk,  # classes per forward at most (the memory budget's)
             "images_per_class": self.images_per_class(inputs),
-            "images_per_forward": self.images_per_forward(inputs),  # of one class: fewer when a class is cut
+            "images_per_forward": piece,  # of one class: fewer when a class is cut
             "steps_run_total": int(rev.steps_run.sum()),
             f"median_{family.size_name}": float(rev.size.double().quantile(0.5)),
             "seconds": rev.seconds,
