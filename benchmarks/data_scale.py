@@ -13,13 +13,18 @@ process, with its own decode cache (CLEANSE_CACHE_DIR under benchmarks/cache/), 
 3. `scan MODEL --data FOLDER` with the patch detector, a short budget and a 1 GiB step budget (`--steps 10
    --n-clean 200 --memory-budget 1GiB`: by default a step may take half the free memory, which is the reversal's
    working memory, not the data's);
-4. `unlearn MODEL --data FOLDER --method finetune --clean-frac 0.05 --epochs 1`, then again with `--param
-   batch_size=64` (the fine-tuning batch is the fixed part of its footprint).
+4. `unlearn MODEL --data FOLDER --method finetune --clean-frac 0.05 --epochs 1`: its batches of 128 stepped in
+   pieces that fit a CPU forward (256 MiB of saved tensors, `RecipeRun.step_pieces`), then the same with whole
+   batches as before the pieces ("whole batches": the CPU cap lifted in that process only), then with `--param
+   batch_size=64`;
+5. `unlearn MODEL ... --method tar-ewc --trigger T --epochs 1`, the default recipe, with the trigger step 1 wrote
+   (only when `poison` is measured too).
 
 MODEL is an untrained `cnn` of widths 8,16,16 at 224x224 (memory, not verdicts, is measured here). The parent
 samples each process's /proc/PID/status every 20 ms: peak VmRSS, peak RssAnon (memory the process owns: the
 figure that must stay flat in N) and peak RssFile (pages of mapped files, the cache and the model, that the
-kernel can drop and re-read at will). Linux only. Writes results/data_scale.json and data_scale-table.md.
+kernel can drop and re-read at will). Linux only. Writes results/data_scale.json and data_scale-table.md
+(`--tag T`: data_scale-T.json and data_scale-T-table.md, for another machine's rows).
 """
 
 from __future__ import annotations
@@ -45,7 +50,8 @@ from cleanse.models import new_model, save_model
 
 CLASSES = 10
 MIB = 1024 * 1024
-TABLE = RESULTS / "data_scale-table.md"
+# `python -m cleanse` with the CPU forward cap lifted: unlearn's batches in one forward each, as before the pieces
+WHOLE_BATCHES = "import cleanse.engine.memory as m; m.CPU_FORWARD_BYTES = 2**62; from cleanse.cli import main; main()"
 
 
 def _image(rng: np.random.Generator, label: int, side: int) -> np.ndarray:
@@ -134,6 +140,10 @@ def run_size(n: int, side: int, threads: int, commands: set[str]) -> dict[str, A
     with tempfile.TemporaryDirectory(dir=CACHE) as tmp:
         out = Path(tmp)
         poison = [*cli, "poison", str(folder), "--attack", "badnets", "--rate", "0.1", "-o", str(out / "p.safetensors")]
+        finetune = [
+            "unlearn", str(model), "--data", str(folder), "--method", "finetune", "--clean-frac", "0.05", "--epochs",
+            "1", "-o", str(out / "u.safetensors"), "--force",
+        ]  # fmt: skip
         steps = {
             "poison (cold cache)": poison,
             "poison": [*poison, "--force"],
@@ -141,17 +151,18 @@ def run_size(n: int, side: int, threads: int, commands: set[str]) -> dict[str, A
                 *cli, "scan", str(model), "--data", str(folder), "--detectors", "patch", "--steps", "10",
                 "--n-clean", "200", "--memory-budget", "1GiB", "-o", str(out / "scan"),
             ],
-            "unlearn": [
-                *cli, "unlearn", str(model), "--data", str(folder), "--method", "finetune", "--clean-frac", "0.05",
-                "--epochs", "1", "-o", str(out / "u.safetensors"),
-            ],
-            "unlearn batch 64": [  # the fine-tuning batch's activations are the fixed part of unlearn's footprint
-                *cli, "unlearn", str(model), "--data", str(folder), "--method", "finetune", "--clean-frac", "0.05",
-                "--epochs", "1", "--param", "batch_size=64", "-o", str(out / "u64.safetensors"),
+            "unlearn": [*cli, *finetune],
+            "unlearn whole batches": [sys.executable, "-c", WHOLE_BATCHES, *finetune],
+            "unlearn batch 64": [*cli, *finetune, "--param", "batch_size=64"],
+            "unlearn tar-ewc": [
+                *cli, "unlearn", str(model), "--data", str(folder), "--clean-frac", "0.05", "--epochs", "1",
+                "--trigger", str(out / "p.trigger.safetensors"), "-o", str(out / "t.safetensors"),
             ],
         }  # fmt: skip
         for name, argv in steps.items():
-            if name.split(" ")[0] not in commands:
+            if {name, name.split(" ")[0]}.isdisjoint(commands) or (
+                name == "unlearn tar-ewc" and "poison" not in commands
+            ):
                 continue
             row["commands"][name] = measured(argv, env)
             print(f"N={n:>6} {name:20} " + _cells(row["commands"][name]), flush=True)
@@ -167,6 +178,11 @@ def _cells(m: dict[str, Any]) -> str:
         f"anon {m['peak_anon_mib']:7.0f} MiB  file {m['peak_file_mib']:7.0f} MiB  "
         f"rss {m['peak_rss_mib']:7.0f} MiB  {m['seconds']:6.1f}s"
     )
+
+
+def _names(tag: str | None) -> tuple[str, Path]:
+    name = "data_scale" if tag is None else f"data_scale-{tag}"
+    return name, RESULTS / f"{name}-table.md"
 
 
 def table(doc: dict[str, Any]) -> str:
@@ -191,18 +207,24 @@ def main() -> None:
     parser.add_argument("--sizes", default="2000,10000,20000")
     parser.add_argument("--side", type=int, default=224)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--commands", default="poison,scan,unlearn", help="measure only these (rows merge by N)")
+    parser.add_argument(
+        "--commands",
+        default="poison,scan,unlearn",
+        help="measure only these commands or rows ('poison,unlearn tar-ewc'; rows merge by N)",
+    )
     parser.add_argument("--table", action="store_true", help="only print the stored table")
+    parser.add_argument("--tag", help="store as data_scale-TAG.json (another machine's rows)")
     args = parser.parse_args()
+    name, table_path = _names(args.tag)
     if args.table:
-        print(table(json.loads((RESULTS / "data_scale.json").read_text())))
+        print(table(json.loads((RESULTS / f"{name}.json").read_text())))
         return
     if not Path("/proc/self/status").is_file():
         raise SystemExit("data_scale measures memory through /proc: Linux only")
     torch.set_num_threads(args.threads)
     settings = {"side": args.side, "threads": args.threads}
     doc = {"benchmark": "data_scale", "settings": settings, "machine": machine(), "rows": []}
-    path = RESULTS / "data_scale.json"
+    path = RESULTS / f"{name}.json"
     if path.is_file() and json.loads(path.read_text()).get("settings") == settings:
         doc["rows"] = json.loads(path.read_text())["rows"]
     commands = set(args.commands.split(","))
@@ -216,8 +238,8 @@ def main() -> None:
                 "commands": {**old["commands"], **row["commands"]},
             }
         doc["rows"] = sorted([r for r in doc["rows"] if r["n"] != n] + [row], key=lambda r: r["n"])
-    write_results("data_scale", doc)
-    TABLE.write_text(table(doc))
+    write_results(name, doc)
+    table_path.write_text(table(doc))
     print(table(doc))
 
 

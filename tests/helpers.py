@@ -126,3 +126,39 @@ def finish(proc: subprocess.Popen, lines: list[str]) -> tuple[int, str]:
     code = proc.wait(timeout=60)
     time.sleep(0.1)  # let the reader thread take the last lines
     return code, "".join(lines)
+
+
+# --- recipes run directly (no CLI) ------------------------------------------------------------------------------------
+
+# Set after validation: a value no user may give, which keeps a phase running its whole budget whatever the model. With
+# asr_stop=0.0 tar-ewc's phase 1 still stopped on CI once held-back ASR reached exactly 0.
+NEVER_STOP = {"tar-ewc": {"asr_stop": -1.0}}
+
+
+def run_recipe(
+    name: str, params: dict[str, Any], model: Any, trigger: Any, n: int = 200, **context: Any
+) -> tuple[Any, Any]:
+    """Run recipe `name` on a copy of `model` with an n-image clean subset of the synthetic set (seed 4), fp32, seed
+    7; `context`: further RecipeContext fields (checkpoints, memory). Returns (the model, the RecipeResult)."""
+    import copy
+
+    from cleanse.data import make_synthetic
+    from cleanse.data.subset import clean_subset
+    from cleanse.engine.layers import tar_layer
+    from cleanse.recipes import RECIPES, RecipeContext
+
+    net = copy.deepcopy(model)
+    recipe = RECIPES.get(name)
+    resolved = {**recipe.resolve_params(params), **NEVER_STOP.get(name, {})}
+    ctx = RecipeContext(
+        net,
+        clean_subset(make_synthetic("train"), n=n, seed=4),
+        trigger,
+        resolved,
+        callback=lambda e: None,
+        precision="fp32",
+        seed=7,
+        tar_layer=tar_layer(net, net.spec.input_size),
+        **context,
+    )
+    return net, recipe.run(ctx)

@@ -210,6 +210,26 @@ def test_rows_triggered_at_once_are_bounded_by_their_float32_size():
 
 
 @pytest.mark.parametrize("attack", ["badnets", "wanet", "sig"])
+def test_apply_uint8_triggers_large_sets_in_bounded_chunks_with_the_same_bytes(attack, monkeypatch):
+    import cleanse.attacks.trigger as trigger_module
+
+    data = make_synthetic("train", n=40)
+    _, trigger = poison_dataset(data, attack, 0, 0.1, seed=0)
+    whole = trigger.apply_uint8(data.images)  # 40 rows of 12 KiB: one chunk
+    seen: list[int] = []
+    apply = Trigger.apply
+
+    def counted(self, x, scale=1.0):
+        seen.append(len(x))
+        return apply(self, x, scale=scale)
+
+    monkeypatch.setattr(trigger_module, "TRIGGER_CHUNK_BYTES", 7 * 4 * 32 * 32 * 3)  # 7 rows of float32
+    monkeypatch.setattr(Trigger, "apply", counted)
+    assert torch.equal(trigger.apply_uint8(data.images), whole)
+    assert seen == [7] * 5 + [5]
+
+
+@pytest.mark.parametrize("attack", ["badnets", "wanet", "sig"])
 def test_streamed_poisoning_writes_the_bytes_poisoning_in_memory_does(attack, tmp_path, monkeypatch):
     import cleanse.attacks.poison as poison
     from cleanse.data import load_data, save_dataset

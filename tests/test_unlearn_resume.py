@@ -9,23 +9,19 @@ subprocess with SIGINT.
 
 from __future__ import annotations
 
-import copy
 import json
 import signal
 from pathlib import Path
 from typing import Any
 
+import helpers
 import pytest
 import torch
-from conftest import synthetic
 from helpers import cleanse_process, error_line, finish, wait_for
 from typer.testing import CliRunner
 
 from cleanse.cli import app
-from cleanse.data.subset import clean_subset
-from cleanse.engine.layers import tar_layer
 from cleanse.files import read_safetensors
-from cleanse.recipes import RECIPES, RecipeContext
 from cleanse.recipes.resume import Checkpoints, RecipeState, load_recipe_state, save_recipe_state
 
 runner = CliRunner()
@@ -35,29 +31,8 @@ class Stopped(Exception):
     pass
 
 
-# Set after validation: a value no user may give, which keeps a phase running its whole budget whatever the model. With
-# asr_stop=0.0 tar-ewc's phase 1 still stopped on CI once held-back ASR reached exactly 0, so the interruption point the
-# test names was never reached.
-NEVER = {"tar-ewc": {"asr_stop": -1.0}}
-
-
 def run_recipe(name: str, params: dict[str, Any], model, trigger, checkpoints: Checkpoints):
-    net = copy.deepcopy(model)
-    split = clean_subset(synthetic("train"), n=200, seed=4)
-    recipe = RECIPES.get(name)
-    resolved = {**recipe.resolve_params(params), **NEVER.get(name, {})}
-    ctx = RecipeContext(
-        net,
-        split,
-        trigger,
-        resolved,
-        callback=lambda e: None,
-        precision="fp32",
-        seed=7,
-        tar_layer=tar_layer(net, net.spec.input_size),
-        checkpoints=checkpoints,
-    )
-    return net, recipe.run(ctx)
+    return helpers.run_recipe(name, params, model, trigger, checkpoints=checkpoints)
 
 
 def without_time(history: list[dict[str, Any]]) -> list[dict[str, Any]]:

@@ -116,10 +116,11 @@ class Trigger:
         """uint8 (N,H,W,C) -> uint8 (N,H,W,C), exactly as `poison` writes poisoned rows."""
         self.check_size(images.shape[3], images.shape[1], images.shape[2])
         out = torch.empty_like(images)
-        for start in range(0, len(images), _CHUNK):
-            x = images[start : start + _CHUNK].permute(0, 3, 1, 2).float()
+        chunk = rows_at_once(tuple(images.shape[1:]), _CHUNK)  # float copies of a chunk: fewer rows for large images
+        for start in range(0, len(images), chunk):
+            x = images[start : start + chunk].permute(0, 3, 1, 2).float()
             y = self.apply(x, scale=255.0)
-            out[start : start + _CHUNK] = to_uint8(y).permute(0, 2, 3, 1)
+            out[start : start + chunk] = to_uint8(y).permute(0, 2, 3, 1)
         return out
 
     def region_mask(self) -> torch.Tensor | None:

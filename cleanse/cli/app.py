@@ -144,7 +144,7 @@ class CleanseGroup(TyperGroup):
 # out-of-memory message, from inside the job, names the detector and chunk as well).
 LOWER_FOOTPRINT = {
     "train": "lower --batch-size",
-    "unlearn": "lower the recipe's batch with --param batch_size=N (tar-ewc also fisher_chunk=N)",
+    "unlearn": "lower --memory-budget, or the recipe's batch with --param batch_size=N",
     "scan": "lower --memory-budget",
     "explain": "explain fewer images (--n)",
     "report": "draw fewer images per sheet (--n)",

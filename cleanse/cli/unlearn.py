@@ -96,6 +96,17 @@ ResumeOpt = Annotated[
     ),
 ]
 
+MemoryBudgetOpt = Annotated[
+    str | None,
+    typer.Option(
+        "--memory-budget",
+        metavar="SIZE",
+        help="Memory one training forward may take, e.g. 1GiB, 512MiB or plain bytes; finetune and tar-ewc step each "
+        "batch in pieces that fit, adding their gradients (default: half the device's free memory; on a CPU at most "
+        "256 MiB, which is also faster; docs/commands/unlearn.md).",
+    ),
+]
+
 
 @with_options(model=MODEL_FILE_PANEL)
 def unlearn_command(
@@ -117,6 +128,7 @@ def unlearn_command(
     resume: ResumeOpt = False,
     precision: PrecisionOpt = "auto",
     no_cache: NoCacheOpt = False,
+    memory_budget: MemoryBudgetOpt = None,
 ) -> None:
     """Remove a backdoor with a small clean subset; exit 0 when it finishes, whatever the outcome (see the JSON).
 
@@ -141,6 +153,7 @@ def unlearn_command(
         resume,
         precision,
         no_cache,
+        memory_budget,
     )
     run_job(unlearn, options, common)
 

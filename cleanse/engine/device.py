@@ -134,9 +134,11 @@ class GradScaling:
         self.backward(optimizer, loss)
         self.apply(optimizer)
 
-    def backward(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor) -> None:
-        """zero_grad and the (scaled) backward: gradients may be reduced over ranks before `apply`."""
-        optimizer.zero_grad(set_to_none=True)
+    def backward(self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, zero: bool = True) -> None:
+        """zero_grad and the (scaled) backward: gradients may be reduced over ranks before `apply`. `zero=False` adds
+        to the gradients already there (a batch stepped in pieces)."""
+        if zero:
+            optimizer.zero_grad(set_to_none=True)
         (loss if self.scaler is None else self.scaler.scale(loss)).backward()
 
     def apply(self, optimizer: torch.optim.Optimizer) -> None:

@@ -148,15 +148,19 @@ def frozen(model: nn.Module) -> Iterator[None]:
             w.requires_grad_(True)
 
 
-def saved_bytes_per_image(model: nn.Module, shape: tuple[int, int, int], precision: str = "fp32") -> int:
-    """What autograd saves per image for a forward of `model` (frozen, eval mode) whose input needs a gradient, as the
-    scan's optimisations do: saved(2 images) - saved(1 image), on the model's device and at `precision`."""
+def saved_bytes_per_image(
+    model: nn.Module, shape: tuple[int, int, int], precision: str = "fp32", training: bool = False
+) -> int:
+    """What autograd saves per image for a forward of `model`: saved(2 images) - saved(1 image), on the model's device
+    and at `precision`. By default as the scan's optimisations run it (frozen, input needing a gradient); `training`:
+    as a weight update runs it (the trainable parameters taking gradients, the input not). Both probe in eval mode, so
+    no BatchNorm statistic moves (and no SyncBatchNorm collective runs); train mode saves the same activations."""
     device = next(model.parameters()).device
     fixed = [*model.parameters(), *model.buffers()]
     gen = torch.Generator().manual_seed(0)
 
     def saved(n: int) -> int:
-        x = torch.rand((n, *shape), generator=gen).to(device).requires_grad_(True)
+        x = torch.rand((n, *shape), generator=gen).to(device).requires_grad_(not training)
 
         def run() -> torch.Tensor:
             with autocast(device, precision):
@@ -167,7 +171,7 @@ def saved_bytes_per_image(model: nn.Module, shape: tuple[int, int, int], precisi
     was_training = model.training
     model.eval()
     try:
-        with frozen(model):
+        with contextlib.nullcontext() if training else frozen(model):
             return max(0, saved(2) - saved(1))
     finally:
         model.train(was_training)
@@ -208,6 +212,11 @@ class MemoryPlan:
         least one image), for work that can cut a class's batch (the reversal)."""
         return max(1, min(images_per_class, self.forward_budget // max(1, self.per_image)))
 
+    def rows_per_forward(self, images_per_row: int = 1) -> int:
+        """Batch rows one training forward may hold when each row puts `images_per_row` images through the model (a
+        clean image and its triggered copy: 2); at least 1. A recipe's batch is stepped in pieces of this many rows."""
+        return max(1, self.forward_budget // (max(1, self.per_image) * max(1, images_per_row)))
+
     def to_json(self) -> dict[str, Any]:
         return {
             "budget_bytes": self.budget,
@@ -220,14 +229,18 @@ class MemoryPlan:
         }
 
 
-def plan_memory(model: nn.Module, shape: tuple[int, int, int], precision: str, budget: int | None = None) -> MemoryPlan:
-    """The plan for work on `model`'s device: `budget` bytes (--memory-budget), or the default share of free memory."""
+def plan_memory(
+    model: nn.Module, shape: tuple[int, int, int], precision: str, budget: int | None = None, training: bool = False
+) -> MemoryPlan:
+    """The plan for work on `model`'s device: `budget` bytes (--memory-budget), or the default share of free memory;
+    `training`: for weight updates (unlearn's recipes) rather than the scan's input optimisation."""
     device = next(model.parameters()).device
     source = "--memory-budget"
     if budget is None:
         budget, source = default_budget(device)
     forward = CPU_FORWARD_BYTES if device.type == "cpu" else None
-    return MemoryPlan(budget, source, saved_bytes_per_image(model, shape, precision), 4 * math.prod(shape), forward)
+    saved = saved_bytes_per_image(model, shape, precision, training)
+    return MemoryPlan(budget, source, saved, 4 * math.prod(shape), forward)
 
 
 def is_out_of_memory(exc: BaseException) -> bool:

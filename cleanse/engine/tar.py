@@ -9,9 +9,10 @@ import torch
 from torch import nn
 
 from cleanse.attacks.trigger import Trigger
+from cleanse.engine.evaluate import eval_batch
 from cleanse.engine.gradcam import cam_shift, grad_cam, summarise, tar_and_share
 
-CAM_BATCH = 128
+CAM_BATCH = 128  # images per Grad-CAM forward at 32x32 and 64x64; larger inputs take eval_batch's (20 at 224x224)
 
 
 @dataclass
@@ -31,16 +32,19 @@ def cam_pair(
     images: torch.Tensor,
     trigger: Trigger,
     layer: str,
-    batch_size: int = CAM_BATCH,
+    batch_size: int | None = None,
     target: torch.Tensor | None = None,
     with_clean: bool = True,
 ) -> CamPair:
-    """Maps for uint8 (N,H,W,C) images and their triggered copies (uint8 trigger application, as `poison`).
+    """Maps for uint8 (N,H,W,C) images and their triggered copies (uint8 trigger application, as `poison`), computed
+    `batch_size` images at a time (None: CAM_BATCH, fewer for large images, so that a forward's activations stay near
+    an eval forward's; each image's map does not depend on the batch).
 
     Without `with_clean` only the triggered copies are explained (the clean fields are empty):
     half the cost, for monitors that need TAR every epoch but the clean baseline only once.
     """
     device = next(model.parameters()).device
+    batch_size = batch_size or min(CAM_BATCH, eval_batch(images))
     parts: dict[str, list[torch.Tensor]] = {k: [] for k in ("c", "t", "cl", "tl", "cc", "tc")}
     for start in range(0, len(images), batch_size):
         sl = slice(start, start + batch_size)

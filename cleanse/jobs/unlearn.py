@@ -18,6 +18,7 @@ from cleanse.engine.device import resolve_precision
 from cleanse.engine.distributed import SINGLE, Ranks, current, gather_to_rank_0, launched, sync_batchnorm, turns
 from cleanse.engine.evaluate import der
 from cleanse.engine.measure import measure, unmeasured
+from cleanse.engine.memory import MemoryPlan, format_bytes, is_out_of_memory, parse_memory, plan_memory
 from cleanse.errors import CleanseError
 from cleanse.files import check_output, output_set, sha256_file, write_json_atomic
 from cleanse.jobs.inputs import (
@@ -73,6 +74,7 @@ class UnlearnOptions:
     resume: bool = False
     precision: str = "auto"
     no_cache: bool = False
+    memory_budget: str | int | None = None  # what one training forward may hold ('1GiB'); default: free memory x 0.5
 
 
 @dataclass
@@ -107,6 +109,7 @@ class _Plan:
     run_all: bool
     given: set[str]  # the parameters the user set (--param, --epochs): architecture defaults leave them alone
     no_data: list[str] = field(default_factory=list)  # skipped because they need --data and none was given
+    memory_budget: int | None = None  # --memory-budget in bytes (None: the device's default)
 
     def ranks_split(self, ranks: Ranks) -> str:
         """How torchrun's ranks share the work: "recipes" (--method all: each rank runs whole recipes), "batches"
@@ -157,7 +160,8 @@ def _plan(o: UnlearnOptions) -> _Plan:
         outputs = {n: Path(f"{base}.{n}.safetensors") for n in names}
     else:
         outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
-    return _Plan(names, skipped, params, outputs, run_all, set(raw), no_data)
+    budget = None if o.memory_budget is None else parse_memory(o.memory_budget)
+    return _Plan(names, skipped, params, outputs, run_all, set(raw), no_data, budget)
 
 
 def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
@@ -189,6 +193,12 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
     if split_by == "recipes":
         progress.note(f"{len(names)} recipes over {ranks.world} ranks, whole recipes each; rank 0 runs {mine}")
     before = loaded.measure()
+    memory = _memory_plan(loaded, plan.memory_budget) if split is not None else None
+    if memory is not None:
+        progress.note(
+            f"a training forward holds at most {memory.rows_per_forward()} images "
+            f"({format_bytes(memory.forward_budget)}, {format_bytes(memory.per_image)} an image)"
+        )
     start_state = copy.deepcopy(model.net.state_dict())
     inputs = {
         "model": describe_input(o.model_path),
@@ -227,7 +237,16 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
     checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every and ranks.main else None, state)
     resumable = ranks.main and open_resume_file(state_path, checkpoint_every, state is not None, progress)
     shared = _Facts(
-        o, s, plan, loaded, inputs, subset, checkpoint_every, state, ranks.world if split_by == "batches" else 1
+        o,
+        s,
+        plan,
+        loaded,
+        inputs,
+        subset,
+        checkpoint_every,
+        state,
+        ranks.world if split_by == "batches" else 1,
+        memory,
     )
     finished: list[_Finished] = []
     for name in mine:
@@ -244,6 +263,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
             tar_layer=loaded.layer,
             checkpoints=checkpoints if not run_all else Checkpoints(),
             ranks=ranks if split_by == "batches" else SINGLE,
+            memory=memory,
         )
         with progress.loop("unlearn", f"unlearn {name}") as callback:
             ctx.callback = callback
@@ -385,6 +405,29 @@ class _Facts:
     checkpoint_every: int | None
     state: RecipeState | None
     ranks: int  # torchrun processes that split each batch (1: one process, or whole recipes per rank)
+    memory: MemoryPlan | None  # what one training forward may hold (None: a data-free run)
+
+
+def _memory_plan(loaded: _Loaded, budget: int | None) -> MemoryPlan:
+    """What one training forward may hold: --memory-budget (or half the device's free memory), and on a CPU at most
+    CPU_FORWARD_BYTES; the recipes that step in pieces (`RecipeRun.step_pieces`) cut their batches to fit."""
+    try:
+        return plan_memory(loaded.model.net, loaded.model.spec.input_size, loaded.precision, budget, training=True)
+    except Exception as exc:
+        if not is_out_of_memory(exc):
+            raise
+        raise CleanseError(
+            f"out of memory on {loaded.device} before unlearning began (measuring one image's cost); free memory on "
+            "the device or choose another --device"
+        ) from None
+
+
+def _memory_json(memory: MemoryPlan | None, name: str) -> dict[str, Any] | None:
+    """The memory plan as the run record keeps it, with whether this recipe cuts its batches to fit it."""
+    if memory is None:
+        return None
+    pieces = RECIPES.get(name).steps_in_pieces
+    return {**memory.to_json(), "images_per_forward": memory.rows_per_forward(), "steps_in_pieces": pieces}
 
 
 def _outcome(
@@ -431,7 +474,9 @@ def _outcome(
             "checkpoint_every": facts.checkpoint_every,
             "resumed_after_pass": state.passes if state else None,
             "ranks": facts.ranks,
+            "memory_budget": plan.memory_budget,
         },
+        memory=_memory_json(facts.memory, name),
         clean_subset=facts.subset,
         before=before,
         after=after,

@@ -18,13 +18,14 @@ direction), so a repair step fine-tunes the edited layers only on the clean subs
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleanse.engine.device import autocast, wide_float
+from cleanse.engine.device import wide_float
 from cleanse.engine.trace import Hook, trace_forward
 from cleanse.errors import CleanseError
 from cleanse.models import ClassifierModel
@@ -180,6 +181,7 @@ def resolve_layers(net: nn.Module, spec: str, example: torch.Tensor, num_classes
 @register
 class ActEdit(Recipe):
     name = "act-edit"
+    steps_in_pieces = True
     summary = "closed-form edit of late layers mapping triggered activations to clean ones, then repair of those layers"
     needs_trigger = True
     params = {
@@ -303,14 +305,19 @@ class ActEdit(Recipe):
                 loss_sum, seen = torch.zeros((), device=ctx.device), 0
                 for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
                     cosine_lr(optimizer, p["lr"], step, total)
-                    rows = idx[eligible[idx]] if triggered_all is not None else idx[:0]
-                    with autocast(ctx.device, ctx.precision):
-                        loss = repair_loss(
-                            model, x, y, triggered_all, rows, train.labels, ctx.device, p["repair_triggered"]
-                        )
-                    if run.diverged(loss):
+                    # the batch's triggered rows, which its pieces share
+                    count = int(eligible[idx].sum()) if triggered_all is not None else 0
+
+                    def losses(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int = count) -> tuple:
+                        mean = functools.partial(run.batch_mean, count=count)
+                        rows = idx[eligible[idx]] if triggered_all is not None else idx[:0]
+                        weight = p["repair_triggered"]
+                        return (repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device, weight, mean),)
+
+                    stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
+                    if stepped is None:
                         return
-                    run.step(optimizer, loss)
+                    (loss,) = stepped
                     step += 1
                     loss_sum, seen = loss_sum + loss.detach() * len(y), seen + len(y)
                 metrics = run.measure()

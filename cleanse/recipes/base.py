@@ -14,7 +14,7 @@ import copy
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -25,10 +25,11 @@ from cleanse.attacks.trigger import Trigger
 from cleanse.data.dataset import Dataset
 from cleanse.data.subset import CleanSplit
 from cleanse.engine.augment import flip_translate
-from cleanse.engine.device import GradScaling, LaggedScalar, rows_to_device, to_device
+from cleanse.engine.device import GradScaling, LaggedScalar, autocast, rows_to_device, to_device
 from cleanse.engine.distributed import SINGLE, GradientSync, Ranks, all_sum, average_buffers, from_rank_0, shard
 from cleanse.engine.evaluate import TriggeredSet, evaluate
 from cleanse.engine.events import Callback, Event
+from cleanse.engine.memory import MemoryPlan
 from cleanse.engine.tar import measure_tar
 from cleanse.engine.train import is_transformer
 from cleanse.errors import CleanseError
@@ -36,6 +37,9 @@ from cleanse.models import ClassifierModel
 from cleanse.recipes.resume import Checkpoints, RecipeState, capture
 from cleanse.recipes.resume import restore as restore_state
 from cleanse.registry import Registry
+
+# (x, y, idx) of some rows of a batch -> (loss, *figures) of those rows, as if they were the batch (step_pieces)
+Losses = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], tuple[torch.Tensor, ...]]
 
 NEEDS_TRIGGER = (
     "{name} needs a trigger file: pass --trigger with the .trigger.safetensors written by "
@@ -67,6 +71,7 @@ class RecipeContext:
     tar_layer: str | None = None
     checkpoints: Checkpoints = field(default_factory=Checkpoints)  # --checkpoint-every / --resume
     ranks: Ranks = SINGLE  # under torchrun: the ranks that split each batch (Recipe.data_parallel)
+    memory: MemoryPlan | None = None  # what one training forward may hold (`step_pieces`); None: whole batches
 
     @property
     def device(self) -> torch.device:
@@ -102,6 +107,9 @@ class Recipe(ABC):
     # splits each batch over torchrun's ranks: its loops draw batches, step and measure through RecipeRun, and every
     # figure that drives a decision is the same on every rank (docs/scaling.md)
     data_parallel: ClassVar[bool] = False
+    # steps its batches through RecipeRun.step_pieces, so no training forward holds more than unlearn's memory plan
+    # (--memory-budget; on a CPU at most CPU_FORWARD_BYTES); the others run each batch in one forward
+    steps_in_pieces: ClassVar[bool] = False
     params: ClassVar[dict[str, Param]] = {}
 
     def resolve_params(self, raw: dict[str, Any]) -> dict[str, Any]:
@@ -356,7 +364,8 @@ class RecipeRun:
         self.scaling = GradScaling(ctx.device, ctx.precision)  # fp16: torch's gradient scaler; else a plain step
         self.ranks = ctx.ranks
         self._sync = GradientSync(self.model.net.parameters(), ctx.ranks) if ctx.ranks.parallel else None
-        self._share = 1.0  # this rank's rows / the global batch's rows, for the batch being stepped
+        self._share = 1.0  # this rank's rows / the global batch's rows, for the batch (or piece) being stepped
+        self._in_pieces = False  # a batch is being stepped in pieces: batch_mean takes its general form
         self.batch_rows = torch.empty(0, dtype=torch.long)  # the global batch's row indices (every rank's)
         self._loss = LaggedScalar(ctx.device)
         self.resume = ctx.checkpoints.resume
@@ -421,7 +430,7 @@ class RecipeRun:
         """The mean of a per-row figure over `count` rows of the global batch, of which `values` are this rank's: in
         one process values.mean(); under torchrun scaled so that the share-weighted sum over ranks that `step`
         applies to gradients and scalars is the mean over the global batch's `count` rows."""
-        if not self.ranks.parallel:
+        if not self.ranks.parallel and not self._in_pieces:
             return values.mean()
         return values.sum() / (count * self._share)
 
@@ -467,6 +476,72 @@ class RecipeRun:
             self.rollback(reason)
             return True
         return False
+
+    def rows_per_forward(self, images_per_row: int = 1) -> int | None:
+        """Rows of a batch one training forward may hold (`ctx.memory`), each row putting `images_per_row` images
+        through the model; None without a memory plan (whole batches)."""
+        plan = self.ctx.memory
+        return None if plan is None else plan.rows_per_forward(images_per_row)
+
+    def step_pieces(
+        self,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        losses: Losses,
+        images_per_row: int = 1,
+    ) -> list[torch.Tensor] | None:
+        """One optimiser step on the batch (x, y, idx), its forwards cut into pieces (`backward_pieces`) so that a
+        training forward never holds more than the memory plan allows (--memory-budget; on a CPU at most
+        CPU_FORWARD_BYTES, which is also faster there). Returns the batch's (loss, *figures), the global batch's under
+        torchrun, or None when the loss was not finite and the run rolled back (no step taken; the caller stops)."""
+        totals = self.backward_pieces(optimizer, x, y, idx, losses, images_per_row)
+        if self.diverged(totals[0]):
+            return None
+        summed = self._sync.reduce(self._share, totals) if self._sync is not None else totals
+        self.scaling.apply(optimizer)
+        return summed
+
+    def backward_pieces(
+        self,
+        optimizer: torch.optim.Optimizer,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        idx: torch.Tensor,
+        losses: Losses,
+        images_per_row: int = 1,
+        scaled: bool = True,
+    ) -> list[torch.Tensor]:
+        """zero_grad, then the batch's gradients from forwards of at most `rows_per_forward` rows; returns the
+        batch's (loss, *figures), detached. For a recipe that steps itself (clipping first); others `step_pieces`.
+
+        `losses(x, y, idx)` returns (loss, *figures) of the rows it is given, as if they were the batch: means over
+        those rows (`batch_mean` for a mean over a subset counted in the whole batch), plus any term of the weights
+        alone. Each piece's backward is weighted by its share of the batch rows and the gradients add up, so they are
+        the whole batch's: exactly for a model in eval mode (a recipe that freezes BatchNorm) or without BatchNorm;
+        in train mode BatchNorm normalises each piece by its own statistics, as data parallelism without
+        SyncBatchNorm would. `scaled=False`: a plain backward, not through fp16's gradient scaler."""
+        size = self.rows_per_forward(images_per_row) or len(x)
+        share, totals = self._share, None
+        optimizer.zero_grad(set_to_none=True)
+        try:
+            for start in range(0, len(x), size):
+                stop = min(len(x), start + size)
+                part = (stop - start) / len(x)
+                self._share, self._in_pieces = share * part, stop - start < len(x)
+                with autocast(self.ctx.device, self.ctx.precision):
+                    out = losses(x[start:stop], y[start:stop], idx[start:stop])
+                if scaled:
+                    self.scaling.backward(optimizer, out[0] * part, zero=False)
+                else:
+                    (out[0] * part).backward()
+                weighted = [v.detach().float() * part for v in out]
+                totals = weighted if totals is None else [t + w for t, w in zip(totals, weighted, strict=True)]
+        finally:
+            self._share, self._in_pieces = share, False
+        assert totals is not None  # a batch has at least one row
+        return totals
 
     def step(
         self, optimizer: torch.optim.Optimizer, loss: torch.Tensor, scalars: tuple[torch.Tensor, ...] = ()
@@ -600,13 +675,17 @@ def repair_loss(
     labels: torch.Tensor,
     device: torch.device,
     weight: float = 1.0,
+    mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """CE(f(x), y) + weight * CE(f(T(x_rows)), true labels of the rows): clean fine-tuning that also teaches the
-    model to give triggered images their own class. `labels` are the true labels of the whole set `rows` index."""
+    model to give triggered images their own class. `labels` are the true labels of the whole set `rows` index.
+    `mean`: how the triggered rows' CEs become their mean when x is one piece of a batch (`step_pieces`): a
+    `RecipeRun.batch_mean` over the whole batch's triggered rows, so that the pieces add up to the batch's mean."""
     clean_logits, trig_logits = joint_logits(model, x, triggered, rows, device)
     loss = F.cross_entropy(clean_logits, y)
     if len(rows):
-        loss = loss + weight * F.cross_entropy(trig_logits, labels[rows].to(device))
+        per_row = F.cross_entropy(trig_logits, labels[rows].to(device), reduction="none")
+        loss = loss + weight * (per_row.mean() if mean is None else mean(per_row))
     return loss
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from cleanse.engine.device import autocast
 from cleanse.recipes.base import (
     Param,
     Recipe,
@@ -25,6 +24,7 @@ class FineTune(Recipe):
     summary = "plain fine-tuning on the clean subset (baseline; trigger used for monitoring only)"
     resumable = True
     data_parallel = True
+    steps_in_pieces = True
     params = {
         "epochs": Param(10, "passes over the clean subset"),
         "lr": Param(0.01, "SGD learning rate (momentum 0.9, cosine schedule)"),
@@ -48,13 +48,12 @@ class FineTune(Recipe):
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, seen = torch.zeros((), device=ctx.device), 0
-            for x, y, _ in run.batches(ctx.clean.train, p["batch_size"]):
+            for x, y, idx in run.batches(ctx.clean.train, p["batch_size"]):
                 cosine_lr(optimizer, p["lr"], step, total)
-                with autocast(ctx.device, ctx.precision):
-                    loss = F.cross_entropy(model(x).float(), y)
-                if run.diverged(loss):
-                    break  # the epoch ends at the state kept so far
-                (loss,) = run.step(optimizer, loss, (loss,))  # under torchrun: the global batch's loss
+                stepped = run.step_pieces(optimizer, x, y, idx, lambda x, y, _: (F.cross_entropy(model(x).float(), y),))
+                if stepped is None:
+                    break  # the loss was not finite: the epoch ends at the state kept so far
+                (loss,) = stepped  # under torchrun: the global batch's loss
                 step += 1
                 loss_sum, seen = loss_sum + loss.detach() * len(run.batch_rows), seen + len(run.batch_rows)
             metrics = run.measure()

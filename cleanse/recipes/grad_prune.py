@@ -25,6 +25,7 @@ the held-back value of that loss.
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
@@ -127,6 +128,7 @@ class UnitMasks:
 @register
 class GradPrune(Recipe):
     name = "grad-prune"
+    steps_in_pieces = True
     summary = (
         "prune the conv channels / MLP units with the largest unlearning-loss gradient (trigger at true labels), "
         "then fine-tune"
@@ -288,11 +290,17 @@ class GradPrune(Recipe):
             model.train(not p["freeze_bn"])
             loss_sum, seen = torch.zeros((), device=ctx.device), 0
             for x, y, idx in batches(train, p["batch_size"], run.gen, ctx.device):
-                with autocast(ctx.device, ctx.precision):
-                    loss = repair_loss(model, x, y, triggered_all, idx[eligible[idx]], train.labels, ctx.device)
-                if run.diverged(loss):
+                count = int(eligible[idx].sum())  # the batch's triggered rows, which its pieces share
+
+                def losses(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int = count) -> tuple:
+                    mean = functools.partial(run.batch_mean, count=count)
+                    rows = idx[eligible[idx]]
+                    return (repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device, mean=mean),)
+
+                stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
+                if stepped is None:
                     return
-                run.step(optimizer, loss)
+                (loss,) = stepped
                 masks.apply()
                 loss_sum, seen = loss_sum + loss.detach() * len(y), seen + len(y)
             metrics = run.measure()
@@ -323,9 +331,10 @@ class GradPrune(Recipe):
         model.eval()
         weights = [m.weight for m in layers.values()]
         total = [torch.zeros_like(w) for w in weights]
-        for start in range(0, len(data), batch_size):
-            x = as_batch(data.images[start : start + batch_size], ctx.device)
-            y = data.labels[start : start + batch_size].to(ctx.device)
+        size = min(batch_size, ctx.memory.rows_per_forward()) if ctx.memory is not None else batch_size  # sums: exact
+        for start in range(0, len(data), size):
+            x = as_batch(data.images[start : start + size], ctx.device)
+            y = data.labels[start : start + size].to(ctx.device)
             with autocast(ctx.device, ctx.precision):
                 loss = F.cross_entropy(model(x).float(), y, reduction="sum") / len(data)
             grads = torch.autograd.grad(loss, weights, allow_unused=True)

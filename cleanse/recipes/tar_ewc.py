@@ -30,7 +30,7 @@ from torch.func import functional_call, grad, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from cleanse.attacks.trigger import Trigger
-from cleanse.engine.device import LaggedScalar, autocast
+from cleanse.engine.device import LaggedScalar
 from cleanse.engine.distributed import SINGLE, Ranks, all_sum, shard
 from cleanse.errors import CleanseError
 from cleanse.recipes.base import (
@@ -50,13 +50,16 @@ from cleanse.recipes.base import (
 FISHER_CHUNK_BYTES = 256 * 2**20  # per-sample gradients held at once by the automatic fisher_chunk
 
 
-def fisher_chunk(model: torch.nn.Module, given: int = 0) -> int:
+def fisher_chunk(model: torch.nn.Module, given: int = 0, rows_per_forward: int | None = None) -> int:
     """Samples whose gradients the Fisher holds at once: `given`, or (0) as many as fit in 256 MiB of float32
-    per-sample gradients, at most 32 (the `cnn`: 32; ResNet-50: 2; ViT-B/16: 1)."""
+    per-sample gradients, at most 32 (the `cnn`: 32; ResNet-50: 2; ViT-B/16: 1), and at most the rows one training
+    forward may hold (`rows_per_forward`, from unlearn's memory plan: the chunk's activations are the other half of
+    its footprint, 19 MiB an image for a small `cnn` at 224 pixels)."""
     if given > 0:
         return given
     count = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    return max(1, min(32, FISHER_CHUNK_BYTES // max(1, 4 * count)))
+    chunk = max(1, min(32, FISHER_CHUNK_BYTES // max(1, 4 * count)))
+    return chunk if rows_per_forward is None else max(1, min(chunk, rows_per_forward))
 
 
 def empirical_fisher(
@@ -69,6 +72,7 @@ def empirical_fisher(
 ) -> dict[str, torch.Tensor]:
     """Diagonal empirical Fisher: mean of squared per-sample gradients of log p(y|x), normalised by its mean.
 
+    `images`: float (N,C,H,W) in [0,1], or uint8 (N,H,W,C) as a Dataset stores them, made float a chunk at a time.
     Under torchrun `images` are this rank's share of the `total` samples; the sums are added over the ranks.
 
     Per-sample gradients come from vmap over functional_call. Attention runs on the math kernel of
@@ -91,7 +95,10 @@ def empirical_fisher(
     with sdpa_kernel(SDPBackend.MATH), warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
         for start in range(0, len(images), chunk):
-            g = per_sample(params, images[start : start + chunk], labels[start : start + chunk])
+            x = images[start : start + chunk]
+            if x.dtype == torch.uint8:  # (N,H,W,C) as stored: a float copy of one chunk at a time, not of every sample
+                x = x.permute(0, 3, 1, 2).float().div(255)
+            g = per_sample(params, x, labels[start : start + chunk])
             for n in names:
                 fisher[n] += g[n].pow(2).sum(0)
     fisher = {n: all_sum(f, ranks) for n, f in fisher.items()}
@@ -121,6 +128,7 @@ class TarEwc(Recipe):
     needs_trigger = True
     resumable = True
     data_parallel = True
+    steps_in_pieces = True
     params = {
         "epochs": Param(5, "phase 1 budget: at most this many passes over the clean subset"),
         "lr": Param(0.001, "phase 1 SGD learning rate (momentum 0.9)"),
@@ -150,7 +158,9 @@ class TarEwc(Recipe):
         "recovery_ascent": Param(1.0, "weight of the bounded ascent kept during phase 2 (0: plain fine-tuning)"),
         "fisher_samples": Param(512, "clean samples used for the Fisher"),
         "fisher_chunk": Param(
-            0, "per-sample gradients held at once for the Fisher (0: as many as fit in 256 MiB, at most 32)"
+            0,
+            "per-sample gradients held at once for the Fisher (0: as many as fit in 256 MiB, at most 32 and at most "
+            "the rows unlearn's memory plan gives one forward)",
         ),
         "batch_size": Param(64, "batch size"),
         "ca_margin": Param(0.02, "kept state: held-back CA within this of the start"),
@@ -224,8 +234,8 @@ class TarEwc(Recipe):
         ctx, p, model, train = run.ctx, run.ctx.params, run.model, run.ctx.clean.train
         n_fisher = min(p["fisher_samples"], len(train))
         mine = shard(torch.arange(n_fisher), run.ranks)  # under torchrun each rank takes its share of the samples
-        fx = train.images[mine].to(ctx.device).permute(0, 3, 1, 2).float().div(255)
-        chunk = fisher_chunk(model, p["fisher_chunk"])
+        fx = train.images[mine].to(ctx.device)  # uint8: empirical_fisher makes each chunk float
+        chunk = fisher_chunk(model, p["fisher_chunk"], run.rows_per_forward())
         fisher = empirical_fisher(model, fx, train.labels[mine].to(ctx.device), chunk, run.ranks, n_fisher)
         # Cap the curvature lambda*F at 1/lr: plain SGD on a quadratic diverges when lr*lambda*F_i > 2,
         # and the mean-normalised Fisher has entries thousands of times its mean.
@@ -268,16 +278,20 @@ class TarEwc(Recipe):
             batch_checks = 0
             for x, y, idx in run.batches(train, p["batch_size"]):
                 model.train(not p["freeze_bn"])
-                with autocast(ctx.device, ctx.precision):
+
+                def losses(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
                     clean_ce, ascent, hits = self._losses(
                         model, x, y, idx, data, p["tau"], run, together=p["freeze_bn"]
                     )
-                penalty = ewc()
-                loss = clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty
-                if run.diverged(loss):
+                    penalty = ewc()
+                    return clean_ce - ascent + 0.5 * p["ewc_lambda"] * penalty, clean_ce, ascent, hits, penalty
+
+                # a clean row and its triggered copy go through the model; under torchrun the figures come back as
+                # the global batch's, so every rank decides alike
+                stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
+                if stepped is None:
                     return step
-                # under torchrun the figures come back as the global batch's, so every rank decides alike
-                loss, clean_ce, ascent, hits = run.step(optimizer, loss, (loss, clean_ce, ascent, hits))
+                loss, clean_ce, ascent, hits, penalty = stepped
                 step += 1
                 batch_asr = batch_hits.exchange(hits)
                 # A held-back check on the schedule, and also as soon as this batch's triggered images have (nearly)
@@ -334,18 +348,23 @@ class TarEwc(Recipe):
             model.train(not p["freeze_bn"])
             for x, y, idx in run.batches(train, p["batch_size"]):
                 cosine_lr(optimizer, p["recovery_lr"], rstep, total)
-                with autocast(ctx.device, ctx.precision):
+
+                def losses(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> tuple[torch.Tensor, ...]:
                     if p["recovery_ascent"]:
                         clean_ce, ascent, _ = self._losses(
                             model, x, y, idx, data, p["tau"], run, together=p["freeze_bn"]
                         )
                     else:
                         clean_ce, ascent = F.cross_entropy(model(x).float(), y), torch.zeros((), device=ctx.device)
-                # No EWC here: it anchors to the backdoored start weights and would pull the backdoor back. The
-                # bounded ascent stays (weight recovery_ascent): without it the backdoor came back
-                # (docs/recipes/tar-ewc.md, step 3).
-                loss = clean_ce - p["recovery_ascent"] * ascent
-                loss, clean_ce, ascent = run.step(optimizer, loss, (loss, clean_ce, ascent))
+                    # No EWC here: it anchors to the backdoored start weights and would pull the backdoor back. The
+                    # bounded ascent stays (weight recovery_ascent): without it the backdoor came back
+                    # (docs/recipes/tar-ewc.md, step 3).
+                    return clean_ce - p["recovery_ascent"] * ascent, clean_ce, ascent
+
+                stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
+                if stepped is None:
+                    break  # the loss was not finite and the run rolled back
+                loss, clean_ce, ascent = stepped
                 rstep += 1
             metrics = run.measure()
             run.row(

@@ -25,10 +25,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from cleanse.engine.device import autocast
 from cleanse.models import ClassifierModel
 from cleanse.models.layers import class_head
 from cleanse.recipes.base import (
+    Losses,
     Param,
     Recipe,
     RecipeContext,
@@ -84,6 +84,7 @@ def reinit_rows(weight: torch.Tensor, rows: torch.Tensor, gen: torch.Generator) 
 @register
 class Ulrl(Recipe):
     name = "ulrl"
+    steps_in_pieces = True
     summary = (
         "gradient ascent on clean data flags the head units that move most, re-initialise them and relearn "
         "(trigger-agnostic)"
@@ -144,20 +145,16 @@ class Ulrl(Recipe):
             ce_sum = torch.zeros((), device=ctx.device)
             correct = torch.zeros((), device=ctx.device)
             seen = 0
-            for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
-                with autocast(ctx.device, ctx.precision):
-                    logits = model(x).float()
-                ce = F.cross_entropy(logits, y)
-                if not math.isfinite(float(ce.detach())):  # the ascent stops; nothing to roll back to in this phase
+            for x, y, idx in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
+                _, ce, hit = run.backward_pieces(optimizer, x, y, idx, _ascent_losses(model), scaled=False)
+                if not math.isfinite(float(ce)):  # the ascent stops; nothing to roll back to in this phase
                     ctx.note(f"ulrl: the ascent loss became non-finite in epoch {epoch}; the ascent stops there")
                     diverged = True
                     break
-                optimizer.zero_grad(set_to_none=True)
-                (-ce).backward()
                 torch.nn.utils.clip_grad_norm_(trainable(model), p["clip"])
                 optimizer.step()
-                ce_sum += ce.detach() * len(y)
-                correct += (logits.detach().argmax(1) == y).sum()
+                ce_sum += ce * len(y)
+                correct += (hit * len(y)).round()  # the batch's correct rows (its pieces' shares, added up)
                 seen += len(y)
             schedule.step()
             if seen == 0:
@@ -237,22 +234,25 @@ class Ulrl(Recipe):
         for epoch in range(first, p["epochs"] + 1):
             model.train()
             loss_sum, cos_sum, seen = torch.zeros((), device=ctx.device), torch.zeros((), device=ctx.device), 0
-            for x, y, _ in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
+            for x, y, idx in batches(ctx.clean.train, p["batch_size"], run.gen, ctx.device):
                 cosine_lr(optimizer, p["lr"], step, total)
-                with autocast(ctx.device, ctx.precision):
+
+                def losses(x: torch.Tensor, y: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, ...]:
                     ce = F.cross_entropy(model(x).float(), y)
-                cos = (
-                    F.cosine_similarity(head.weight[rows].float(), w_ref.float(), dim=1).mean()
-                    if flagged
-                    else torch.zeros((), device=ctx.device)
-                )
-                loss = ce + p["alpha"] * cos
-                if run.diverged(loss):
+                    cos = (  # a term of the weights alone: each piece adds its share of it
+                        F.cosine_similarity(head.weight[rows].float(), w_ref.float(), dim=1).mean()
+                        if flagged
+                        else torch.zeros((), device=ctx.device)
+                    )
+                    return ce + p["alpha"] * cos, cos
+
+                stepped = run.step_pieces(optimizer, x, y, idx, losses)
+                if stepped is None:
                     return
-                run.step(optimizer, loss)
+                loss, cos = stepped
                 step += 1
-                loss_sum += loss.detach() * len(y)
-                cos_sum += cos.detach() * len(y)
+                loss_sum += loss * len(y)
+                cos_sum += cos * len(y)
                 seen += len(y)
             metrics = run.measure()
             cos_mean = float(cos_sum) / max(1, seen)
@@ -267,3 +267,14 @@ class Ulrl(Recipe):
             if run.judge(metrics, f"relearn epoch {epoch}"):
                 return
             run.passed({"phase": "relearn", "epoch": epoch, "step": step}, optimizer)
+
+
+def _ascent_losses(model: torch.nn.Module) -> Losses:
+    """Phase 1's (-CE, CE, accuracy) of the rows given: gradient ascent on the clean CE."""
+
+    def losses(x: torch.Tensor, y: torch.Tensor, _: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        logits = model(x).float()
+        ce = F.cross_entropy(logits, y)
+        return -ce, ce, (logits.detach().argmax(1) == y).float().mean()
+
+    return losses
