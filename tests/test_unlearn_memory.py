@@ -1,8 +1,9 @@
 """unlearn's memory plan: a recipe's batch stepped in pieces that fit --memory-budget gives the whole batch's step.
 
 `RecipeRun.step_pieces` weights each piece's loss by its share of the batch rows and adds the gradients, so where the
-model runs in eval mode (tar-ewc freezes BatchNorm) or has no BatchNorm (a ViT), a run cut into pieces of one to three
-rows ends where the uncut run does. The plan's arithmetic and the training probe are checked against hand counts.
+model runs in eval mode (tar-ewc, grad-prune and act-edit freeze BatchNorm) or has neither BatchNorm nor dropout (the
+tiny ViT), a run cut into pieces of at most 5 rows ends where the uncut run does. The plan's and the pieces'
+arithmetic and the training probe are checked against hand counts.
 """
 
 from __future__ import annotations
@@ -41,6 +42,47 @@ def test_rows_per_forward_by_hand() -> None:
     capped = MemoryPlan(1000, "x", 100, 10, forward_bytes=300)
     assert capped.rows_per_forward() == 2  # the CPU cap, below the budget: 300 // 140
     assert MemoryPlan(10, "x", 100, 10).rows_per_forward(2) == 1  # never below one row
+
+
+def test_a_batch_is_cut_into_near_equal_pieces_and_ranks_cut_theirs_alike() -> None:
+    from types import SimpleNamespace
+
+    from cleanse.engine.distributed import Ranks
+    from cleanse.recipes.base import RecipeRun
+
+    run = RecipeRun.__new__(RecipeRun)  # `pieces` needs the plan, the ranks and the global batch's rows
+    run.ctx = SimpleNamespace(memory=_pieces_of(13))
+    run.ranks = Ranks()
+    assert run.pieces(128) == 10  # ceil(128 / 13): pieces of 13 x 8 and 12 x 2, never a 11-row tail of 1
+    assert run.pieces(128, images_per_row=2) == 22  # 6 rows (12 images) a forward
+    assert run.pieces(13) == 1
+    run.ctx = SimpleNamespace(memory=None)
+    assert run.pieces(128) == 1  # no plan: whole batches
+    # two ranks, a global batch of 43 rows: shards of 22 and 21; 7 rows a forward -> 4 pieces on both
+    run.ctx, run.batch_rows = SimpleNamespace(memory=_pieces_of(7)), torch.arange(43)
+    for rank in (0, 1):
+        run.ranks = Ranks(rank, 2)
+        assert run.pieces(22 - rank) == 4
+    run.ctx = SimpleNamespace(memory=_pieces_of(1))
+    assert run.pieces(22) == run.pieces(21) == 21  # never more pieces than the smaller shard has rows
+
+
+def test_a_resumed_run_cuts_its_batches_as_the_interrupted_one_did() -> None:
+    from types import SimpleNamespace
+
+    from cleanse.engine.distributed import SINGLE
+    from cleanse.jobs.unlearn import _memory_plan
+
+    data = synthetic("train")
+    model = new_model("cnn", 10, data.classes, (3, 32, 32), None, None, {"width": "8,16,16"}, seed=0)
+    loaded = SimpleNamespace(model=model, split=object(), precision="fp32", device=torch.device("cpu"))
+    fresh = _memory_plan(loaded, None, SINGLE, None)
+    assert fresh is not None and fresh.rows_per_forward() > 3
+    state = SimpleNamespace(extra={"images_per_forward": 3})
+    resumed = _memory_plan(loaded, None, SINGLE, state)
+    assert resumed is not None and resumed.rows_per_forward() == 3 and resumed.rows_per_forward(2) == 1
+    assert resumed.source == "the interrupted run's (--resume)"
+    assert _memory_plan(SimpleNamespace(**{**vars(loaded), "split": None}), None, SINGLE, state) is None
 
 
 def test_the_training_probe_counts_what_a_weight_update_saves_and_moves_no_statistic() -> None:

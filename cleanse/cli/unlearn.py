@@ -101,9 +101,9 @@ MemoryBudgetOpt = Annotated[
     typer.Option(
         "--memory-budget",
         metavar="SIZE",
-        help="Memory one training forward may take, e.g. 1GiB, 512MiB or plain bytes; finetune and tar-ewc step each "
-        "batch in pieces that fit, adding their gradients (default: half the device's free memory; on a CPU at most "
-        "256 MiB, which is also faster; docs/commands/unlearn.md).",
+        help="Memory one training forward may take, e.g. 1GiB, 512MiB or plain bytes; finetune, tar-ewc, ulrl, "
+        "grad-prune and act-edit step each batch in pieces that fit, adding their gradients (default: half the "
+        "device's free memory; on a CPU at most 256 MiB; docs/commands/unlearn.md).",
     ),
 ]
 

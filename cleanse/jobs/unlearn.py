@@ -5,7 +5,7 @@ from __future__ import annotations
 import copy
 import hashlib
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +15,16 @@ from cleanse.attacks import Trigger, load_trigger
 from cleanse.data import Dataset, load_data
 from cleanse.data.subset import CleanSplit, clean_subset
 from cleanse.engine.device import resolve_precision
-from cleanse.engine.distributed import SINGLE, Ranks, current, gather_to_rank_0, launched, sync_batchnorm, turns
+from cleanse.engine.distributed import (
+    SINGLE,
+    Ranks,
+    current,
+    from_rank_0,
+    gather_to_rank_0,
+    launched,
+    sync_batchnorm,
+    turns,
+)
 from cleanse.engine.evaluate import der
 from cleanse.engine.measure import measure, unmeasured
 from cleanse.engine.memory import MemoryPlan, format_bytes, is_out_of_memory, parse_memory, plan_memory
@@ -52,6 +61,7 @@ UNLEARN_RUN_FACTS = (
     ("precision", "--precision"),
     ("tar_layer", "--layer"),
     ("subset", "clean subset (DATA changed)"),
+    ("memory_budget", "--memory-budget"),
 )
 
 
@@ -193,7 +203,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
     if split_by == "recipes":
         progress.note(f"{len(names)} recipes over {ranks.world} ranks, whole recipes each; rank 0 runs {mine}")
     before = loaded.measure()
-    memory = _memory_plan(loaded, plan.memory_budget) if split is not None else None
+    memory = _memory_plan(loaded, plan.memory_budget, ranks if split_by == "batches" else SINGLE, state)
     if memory is not None:
         progress.note(
             f"a training forward holds at most {memory.rows_per_forward()} images "
@@ -225,13 +235,15 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         "precision": loaded.precision,
         "tar_layer": loaded.layer,
         "subset": _subset_digest(split) if split else None,
+        "memory_budget": plan.memory_budget,
     }
     if state is not None:
         check_same_run(state.extra, facts, UNLEARN_RUN_FACTS, state_path)
         progress.note(f"resuming {names[0]} from {state_path} after pass {state.passes} over the clean subset")
 
     def save_state(snapshot: RecipeState) -> None:
-        snapshot.extra = {**facts, "checkpoint_every": checkpoint_every}
+        rows = memory.rows_per_forward() if memory is not None else None  # a resumed run cuts its batches alike
+        snapshot.extra = {**facts, "checkpoint_every": checkpoint_every, "images_per_forward": rows}
         save_recipe_state(state_path, snapshot)
 
     checkpoints = Checkpoints(checkpoint_every or 0, save_state if checkpoint_every and ranks.main else None, state)
@@ -408,11 +420,16 @@ class _Facts:
     memory: MemoryPlan | None  # what one training forward may hold (None: a data-free run)
 
 
-def _memory_plan(loaded: _Loaded, budget: int | None) -> MemoryPlan:
-    """What one training forward may hold: --memory-budget (or half the device's free memory), and on a CPU at most
-    CPU_FORWARD_BYTES; the recipes that step in pieces (`RecipeRun.step_pieces`) cut their batches to fit."""
+def _memory_plan(loaded: _Loaded, budget: int | None, ranks: Ranks, state: RecipeState | None) -> MemoryPlan | None:
+    """What one training forward may hold (None without --data): --memory-budget (or half the device's free memory),
+    and on a CPU at most CPU_FORWARD_BYTES; the recipes that step in pieces (`RecipeRun.step_pieces`) cut their
+    batches to fit. Ranks that split each batch take the smallest rank's plan, so that they cut their shards into
+    the same number of pieces; a resumed run takes the interrupted run's images per forward, so that it cuts its
+    batches alike whatever memory is free now."""
+    if loaded.split is None:
+        return None
     try:
-        return plan_memory(loaded.model.net, loaded.model.spec.input_size, loaded.precision, budget, training=True)
+        plan = plan_memory(loaded.model.net, loaded.model.spec.input_size, loaded.precision, budget, training=True)
     except Exception as exc:
         if not is_out_of_memory(exc):
             raise
@@ -420,6 +437,15 @@ def _memory_plan(loaded: _Loaded, budget: int | None) -> MemoryPlan:
             f"out of memory on {loaded.device} before unlearning began (measuring one image's cost); free memory on "
             "the device or choose another --device"
         ) from None
+    if ranks.parallel:
+        plans = gather_to_rank_0(plan, ranks)
+        plan = from_rank_0(min(plans, key=lambda p: p.rows_per_forward()) if plans else plan, ranks)
+    kept = state.extra.get("images_per_forward") if state is not None else None
+    if kept is not None and kept != plan.rows_per_forward():
+        plan = replace(
+            plan, budget=kept * plan.per_image, source="the interrupted run's (--resume)", forward_bytes=None
+        )
+    return plan
 
 
 def _memory_json(memory: MemoryPlan | None, name: str) -> dict[str, Any] | None:

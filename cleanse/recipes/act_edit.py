@@ -309,10 +309,10 @@ class ActEdit(Recipe):
                     count = int(eligible[idx].sum()) if triggered_all is not None else 0
 
                     def losses(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int = count) -> tuple:
-                        mean = functools.partial(run.batch_mean, count=count)
+                        ce = functools.partial(run.batch_ce, count=count)
                         rows = idx[eligible[idx]] if triggered_all is not None else idx[:0]
                         weight = p["repair_triggered"]
-                        return (repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device, weight, mean),)
+                        return (repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device, weight, ce),)
 
                     stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
                     if stepped is None:

@@ -434,6 +434,13 @@ class RecipeRun:
             return values.mean()
         return values.sum() / (count * self._share)
 
+    def batch_ce(self, logits: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
+        """The cross-entropy of some rows of the batch as their mean over `count` rows of the global batch
+        (`batch_mean`): F.cross_entropy's own mean, bit for bit, when the batch is neither cut nor split."""
+        if not self.ranks.parallel and not self._in_pieces:
+            return F.cross_entropy(logits, labels)
+        return self.batch_mean(F.cross_entropy(logits, labels, reduction="none"), count)
+
     def globally(self, value: torch.Tensor) -> torch.Tensor:
         """A per-batch mean of this rank's rows as the global batch's mean (itself in one process)."""
         return all_sum(value.detach().float() * self._share, self.ranks) if self.ranks.parallel else value
@@ -483,6 +490,20 @@ class RecipeRun:
         plan = self.ctx.memory
         return None if plan is None else plan.rows_per_forward(images_per_row)
 
+    def pieces(self, rows: int, images_per_row: int = 1) -> int:
+        """Into how many near-equal pieces (sizes differing by at most one row) a batch of `rows` rows is cut: enough
+        that none exceeds `rows_per_forward`. Under torchrun the count comes from the global batch, so every rank runs
+        the same number of forwards (SyncBatchNorm's collectives must pair up) on a shard of floor or ceil(global /
+        ranks) rows, and never more pieces than the smaller shard has rows."""
+        size = self.rows_per_forward(images_per_row)
+        if size is None:
+            return 1
+        if not self.ranks.parallel:
+            return max(1, -(-rows // size))
+        total, world = len(self.batch_rows), self.ranks.world
+        largest_shard, smallest_shard = -(-total // world), total // world
+        return max(1, min(-(-largest_shard // size), smallest_shard))
+
     def step_pieces(
         self,
         optimizer: torch.optim.Optimizer,
@@ -513,23 +534,25 @@ class RecipeRun:
         images_per_row: int = 1,
         scaled: bool = True,
     ) -> list[torch.Tensor]:
-        """zero_grad, then the batch's gradients from forwards of at most `rows_per_forward` rows; returns the
-        batch's (loss, *figures), detached. For a recipe that steps itself (clipping first); others `step_pieces`.
+        """zero_grad, then the batch's gradients from `pieces` forwards of at most `rows_per_forward` rows each;
+        returns the batch's (loss, *figures), detached. For a recipe that steps itself (clipping first); others
+        `step_pieces`.
 
         `losses(x, y, idx)` returns (loss, *figures) of the rows it is given, as if they were the batch: means over
         those rows (`batch_mean` for a mean over a subset counted in the whole batch), plus any term of the weights
         alone. Each piece's backward is weighted by its share of the batch rows and the gradients add up, so they are
-        the whole batch's: exactly for a model in eval mode (a recipe that freezes BatchNorm) or without BatchNorm;
-        in train mode BatchNorm normalises each piece by its own statistics, as data parallelism without
-        SyncBatchNorm would. `scaled=False`: a plain backward, not through fp16's gradient scaler."""
-        size = self.rows_per_forward(images_per_row) or len(x)
+        the whole batch's: exactly for a model in eval mode (a recipe that freezes BatchNorm) or one without BatchNorm
+        or dropout; in train mode BatchNorm normalises each piece by its own statistics, as data parallelism without
+        SyncBatchNorm would, and dropout draws its masks piece by piece. `scaled=False`: a plain backward, not through
+        fp16's gradient scaler."""
+        count = self.pieces(len(x), images_per_row)
         share, totals = self._share, None
         optimizer.zero_grad(set_to_none=True)
         try:
-            for start in range(0, len(x), size):
-                stop = min(len(x), start + size)
+            for rows in torch.arange(len(x)).tensor_split(count):
+                start, stop = int(rows[0]), int(rows[-1]) + 1
                 part = (stop - start) / len(x)
-                self._share, self._in_pieces = share * part, stop - start < len(x)
+                self._share, self._in_pieces = share * part, count > 1
                 with autocast(self.ctx.device, self.ctx.precision):
                     out = losses(x[start:stop], y[start:stop], idx[start:stop])
                 if scaled:
@@ -675,17 +698,16 @@ def repair_loss(
     labels: torch.Tensor,
     device: torch.device,
     weight: float = 1.0,
-    mean: Callable[[torch.Tensor], torch.Tensor] | None = None,
+    ce: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """CE(f(x), y) + weight * CE(f(T(x_rows)), true labels of the rows): clean fine-tuning that also teaches the
     model to give triggered images their own class. `labels` are the true labels of the whole set `rows` index.
-    `mean`: how the triggered rows' CEs become their mean when x is one piece of a batch (`step_pieces`): a
-    `RecipeRun.batch_mean` over the whole batch's triggered rows, so that the pieces add up to the batch's mean."""
+    `ce`: the triggered rows' cross-entropy when x may be one piece of a batch (`step_pieces`): `RecipeRun.batch_ce`
+    over the whole batch's triggered rows, so that the pieces add up to the batch's mean."""
     clean_logits, trig_logits = joint_logits(model, x, triggered, rows, device)
     loss = F.cross_entropy(clean_logits, y)
     if len(rows):
-        per_row = F.cross_entropy(trig_logits, labels[rows].to(device), reduction="none")
-        loss = loss + weight * (per_row.mean() if mean is None else mean(per_row))
+        loss = loss + weight * (ce or F.cross_entropy)(trig_logits, labels[rows].to(device))
     return loss
 
 

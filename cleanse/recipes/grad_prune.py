@@ -293,9 +293,9 @@ class GradPrune(Recipe):
                 count = int(eligible[idx].sum())  # the batch's triggered rows, which its pieces share
 
                 def losses(x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor, count: int = count) -> tuple:
-                    mean = functools.partial(run.batch_mean, count=count)
+                    ce = functools.partial(run.batch_ce, count=count)
                     rows = idx[eligible[idx]]
-                    return (repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device, mean=mean),)
+                    return (repair_loss(model, x, y, triggered_all, rows, train.labels, ctx.device, ce=ce),)
 
                 stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
                 if stepped is None:

@@ -363,7 +363,7 @@ class TarEwc(Recipe):
 
                 stepped = run.step_pieces(optimizer, x, y, idx, losses, images_per_row=2)
                 if stepped is None:
-                    break  # the loss was not finite and the run rolled back
+                    return  # the loss was not finite: the run rolled back to the state kept so far, and stops
                 loss, clean_ce, ascent = stepped
                 rstep += 1
             metrics = run.measure()
