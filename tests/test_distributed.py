@@ -240,9 +240,9 @@ def test_each_rank_gets_its_rows_of_every_batch_with_the_one_process_augmentatio
 def test_a_mean_over_part_of_the_batch_sums_over_ranks_to_the_one_process_mean():
     from cleanse.recipes.base import RecipeRun
 
-    run = RecipeRun.__new__(RecipeRun)  # batch_mean needs only the ranks, this batch's share and whether it is cut
+    run = RecipeRun.__new__(RecipeRun)  # batch_mean needs only the ranks and this batch's (or piece's) share
     values = torch.tensor([1.0, 2.0, 3.0, 4.0, 10.0])  # the batch's 5 eligible rows, of a global batch of 8 rows
-    run.ranks, run._share, run._in_pieces = Ranks(), 1.0, False
+    run.ranks, run._share = Ranks(), 1.0
     assert float(run.batch_mean(values, 5)) == pytest.approx(4.0)
     total = 0.0
     for rank, (mine, share) in enumerate(((values[:4], 5 / 8), (values[4:], 3 / 8))):  # rows fall unevenly
@@ -251,7 +251,7 @@ def test_a_mean_over_part_of_the_batch_sums_over_ranks_to_the_one_process_mean()
     assert total == pytest.approx(4.0)
     # one process, the batch of 8 rows stepped in pieces of 3, 3 and 2 rows holding 2, 1 and 2 of the eligible ones:
     # step_pieces weights each piece's loss by its share of the rows, the same arithmetic
-    run.ranks, run._in_pieces, total = Ranks(), True, 0.0
+    run.ranks, total = Ranks(), 0.0
     for mine, part in ((values[:2], 3 / 8), (values[2:3], 3 / 8), (values[3:], 2 / 8)):
         run._share = part
         total += part * float(run.batch_mean(mine, 5))

@@ -365,7 +365,6 @@ class RecipeRun:
         self.ranks = ctx.ranks
         self._sync = GradientSync(self.model.net.parameters(), ctx.ranks) if ctx.ranks.parallel else None
         self._share = 1.0  # this rank's rows / the global batch's rows, for the batch (or piece) being stepped
-        self._in_pieces = False  # a batch is being stepped in pieces: batch_mean takes its general form
         self.batch_rows = torch.empty(0, dtype=torch.long)  # the global batch's row indices (every rank's)
         self._loss = LaggedScalar(ctx.device)
         self.resume = ctx.checkpoints.resume
@@ -426,18 +425,24 @@ class RecipeRun:
             self._share, self.batch_rows = len(idx) / len(whole), whole
             yield x, y, idx
 
+    @property
+    def _whole_batch(self) -> bool:
+        """This process holds the whole batch in one forward: no torchrun shard (a rank's share of a batch is below 1,
+        since a batch with fewer rows than ranks is skipped) and no piece (`backward_pieces`)."""
+        return self._share == 1.0
+
     def batch_mean(self, values: torch.Tensor, count: int) -> torch.Tensor:
-        """The mean of a per-row figure over `count` rows of the global batch, of which `values` are this rank's: in
-        one process values.mean(); under torchrun scaled so that the share-weighted sum over ranks that `step`
-        applies to gradients and scalars is the mean over the global batch's `count` rows."""
-        if not self.ranks.parallel and not self._in_pieces:
+        """The mean of a per-row figure over `count` rows of the global batch, of which `values` are this rank's (or
+        this piece's): for the whole batch in one process values.mean(); else scaled so that the share-weighted sum
+        over ranks (and pieces) that `step` applies to gradients and scalars is the mean over the `count` rows."""
+        if self._whole_batch:
             return values.mean()
         return values.sum() / (count * self._share)
 
     def batch_ce(self, logits: torch.Tensor, labels: torch.Tensor, count: int) -> torch.Tensor:
         """The cross-entropy of some rows of the batch as their mean over `count` rows of the global batch
         (`batch_mean`): F.cross_entropy's own mean, bit for bit, when the batch is neither cut nor split."""
-        if not self.ranks.parallel and not self._in_pieces:
+        if self._whole_batch:
             return F.cross_entropy(logits, labels)
         return self.batch_mean(F.cross_entropy(logits, labels, reduction="none"), count)
 
@@ -520,9 +525,7 @@ class RecipeRun:
         totals = self.backward_pieces(optimizer, x, y, idx, losses, images_per_row)
         if self.diverged(totals[0]):
             return None
-        summed = self._sync.reduce(self._share, totals) if self._sync is not None else totals
-        self.scaling.apply(optimizer)
-        return summed
+        return self._reduce_and_apply(optimizer, totals)
 
     def backward_pieces(
         self,
@@ -552,7 +555,7 @@ class RecipeRun:
             for rows in torch.arange(len(x)).tensor_split(count):
                 start, stop = int(rows[0]), int(rows[-1]) + 1
                 part = (stop - start) / len(x)
-                self._share, self._in_pieces = share * part, count > 1
+                self._share = share * part
                 with autocast(self.ctx.device, self.ctx.precision):
                     out = losses(x[start:stop], y[start:stop], idx[start:stop])
                 if scaled:
@@ -562,7 +565,7 @@ class RecipeRun:
                 weighted = [v.detach().float() * part for v in out]
                 totals = weighted if totals is None else [t + w for t, w in zip(totals, weighted, strict=True)]
         finally:
-            self._share, self._in_pieces = share, False
+            self._share = share
         assert totals is not None  # a batch has at least one row
         return totals
 
@@ -574,7 +577,12 @@ class RecipeRun:
         means of this rank's rows) ride in the same reduction and come back as the global batch's figures (in one
         process, as they are)."""
         self.scaling.backward(optimizer, loss)
-        out = self._sync.reduce(self._share, list(scalars)) if self._sync is not None else list(scalars)
+        return self._reduce_and_apply(optimizer, list(scalars))
+
+    def _reduce_and_apply(self, optimizer: torch.optim.Optimizer, scalars: list[torch.Tensor]) -> list[torch.Tensor]:
+        """After the backward: under torchrun the share-weighted sum of gradients and `scalars` over the ranks, then
+        the optimiser step; returns the (global batch's) scalars."""
+        out = self._sync.reduce(self._share, scalars) if self._sync is not None else scalars
         self.scaling.apply(optimizer)
         return out
 
