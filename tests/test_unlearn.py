@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,6 +18,7 @@ from cleanse.data import Dataset
 from cleanse.data.subset import clean_subset
 from cleanse.errors import CleanseError
 from cleanse.models import save_model
+from cleanse.recipes import RECIPES
 from cleanse.recipes.base import StateKeeper, as_batch, joint_logits, repair_loss
 from cleanse.recipes.tar_ewc import empirical_fisher
 
@@ -266,8 +268,8 @@ def test_missing_trigger_names_both_ways_to_get_one(untrained_files, tmp_path):
     result = unlearn(untrained_files, "--method", "nope", "-o", tmp_path / "x.safetensors")
     assert (
         result.exit_code == 2
-        and "unknown recipe 'nope'; choose one of: act-edit, anp, clp, fine-prune, finetune, grad-prune, i-bau, nad, "
-        "sau, tar-ewc, ulrl, or all"
+        and "unknown recipe 'nope'; choose one or more (comma-separated) of: act-edit, anp, clp, fine-prune, "
+        "finetune, grad-prune, i-bau, nad, sau, tar-ewc, ulrl, or all"
         in result.stderr
     )
     assert not list(tmp_path.iterdir())
@@ -282,7 +284,7 @@ def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_ea
         "--trigger",
         model_files / "bd.trigger.safetensors",
         "--epochs",
-        "1",
+        "0",  # no recipe's own training: what is checked is one subset, one before, one checkpoint per recipe
         "--param",
         "max_rounds=3",
         "--param",
@@ -290,7 +292,7 @@ def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_ea
         "--param",
         "iterations=20",
         "--param",
-        "teacher_epochs=1",
+        "teacher_epochs=0",
         "-o",
         tmp_path / "c.safetensors",
         "--json",
@@ -318,10 +320,32 @@ def test_method_all_runs_every_recipe_on_one_subset_and_writes_one_checkpoint_ea
         assert (tmp_path / f"c.{name}.safetensors").is_file()
         record = json.loads((tmp_path / f"c.{name}.safetensors.run.json").read_text())
         assert record["parameters"]["method"] == name
-        assert record["parameters"]["params"].get("epochs", 1) == 1  # anp and clp have no epochs
+        assert record["parameters"]["params"].get("epochs", 0) == 0  # anp and clp have no epochs
         subsets.add(tuple(record["clean_subset"]["train_index"]))
     assert len(subsets) == 1  # the same clean subset for every recipe
-    assert "all recipes, same clean subset" in result.stderr
+    assert "recipes compared on the same clean subset" in result.stderr
+
+
+def test_method_takes_a_list_of_recipes_in_registry_order_and_names_a_bad_one():
+    from cleanse.jobs.unlearn import UnlearnOptions, _plan
+
+    plan = _plan(UnlearnOptions("m.safetensors", "d", method="nad, finetune,nad", output=Path("out.safetensors")))
+    assert plan.names == ["finetune", "nad"] and plan.several and plan.skipped == []
+    assert plan.outputs == {n: Path(f"out.{n}.safetensors") for n in ("finetune", "nad")}
+    assert not _plan(UnlearnOptions("m.safetensors", "d", method="finetune,")).several  # one recipe is one recipe
+    with pytest.raises(CleanseError) as err:
+        _plan(UnlearnOptions("m.safetensors", "d", method="finetune,fintune"))
+    assert str(err.value) == (
+        "unknown recipe 'fintune'; choose one or more (comma-separated) of: " + ", ".join(RECIPES.names()) + ", or all"
+    )
+    # a recipe named in a list is never skipped: without a trigger or data the list is refused, as one recipe is
+    with pytest.raises(CleanseError) as err:
+        _plan(UnlearnOptions("m.safetensors", "d", method="finetune,tar-ewc"))
+    assert str(err.value).startswith("tar-ewc needs a trigger file: pass --trigger")
+    with pytest.raises(CleanseError) as err:
+        _plan(UnlearnOptions("m.safetensors", None, method="clp,finetune"))
+    assert str(err.value).startswith("--data is required for finetune: the DATA to draw the clean subset from")
+    assert _plan(UnlearnOptions("m.safetensors", None, method="all")).names == ["clp"]  # all skips instead
 
 
 @pytest.mark.slow
@@ -331,18 +355,19 @@ def test_method_all_without_a_trigger_skips_the_recipes_that_need_one(model_file
     )
     assert result.exit_code == 2 and "no recipe has a parameter 'nonsense'" in result.stderr
     assert not list(tmp_path.iterdir())
+    # no recipe's own work (epochs 0): what is checked is which recipes run and what each writes
     result = unlearn(
         model_files,
         "--method",
         "all",
         "--epochs",
-        "1",
+        "0",
         "--param",
-        "min_steps=0",
+        "teacher_epochs=0",
         "--param",
         "iterations=20",
         "--param",
-        "teacher_epochs=1",
+        "min_steps=0",
         "-o",
         tmp_path / "c.safetensors",
         "--json",

@@ -148,7 +148,11 @@ def test_sigint_then_resume_gives_the_uninterrupted_checkpoint(small: dict[str, 
     [
         (
             ["--method", "all", "--checkpoint-every", "1"],
-            "--checkpoint-every takes one recipe, not --method all; run the recipes one at a time with --method NAME",
+            "--checkpoint-every takes one recipe, not several; run the recipes one at a time with --method NAME",
+        ),
+        (
+            ["--method", "finetune,nad", "--resume"],
+            "--resume takes one recipe, not several; run the recipes one at a time with --method NAME",
         ),
         (
             ["--method", "act-edit", "--checkpoint-every", "1"],

@@ -18,7 +18,8 @@ from cleanse.recipes import RECIPES
 METHOD_HELP = (
     "Recipe: "
     + "; ".join(f"{n} ({RECIPES.get(n).summary})" for n in RECIPES.names())
-    + "; all (every recipe on the same clean subset, one checkpoint each, one comparison table)"
+    + "; all (every recipe on the same clean subset, one checkpoint each, one comparison table), or a "
+    + "comma-separated list of recipes compared the same way (e.g. finetune,tar-ewc)"
 )
 UNLEARN_COLUMNS: list[Column] = [
     ("phase", "phase", str),
@@ -133,7 +134,7 @@ def unlearn_command(
     """Remove a backdoor with a small clean subset; exit 0 when it finishes, whatever the outcome (see the JSON).
 
     --method all runs every recipe on the same clean subset, writes OUT.<method>.safetensors for each and prints one
-    comparison table ({"recipes": {name: summary}} with --json).
+    comparison table ({"recipes": {name: summary}} with --json); --method A,B does the same for the recipes named.
     """
     options = UnlearnOptions(
         model_path,
@@ -161,7 +162,7 @@ def unlearn_command(
 @view(UnlearnResult)
 def show_unlearn(result: UnlearnResult) -> None:
     wall = result.wall_seconds
-    if result.run_all:
+    if result.several:
         _show_comparison(result.summaries, result.before, result.measured_on)
         say(
             f"wrote {len(result.summaries)} checkpoints "
@@ -177,7 +178,7 @@ def _num(v: float | None) -> str:
 
 
 def _show_comparison(summaries: dict[str, dict[str, Any]], before: dict[str, Any], measured_on: str) -> None:
-    table = Table(title=f"all recipes, same clean subset, on {measured_on}", title_justify="left")
+    table = Table(title=f"recipes compared on the same clean subset, on {measured_on}", title_justify="left")
     for header in ("recipe", "CA", "ASR", "RA", "TAR", "DER", "wall"):
         table.add_column(header, justify="left" if header == "recipe" else "right")
     table.add_row(

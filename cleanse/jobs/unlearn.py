@@ -100,12 +100,12 @@ class UnlearnResult:
     before: dict[str, Any]
     measured_on: str
     skipped: list[str]
-    run_all: bool
+    several: bool
     outputs: dict[str, Path]
     wall_seconds: float
 
     def to_json(self) -> dict[str, Any]:
-        if self.run_all:
+        if self.several:
             return {"recipes": self.summaries, "skipped": self.skipped, "wall_seconds": self.wall_seconds}
         return next(iter(self.summaries.values()))
 
@@ -116,7 +116,7 @@ class _Plan:
     skipped: list[str]
     params: dict[str, dict[str, Any]]
     outputs: dict[str, Path]
-    run_all: bool
+    several: bool
     given: set[str]  # the parameters the user set (--param, --epochs): architecture defaults leave them alone
     no_data: list[str] = field(default_factory=list)  # skipped because they need --data and none was given
     memory_budget: int | None = None  # --memory-budget in bytes (None: the device's default)
@@ -126,59 +126,62 @@ class _Plan:
         (one data-parallel recipe), or "none" (one process)."""
         if not ranks.parallel:
             return "none"
-        return "recipes" if self.run_all else "batches"
+        return "recipes" if self.several else "batches"
 
 
 def _plan(o: UnlearnOptions) -> _Plan:
     """Which recipes run with which parameters, and where they write: usage errors before any file is read."""
-    run_all = o.method == "all"
-    if not run_all and o.method not in RECIPES:
-        raise CleanseError(f"unknown recipe {o.method!r}; choose one of: {', '.join(RECIPES.names())}, or all")
-    names = RECIPES.names() if run_all else [RECIPES.get(o.method).name]
-    _check_resume_options(names[0] if not run_all else "all", o.checkpoint_every, o.resume)
+    names = _method_names(o.method)
+    several = o.method == "all" or len(names) > 1
+    _check_resume_options(names[0] if not several else "all", o.checkpoint_every, o.resume)
     raw = dict(o.params)
     if o.epochs is not None:
         raw["epochs"] = str(o.epochs)
     no_data: list[str] = []
     if o.data is None:
         free = [n for n in names if not RECIPES.get(n).needs_data]
+        if len(free) < len(names) and o.method != "all":  # a recipe named on its own or in a list is not skipped
+            free = []
         if not free:
             data_free = ", ".join(n for n in RECIPES.names() if not RECIPES.get(n).needs_data)
+            needs = next(n for n in names if RECIPES.get(n).needs_data)
             raise CleanseError(
-                f"--data is required for {names[0]}: the DATA to draw the clean subset from (e.g. the training "
+                f"--data is required for {needs}: the DATA to draw the clean subset from (e.g. the training "
                 f"folder); only the data-free recipes ({data_free}) run without it"
             )
         no_data, names = [n for n in names if n not in free], free
-    if not run_all and RECIPES.get(o.method).needs_trigger and o.trigger is None:
-        raise CleanseError(NEEDS_TRIGGER.format(name=o.method))
-    if launched() and not run_all and not RECIPES.get(o.method).data_parallel:
+    if o.method != "all" and o.trigger is None:  # only all skips the recipes that need a trigger
+        for name in names:
+            if RECIPES.get(name).needs_trigger:
+                raise CleanseError(NEEDS_TRIGGER.format(name=name))
+    if launched() and not several and not RECIPES.get(names[0]).data_parallel:
         parallel = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).data_parallel)
         raise CleanseError(
-            f"{o.method} does not split its batches over torchrun's ranks (those that do: {parallel}); run it in "
-            "one process, or use --method all under torchrun to give each rank whole recipes"
+            f"{names[0]} does not split its batches over torchrun's ranks (those that do: {parallel}); run it in "
+            "one process, or use --method all (or a list of recipes) under torchrun to give each rank whole recipes"
         )
     skipped = [n for n in names if RECIPES.get(n).needs_trigger and o.trigger is None]
     names = [n for n in names if n not in skipped]
     skipped = sorted(no_data + skipped)
-    params = {n: _params_for(n, raw, run_all) for n in names}
+    params = {n: _params_for(n, raw, several) for n in names}
     unknown = sorted(set(raw) - {k for n in names for k in RECIPES.get(n).params})
-    if run_all and unknown:
+    if several and unknown:
         raise CleanseError(f"no recipe has a parameter {unknown[0]!r}; see docs/recipes/ for each recipe's parameters")
     stem = Path(o.model_path).stem
-    if run_all:
+    if several:
         base = str(o.output).removesuffix(".safetensors") if o.output else str(Path(o.model_path).with_name(stem))
         outputs = {n: Path(f"{base}.{n}.safetensors") for n in names}
     else:
         outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
     budget = None if o.memory_budget is None else parse_memory(o.memory_budget)
-    return _Plan(names, skipped, params, outputs, run_all, set(raw), no_data, budget)
+    return _Plan(names, skipped, params, outputs, several, set(raw), no_data, budget)
 
 
 def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
     o, s = options, settings or RunSettings()
     started = time.perf_counter()
     plan = _plan(o)
-    names, run_all = plan.names, plan.run_all
+    names, several = plan.names, plan.several
     dev = s.rank_device()  # under torchrun: joins the process group (this rank's device)
     ranks = current()
     if not ranks.main:  # one live table, one set of notes: rank 0's
@@ -273,7 +276,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
             precision=loaded.precision,
             seed=s.seed,
             tar_layer=loaded.layer,
-            checkpoints=checkpoints if not run_all else Checkpoints(),
+            checkpoints=checkpoints if not several else Checkpoints(),
             ranks=ranks if split_by == "batches" else SINGLE,
             memory=memory,
         )
@@ -282,7 +285,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
             result = RECIPES.get(name).run(ctx)
         model.eval()
         after = loaded.measure()
-        wall = time.perf_counter() - (started if not run_all else recipe_started)
+        wall = time.perf_counter() - (started if not several else recipe_started)
         summary, provenance, record = _outcome(shared, name, result, before, after, wall)
         weights = {k: v.detach().to("cpu", copy=True) for k, v in model.net.state_dict().items()}
         finished.append(_Finished(name, summary, provenance, record, weights))
@@ -298,7 +301,7 @@ def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progre
         close_resume_file(state_path, resumable, progress)
     summaries = {f.name: f.summary for f in finished}
     return UnlearnResult(
-        summaries, before, loaded.report_name, plan.skipped, run_all, plan.outputs, time.perf_counter() - started
+        summaries, before, loaded.report_name, plan.skipped, several, plan.outputs, time.perf_counter() - started
     )
 
 
@@ -349,7 +352,7 @@ def _load(o: UnlearnOptions, s: RunSettings, dev: torch.device, plan: _Plan, pro
         try:
             RECIPES.get(name).check_model(model, plan.params[name])
         except CleanseError as refusal:
-            if not plan.run_all:
+            if not plan.several:
                 raise
             plan.names.remove(name)  # --method all runs the recipes that apply to this architecture
             plan.skipped.append(name)
@@ -496,7 +499,7 @@ def _outcome(
             "seed": s.seed,
             "tar_layer": loaded.layer,
             "precision": loaded.precision,
-            "all": plan.run_all,
+            "all": plan.several,
             "checkpoint_every": facts.checkpoint_every,
             "resumed_after_pass": state.passes if state else None,
             "ranks": facts.ranks,
@@ -532,6 +535,21 @@ def _write(model: ClassifierModel, plan: _Plan, finished: list[_Finished]) -> No
             write_json_atomic(out.reserve(record_path(path)), done.record)
 
 
+def _method_names(method: str) -> list[str]:
+    """--method: one recipe, a comma-separated list of recipes (registry order, each once), or all."""
+    if method == "all":
+        return RECIPES.names()
+    wanted = [m.strip() for m in method.split(",") if m.strip()]
+    for name in wanted or [method]:
+        if name not in RECIPES:
+            raise CleanseError(
+                f"unknown recipe {name!r}; choose one or more (comma-separated) of: {', '.join(RECIPES.names())}, "
+                "or all"
+            )
+    chosen = {RECIPES.get(m).name for m in wanted}
+    return [n for n in RECIPES.names() if n in chosen]
+
+
 def _check_resume_options(method: str, checkpoint_every: int | None, resume: bool) -> None:
     """--checkpoint-every/--resume work for one recipe that makes passes over the clean subset."""
     if checkpoint_every is None and not resume:
@@ -543,9 +561,7 @@ def _check_resume_options(method: str, checkpoint_every: int | None, resume: boo
             "checkpoints)"
         )
     if method == "all":
-        raise CleanseError(
-            f"{flag} takes one recipe, not --method all; run the recipes one at a time with --method NAME"
-        )
+        raise CleanseError(f"{flag} takes one recipe, not several; run the recipes one at a time with --method NAME")
     if not RECIPES.get(method).resumable:
         able = ", ".join(n for n in RECIPES.names() if RECIPES.get(n).resumable)
         raise CleanseError(
@@ -575,7 +591,7 @@ def _subset_digest(split: CleanSplit) -> str:
     ]
 
 
-def _params_for(name: str, raw: dict[str, str], run_all: bool) -> dict[str, Any]:
+def _params_for(name: str, raw: dict[str, str], several: bool) -> dict[str, Any]:
     """The recipe's parameters; with --method all each recipe takes the --param names it knows."""
     recipe = RECIPES.get(name)
-    return recipe.resolve_params({k: v for k, v in raw.items() if k in recipe.params} if run_all else raw)
+    return recipe.resolve_params({k: v for k, v in raw.items() if k in recipe.params} if several else raw)
