@@ -183,6 +183,10 @@ def _cpu(scan: dict[str, Any]) -> str:
     return f"{scan['cpu_seconds']:.0f}" if "cpu_seconds" in scan else "-"
 
 
+def _mib(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"  # a row measured by /usr/bin/time has no anonymous share
+
+
 def table(doc: dict[str, Any]) -> str:
     lines = [
         f"synthetic {SIZE}x{SIZE} many-class sets, `cnn` {WIDTH}, BadNets {doc['settings'].get('patch', 6)}x"
@@ -210,7 +214,7 @@ def table(doc: dict[str, Any]) -> str:
                 f"{s['suspected_targets']} | "
                 f"{'right' if s['right_target'] else 'wrong'} | {steps} | {images} | {_chunks(s)} | "
                 f"{s['seconds']:.0f} | {_cpu(s)} | "
-                f"{s['peak_rss_mib']:.0f} | {s['peak_anon_mib']:.0f} |"
+                f"{s['peak_rss_mib']:.0f} | {_mib(s.get('peak_anon_mib'))} |"
             )
     return "\n".join(lines) + "\n"
 
