@@ -165,7 +165,7 @@ def test_a_recipe_that_does_not_split_its_batches_refuses_under_torchrun(unlearn
     assert done.returncode != 0
     assert (
         "error: ulrl does not split its batches over torchrun's ranks (those that do: finetune, tar-ewc); run it in "
-        "one process, or use --method all under torchrun to give each rank whole recipes"
+        "one process, or use --method all (or a list of recipes) under torchrun to give each rank whole recipes"
     ) in done.stderr
     assert not (unlearn_inputs / "gp.safetensors").exists()
 

@@ -330,7 +330,7 @@ def test_method_takes_a_list_of_recipes_in_registry_order_and_names_a_bad_one():
     from cleanse.jobs.unlearn import UnlearnOptions, _plan
 
     plan = _plan(UnlearnOptions("m.safetensors", "d", method="nad, finetune,nad", output=Path("out.safetensors")))
-    assert plan.names == ["finetune", "nad"] and plan.several and plan.skipped == []
+    assert plan.names == ["finetune", "nad"] and plan.several and not plan.skips and plan.skipped == []
     assert plan.outputs == {n: Path(f"out.{n}.safetensors") for n in ("finetune", "nad")}
     assert not _plan(UnlearnOptions("m.safetensors", "d", method="finetune,")).several  # one recipe is one recipe
     with pytest.raises(CleanseError) as err:
@@ -346,6 +346,21 @@ def test_method_takes_a_list_of_recipes_in_registry_order_and_names_a_bad_one():
         _plan(UnlearnOptions("m.safetensors", None, method="clp,finetune"))
     assert str(err.value).startswith("--data is required for finetune: the DATA to draw the clean subset from")
     assert _plan(UnlearnOptions("m.safetensors", None, method="all")).names == ["clp"]  # all skips instead
+
+
+def test_a_listed_recipe_that_refuses_the_architecture_exits_2_naming_it(tmp_path):
+    from helpers import MEAN, STD
+
+    from cleanse.models import new_model
+
+    vit = new_model("vit", 10, None, (3, 32, 32), MEAN, STD, {"depth": 1, "dim": 32, "heads": 2, "mlp": 64}, seed=0)
+    save_model(vit, tmp_path / "vit.safetensors")
+    out = tmp_path / "out"
+    out.mkdir()
+    args = ["unlearn", str(tmp_path / "vit.safetensors"), "--data", "synthetic:test", "--clean-n", "40"]
+    result = runner.invoke(app, [*args, "--method", "clp,finetune", "-o", str(out / "c.safetensors")])
+    assert result.exit_code == 2 and result.stderr.startswith("error: clp "), result.output
+    assert list(out.iterdir()) == []
 
 
 @pytest.mark.slow

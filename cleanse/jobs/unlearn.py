@@ -120,6 +120,7 @@ class _Plan:
     given: set[str]  # the parameters the user set (--param, --epochs): architecture defaults leave them alone
     no_data: list[str] = field(default_factory=list)  # skipped because they need --data and none was given
     memory_budget: int | None = None  # --memory-budget in bytes (None: the device's default)
+    skips: bool = False  # --method all skips the recipes that cannot run here; a list of recipes names them instead
 
     def ranks_split(self, ranks: Ranks) -> str:
         """How torchrun's ranks share the work: "recipes" (--method all: each rank runs whole recipes), "batches"
@@ -174,7 +175,7 @@ def _plan(o: UnlearnOptions) -> _Plan:
     else:
         outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
     budget = None if o.memory_budget is None else parse_memory(o.memory_budget)
-    return _Plan(names, skipped, params, outputs, several, set(raw), no_data, budget)
+    return _Plan(names, skipped, params, outputs, several, set(raw), no_data, budget, skips=o.method == "all")
 
 
 def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
@@ -352,7 +353,7 @@ def _load(o: UnlearnOptions, s: RunSettings, dev: torch.device, plan: _Plan, pro
         try:
             RECIPES.get(name).check_model(model, plan.params[name])
         except CleanseError as refusal:
-            if not plan.several:
+            if not plan.skips:
                 raise
             plan.names.remove(name)  # --method all runs the recipes that apply to this architecture
             plan.skipped.append(name)
