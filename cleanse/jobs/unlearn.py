@@ -133,7 +133,8 @@ class _Plan:
 def _plan(o: UnlearnOptions) -> _Plan:
     """Which recipes run with which parameters, and where they write: usage errors before any file is read."""
     names = _method_names(o.method)
-    several = o.method == "all" or len(names) > 1
+    skips = o.method == "all"  # all skips the recipes that cannot run here; one recipe or a list names them instead
+    several = skips or len(names) > 1
     _check_resume_options(names[0] if not several else "all", o.checkpoint_every, o.resume)
     raw = dict(o.params)
     if o.epochs is not None:
@@ -141,9 +142,7 @@ def _plan(o: UnlearnOptions) -> _Plan:
     no_data: list[str] = []
     if o.data is None:
         free = [n for n in names if not RECIPES.get(n).needs_data]
-        if len(free) < len(names) and o.method != "all":  # a recipe named on its own or in a list is not skipped
-            free = []
-        if not free:
+        if not free or (not skips and len(free) < len(names)):
             data_free = ", ".join(n for n in RECIPES.names() if not RECIPES.get(n).needs_data)
             needs = next(n for n in names if RECIPES.get(n).needs_data)
             raise CleanseError(
@@ -151,7 +150,7 @@ def _plan(o: UnlearnOptions) -> _Plan:
                 f"folder); only the data-free recipes ({data_free}) run without it"
             )
         no_data, names = [n for n in names if n not in free], free
-    if o.method != "all" and o.trigger is None:  # only all skips the recipes that need a trigger
+    if not skips and o.trigger is None:
         for name in names:
             if RECIPES.get(name).needs_trigger:
                 raise CleanseError(NEEDS_TRIGGER.format(name=name))
@@ -175,7 +174,7 @@ def _plan(o: UnlearnOptions) -> _Plan:
     else:
         outputs = {names[0]: o.output or Path(o.model_path).with_name(f"{stem}.{names[0]}.safetensors")}
     budget = None if o.memory_budget is None else parse_memory(o.memory_budget)
-    return _Plan(names, skipped, params, outputs, several, set(raw), no_data, budget, skips=o.method == "all")
+    return _Plan(names, skipped, params, outputs, several, set(raw), no_data, budget, skips=skips)
 
 
 def unlearn(options: UnlearnOptions, settings: RunSettings | None = None, progress: Progress = SILENT) -> UnlearnResult:
