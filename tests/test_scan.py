@@ -5,10 +5,11 @@ from __future__ import annotations
 
 import json
 from dataclasses import replace
+from types import SimpleNamespace
 
 import pytest
 import torch
-from conftest import synthetic
+from conftest import synthetic, trained_once
 from torch import nn
 from typer.testing import CliRunner
 
@@ -185,23 +186,11 @@ def scan_files(badnets_setup, clean_model, tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def backdoored_scan(scan_files):
-    out = scan_files / "bd.scan"
-    result = runner.invoke(
-        app,
-        [
-            "scan",
-            str(scan_files / "bd.safetensors"),
-            "--data",
-            "synthetic:test",
-            "--budget",
-            "fast",
-            "-o",
-            str(out),
-            "--json",
-        ],
-    )
-    return result, out
+def backdoored_scan(tmp_path_factory):
+    """`cleanse scan` of `badnets_setup`'s model, `--budget fast`, every detector: what it printed and its folder.
+    Run once for the whole run (conftest.trained_once), since under pytest-xdist more than one worker may ask."""
+    folder = trained_once(tmp_path_factory, "badnets-scan")
+    return SimpleNamespace(**json.loads((folder / "result.json").read_text())), folder / "bd.scan"
 
 
 @pytest.mark.slow
