@@ -146,9 +146,8 @@ def _cores() -> int:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config) -> int:
-    """`-n auto` (pyproject's addopts): a worker per core, at most four, since each holds its own models and data.
-    Two one-thread workers on two cores get through the suite faster than one two-thread process: much of it is
-    Python, file and start-up time that a second thread does not share."""
+    """`-n auto`: a worker per core, at most four, since each holds its own models and data. (CI runs one process:
+    on two cores the workers gave no reliable gain; docs/contributing.md.)"""
     return max(1, min(4, _cores()))
 
 
