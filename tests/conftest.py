@@ -160,7 +160,6 @@ def pytest_configure(config):
 @pytest.fixture(scope="session")
 def badnets_files(badnets_setup, tmp_path_factory):
     """The BadNets model and its trigger as files: bd.safetensors, bd.trigger.safetensors."""
-
     model, trigger, _ = badnets_setup
     folder = tmp_path_factory.mktemp("badnets_files")
     save_model(model, folder / "bd.safetensors")
@@ -172,7 +171,6 @@ def badnets_files(badnets_setup, tmp_path_factory):
 def untrained_files(tmp_path_factory):
     """The cnn of `badnets_files` (architecture, width, classes) at its initialisation, as bd.safetensors: for tests
     whose request is refused or whose check never depends on the weights' values. Trains nothing."""
-
     data = synthetic("train")
     mean, std = data_normalization(data)
     model = new_model("cnn", data.num_classes, data.classes, (3, 32, 32), mean, std, {"width": SMALL_WIDTH}, seed=0)
